@@ -1,0 +1,1 @@
+"""Example onnx-rewrite plugin package."""

@@ -1,0 +1,25 @@
+"""Example rule family (a plugin): Relu(Relu(x)) -> Relu(x)."""
+
+from __future__ import annotations
+
+from rewriter import Match, PatternBuilder, RewriteBuilder, Rule
+
+__all__ = ["DoubleReluToRelu", "RULES"]
+
+
+class DoubleReluToRelu(Rule):
+    """Relu(Relu(x)) -> Relu(x)"""
+
+    id = "example-double-relu"
+    benefit = 5
+    direction = "cleanup"
+    default = False  # plugins opt in with --rules
+
+    def pattern(self, p: PatternBuilder):  # type: ignore[no-untyped-def]
+        return p.op("Relu", p.op("Relu", p.var("x")))
+
+    def rewrite(self, b: RewriteBuilder, m: Match):  # type: ignore[no-untyped-def]
+        return b.op("Relu", [m["x"]], dtype=m["x"].dtype, shape=m["x"].shape)
+
+
+RULES = [DoubleReluToRelu]

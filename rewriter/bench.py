@@ -1,0 +1,624 @@
+"""Measured latency and memory of a model before and after a rewrite, per execution provider.
+
+Latency: both ORT sessions live in this process and run in interleaved rounds (A B, B A, ...)
+so drift (thermal, other load) hits both alike; the speedup and its spread come from the
+per-round paired ratios (`judge`). Memory: each model gets a fresh interpreter
+(`python -m rewriter.bench _rss ...`) and reports its peak RSS and the RSS it had before the
+session existed, so the two models never share an allocator.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import numpy as np
+
+from rewriter.errors import InputError
+
+if TYPE_CHECKING:
+    import onnx
+    import onnxruntime
+
+__all__ = [
+    "ModelTiming",
+    "ProviderBench",
+    "BenchOptions",
+    "bench_models",
+    "bench_to_json",
+    "judge",
+    "render_bench",
+    "PROVIDERS",
+]
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+OPT_LEVEL = "all"
+# Lets a session built from bytes find weights stored next to the original model file.
+_EXTERNAL_DIR_KEY = "session.model_external_initializers_file_folder_path"
+_MEMORY_RUNS = 3  # the peak is reached on the first run; a few more catch late allocations
+_MEMORY_TIMEOUT_S = 600
+
+@dataclass(frozen=True)
+class ModelTiming:
+    """Latency over `runs` timed runs and peak memory of one model on one provider."""
+
+    median_ms: float
+    p90_ms: float
+    iqr_ms: float
+    runs: int
+    peak_rss_bytes: int | None
+    peak_device_bytes: int | None
+    baseline_rss_bytes: int | None = None  # RSS of a bare interpreter with onnxruntime loaded
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "median_ms": self.median_ms,
+            "p90_ms": self.p90_ms,
+            "iqr_ms": self.iqr_ms,
+            "runs": self.runs,
+            "peak_rss_bytes": self.peak_rss_bytes,
+            "baseline_rss_bytes": self.baseline_rss_bytes,
+            "peak_device_bytes": self.peak_device_bytes,
+        }
+
+
+@dataclass(frozen=True)
+class ProviderBench:
+    """Result for one provider. `status` is "measured" or "skipped" (then `reason` says why)."""
+
+    provider: str
+    status: str
+    reason: str
+    before: ModelTiming | None
+    after: ModelTiming | None
+    speedup: float | None
+    speedup_low: float | None
+    speedup_high: float | None
+    significant: bool
+    verdict: str  # "faster" | "slower" | "no measurable change" | "not compared"
+    threads: int
+    opt_level: str
+    shapes: dict[str, list[int]]
+    notes: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return self.status == "measured"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "provider": self.provider,
+            "status": self.status,
+            "reason": self.reason,
+            "before": self.before.to_json() if self.before else None,
+            "after": self.after.to_json() if self.after else None,
+            "speedup": self.speedup,
+            "speedup_low": self.speedup_low,
+            "speedup_high": self.speedup_high,
+            "significant": self.significant,
+            "verdict": self.verdict,
+            "threads": self.threads,
+            "opt_level": self.opt_level,
+            "shapes": {k: list(v) for k, v in self.shapes.items()},
+            "notes": list(self.notes),
+        }
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """How to measure. `shapes` (whole shapes by input name) defaults to the largest of
+    `inputs.shape_sets`; inputs it leaves out take that default too."""
+
+    providers: tuple[str, ...] = ("cpu",)
+    runs: int = 30
+    warmup: int = 5
+    threads: int = 2
+    shapes: dict[str, tuple[int, ...]] | None = None
+    seed: int = 0
+    measure_memory: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = [p for p in self.providers if p not in PROVIDERS]
+        if unknown or not self.providers:
+            raise InputError(f"unknown provider(s) {unknown or '(none)'}; choose from {', '.join(PROVIDERS)}")
+        if self.runs < 1 or self.warmup < 0 or self.threads < 1:
+            raise InputError(f"need runs >= 1, warmup >= 0, threads >= 1 (got {self.runs}, {self.warmup}, {self.threads})")
+
+
+def bench_to_json(results: dict[str, ProviderBench]) -> dict[str, Any]:
+    """The report's ``benchmark`` section."""
+    return {"providers": {name: r.to_json() for name, r in results.items()}}
+
+
+# --- statistics ------------------------------------------------------------------------------
+
+def judge(
+    ratios: Sequence[float], *, min_effect: float = 0.01, min_rounds: int = 5
+) -> tuple[float | None, float | None, float | None, bool, str]:
+    """(speedup, low, high, significant, verdict) from per-round before/after time ratios.
+
+    speedup is the median ratio; low/high are the 10th/90th percentiles. The change is
+    significant only when that spread lies wholly on one side of 1.0, clear of it by
+    `min_effect` (so a 0.3 % difference is never called a win), with at least `min_rounds`.
+    """
+    r = np.asarray([x for x in ratios if np.isfinite(x) and x > 0], dtype=float)
+    if r.size == 0:
+        return None, None, None, False, "no measurable change"
+    speedup = float(np.median(r))
+    low, high = (float(v) for v in np.percentile(r, [10, 90]))
+    verdict = "no measurable change"
+    if r.size >= min_rounds:
+        if low > 1.0 + min_effect:
+            verdict = "faster"
+        elif high < 1.0 / (1.0 + min_effect):
+            verdict = "slower"
+    return speedup, low, high, verdict != "no measurable change", verdict
+
+
+def _timing(samples_ns: Sequence[int], memory: dict[str, Any] | None) -> ModelTiming:
+    ms = np.asarray(samples_ns, dtype=float) / 1e6
+    p25, p50, p75, p90 = (float(v) for v in np.percentile(ms, [25, 50, 75, 90]))
+    memory = memory or {}
+    return ModelTiming(
+        median_ms=p50,
+        p90_ms=p90,
+        iqr_ms=p75 - p25,
+        runs=len(ms),
+        peak_rss_bytes=memory.get("peak_rss_bytes"),
+        peak_device_bytes=memory.get("peak_device_bytes"),
+        baseline_rss_bytes=memory.get("baseline_rss_bytes"),
+    )
+
+
+# --- model sources and sessions ---------------------------------------------------------------
+
+@dataclass
+class _Source:
+    """A model ORT can open: a file path, or serialized bytes plus the folder of its weights."""
+
+    label: str
+    path: Path | None
+    data: bytes | None
+    external_dir: Path | None
+    proto: "onnx.ModelProto | None"  # tensor data not loaded; for input specs only
+
+    def file_for_subprocess(self, tmp: Path) -> Path:
+        if self.path is not None:
+            return self.path
+        target = tmp / f"{self.label}.onnx"
+        if not target.exists():
+            target.write_bytes(self.data or b"")
+        return target
+
+
+def _has_external_data(model: "onnx.ModelProto") -> bool:
+    import onnx
+
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def _source(model: Any, label: str, base_dir: Path | None) -> _Source:
+    import onnx
+
+    if isinstance(model, onnx.ModelProto):
+        if _has_external_data(model) and base_dir is None:
+            raise InputError(f"the {label} model has external data; pass base_dir (the folder of its weights)")
+        try:
+            data = model.SerializeToString()
+        except ValueError:
+            raise InputError(f"the {label} model is over 2 GB in memory; save it with external data and pass its path") from None
+        return _Source(label, None, data, Path(base_dir).resolve() if base_dir else None, model)
+    path = Path(model)
+    if not path.is_file():
+        raise InputError(f"{label} model not found: {path}")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise InputError(f"cannot read the {label} model {path}: {_first_line(exc)}") from exc
+    return _Source(label, path.resolve(), None, None, proto)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _session(src: _Source, providers: list[str], threads: int) -> "onnxruntime.InferenceSession":
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    if src.external_dir is not None:
+        so.add_session_config_entry(_EXTERNAL_DIR_KEY, str(src.external_dir))
+    model = str(src.path) if src.path is not None else src.data
+    try:
+        return ort.InferenceSession(model, so, providers=providers)
+    except Exception as exc:  # ORT raises its own pybind exception types
+        raise InputError(f"onnxruntime cannot load the {src.label} model: {_first_line(exc)}") from exc
+
+
+def _ort_providers(provider: str) -> list[str]:
+    ep = PROVIDERS[provider]
+    return [ep] if ep == "CPUExecutionProvider" else [ep, "CPUExecutionProvider"]
+
+
+def _cuda_unavailable() -> str | None:
+    """Why CUDA cannot work here, found without creating a session (which would spam stderr)."""
+    import ctypes
+
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "this onnxruntime build has no CUDAExecutionProvider (install onnxruntime-gpu)"
+    lib = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
+    if sys.platform.startswith("linux") and lib.exists():
+        try:
+            # dlopen sees libraries already loaded (onnxruntime.preload_dlls), like ORT's own load.
+            ctypes.CDLL(str(lib))
+        except OSError as exc:
+            return f"cannot load the CUDA provider library: {_first_line(exc)}"
+    return None
+
+
+# --- feeds -----------------------------------------------------------------------------------
+
+def _feeds_and_shapes(
+    before: _Source, after: _Source | None, options: BenchOptions
+) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, ...]]]:
+    from rewriter.inputs import input_specs, make_feeds, shape_sets
+
+    specs = input_specs(before.proto)
+    if after is not None:
+        theirs = {(s.name, s.dtype) for s in input_specs(after.proto)}
+        ours = {(s.name, s.dtype) for s in specs}
+        if theirs != ours:
+            diff = sorted(n for n, _ in theirs ^ ours)
+            raise InputError(f"before and after models have different inputs: {', '.join(diff)}")
+    given = dict(options.shapes or {})
+    unknown = sorted(set(given) - {s.name for s in specs})
+    if unknown:
+        raise InputError(f"shapes given for unknown input(s): {', '.join(unknown)}")
+    missing = [s for s in specs if s.name not in given]
+    shapes = {k: tuple(int(d) for d in v) for k, v in given.items()}
+    if missing:
+        shapes.update(shape_sets(missing)[-1])
+    for s in specs:
+        want = shapes[s.name]
+        if s.shape is not None and (
+            len(want) != len(s.shape) or any(isinstance(d, int) and d != w for d, w in zip(s.shape, want))
+        ):
+            raise InputError(f"shape {list(want)} does not fit input '{s.name}' {list(s.shape)}")
+    return make_feeds(specs, shapes, seed=options.seed), shapes
+
+
+def _save_feeds(feeds: dict[str, np.ndarray], folder: Path) -> Path:
+    # Raw bytes + a manifest: input names may hold '/' or ':', and bfloat16 has no npy form.
+    manifest = [{"name": k, "dtype": str(v.dtype), "shape": list(v.shape)} for k, v in feeds.items()]
+    np.savez(folder / "feeds.npz", *[np.ascontiguousarray(v).view(np.uint8).reshape(-1) for v in feeds.values()])
+    (folder / "feeds.json").write_text(json.dumps(manifest))
+    return folder / "feeds.json"
+
+
+def _load_feeds(manifest_path: Path) -> dict[str, np.ndarray]:
+    manifest = json.loads(manifest_path.read_text())
+
+    def dtype(name: str) -> np.dtype:
+        if name == "bfloat16":
+            import ml_dtypes
+
+            return np.dtype(ml_dtypes.bfloat16)
+        return np.dtype(name)
+
+    with np.load(manifest_path.with_suffix(".npz"), allow_pickle=False) as data:
+        return {
+            m["name"]: data[f"arr_{i}"].view(dtype(m["dtype"])).reshape(m["shape"])
+            for i, m in enumerate(manifest)
+        }
+
+
+# --- measurement -----------------------------------------------------------------------------
+
+def _time_rounds(
+    sessions: list["onnxruntime.InferenceSession"],
+    feeds: dict[str, np.ndarray],
+    options: BenchOptions,
+    tick: Callable[[], None],
+) -> list[list[int]]:
+    for _ in range(options.warmup):
+        for s in sessions:
+            s.run(None, feeds)
+    samples: list[list[int]] = [[] for _ in sessions]
+    for r in range(options.runs):
+        order = range(len(sessions)) if r % 2 == 0 else reversed(range(len(sessions)))
+        for i in order:
+            t0 = time.perf_counter_ns()
+            sessions[i].run(None, feeds)
+            samples[i].append(time.perf_counter_ns() - t0)
+        tick()
+    return samples
+
+
+def _measure_memory(
+    src: _Source, provider: str, options: BenchOptions, feeds_manifest: Path, tmp: Path
+) -> tuple[dict[str, Any], list[str]]:
+    cmd = [
+        sys.executable, "-m", "rewriter.bench", "_rss", str(src.file_for_subprocess(tmp)),
+        "--feeds", str(feeds_manifest), "--provider", PROVIDERS[provider],
+        "--threads", str(options.threads), "--runs", str(min(options.runs, _MEMORY_RUNS)),
+    ]  # fmt: skip
+    if src.external_dir is not None:
+        cmd += ["--external-dir", str(src.external_dir)]
+    env = dict(os.environ)
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_MEMORY_TIMEOUT_S, env=env)
+    except subprocess.TimeoutExpired:
+        return {}, [f"{src.label} memory: measurement timed out after {_MEMORY_TIMEOUT_S} s"]
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {}, [f"{src.label} memory: measurement failed: {err}"]
+    result = json.loads(lines[-1])
+    notes = [f"{src.label} device memory: {result['device_note']}"] if result.get("device_note") else []
+    return result, notes
+
+
+def _bench_provider(
+    provider: str,
+    before: _Source,
+    after: _Source | None,
+    feeds: dict[str, np.ndarray],
+    shapes: dict[str, tuple[int, ...]],
+    options: BenchOptions,
+    tmp: Path,
+    feeds_manifest: Path | None,
+    tick: Callable[[], None],
+) -> ProviderBench:
+    def result(**kw: Any) -> ProviderBench:
+        base: dict[str, Any] = dict(
+            provider=provider, status="measured", reason="", before=None, after=None, speedup=None,
+            speedup_low=None, speedup_high=None, significant=False, verdict="not compared",
+            threads=options.threads, opt_level=OPT_LEVEL, shapes={k: list(v) for k, v in shapes.items()},
+        )  # fmt: skip
+        base.update(kw)
+        return ProviderBench(**base)
+
+    ep = PROVIDERS[provider]
+    if provider == "cuda":
+        why = _cuda_unavailable()
+        if why:
+            return result(status="skipped", reason=f"CUDA unavailable: {why}", verdict="not compared")
+    sources = [before] + ([after] if after is not None else [])
+    sessions = [_session(s, _ort_providers(provider), options.threads) for s in sources]
+    if any(s.get_providers()[0] != ep for s in sessions):
+        return result(status="skipped", reason=f"CUDA unavailable: session fell back to {sessions[0].get_providers()[0]}")
+    samples = _time_rounds(sessions, feeds, options, tick)
+    del sessions
+
+    memory: list[dict[str, Any] | None] = [None] * len(sources)
+    notes: list[str] = []
+    if feeds_manifest is not None:
+        for i, src in enumerate(sources):
+            memory[i], more = _measure_memory(src, provider, options, feeds_manifest, tmp)
+            notes += more
+            tick()
+    if provider == "cuda":
+        notes.append("CUDA latency includes host<->device copies of inputs and outputs")
+    timings = [_timing(s, m) for s, m in zip(samples, memory)]
+    if after is None:
+        return result(before=timings[0], notes=tuple(notes))
+    ratios = [b / a for b, a in zip(samples[0], samples[1]) if a > 0]
+    speedup, low, high, significant, verdict = judge(ratios)
+    return result(
+        before=timings[0], after=timings[1], speedup=speedup, speedup_low=low, speedup_high=high,
+        significant=significant, verdict=verdict, notes=tuple(notes),
+    )  # fmt: skip
+
+
+def bench_models(
+    before: onnx.ModelProto | str | os.PathLike[str],
+    after: onnx.ModelProto | str | os.PathLike[str] | None = None,
+    options: BenchOptions = BenchOptions(),
+    *,
+    base_dir: Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, ProviderBench]:
+    """Time (and measure memory of) `before` and, if given, `after` on each provider.
+
+    Models are paths or ModelProtos; a ModelProto whose weights are external needs `base_dir`,
+    the folder holding its data files. `progress(done, total)` is called as rounds complete.
+    """
+    src_before = _source(before, "before", base_dir)
+    src_after = _source(after, "after", base_dir) if after is not None else None
+    feeds, shapes = _feeds_and_shapes(src_before, src_after, options)
+    n_models = 2 if src_after is not None else 1
+    total = len(set(options.providers)) * (options.runs + (n_models if options.measure_memory else 0))
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
+    results: dict[str, ProviderBench] = {}
+    with tempfile.TemporaryDirectory(prefix="onnx-rewrite-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        manifest = _save_feeds(feeds, tmp) if options.measure_memory else None
+        per_provider = total // len(set(options.providers))
+        for i, provider in enumerate(dict.fromkeys(options.providers)):
+            results[provider] = _bench_provider(
+                provider, src_before, src_after, feeds, shapes, options, tmp, manifest, tick
+            )
+            while done < (i + 1) * per_provider:  # a skipped provider still completes its share
+                tick()
+    return results
+
+
+# --- rendering -------------------------------------------------------------------------------
+
+def _ms(t: ModelTiming | None, attr: str) -> str:
+    return "—" if t is None else f"{getattr(t, attr):.3f} ms"
+
+
+def _mib(n: int | None) -> str:
+    return "—" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+def _pct(a: float, b: float) -> str:
+    return f" ({(b - a) / a * 100:+.0f}%)" if a else ""
+
+
+def _change_ms(a: float | None, b: float | None) -> str:
+    return "" if a is None or b is None else f"{b - a:+.3f} ms{_pct(a, b)}"
+
+
+def _change_bytes(a: int | None, b: int | None) -> str:
+    return "" if a is None or b is None else f"{(b - a) / 2**20:+.1f} MiB{_pct(a, b)}"
+
+
+def _over_baseline(t: ModelTiming | None) -> int | None:
+    if t is None or t.peak_rss_bytes is None or t.baseline_rss_bytes is None:
+        return None
+    return t.peak_rss_bytes - t.baseline_rss_bytes
+
+
+def render_bench(results: dict[str, ProviderBench], console: Any) -> None:
+    """One rich table per measured provider: metric | before | after | change."""
+    from rich.table import Table
+
+    for name, r in results.items():
+        if r.status != "measured":
+            console.print(f"[yellow]{name}: skipped[/] — {r.reason}")
+            continue
+        shapes = ", ".join(f"{k}={v}" for k, v in r.shapes.items())
+        table = Table(title=f"{name}: {r.threads} threads, optimizations {r.opt_level}, {shapes}", title_justify="left")
+        table.add_column("metric")
+        table.add_column("before", justify="right")
+        if r.after is not None:
+            table.add_column("after", justify="right")
+            table.add_column("change", justify="right")
+        b, a = r.before, r.after
+        rows: list[tuple[str, str, str, str]] = []
+        if r.speedup is not None:
+            colour = {"faster": "green", "slower": "red"}.get(r.verdict, "dim")
+            spread = f"{r.speedup_low:.2f}–{r.speedup_high:.2f}×"
+            headline = f"[{colour}]{r.speedup:.2f}× {r.verdict}[/] ({spread})"
+        else:
+            headline = ""
+        rows.append(("median latency", _ms(b, "median_ms"), _ms(a, "median_ms"), headline))
+        for label, attr in (("p90 latency", "p90_ms"), ("IQR", "iqr_ms")):
+            rows.append((label, _ms(b, attr), _ms(a, attr), _change_ms(getattr(b, attr, None), getattr(a, attr, None))))
+        if b is not None and b.peak_rss_bytes is not None:
+            rows.append(("peak RSS", _mib(b.peak_rss_bytes), _mib(a and a.peak_rss_bytes),
+                         _change_bytes(b.peak_rss_bytes, a and a.peak_rss_bytes)))  # fmt: skip
+            rows.append(("RSS over baseline", _mib(_over_baseline(b)), _mib(_over_baseline(a)),
+                         _change_bytes(_over_baseline(b), _over_baseline(a))))  # fmt: skip
+        if b is not None and b.peak_device_bytes is not None:
+            rows.append(("device memory", _mib(b.peak_device_bytes), _mib(a and a.peak_device_bytes),
+                         _change_bytes(b.peak_device_bytes, a and a.peak_device_bytes)))  # fmt: skip
+        for row in rows:
+            table.add_row(*(row if r.after is not None else row[:2]))
+        runs = b.runs if b is not None else 0
+        table.caption = "; ".join([f"{runs} interleaved rounds"] + list(r.notes))
+        console.print(table)
+
+
+# --- isolated memory probe: python -m rewriter.bench _rss MODEL --feeds F ... -----------------
+
+def _max_rss_bytes() -> int:
+    """Peak RSS of this process. On Linux VmHWM, not ru_maxrss: after fork+exec ru_maxrss starts
+    at the parent's RSS, so a child of a big parent would report the parent's size."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # macOS: bytes; else KiB
+
+
+def _reset_peak_rss() -> None:
+    """Restart the RSS high-water mark (Linux >= 4.0), so import-time spikes are not the peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # elsewhere the peak also covers the imports; the baseline shows how much
+
+
+def _device_bytes() -> tuple[int | None, str]:
+    """GPU memory this process holds (ORT's arena never shrinks, so ~ its peak), via nvidia-smi."""
+    import shutil
+
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None, "nvidia-smi not found"
+    try:
+        out = subprocess.run(
+            [exe, "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=30,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, f"nvidia-smi failed: {_first_line(exc)}"
+    for line in out.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 2 and parts[0] == str(os.getpid()) and parts[1].isdigit():
+            return int(parts[1]) * 2**20, ""
+    return None, "this process is not listed by nvidia-smi (another PID namespace?)"
+
+
+def _rss_main(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m rewriter.bench _rss")
+    parser.add_argument("model")
+    parser.add_argument("--feeds", required=True)
+    parser.add_argument("--provider", default="CPUExecutionProvider")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=_MEMORY_RUNS)
+    parser.add_argument("--external-dir")
+    args = parser.parse_args(argv)
+
+    import onnxruntime  # noqa: F401  part of the baseline, not of the model's cost
+
+    feeds = _load_feeds(Path(args.feeds))
+    path = Path(args.model)
+    if args.external_dir:
+        src = _Source("model", None, path.read_bytes(), Path(args.external_dir), None)
+    else:
+        src = _Source("model", path, None, None, None)
+    _reset_peak_rss()
+    baseline = _max_rss_bytes()
+    providers = [args.provider] + (["CPUExecutionProvider"] if args.provider != "CPUExecutionProvider" else [])
+    session = _session(src, providers, args.threads)
+    for _ in range(max(args.runs, 1)):
+        session.run(None, feeds)
+    peak = _max_rss_bytes()
+    device, note = (None, "")
+    if args.provider == "CUDAExecutionProvider":
+        device, note = _device_bytes()
+    print(json.dumps({"baseline_rss_bytes": baseline, "peak_rss_bytes": peak, "peak_device_bytes": device,
+                      "device_note": note}))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_rss":
+        sys.exit(_rss_main(sys.argv[2:]))
+    print("usage: python -m rewriter.bench _rss MODEL --feeds FEEDS.json [options]", file=sys.stderr)
+    sys.exit(2)

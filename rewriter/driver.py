@@ -1,0 +1,187 @@
+"""The greedy rewrite driver: sweeps to a fixpoint, splices replacements, cleans up.
+
+One sweep visits every node of every (sub)graph in topological order and tries the rules
+anchored at that node's op type, highest benefit first. A match is applied only when the
+pattern matched, every soft condition held and ``check`` passed; ``rewrite`` builds the
+replacement and only then does the driver touch the graph. After a sweep that changed
+something: cleanup (dead nodes, unused constants, topological order) and fresh shape
+inference, then another sweep. A sweep that changes nothing ends the run; the near misses
+reported are those of that last sweep, so they describe the final graph. Reaching the
+iteration cap is an error that names the rules still firing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Collection, Sequence
+
+import onnx_graphsurgeon as gs
+
+from rewriter.errors import NonConvergenceError
+from rewriter.graph import ModelGraph, iter_graphs
+from rewriter.pattern import Match, match_at
+from rewriter.rule import RewriteBuilder, Rule
+
+__all__ = ["SiteKey", "AppliedSite", "NearMiss", "DriverResult", "run_rules", "DEFAULT_MAX_ITERATIONS"]
+
+DEFAULT_MAX_ITERATIONS = 16
+
+SiteKey = tuple[str, str]
+"""(rule id, anchor node name): identifies a rewrite site across runs of the same input."""
+
+
+@dataclass(frozen=True)
+class AppliedSite:
+    rule: str
+    anchor: str
+    nodes: tuple[str, ...]
+    created: tuple[str, ...]
+    iteration: int
+
+    @property
+    def key(self) -> SiteKey:
+        return (self.rule, self.anchor)
+
+
+@dataclass(frozen=True)
+class NearMiss:
+    rule: str
+    node: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class DriverResult:
+    applied: tuple[AppliedSite, ...]
+    skipped: tuple[AppliedSite, ...]
+    near_misses: tuple[NearMiss, ...]
+    iterations: int
+
+    @property
+    def modified(self) -> bool:
+        return bool(self.applied)
+
+
+@dataclass
+class _Sweep:
+    applied: list[AppliedSite] = field(default_factory=list)
+    skipped: list[AppliedSite] = field(default_factory=list)
+    near: list[NearMiss] = field(default_factory=list)
+
+
+def run_rules(
+    model: ModelGraph,
+    rules: Sequence[Rule],
+    *,
+    skip: Collection[SiteKey] = (),
+    max_iterations: int = DEFAULT_MAX_ITERATIONS,
+) -> DriverResult:
+    """Apply ``rules`` to ``model`` in place until nothing changes.
+
+    ``skip`` lists sites that must not be applied (rollback re-runs use it); a skipped site
+    is reported in ``DriverResult.skipped`` instead.
+    """
+    opset = model.opset("")
+    active = [r for r in rules if r.opsets[0] <= opset <= r.opsets[1]]
+    by_op: dict[str, list[Rule]] = {}
+    for rule in sorted(active, key=lambda r: (-r.benefit, r.id)):
+        for op in rule.anchor_ops:
+            by_op.setdefault(op, []).append(rule)
+
+    applied: list[AppliedSite] = []
+    skipped: dict[SiteKey, AppliedSite] = {}
+    skip_set = set(skip)
+    for iteration in range(1, max_iterations + 1):
+        sweep = _sweep(model, by_op, skip_set, iteration)
+        applied.extend(sweep.applied)
+        for s in sweep.skipped:
+            skipped.setdefault(s.key, s)
+        if not sweep.applied:
+            return DriverResult(tuple(applied), tuple(skipped.values()), tuple(sweep.near), iteration)
+        model.cleanup()
+        model.refresh_shapes()
+    firing = sorted({s.rule for s in sweep.applied})
+    raise NonConvergenceError(
+        f"rewriting did not converge after {max_iterations} sweeps; rules still firing: {', '.join(firing)}"
+    )
+
+
+def _sweep(model: ModelGraph, by_op: dict[str, list[Rule]], skip: set[SiteKey], iteration: int) -> _Sweep:
+    out = _Sweep()
+    seen_near: set[tuple[str, str]] = set()
+    for graph in list(iter_graphs(model.graph)):
+        consumed: set[int] = set()
+        for node in list(graph.nodes):
+            if id(node) in consumed:
+                continue
+            for rule in by_op.get(node.op, ()):
+                m = match_at(rule.compiled_pattern, node, graph, model)
+                if m is None or any(id(n) in consumed for n in m.matched):
+                    continue
+                reason = m.soft_failures[0] if m.soft_failures else None
+                if reason is None:
+                    result = rule.check(m)
+                    if not result:
+                        reason = result.reason
+                if reason is not None:
+                    key = (rule.id, node.name)
+                    if key not in seen_near:
+                        seen_near.add(key)
+                        out.near.append(NearMiss(rule.id, node.name, reason))
+                    continue
+                site = AppliedSite(rule.id, node.name, tuple(m.node_names), (), iteration)
+                if site.key in skip:
+                    out.skipped.append(site)
+                    continue
+                created = _apply(model, graph, rule, m)
+                if created is None:
+                    continue
+                consumed.update(id(n) for n in m.matched)
+                out.applied.append(AppliedSite(rule.id, node.name, site.nodes, created, iteration))
+                break
+    return out
+
+
+def _apply(model: ModelGraph, graph: gs.Graph, rule: Rule, m: Match) -> tuple[str, ...] | None:
+    """Build the replacement and splice it in; on any failure the graph is left unchanged."""
+    builder = RewriteBuilder(model, rule.id, m.root)
+    try:
+        result = rule.rewrite(builder, m)
+        new_outs = [result] if isinstance(result, gs.Tensor) else list(result)
+        old_outs = list(m.root.outputs)
+        if len(new_outs) != len(old_outs):
+            raise ValueError(f"rule {rule.id} replaced {len(old_outs)} outputs with {len(new_outs)}")
+    except Exception as exc:
+        builder.discard()
+        raise RuntimeError(f"rule {rule.id} failed while rewriting '{m.root.name}': {exc}") from exc
+    for old, new in zip(old_outs, new_outs):
+        _replace_uses(model, graph, old, new)
+    graph.nodes.extend(builder.nodes)
+    for node in builder.nodes:
+        model.provenance[node.name] = rule.id
+    return tuple(n.name for n in builder.nodes)
+
+
+def _replace_uses(model: ModelGraph, graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
+    """Point every reader of ``old`` at ``new``; a graph output keeps its name and type."""
+    if new.dtype is None and old.dtype is not None:
+        new.dtype = old.dtype
+    if new.shape is None and old.shape is not None:
+        new.shape = old.shape
+    for consumer in list(old.outputs):
+        for i, t in enumerate(consumer.inputs):
+            if t is old:
+                consumer.inputs[i] = new
+    for i, out in enumerate(graph.outputs):
+        if out is old:
+            if isinstance(new, gs.Constant) or new.inputs == [] or any(new is o for o in graph.outputs):
+                # A graph output must be a node's output with the original name: route through Identity.
+                ident = gs.Variable(old.name, dtype=old.dtype, shape=old.shape)
+                old.name = model.unique_name(old.name + "__replaced")
+                graph.nodes.append(gs.Node("Identity", model.unique_name(ident.name + "/identity"), inputs=[new], outputs=[ident]))
+                graph.outputs[i] = ident
+            else:
+                new_name = new.name
+                new.name, old.name = old.name, model.unique_name(new_name + "__replaced")
+                new.dtype, new.shape = old.dtype or new.dtype, old.shape if old.shape is not None else new.shape
+                graph.outputs[i] = new

@@ -1,0 +1,50 @@
+"""One exception hierarchy; the CLI maps each class to an exit code in one place."""
+
+from __future__ import annotations
+
+__all__ = [
+    "RewriterError",
+    "InputError",
+    "PluginError",
+    "VerificationError",
+    "NonConvergenceError",
+    "EXIT_OK",
+    "EXIT_VERIFY",
+    "EXIT_INPUT",
+    "EXIT_PLUGIN",
+]
+
+EXIT_OK = 0
+EXIT_VERIFY = 1
+EXIT_INPUT = 2
+EXIT_PLUGIN = 3
+
+
+class RewriterError(Exception):
+    """Base class: every error onnx-rewrite raises on purpose. Message is one line."""
+
+    exit_code: int = EXIT_INPUT
+
+
+class InputError(RewriterError):
+    """Bad model file, bad path, bad option value (exit 2)."""
+
+    exit_code = EXIT_INPUT
+
+
+class PluginError(RewriterError):
+    """A rule plugin failed to load, or two rules share an id (exit 3)."""
+
+    exit_code = EXIT_PLUGIN
+
+
+class VerificationError(RewriterError):
+    """No equivalent model could be produced, or two models differ (exit 1)."""
+
+    exit_code = EXIT_VERIFY
+
+
+class NonConvergenceError(RewriterError):
+    """The driver hit its iteration cap; the message names the rules still firing (exit 1)."""
+
+    exit_code = EXIT_VERIFY

@@ -1,0 +1,357 @@
+"""Thin helpers over onnx-graphsurgeon: import/export that keeps what gs forgets, constants, shapes.
+
+gs drops a few things a rewriter must keep: model metadata, the exact opset imports,
+initializers that are also graph inputs (``keep_initializers_as_inputs=True``), node
+metadata and the original ``value_info`` set. :class:`ModelGraph` records them on import
+and restores them on export. It also makes external-data initializers lazy *and* correct:
+gs would read them relative to the current directory; we read them from the model's folder.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+__all__ = [
+    "ModelGraph",
+    "PROVENANCE_KEY",
+    "const_value",
+    "producer",
+    "consumers",
+    "static_shape",
+    "iter_graphs",
+    "is_constant",
+]
+
+PROVENANCE_KEY = "onnx_rewrite.rule"
+
+
+class _ExternalLazyValues(LazyValues):  # type: ignore[misc]
+    """LazyValues that read external data from the model's folder, not the current directory."""
+
+    def __init__(self, tensor: onnx.TensorProto, base_dir: Path | None) -> None:
+        super().__init__(tensor)
+        self.base_dir = base_dir
+
+    def load(self) -> np.ndarray:
+        from rewriter.model_io import read_tensor
+
+        return read_tensor(self.tensor, self.base_dir)
+
+
+def iter_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
+    """The graph and every nested subgraph (If/Loop/Scan bodies), outermost first."""
+    yield graph
+    for node in graph.nodes:
+        for attr in node.attrs.values():
+            subs = attr if isinstance(attr, (list, tuple)) else [attr]
+            for sub in subs:
+                if isinstance(sub, gs.Graph):
+                    yield from iter_graphs(sub)
+
+
+def _iter_onnx_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _iter_onnx_graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _iter_onnx_graphs(g)
+
+
+def producer(tensor: gs.Tensor | None) -> gs.Node | None:
+    """The node that writes ``tensor``, or None for graph inputs and initializers."""
+    if tensor is None or not tensor.inputs:
+        return None
+    return tensor.inputs[0]
+
+
+def consumers(tensor: gs.Tensor) -> list[gs.Node]:
+    """Nodes that read ``tensor`` (subgraph nodes that capture it included)."""
+    return list(tensor.outputs)
+
+
+def static_shape(tensor: gs.Tensor | None) -> tuple[int, ...] | None:
+    """The shape when every dim is a known non-negative int, else None."""
+    if tensor is None or tensor.shape is None:
+        return None
+    dims = tuple(tensor.shape)
+    if all(isinstance(d, (int, np.integer)) and d >= 0 for d in dims):
+        return tuple(int(d) for d in dims)
+    return None
+
+
+def const_value(tensor: gs.Tensor | None, graph_inputs: Sequence[gs.Tensor] = ()) -> np.ndarray | None:
+    """The value of a constant tensor, or None when it is not a constant.
+
+    Constant means: an initializer, the output of a ``Constant`` node (``value`` or one of the
+    ``value_*`` forms), or either of those behind ``Identity`` nodes. An initializer that is
+    also a graph input can be overridden at run time, so it is not a constant; callers pass
+    the graph's inputs (``ModelGraph`` does this for you through :meth:`ModelGraph.constant`).
+    """
+    seen = 0
+    while tensor is not None and seen < 64:
+        seen += 1
+        if any(tensor is inp for inp in graph_inputs):
+            return None
+        if isinstance(tensor, gs.Constant):
+            return _constant_array(tensor)
+        node = producer(tensor)
+        if node is None:
+            return None
+        if node.op == "Identity":
+            tensor = node.inputs[0]
+            continue
+        if node.op == "Constant":
+            return _constant_node_value(node)
+        return None
+    return None
+
+
+def _constant_array(tensor: gs.Constant) -> np.ndarray:
+    # Read through LazyValues without caching: gs's `.values` would replace the lazy
+    # reference with the array, and the weight would then be exported inline.
+    values = tensor._values
+    return np.asarray(values.load() if isinstance(values, LazyValues) else values)
+
+
+def is_constant(tensor: gs.Tensor | None, graph_inputs: Sequence[gs.Tensor] = ()) -> bool:
+    """Whether ``const_value`` would find a value, without reading any weight data."""
+    for _ in range(64):
+        if tensor is None or any(tensor is inp for inp in graph_inputs):
+            return False
+        if isinstance(tensor, gs.Constant):
+            return True
+        node = producer(tensor)
+        if node is None:
+            return False
+        if node.op == "Identity":
+            tensor = node.inputs[0]
+            continue
+        return node.op == "Constant" and any(k.startswith("value") for k in node.attrs)
+    return False
+
+
+def _constant_node_value(node: gs.Node) -> np.ndarray | None:
+    attrs = node.attrs
+    if "value" in attrs:
+        v = attrs["value"]
+        return _constant_array(v) if isinstance(v, gs.Constant) else np.asarray(v)
+    if "value_float" in attrs:
+        return np.array(attrs["value_float"], dtype=np.float32)
+    if "value_floats" in attrs:
+        return np.array(attrs["value_floats"], dtype=np.float32)
+    if "value_int" in attrs:
+        return np.array(attrs["value_int"], dtype=np.int64)
+    if "value_ints" in attrs:
+        return np.array(attrs["value_ints"], dtype=np.int64)
+    return None
+
+
+class ModelGraph:
+    """An onnx-graphsurgeon graph plus the model-level state gs does not carry."""
+
+    def __init__(self, model: onnx.ModelProto, base_dir: Path | None = None, *, infer: bool = True) -> None:
+        self.base_dir = base_dir
+        self._original = model
+        self._input_order = [vi.name for vi in model.graph.input]
+        self._input_protos = {vi.name: vi for vi in model.graph.input}
+        init_names = {t.name for t in model.graph.initializer}
+        self.overridable = frozenset(n for n in self._input_order if n in init_names)
+        self._overridable_protos = {t.name: t for t in model.graph.initializer if t.name in self.overridable}
+        self._value_info_names = {vi.name for g in _iter_onnx_graphs(model.graph) for vi in g.value_info}
+        self._node_meta = {
+            n.name: list(n.metadata_props) for g in _iter_onnx_graphs(model.graph) for n in g.node if n.metadata_props
+        }
+        working = model
+        if infer:
+            working = _infer_shapes(model)
+        self.graph: gs.Graph = gs.import_onnx(working)
+        self._make_lazy_values_local()
+        self.provenance: dict[str, str] = {}
+        self._used_names: set[str] = set()
+        self._name_everything()
+
+    # -- constants ---------------------------------------------------------------------
+    def is_constant(self, tensor: gs.Tensor | None) -> bool:
+        """Whether :meth:`constant` would return a value (reads no weight data)."""
+        t = self._through_identity(tensor)
+        return t is not None and is_constant(t, self.graph.inputs)
+
+    def _through_identity(self, tensor: gs.Tensor | None) -> gs.Tensor | None:
+        t = tensor
+        for _ in range(64):
+            if t is None or t.name in self.overridable:
+                return None
+            node = producer(t)
+            if node is not None and node.op == "Identity":
+                t = node.inputs[0]
+                continue
+            return t
+        return None
+
+    def constant(self, tensor: gs.Tensor | None) -> np.ndarray | None:
+        """``const_value`` that also refuses initializers a user can override as inputs."""
+        if tensor is None:
+            return None
+        t: gs.Tensor | None = tensor
+        for _ in range(64):
+            if t is None:
+                return None
+            if t.name in self.overridable:
+                return None
+            node = producer(t)
+            if node is not None and node.op == "Identity":
+                t = node.inputs[0]
+                continue
+            break
+        return const_value(t)
+
+    def why_not_constant(self, tensor: gs.Tensor | None) -> str:
+        """A short reason why ``constant(tensor)`` is None (for near-miss reports)."""
+        if tensor is None:
+            return "missing"
+        t = tensor
+        while True:
+            if t.name in self.overridable:
+                return f"'{tensor.name}' is a graph input that overrides an initializer"
+            node = producer(t)
+            if node is not None and node.op == "Identity":
+                t = node.inputs[0]
+                continue
+            break
+        if any(t is inp for inp in self.graph.inputs):
+            return f"'{tensor.name}' is a graph input"
+        node = producer(t)
+        if node is not None:
+            return f"'{tensor.name}' is computed by {node.op} '{node.name}'"
+        return f"'{tensor.name}' is not a constant"
+
+    # -- names ---------------------------------------------------------------------------
+    def _name_everything(self) -> None:
+        counts: dict[str, int] = {}
+        for g in iter_graphs(self.graph):
+            for t in g.tensors().values():
+                self._used_names.add(t.name)
+            for n in g.nodes:
+                if n.name:
+                    self._used_names.add(n.name)
+        for g in iter_graphs(self.graph):
+            for n in g.nodes:
+                if not n.name:
+                    # Unnamed nodes get stable names so reports and rollback can refer to them.
+                    counts[n.op] = counts.get(n.op, 0) + 1
+                    n.name = self.unique_name(f"{n.op}_{counts[n.op]}")
+
+    def unique_name(self, hint: str) -> str:
+        """A tensor/node name not used anywhere in the model, derived from ``hint``."""
+        name, k = hint, 1
+        while name in self._used_names:
+            k += 1
+            name = f"{hint}_{k}"
+        self._used_names.add(name)
+        return name
+
+    # -- shapes -------------------------------------------------------------------------
+    def refresh_shapes(self) -> None:
+        """Re-run ONNX shape inference and copy the inferred dtypes/shapes onto gs tensors."""
+        try:
+            inferred = _infer_shapes(gs.export_onnx(self.graph, do_type_check=False))
+        except Exception:
+            return
+        infos = {vi.name: vi for g in _iter_onnx_graphs(inferred.graph) for vi in g.value_info}
+        for g in iter_graphs(self.graph):
+            for t in g.tensors().values():
+                if isinstance(t, gs.Variable) and t.name in infos and (t.shape is None or t.dtype is None):
+                    vi = infos[t.name]
+                    tt = vi.type.tensor_type
+                    if tt.elem_type:
+                        t.dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+                    if tt.HasField("shape"):
+                        t.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+
+    def _make_lazy_values_local(self) -> None:
+        for g in iter_graphs(self.graph):
+            for t in g.tensors().values():
+                if (
+                    isinstance(t, gs.Constant)
+                    and type(t._values) is LazyValues
+                    and t._values.tensor.data_location == onnx.TensorProto.EXTERNAL
+                ):
+                    t._values = _ExternalLazyValues(t._values.tensor, self.base_dir)
+
+    # -- export -------------------------------------------------------------------------
+    def opset(self, domain: str = "") -> int:
+        for imp in self._original.opset_import:
+            if imp.domain in (domain, "ai.onnx" if domain == "" else domain):
+                return int(imp.version)
+        return 0
+
+    def cleanup(self) -> None:
+        """Remove dead nodes and unused constants; restore topological order."""
+        self.graph.cleanup(remove_unused_graph_inputs=False).toposort()
+
+    def export(self) -> onnx.ModelProto:
+        """The model as ONNX, with everything gs forgets restored from the original."""
+        exported = gs.export_onnx(self.graph, do_type_check=False)
+        orig = self._original
+        model = onnx.ModelProto()
+        model.CopyFrom(exported)
+        # Model-level fields exactly as they were.
+        model.ir_version = orig.ir_version
+        del model.opset_import[:]
+        model.opset_import.extend(orig.opset_import)
+        for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+            setattr(model, field, getattr(orig, field))
+        del model.metadata_props[:]
+        model.metadata_props.extend(orig.metadata_props)
+        if orig.training_info:
+            del model.training_info[:]
+            model.training_info.extend(orig.training_info)
+        g = model.graph
+        g.name, g.doc_string = orig.graph.name, orig.graph.doc_string
+        self._restore_inputs(g)
+        for sub in _iter_onnx_graphs(g):
+            kept = [vi for vi in sub.value_info if vi.name in self._value_info_names]
+            del sub.value_info[:]
+            sub.value_info.extend(kept)
+            for node in sub.node:
+                if node.name in self._node_meta and not node.metadata_props:
+                    node.metadata_props.extend(self._node_meta[node.name])
+                rule = self.provenance.get(node.name)
+                if rule is not None:
+                    del node.metadata_props[:]
+                    node.metadata_props.add(key=PROVENANCE_KEY, value=rule)
+        return model
+
+    def _restore_inputs(self, g: onnx.GraphProto) -> None:
+        current = {vi.name: vi for vi in g.input}
+        init_names = {t.name for t in g.initializer}
+        for name, proto in self._overridable_protos.items():
+            if name not in init_names:
+                g.initializer.append(copy.deepcopy(proto))
+        ordered = []
+        for name in self._input_order:
+            if name in current:
+                ordered.append(current.pop(name))
+            elif name in self.overridable or name in self._input_protos:
+                ordered.append(self._input_protos[name])
+        ordered.extend(current.values())
+        del g.input[:]
+        g.input.extend(ordered)
+
+
+def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Shape inference that never fails the caller (unknown ops or huge models just skip it)."""
+    try:
+        return onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+    except Exception:
+        return model

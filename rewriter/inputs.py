@@ -1,0 +1,249 @@
+"""Model input description and test-input generation for verification and benchmarks.
+
+A model's real inputs become `InputSpec`s; `shape_sets` turns their dynamic dimensions into
+concrete shapes (every dynamic dim at >= 2 values, 1 among them); `make_feeds` fills them with
+deterministic random data; `load_npz_feeds` reads user-supplied inputs instead.
+"""
+
+from __future__ import annotations
+
+import re
+import zipfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from rewriter.errors import InputError
+
+__all__ = [
+    "InputSpec",
+    "input_specs",
+    "parse_shape_overrides",
+    "shape_sets",
+    "make_feeds",
+    "load_npz_feeds",
+    "BFLOAT16",
+]
+
+Dim = int | str | None
+
+try:  # ml_dtypes ships with onnx >= 1.16; guard anyway so a bare install still imports
+    import ml_dtypes
+
+    BFLOAT16: np.dtype | None = np.dtype(ml_dtypes.bfloat16)
+except ImportError:  # pragma: no cover - depends on the environment
+    BFLOAT16 = None
+
+# Integer inputs are usually indices, lengths or ids; small non-negative values are valid for
+# nearly every such use (Gather, Slice, embedding tables), while large ones go out of range.
+_INT_RANGE = (0, 8)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One real graph input. `shape` entries: int = static, str = named dynamic, None = anonymous
+    dynamic; `shape` itself is None when the model does not declare a rank."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[Dim, ...] | None
+
+    @property
+    def dynamic(self) -> bool:
+        return self.shape is None or any(not isinstance(d, int) for d in self.shape)
+
+
+def _np_dtype(elem_type: int, name: str) -> np.dtype:
+    if elem_type == onnx.TensorProto.BFLOAT16:
+        if BFLOAT16 is None:
+            raise InputError(f"input {name!r} is bfloat16 but ml_dtypes is not installed")
+        return BFLOAT16
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+    except (KeyError, ValueError, TypeError) as exc:
+        raise InputError(f"input {name!r} has unsupported element type {elem_type}") from exc
+
+
+def _dims(tensor_type: onnx.TypeProto.Tensor) -> tuple[Dim, ...] | None:
+    if not tensor_type.HasField("shape"):
+        return None
+    dims: list[Dim] = []
+    for d in tensor_type.shape.dim:
+        if d.HasField("dim_value") and d.dim_value >= 0:
+            dims.append(int(d.dim_value))
+        elif d.HasField("dim_param") and d.dim_param:
+            dims.append(d.dim_param)
+        else:
+            dims.append(None)
+    return tuple(dims)
+
+
+def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    """Real graph inputs, in graph order; initializers listed as inputs are excluded."""
+    init_names = {t.name for t in model.graph.initializer}
+    init_names |= {t.values.name for t in model.graph.sparse_initializer}
+    specs = []
+    for vi in model.graph.input:
+        if vi.name in init_names:
+            continue
+        if vi.type.WhichOneof("value") != "tensor_type":
+            raise InputError(f"input {vi.name!r} is not a tensor; only tensor inputs are supported")
+        tt = vi.type.tensor_type
+        specs.append(InputSpec(vi.name, _np_dtype(tt.elem_type, vi.name), _dims(tt)))
+    return specs
+
+
+_OVERRIDE_RE = re.compile(r"^(?P<name>.+):(?P<axis>-?\d+)=(?P<values>.+)$")
+
+
+def parse_shape_overrides(items: Sequence[str]) -> dict[tuple[str, int], list[int]]:
+    """Parse `NAME:AXIS=V[,V...]` items (`x:0=1,4`). The name may itself contain ':'
+    (tf2onnx names inputs `x:0`); the last ':' before '=' separates the axis."""
+    out: dict[tuple[str, int], list[int]] = {}
+    for item in items:
+        m = _OVERRIDE_RE.match(item.strip())
+        if m is None:
+            raise InputError(f"bad shape override {item!r}: expected NAME:AXIS=V[,V...], e.g. x:0=1,4")
+        try:
+            values = [int(v) for v in m["values"].split(",")]
+        except ValueError:
+            raise InputError(f"bad shape override {item!r}: values must be integers") from None
+        if any(v < 1 for v in values):
+            raise InputError(f"bad shape override {item!r}: values must be >= 1")
+        key = (m["name"], int(m["axis"]))
+        if key in out:
+            raise InputError(f"shape override for {m['name']}:{m['axis']} given twice")
+        out[key] = list(dict.fromkeys(values))  # drop repeats, keep order
+    return out
+
+
+def shape_sets(
+    specs: Sequence[InputSpec],
+    overrides: Mapping[tuple[str, int], Sequence[int]] | None = None,
+    defaults: Sequence[int] = (1, 3),
+) -> list[dict[str, tuple[int, ...]]]:
+    """Concrete input shapes, one dict per run.
+
+    Every dynamic dim takes each of its values (overrides, else `defaults`, where the k-th
+    distinct dynamic dim has k added to every default above the first) in some run; the
+    number of runs is the longest value list and shorter lists cycle. Dims sharing a symbolic
+    name are one variable: they always take the same value, and an override on any of them
+    applies to all. Static dims are fixed (overriding one with another value is an error).
+    """
+    overrides = dict(overrides or {})
+    by_name = {s.name: s for s in specs}
+    # A variable is a symbolic name, or (input, axis) for an anonymous dynamic dim.
+    var_values: dict[object, list[int]] = {}
+    for (name, axis), values in overrides.items():
+        spec = by_name.get(name)
+        if spec is None:
+            raise InputError(f"shape override names unknown input {name!r}; inputs: {sorted(by_name)}")
+        if spec.shape is None:
+            raise InputError(f"input {name!r} has no declared rank; use --inputs with an .npz file")
+        rank = len(spec.shape)
+        if not -rank <= axis < rank:
+            raise InputError(f"shape override {name}:{axis}: input has rank {rank}")
+        axis %= rank
+        dim = spec.shape[axis]
+        if isinstance(dim, int):
+            if list(values) != [dim]:
+                raise InputError(f"shape override {name}:{axis}: that dim is static ({dim})")
+            continue
+        var = dim if isinstance(dim, str) else (name, axis)
+        if var in var_values and var_values[var] != list(values):
+            raise InputError(f"conflicting shape overrides for symbolic dim {var!r}")
+        var_values[var] = list(values)
+
+    layout: dict[str, list[object]] = {}  # per input: int for static dims, variable key otherwise
+    # Distinct dynamic dims get distinct values above 1 (3, 4, 5, ...), so a rewrite that swaps
+    # two dynamic axes cannot pass by both being equal.
+    n_defaulted = 0
+    for spec in specs:
+        if spec.shape is None:
+            raise InputError(f"input {spec.name!r} has no declared rank; use --inputs with an .npz file")
+        entries: list[object] = []
+        for axis, dim in enumerate(spec.shape):
+            if isinstance(dim, int):
+                entries.append(dim)
+                continue
+            var = dim if isinstance(dim, str) else (spec.name, axis)
+            if var not in var_values:
+                var_values[var] = [defaults[0]] + [d + n_defaulted for d in defaults[1:]]
+                n_defaulted += 1
+            entries.append(var)
+        layout[spec.name] = entries
+
+    used = {e for entries in layout.values() for e in entries if not isinstance(e, int)}
+    n_runs = max((len(var_values[v]) for v in used), default=1)
+    runs = []
+    for i in range(n_runs):
+        runs.append(
+            {
+                name: tuple(e if isinstance(e, int) else var_values[e][i % len(var_values[e])] for e in entries)
+                for name, entries in layout.items()
+            }
+        )
+    return runs
+
+
+def make_feeds(
+    specs: Sequence[InputSpec],
+    shapes: Mapping[str, Sequence[int]],
+    *,
+    seed: int = 0,
+    input_range: tuple[float, float] | None = None,
+) -> dict[str, np.ndarray]:
+    """Deterministic random inputs: floats N(0, 1) (or uniform in `input_range`), integers in
+    [0, 8) (or `input_range` rounded), bools fair coin flips."""
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, np.ndarray] = {}
+    for spec in specs:
+        if spec.name not in shapes:
+            raise InputError(f"no shape given for input {spec.name!r}")
+        shape = tuple(int(d) for d in shapes[spec.name])
+        dt = spec.dtype
+        if dt == np.bool_:
+            arr: np.ndarray = rng.integers(0, 2, size=shape).astype(np.bool_)
+        elif np.issubdtype(dt, np.integer):
+            lo, hi = _INT_RANGE
+            if input_range is not None:
+                lo, hi = int(np.ceil(input_range[0])), int(np.floor(input_range[1])) + 1
+                if hi <= lo:
+                    raise InputError(f"input range {input_range} holds no integer for input {spec.name!r}")
+            info = np.iinfo(dt)
+            lo, hi = max(lo, int(info.min)), min(hi, int(info.max) + 1)
+            arr = rng.integers(lo, hi, size=shape, dtype=np.int64).astype(dt)
+        elif np.issubdtype(dt, np.floating) or dt == BFLOAT16:
+            if input_range is None:
+                data = rng.standard_normal(size=shape)
+            else:
+                data = rng.uniform(input_range[0], input_range[1], size=shape)
+            arr = data.astype(dt)
+        else:
+            raise InputError(
+                f"cannot generate inputs of type {dt} for {spec.name!r}; pass them with --inputs data.npz"
+            )
+        feeds[spec.name] = arr
+    return feeds
+
+
+def load_npz_feeds(path: str | Path) -> dict[str, np.ndarray]:
+    """Read named input arrays from an .npz file (no pickles)."""
+    path = Path(path)
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise InputError(f"cannot read inputs from {path}: {exc}") from exc
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise InputError(f"{path}: not an .npz archive (save inputs with numpy.savez)")
+    try:
+        with data:
+            feeds = {k: np.asarray(data[k]) for k in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise InputError(f"cannot read inputs from {path}: {exc}") from exc
+    if not feeds:
+        raise InputError(f"{path}: archive holds no arrays")
+    return feeds

@@ -1,0 +1,287 @@
+"""Declarative patterns over onnx-graphsurgeon graphs, and the matcher.
+
+A pattern is a small tree written with :class:`PatternBuilder`::
+
+    x = p.var("x")
+    conv = p.op("Conv", p.op("Transpose", x, perm=[0, 2, 1]), p.const("w"), p.opt_const("b"), name="conv")
+    root = p.op("Transpose", conv, perm=[0, 2, 1], name="out")
+
+Matching starts at a node whose op type equals the root's and walks producers upwards.
+Structural mismatches (wrong op, wrong attribute) mean "not a candidate" and are silent.
+Two conditions are *soft*: a ``const`` bound to something that is not a constant, and an
+interior value (a matched node's output other than the root's) that is read outside the
+match or is a graph output. They make the match a near miss with a reason, so the report
+can say why a Conv that looks rewritable was left alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping, Sequence, Union
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from rewriter.graph import ModelGraph, producer
+
+__all__ = [
+    "Pattern",
+    "VarPat",
+    "ConstPat",
+    "OpPat",
+    "MaybeOpPat",
+    "PatternBuilder",
+    "Match",
+    "match_at",
+]
+
+AttrPred = Union[Callable[[Any], bool], Any]
+
+
+class Pattern:
+    """Base class of pattern nodes."""
+
+    name: str | None = None
+
+
+@dataclass(eq=False)
+class VarPat(Pattern):
+    """Any tensor; bound under ``name``."""
+
+    name: str | None
+
+
+@dataclass(eq=False)
+class ConstPat(Pattern):
+    """A constant tensor (soft: a non-constant makes a near miss); ``optional`` allows a missing input."""
+
+    name: str
+    optional: bool = False
+
+
+@dataclass(eq=False)
+class OpPat(Pattern):
+    """A node of one of ``ops`` whose inputs match ``inputs`` and attributes satisfy ``attrs``."""
+
+    ops: tuple[str, ...]
+    inputs: tuple[Pattern, ...]
+    attrs: Mapping[str, AttrPred]
+    name: str | None = None
+    commutative: bool = False
+    output_index: int = 0
+
+
+@dataclass(eq=False)
+class MaybeOpPat(Pattern):
+    """Either ``op(inner, other)`` (either operand order) or just ``inner``: an optional trailing op."""
+
+    op: str
+    inner: Pattern
+    other: Pattern
+    name: str | None = None
+
+
+class PatternBuilder:
+    """What a rule's ``pattern`` method receives: constructors for pattern nodes."""
+
+    def var(self, name: str | None = None) -> VarPat:
+        return VarPat(name)
+
+    def const(self, name: str) -> ConstPat:
+        return ConstPat(name)
+
+    def opt_const(self, name: str) -> ConstPat:
+        return ConstPat(name, optional=True)
+
+    def op(
+        self,
+        op_type: str | Sequence[str],
+        *inputs: Pattern,
+        name: str | None = None,
+        commutative: bool = False,
+        output_index: int = 0,
+        **attrs: AttrPred,
+    ) -> OpPat:
+        ops = (op_type,) if isinstance(op_type, str) else tuple(op_type)
+        return OpPat(ops, tuple(inputs), attrs, name, commutative, output_index)
+
+    def maybe(self, op_type: str, inner: Pattern, other: Pattern, name: str | None = None) -> MaybeOpPat:
+        return MaybeOpPat(op_type, inner, other, name)
+
+
+@dataclass
+class Match:
+    """A successful structural match: bound nodes and tensors, plus any soft failures."""
+
+    graph: gs.Graph
+    model: ModelGraph
+    root: gs.Node
+    nodes: dict[str, gs.Node] = field(default_factory=dict)
+    tensors: dict[str, gs.Tensor | None] = field(default_factory=dict)
+    matched: list[gs.Node] = field(default_factory=list)
+    soft_failures: list[str] = field(default_factory=list)
+    _values: dict[str, np.ndarray | None] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> Any:
+        if name in self.nodes:
+            return self.nodes[name]
+        return self.tensors[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.nodes or (name in self.tensors and self.tensors[name] is not None)
+
+    def value(self, name: str) -> np.ndarray | None:
+        """The constant value bound to ``name`` (read once, lazily), or None."""
+        if name not in self._values:
+            self._values[name] = self.model.constant(self.tensors.get(name))
+        return self._values[name]
+
+    def attr(self, node_name: str, attr: str, default: Any = None) -> Any:
+        return self.nodes[node_name].attrs.get(attr, default)
+
+    @property
+    def node_names(self) -> list[str]:
+        return [n.name for n in self.matched]
+
+
+def _attr_ok(node: gs.Node, key: str, pred: AttrPred) -> bool:
+    value = node.attrs.get(key)
+    if callable(pred):
+        return bool(pred(value))
+    if value is None:
+        return pred is None
+    if isinstance(pred, (list, tuple)):
+        return isinstance(value, (list, tuple)) and [int(v) if isinstance(v, (int, np.integer)) else v for v in value] == list(pred)
+    return bool(value == pred)
+
+
+class _Matcher:
+    def __init__(self, model: ModelGraph, graph: gs.Graph) -> None:
+        self.model = model
+        self.graph = graph
+
+    def match_tensor(self, pat: Pattern, tensor: gs.Tensor | None, m: Match) -> Iterator[None]:
+        """Generator over ways ``tensor`` matches ``pat`` (bindings are undone on backtrack)."""
+        if isinstance(pat, VarPat):
+            if tensor is None or tensor.is_empty():
+                return
+            yield from self._bind_tensor(pat.name, tensor, m)
+        elif isinstance(pat, ConstPat):
+            if tensor is None or tensor.is_empty():
+                if pat.optional:
+                    yield from self._bind_tensor(pat.name, None, m)
+                return
+            marker = len(m.soft_failures)
+            if not self.model.is_constant(tensor):
+                m.soft_failures.append(f"{pat.name} is not a constant: {self.model.why_not_constant(tensor)}")
+            yield from self._bind_tensor(pat.name, tensor, m)
+            del m.soft_failures[marker:]
+        elif isinstance(pat, OpPat):
+            node = producer(tensor)
+            if node is None or tensor is None or node.outputs.index(tensor) != pat.output_index:
+                return
+            yield from self.match_node(pat, node, m)
+        elif isinstance(pat, MaybeOpPat):
+            node = producer(tensor)
+            if node is not None and node.op == pat.op and len(node.inputs) == 2 and not _in(node, m.matched):
+                for a, b in ((0, 1), (1, 0)):
+                    m.matched.append(node)
+                    if pat.name:
+                        m.nodes[pat.name] = node
+                    for _ in self.match_tensor(pat.inner, node.inputs[a], m):
+                        yield from self.match_tensor(pat.other, node.inputs[b], m)
+                    if pat.name:
+                        m.nodes.pop(pat.name, None)
+                    m.matched.pop()
+            yield from self.match_tensor(pat.inner, tensor, m)
+        else:  # pragma: no cover - a programming error in a rule
+            raise TypeError(f"unknown pattern node {pat!r}")
+
+    def _bind_tensor(self, name: str | None, tensor: gs.Tensor | None, m: Match) -> Iterator[None]:
+        if name is None:
+            yield
+            return
+        if name in m.tensors:
+            if m.tensors[name] is tensor:
+                yield
+            return
+        m.tensors[name] = tensor
+        yield
+        del m.tensors[name]
+
+    def match_node(self, pat: OpPat, node: gs.Node, m: Match) -> Iterator[None]:
+        if node.op not in pat.ops or _in(node, m.matched):
+            return
+        if not all(_attr_ok(node, k, v) for k, v in pat.attrs.items()):
+            return
+        inputs = list(node.inputs)
+        n_required = sum(1 for p in pat.inputs if not (isinstance(p, ConstPat) and p.optional))
+        if pat.inputs and not (n_required <= len(inputs) <= len(pat.inputs)):
+            return
+        if pat.name:
+            if pat.name in m.nodes:
+                return
+            m.nodes[pat.name] = node
+        m.matched.append(node)
+        orders = [list(range(len(pat.inputs)))]
+        if pat.commutative and len(pat.inputs) == 2:
+            orders.append([1, 0])
+        for order in orders:
+            yield from self._match_inputs(pat, [inputs[i] if i < len(inputs) else None for i in order], 0, m)
+        m.matched.pop()
+        if pat.name:
+            del m.nodes[pat.name]
+
+    def _match_inputs(self, pat: OpPat, inputs: list[gs.Tensor | None], i: int, m: Match) -> Iterator[None]:
+        if i == len(pat.inputs):
+            yield
+            return
+        for _ in self.match_tensor(pat.inputs[i], inputs[i], m):
+            yield from self._match_inputs(pat, inputs, i + 1, m)
+
+
+def _in(node: gs.Node, nodes: list[gs.Node]) -> bool:
+    return any(node is n for n in nodes)
+
+
+def _interior_failures(m: Match, graph_outputs: Sequence[gs.Tensor]) -> list[str]:
+    """Interior values must be read only inside the match and must not be graph outputs."""
+    out: list[str] = []
+    for node in m.matched:
+        if node is m.root:
+            continue
+        for t in node.outputs:
+            if any(t is o for o in graph_outputs):
+                out.append(f"interior value '{t.name}' is a graph output")
+                continue
+            for c in t.outputs:
+                if not _in(c, m.matched):
+                    out.append(f"interior value '{t.name}' is also read by {c.op} '{c.name}'")
+                    break
+    return out
+
+
+def match_at(pattern: OpPat, node: gs.Node, graph: gs.Graph, model: ModelGraph) -> Match | None:
+    """The first structural match of ``pattern`` rooted at ``node`` (soft failures recorded), or None.
+
+    A match without soft failures is preferred over one with them when several exist.
+    """
+    matcher = _Matcher(model, graph)
+    m = Match(graph=graph, model=model, root=node)
+    first: Match | None = None
+    for _ in matcher.match_node(pattern, node, m):
+        soft = list(m.soft_failures) + _interior_failures(m, graph.outputs)
+        snapshot = Match(
+            graph=graph,
+            model=model,
+            root=node,
+            nodes=dict(m.nodes),
+            tensors=dict(m.tensors),
+            matched=list(m.matched),
+            soft_failures=soft,
+        )
+        if not soft:
+            return snapshot
+        if first is None:
+            first = snapshot
+    return first

@@ -1,0 +1,168 @@
+"""The Rule base class, check results, and the builder a rule's ``rewrite`` records into.
+
+A rule is ``pattern`` (structure), ``check`` (conditions, each failure with a reason) and
+``rewrite`` (builds the replacement with a :class:`RewriteBuilder`). Rules never edit the
+graph: the builder only creates new nodes; the driver splices them in, or discards them
+if anything goes wrong.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import ClassVar, Sequence, Union
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from rewriter.graph import ModelGraph
+from rewriter.pattern import Match, OpPat, PatternBuilder
+
+__all__ = ["Rule", "CheckResult", "ok", "fail", "RewriteBuilder", "Replacement"]
+
+_ID_RE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
+
+Replacement = Union[gs.Tensor, Sequence[gs.Tensor]]
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """Outcome of ``Rule.check``: truthy when the rule may fire; otherwise carries the reason."""
+
+    passed: bool
+    reason: str = ""
+    node: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+
+_OK = CheckResult(True)
+
+
+def ok() -> CheckResult:
+    return _OK
+
+
+def fail(reason: str, node: gs.Node | str | None = None) -> CheckResult:
+    name = node.name if isinstance(node, gs.Node) else node
+    return CheckResult(False, reason, name)
+
+
+class Rule:
+    """Base class of every rewrite rule (built-in or plugin).
+
+    Class attributes:
+        id: stable kebab-case id used by the CLI, the report and node provenance.
+        benefit: larger patterns first; the driver tries rules in descending benefit.
+        opsets: inclusive range of default-domain opsets the rule handles.
+        default: part of the default policy (what runs with no ``--rules``).
+        direction: ``to-matmul``, ``to-conv`` or ``cleanup``; selects rules for ``--direction``.
+    """
+
+    id: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    benefit: ClassVar[int] = 10
+    opsets: ClassVar[tuple[int, int]] = (1, 10_000)
+    default: ClassVar[bool] = True
+    direction: ClassVar[str] = "to-matmul"
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.id and not _ID_RE.match(cls.id):
+            raise ValueError(f"rule id {cls.id!r} of {cls.__qualname__} is not kebab-case")
+        if not cls.description and cls.__doc__:
+            cls.description = cls.__doc__.strip().splitlines()[0]
+
+    def __init__(self) -> None:
+        self._compiled: OpPat | None = None
+
+    @property
+    def compiled_pattern(self) -> OpPat:
+        if self._compiled is None:
+            pat = self.pattern(PatternBuilder())
+            if not isinstance(pat, OpPat):
+                raise TypeError(f"rule {self.id}: pattern() must return an op pattern")
+            self._compiled = pat
+        return self._compiled
+
+    @property
+    def anchor_ops(self) -> tuple[str, ...]:
+        return self.compiled_pattern.ops
+
+    def pattern(self, p: PatternBuilder) -> OpPat:
+        raise NotImplementedError
+
+    def check(self, m: Match) -> CheckResult:
+        return ok()
+
+    def rewrite(self, b: "RewriteBuilder", m: Match) -> Replacement:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<Rule {self.id}>"
+
+
+class RewriteBuilder:
+    """Creates the nodes and constants of one replacement; nothing is attached to the graph
+    until the driver splices the result in (and :meth:`discard` undoes every connection)."""
+
+    def __init__(self, model: ModelGraph, rule_id: str, anchor: gs.Node) -> None:
+        self.model = model
+        self.rule_id = rule_id
+        self._prefix = f"{anchor.name}/{rule_id}"
+        self.nodes: list[gs.Node] = []
+
+    def _name(self, hint: str) -> str:
+        return self.model.unique_name(f"{self._prefix}/{hint}")
+
+    def const(self, value: np.ndarray, hint: str = "const") -> gs.Constant:
+        return gs.Constant(self._name(hint), np.ascontiguousarray(value))
+
+    def ints(self, values: Sequence[int], hint: str = "shape") -> gs.Constant:
+        return self.const(np.asarray(list(values), dtype=np.int64), hint)
+
+    def op(
+        self,
+        op_type: str,
+        inputs: Sequence[gs.Tensor | None],
+        attrs: dict[str, object] | None = None,
+        *,
+        outputs: int = 1,
+        dtype: object = None,
+        shape: Sequence[int | str | None] | None = None,
+        domain: str | None = None,
+    ) -> gs.Variable:
+        """Add ``op_type(inputs)``; returns its (first) output. ``None`` inputs become empty."""
+        ins = [t if t is not None else gs.Variable.empty() for t in inputs]
+        outs = [gs.Variable(self._name(f"{op_type}_out"), dtype=dtype, shape=list(shape) if shape is not None else None)]
+        outs += [gs.Variable(self._name(f"{op_type}_out")) for _ in range(outputs - 1)]
+        node = gs.Node(op_type, self._name(op_type), dict(attrs or {}), ins, outs, domain=domain)
+        self.nodes.append(node)
+        return outs[0]
+
+    # Conveniences used by most rules.
+    def matmul(self, a: gs.Tensor, b: gs.Tensor, **kw: object) -> gs.Variable:
+        return self.op("MatMul", [a, b], **kw)  # type: ignore[arg-type]
+
+    def add(self, a: gs.Tensor, b: gs.Tensor | None, **kw: object) -> gs.Tensor:
+        """``a + b``, or ``a`` itself when ``b`` is None (no bias)."""
+        return a if b is None else self.op("Add", [a, b], **kw)  # type: ignore[arg-type]
+
+    def transpose(self, x: gs.Tensor, perm: Sequence[int], **kw: object) -> gs.Variable:
+        return self.op("Transpose", [x], {"perm": list(perm)}, **kw)  # type: ignore[arg-type]
+
+    def reshape(self, x: gs.Tensor, shape: gs.Tensor | Sequence[int], **kw: object) -> gs.Variable:
+        target = shape if isinstance(shape, gs.Tensor) else self.ints(shape)
+        return self.op("Reshape", [x, target], **kw)  # type: ignore[arg-type]
+
+    def gemm(self, a: gs.Tensor, b: gs.Tensor, c: gs.Tensor | None = None, *, trans_b: bool = False, **kw: object) -> gs.Variable:
+        attrs = {"transB": 1} if trans_b else {}
+        return self.op("Gemm", [a, b] + ([c] if c is not None else []), attrs, **kw)  # type: ignore[arg-type]
+
+    def discard(self) -> None:
+        """Disconnect everything this builder created (the graph is as before)."""
+        for node in self.nodes:
+            node.inputs.clear()
+            node.outputs.clear()
+        self.nodes.clear()

@@ -1,0 +1,86 @@
+"""Shared helpers for tests: tiny model construction, ORT runs, equivalence and op counts."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+
+from rewriter.driver import DriverResult
+from rewriter.report import op_counts
+
+# onnx 1.23 writes IR 14 by default; onnxruntime 1.31 refuses IR > 13.
+IR_VERSION = 10
+
+__all__ = ["IR_VERSION", "make_model", "run", "assert_equivalent", "op_counts", "rewrite", "init", "vi"]
+
+
+def init(name: str, value: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(value), name)
+
+
+def vi(name: str, shape: Sequence[int | str | None] | None, dtype: int = onnx.TensorProto.FLOAT) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, dtype, shape)
+
+
+def make_model(
+    nodes: Sequence[onnx.NodeProto],
+    inputs: Sequence[onnx.ValueInfoProto],
+    outputs: Sequence[onnx.ValueInfoProto],
+    initializers: Sequence[onnx.TensorProto] = (),
+    opset: int = 17,
+    name: str = "test",
+) -> onnx.ModelProto:
+    graph = helper.make_graph(list(nodes), name, list(inputs), list(outputs), list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_VERSION)
+    model.producer_name = "onnx-rewrite-tests"
+    return model
+
+
+def run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, dict(feeds))
+
+
+def assert_equivalent(
+    a: onnx.ModelProto,
+    b: onnx.ModelProto,
+    feeds_list: Iterable[Mapping[str, np.ndarray]],
+    atol: float = 1e-4,
+    rtol: float = 1e-4,
+) -> None:
+    """Same outputs (names, shapes, values within tolerance) for every feed dict."""
+    assert [o.name for o in a.graph.output] == [o.name for o in b.graph.output]
+    n = 0
+    for feeds in feeds_list:
+        n += 1
+        for x, y in zip(run(a, feeds), run(b, feeds)):
+            assert x.shape == y.shape, (x.shape, y.shape)
+            np.testing.assert_allclose(y, x, atol=atol, rtol=rtol)
+    assert n > 0
+
+
+def rewrite(model: onnx.ModelProto, rules: Sequence[Any]) -> tuple[onnx.ModelProto, DriverResult]:
+    """Run the driver with rule instances or ids (built-ins) on a copy of ``model``."""
+    from rewriter.graph import ModelGraph
+    from rewriter.driver import run_rules
+    from rewriter.registry import discover
+
+    instances = []
+    reg = None
+    for r in rules:
+        if isinstance(r, str):
+            reg = reg or discover()
+            instances.extend(reg.select([r]))
+        else:
+            instances.append(r)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph = ModelGraph(copy)
+    result = run_rules(graph, instances)
+    return graph.export(), result

@@ -1,0 +1,420 @@
+"""rewriter.model_io: load forms, bad inputs, external data, atomic saves, IR lowering."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from rewriter import model_io
+from rewriter.errors import InputError
+from rewriter.model_io import (
+    LoadedModel,
+    check_output_path,
+    ensure_loadable_ir,
+    has_external_data,
+    load_model,
+    max_supported_ir_version,
+    read_tensor,
+    save_model,
+)
+
+RNG = np.random.default_rng(0)
+W = RNG.standard_normal((64, 32)).astype(np.float32)
+B = RNG.standard_normal((32,)).astype(np.float32)
+X = RNG.standard_normal((2, 64)).astype(np.float32)
+
+
+def make_model(w: np.ndarray = W, b: np.ndarray = B, ir_version: int = 10) -> onnx.ModelProto:
+    """Y = X @ W + B, with metadata and doc strings that must survive a round trip."""
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["X", "W"], ["XW"], name="mm"), helper.make_node("Add", ["XW", "B"], ["Y"], name="add")],
+        "g",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [2, 64])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [2, 32])],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")],
+        doc_string="graph doc",
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=ir_version)
+    model.producer_name, model.producer_version, model.doc_string = "tests", "1.0", "model doc"
+    helper.set_model_props(model, {"author": "me", "note": "keep"})
+    return model
+
+
+def save_external(model: onnx.ModelProto, folder: Path, name: str = "m.onnx", location: str = "m.data") -> Path:
+    (folder / location).parent.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    onnx.save_model(copy, path, save_as_external_data=True, all_tensors_to_one_file=True, location=location, size_threshold=0)
+    return path
+
+
+def run(path: Path) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"X": X})[0]
+
+
+def expected() -> np.ndarray:
+    return X @ W + B
+
+
+def assert_input_error(excinfo: pytest.ExceptionInfo[InputError], *phrases: str) -> None:
+    message = str(excinfo.value)
+    assert "\n" not in message
+    for phrase in phrases:
+        assert phrase in message, message
+
+
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file()}
+
+
+def set_location(path: Path, location: str) -> None:
+    model = onnx.load(path, load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    path.write_bytes(model.SerializeToString())
+
+
+# --- load forms -------------------------------------------------------------------------
+
+
+def test_load_from_path_bytes_proto_and_program(tmp_path: Path) -> None:
+    path = tmp_path / "m.onnx"
+    onnx.save(make_model(), path)
+    data = path.read_bytes()
+
+    class Program:  # stands in for torch's ONNXProgram
+        model_proto = make_model()
+
+    for src in (path, str(path), data, make_model(), Program()):
+        loaded = load_model(src)
+        assert isinstance(loaded, LoadedModel)
+        assert loaded.model.graph.name == "g"
+        assert len(loaded.sha256) == 64
+    from_path, from_bytes = load_model(path), load_model(data)
+    assert from_path.path == path and from_path.base_dir == tmp_path
+    assert from_bytes.path is None and from_bytes.base_dir is None
+    assert from_path.sha256 == from_bytes.sha256 == load_model(make_model()).sha256
+    proto = make_model()
+    assert load_model(proto).model is proto
+
+
+def test_load_keeps_external_data_on_disk(tmp_path: Path) -> None:
+    loaded = load_model(save_external(make_model(), tmp_path))
+    assert has_external_data(loaded.model)
+    assert all(not t.raw_data for t in loaded.model.graph.initializer)
+    assert not has_external_data(make_model())
+
+
+# --- bad inputs -------------------------------------------------------------------------
+
+
+def test_missing_directory_empty(tmp_path: Path) -> None:
+    with pytest.raises(InputError) as exc:
+        load_model(tmp_path / "nope.onnx")
+    assert_input_error(exc, "nope.onnx", "not found")
+    with pytest.raises(InputError) as exc:
+        load_model(tmp_path)
+    assert_input_error(exc, "directory")
+    (tmp_path / "e.onnx").write_bytes(b"")
+    with pytest.raises(InputError) as exc:
+        load_model(tmp_path / "e.onnx")
+    assert_input_error(exc, "cannot read model", "e.onnx", "file is empty")
+    with pytest.raises(InputError) as exc:
+        load_model(b"")
+    assert_input_error(exc, "empty")
+
+
+def test_unreadable_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "m.onnx"
+    onnx.save(make_model(), path)
+    path.chmod(0)
+    if os.access(path, os.R_OK):  # root reads anything: simulate the refusal instead
+
+        def refuse(*args: object, **kwargs: object) -> None:
+            raise PermissionError(errno.EACCES, "Permission denied")
+
+        monkeypatch.setattr(model_io, "open", refuse, raising=False)
+    with pytest.raises(InputError) as exc:
+        load_model(path)
+    assert_input_error(exc, "m.onnx", "permission denied")
+
+
+@pytest.mark.parametrize(
+    ("content", "phrase"),
+    [
+        (lambda good: good[: len(good) // 2], "not an ONNX model"),  # truncated inside the weights
+        (lambda good: b"this is not a model at all\n" * 10, "not an ONNX model"),
+        (lambda good: helper.make_model(helper.make_graph([], "g", [], [])).SerializeToString()[:2], "no graph"),
+    ],
+    ids=["truncated", "text", "no-graph"],
+)
+def test_corrupt_file(tmp_path: Path, content, phrase: str) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(content(make_model().SerializeToString()))
+    with pytest.raises(InputError) as exc:
+        load_model(path)
+    assert_input_error(exc, "bad.onnx", phrase)
+
+
+def test_unsupported_source_type() -> None:
+    with pytest.raises(InputError) as exc:
+        load_model(42)
+    assert_input_error(exc, "unsupported source type int")
+
+
+def test_missing_and_unreadable_external_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = save_external(make_model(), tmp_path)
+    data = tmp_path / "m.data"
+    data.chmod(0)
+    if os.access(data, os.R_OK):
+        real_open = open
+
+        def refuse(file: object, *args: object, **kwargs: object) -> object:
+            if Path(str(file)).name == "m.data":
+                raise PermissionError(errno.EACCES, "Permission denied")
+            return real_open(file, *args, **kwargs)  # type: ignore[call-overload]
+
+        monkeypatch.setattr(model_io, "open", refuse, raising=False)
+    with pytest.raises(InputError) as exc:
+        load_model(path)
+    assert_input_error(exc, "m.data", "not readable")
+    data.unlink()
+    with pytest.raises(InputError) as exc:
+        load_model(path)
+    assert_input_error(exc, "external data file 'm.data'", "missing")
+
+
+def test_external_data_out_of_bounds(tmp_path: Path) -> None:
+    path = save_external(make_model(), tmp_path)
+    data = tmp_path / "m.data"
+    data.write_bytes(data.read_bytes()[:-16])
+    with pytest.raises(InputError) as exc:
+        load_model(path)
+    assert_input_error(exc, "has only", "truncated")
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
+def test_external_location_escaping_folder_is_refused(tmp_path: Path, kind: str) -> None:
+    model_dir = tmp_path / "model"
+    path = save_external(make_model(), model_dir)
+    outside = tmp_path / "x.data"
+    outside.write_bytes((model_dir / "m.data").read_bytes())
+    if kind == "dotdot":
+        set_location(path, "../x.data")
+    elif kind == "absolute":
+        set_location(path, str(outside))
+    else:
+        (model_dir / "m.data").unlink()
+        (model_dir / "m.data").symlink_to(outside)
+    with pytest.raises(InputError) as exc:
+        load_model(path)
+    assert_input_error(exc, "absolute path" if kind == "absolute" else "outside the model's folder")
+
+
+def test_subgraph_external_data_is_checked(tmp_path: Path) -> None:
+    def branch(name: str, value: float) -> onnx.GraphProto:
+        init = numpy_helper.from_array(np.full((32,), value, np.float32), f"{name}_c")
+        node = helper.make_node("Identity", [init.name], [f"{name}_out"])
+        out = helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, [32])
+        return helper.make_graph([node], name, [], [out], [init])
+
+    cond = helper.make_tensor_value_info("cond", TensorProto.BOOL, [])
+    node = helper.make_node("If", ["cond"], ["Y"], then_branch=branch("then", 1.0), else_branch=branch("else", 2.0))
+    graph = helper.make_graph([node], "g", [cond], [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [32])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    path = save_external(model, tmp_path)
+    loaded = load_model(path)
+    assert has_external_data(loaded.model)
+    then_init = next(a.g for a in loaded.model.graph.node[0].attribute if a.name == "then_branch").initializer[0]
+    np.testing.assert_array_equal(read_tensor(then_init, loaded.base_dir), np.ones(32, np.float32))
+    (tmp_path / "m.data").unlink()
+    with pytest.raises(InputError) as exc:
+        load_model(path)
+    assert_input_error(exc, "missing")
+
+
+def test_in_memory_model_with_external_refs_is_refused(tmp_path: Path) -> None:
+    path = save_external(make_model(), tmp_path)
+    with pytest.raises(InputError) as exc:
+        load_model(path.read_bytes())
+    assert_input_error(exc, "load it from its file")
+
+
+# --- read_tensor ------------------------------------------------------------------------
+
+
+def test_read_tensor_external_and_inline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ints = np.arange(24, dtype=np.int64).reshape(2, 3, 4)
+    halves = RNG.standard_normal((5, 7)).astype(np.float16)
+    model = make_model()
+    model.graph.initializer.extend([numpy_helper.from_array(ints, "I"), numpy_helper.from_array(halves, "H")])
+    loaded = load_model(save_external(model, tmp_path / "m"))
+    monkeypatch.chdir(tmp_path)  # external data must resolve against base_dir, not the CWD
+    got = {t.name: read_tensor(t, loaded.base_dir) for t in loaded.model.graph.initializer}
+    np.testing.assert_array_equal(got["W"], W)
+    np.testing.assert_array_equal(got["B"], B)
+    np.testing.assert_array_equal(got["I"], ints)
+    np.testing.assert_array_equal(got["H"], halves)
+    assert got["W"].flags.writeable and got["W"].dtype == np.float32
+    np.testing.assert_array_equal(read_tensor(numpy_helper.from_array(W, "W"), None), W)
+    with pytest.raises(InputError) as exc:
+        read_tensor(loaded.model.graph.initializer[0], None)
+    assert_input_error(exc, "no folder")
+
+
+# --- save -------------------------------------------------------------------------------
+
+
+def test_save_inline_round_trip_keeps_everything(tmp_path: Path) -> None:
+    src = tmp_path / "in.onnx"
+    onnx.save(make_model(), src)
+    loaded = load_model(src)
+    out = save_model(loaded.model, tmp_path / "out.onnx", source=loaded)
+    assert out == (tmp_path / "out.onnx").resolve()
+    assert out.read_bytes() == src.read_bytes()
+    np.testing.assert_allclose(run(out), expected(), rtol=1e-5, atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx", "out.onnx"]
+
+
+def test_save_external_same_folder_keeps_references(tmp_path: Path) -> None:
+    src = save_external(make_model(), tmp_path)
+    before = snapshot(tmp_path)
+    loaded = load_model(src)
+    out = save_model(loaded.model, tmp_path / "out.onnx", source=loaded)
+    assert snapshot(tmp_path).items() >= before.items()  # source files untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.data", "m.onnx", "out.onnx"]
+    np.testing.assert_array_equal(run(out), run(src))
+
+
+def test_save_external_other_folder_copies_data(tmp_path: Path) -> None:
+    src = save_external(make_model(), tmp_path / "src", location="weights/w.bin")
+    before = snapshot(tmp_path / "src") | snapshot(tmp_path / "src" / "weights")
+    loaded = load_model(src)
+    (tmp_path / "dst").mkdir()
+    out = save_model(loaded.model, tmp_path / "dst" / "out.onnx", source=loaded)
+    assert snapshot(tmp_path / "src") | snapshot(tmp_path / "src" / "weights") == before
+    reference = run(src)
+    for path in (tmp_path / "src").rglob("*"):  # the output must not depend on the source
+        if path.is_file():
+            path.unlink()
+    np.testing.assert_array_equal(run(out), reference)
+    np.testing.assert_allclose(reference, expected(), rtol=1e-5, atol=1e-5)
+    assert (tmp_path / "dst" / "weights" / "w.bin").is_file()
+
+
+def test_large_new_tensors_go_to_a_new_data_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(model_io, "_INLINE_LIMIT_BYTES", 1000)
+    monkeypatch.setattr(model_io, "_OFFLOAD_MIN_BYTES", 1000)
+    src = save_external(make_model(), tmp_path)  # source data is m.data
+    loaded = load_model(src)
+    loaded.model.graph.initializer[0].CopyFrom(numpy_helper.from_array(W, "W"))  # a "new" inline W
+    before = snapshot(tmp_path)
+    out = save_model(loaded.model, src, source=loaded, overwrite_input=True)
+    assert (tmp_path / "m.data").read_bytes() == before["m.data"][0]
+    assert (tmp_path / "m.1.data").is_file()  # never m.data, which the source uses
+    assert loaded.model.graph.initializer[0].raw_data  # the caller's model is left as it was
+    saved = onnx.load(out, load_external_data=False)
+    locations = {e.value for t in saved.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"m.1.data", "m.data"}
+    np.testing.assert_allclose(run(out), expected(), rtol=1e-5, atol=1e-5)
+
+
+def test_refuses_to_overwrite_input_or_its_data(tmp_path: Path) -> None:
+    src = save_external(make_model(), tmp_path)
+    loaded = load_model(src)
+    with pytest.raises(InputError) as exc:
+        save_model(loaded.model, src, source=loaded)
+    assert_input_error(exc, "input model")
+    with pytest.raises(InputError) as exc:
+        save_model(loaded.model, tmp_path / "m.data", source=loaded)
+    assert_input_error(exc, "external data file the model references")
+
+
+def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = save_external(make_model(), tmp_path / "src")
+    loaded = load_model(src)
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "old.onnx").write_bytes(b"previous output")
+
+    def half_then_fail(fd: int, data: bytes) -> None:
+        os.write(fd, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(model_io, "_write_all", half_then_fail)
+    with pytest.raises(InputError) as exc:
+        save_model(loaded.model, dst / "old.onnx", source=loaded)
+    assert_input_error(exc, "No space left on device")
+    assert sorted(p.name for p in dst.iterdir()) == ["old.onnx"]  # no data copy, no temp file
+    assert (dst / "old.onnx").read_bytes() == b"previous output"
+
+
+def test_failed_copy_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = save_external(make_model(), tmp_path / "src", location="sub/w.bin")
+    loaded = load_model(src)
+    dst = tmp_path / "dst"
+    dst.mkdir()
+
+    def partial_copy(a: str, b: str) -> None:
+        Path(b).write_bytes(Path(a).read_bytes()[:10])
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(model_io.shutil, "copyfile", partial_copy)
+    with pytest.raises(InputError):
+        save_model(loaded.model, dst / "out.onnx", source=loaded)
+    assert list(dst.iterdir()) == []
+
+
+# --- IR version -------------------------------------------------------------------------
+
+
+def test_ir_lowering(tmp_path: Path) -> None:
+    supported = max_supported_ir_version()
+    assert 7 <= supported <= onnx.IR_VERSION
+    old = make_model(ir_version=10)
+    assert ensure_loadable_ir(old) is old
+    new = make_model(ir_version=onnx.IR_VERSION)
+    if onnx.IR_VERSION > supported:
+        lowered = ensure_loadable_ir(new)
+        assert lowered is not new and lowered.ir_version == supported
+        assert new.ir_version == onnx.IR_VERSION
+        lowered.ir_version = new.ir_version
+        assert lowered == new  # nothing else changed
+    out = save_model(new, tmp_path / "new.onnx")
+    assert new.ir_version == onnx.IR_VERSION  # save lowers the file, not the caller's model
+    assert onnx.load(out).ir_version == min(onnx.IR_VERSION, supported)
+    np.testing.assert_allclose(run(out), expected(), rtol=1e-5, atol=1e-5)
+
+
+# --- check_output_path ------------------------------------------------------------------
+
+
+def test_check_output_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = tmp_path / "in.onnx"
+    onnx.save(make_model(), src)
+    assert check_output_path(tmp_path / "o.onnx", input_path=src) == (tmp_path / "o.onnx").resolve()
+    assert check_output_path(src, input_path=src, overwrite_input=True) == src.resolve()
+    cases = [
+        (tmp_path / "missing" / "o.onnx", "does not exist"),
+        (tmp_path, "is a directory"),
+        (src, "input model"),
+    ]
+    for out, phrase in cases:
+        with pytest.raises(InputError) as exc:
+            check_output_path(out, input_path=src)
+        assert_input_error(exc, phrase)
+    monkeypatch.setattr(model_io.os, "access", lambda *args, **kwargs: False)
+    with pytest.raises(InputError) as exc:
+        check_output_path(tmp_path / "o.onnx", input_path=src)
+    assert_input_error(exc, "not writable")

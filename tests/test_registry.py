@@ -1,0 +1,117 @@
+"""Rule discovery: entry points, --plugin files and modules, broken plugins, duplicate ids."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from rewriter.errors import InputError, PluginError
+from rewriter.registry import discover
+
+REPO = Path(__file__).resolve().parents[1]
+
+PLUGIN = '''
+from rewriter import Rule
+
+class NegNegToIdentity(Rule):
+    """Neg(Neg(x)) -> x"""
+    id = "plugin-neg-neg"
+    default = False
+    def pattern(self, p):
+        return p.op("Neg", p.op("Neg", p.var("x")))
+    def rewrite(self, b, m):
+        return m["x"]
+'''
+
+
+def test_builtins_come_through_the_entry_point():
+    reg = discover()
+    assert reg.rules, "no built-in rule found: is the package installed (pip install -e .)?"
+    assert {i.source for i in reg.rules.values()} == {"built-in"}
+    assert not reg.unavailable
+
+
+def test_plugin_file(tmp_path):
+    f = tmp_path / "my_rules.py"
+    f.write_text(PLUGIN)
+    reg = discover([str(f)])
+    assert reg.rules["plugin-neg-neg"].source == f"plugin file {f}"
+    assert [r.id for r in reg.select(["plugin-neg-neg"])] == ["plugin-neg-neg"]
+
+
+def test_plugin_module(tmp_path, monkeypatch):
+    (tmp_path / "pkg_rules_mod.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reg = discover(["pkg_rules_mod"])
+    assert reg.rules["plugin-neg-neg"].source == "plugin module pkg_rules_mod"
+
+
+def test_broken_plugin_is_listed_unavailable_or_fatal_when_strict(tmp_path):
+    f = tmp_path / "broken.py"
+    f.write_text("import does_not_exist_anywhere\n")
+    reg = discover([str(f)])
+    assert len(reg.unavailable) == 1
+    assert reg.unavailable[0].error == "ModuleNotFoundError: No module named 'does_not_exist_anywhere'"
+    assert reg.rules  # the built-ins still load
+    with pytest.raises(PluginError, match="failed to load: ModuleNotFoundError"):
+        discover([str(f)], strict=True)
+
+
+def test_missing_plugin_module_is_unavailable():
+    reg = discover(["no_such_plugin_module_xyz"])
+    assert reg.unavailable[0].source == "plugin module no_such_plugin_module_xyz"
+
+
+def test_duplicate_ids_name_both_sources(tmp_path):
+    a, b = tmp_path / "a.py", tmp_path / "b.py"
+    a.write_text(PLUGIN)
+    b.write_text(PLUGIN)
+    with pytest.raises(PluginError, match=r"duplicate rule id 'plugin-neg-neg': defined by plugin file .*a\.py and by plugin file .*b\.py"):
+        discover([str(a), str(b)])
+
+
+def test_unknown_rule_id_is_input_error():
+    with pytest.raises(InputError, match="unknown rule id"):
+        discover().select(["no-such-rule"])
+
+
+def test_selection_by_direction():
+    reg = discover()
+    default = {r.id for r in reg.select()}
+    assert default == {i.id for i in reg.rules.values() if i.rule.default}
+    to_conv = reg.select(direction="to-conv")
+    assert all(r.direction in ("to-conv", "cleanup") for r in to_conv)
+    assert {r.id for r in reg.select(exclude=sorted(default)[:1])} == default - set(sorted(default)[:1])
+
+
+def test_example_plugin_package_installs_and_runs(tmp_path):
+    """pip-installs examples/plugin_package into a private target and uses it through its entry point."""
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target), str(REPO / "examples" / "plugin_package")],
+        check=True,
+        capture_output=True,
+    )
+    env = {**os.environ, "PYTHONPATH": str(target) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    listing = subprocess.run([sys.executable, "-m", "rewriter", "rules"], env=env, capture_output=True, text=True, check=True)
+    assert "example-double-relu" in listing.stdout
+    assert "plugin onnx-rewrite-example (example)" in listing.stdout
+    script = textwrap.dedent(
+        """
+        import numpy as np, onnx
+        from onnx import helper, TensorProto
+        import rewriter
+        g = helper.make_graph([helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Relu", ["a"], ["y"])], "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+        r = rewriter.optimize(m, rules=["example-double-relu"])
+        print([(x.rule, x.status) for x in r.report.rewrites], [n.op_type for n in r.model.graph.node])
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[('example-double-relu', 'applied')] ['Relu']"

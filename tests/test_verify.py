@@ -1,0 +1,367 @@
+"""verify_models on tiny models, the comparison rule, CUDA probing, rollback bisection."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto as TP
+from onnx import helper as h
+from onnx import numpy_helper as nh
+from rich.console import Console
+
+from rewriter.errors import InputError, VerificationError
+from rewriter.inputs import BFLOAT16, input_specs, make_feeds, shape_sets
+from rewriter.verify import (
+    DEFAULT_TOLERANCES,
+    Tolerance,
+    VerifyOptions,
+    bisect_offenders,
+    compare_arrays,
+    cuda_status,
+    render_verification,
+    resolve_providers,
+    verify_models,
+)
+
+CPU = VerifyOptions(providers=("cpu",))
+RNG = np.random.default_rng(0)
+W = RNG.standard_normal((4, 3)).astype(np.float32)
+
+
+def _model(nodes, inputs, outputs, inits=(), opset: int = 17) -> onnx.ModelProto:  # type: ignore[no-untyped-def]
+    graph = h.make_graph(nodes, "g", inputs, outputs, list(inits))
+    return h.make_model(graph, ir_version=10, opset_imports=[h.make_opsetid("", opset)])
+
+
+def matmul_model(w: np.ndarray, elem: int = TP.FLOAT, x_name: str = "x") -> onnx.ModelProto:
+    return _model(
+        [h.make_node("MatMul", [x_name, "w"], ["y"])],
+        [h.make_tensor_value_info(x_name, elem, ["batch", w.shape[0]])],
+        [h.make_tensor_value_info("y", elem, ["batch", w.shape[1]])],
+        [nh.from_array(w, "w")],
+    )
+
+
+def reshape_model(target: list[int], back: bool = False) -> onnx.ModelProto:
+    """x[n] -> Reshape(target) [-> Reshape([-1])]: rejects n not divisible by the target."""
+    nodes = [h.make_node("Reshape", ["x", "s"], ["r" if back else "y"])]
+    inits = [nh.from_array(np.array(target, np.int64), "s")]
+    if back:
+        nodes.append(h.make_node("Reshape", ["r", "flat"], ["y"]))
+        inits.append(nh.from_array(np.array([-1], np.int64), "flat"))
+    return _model(nodes, [h.make_tensor_value_info("x", TP.FLOAT, ["n"])], [h.make_tensor_value_info("y", TP.FLOAT, None)], inits)
+
+
+def identity_model() -> onnx.ModelProto:
+    return _model(
+        [h.make_node("Identity", ["x"], ["y"])],
+        [h.make_tensor_value_info("x", TP.FLOAT, ["n"])],
+        [h.make_tensor_value_info("y", TP.FLOAT, None)],
+    )
+
+
+# ----------------------------------------------------------------------------- verify_models
+
+def test_equal_models_pass() -> None:
+    messages: list[str] = []
+    result = verify_models(matmul_model(W), matmul_model(W.copy()), CPU, progress=messages.append)
+    assert result and result.passed
+    cpu = result.providers["cpu"]
+    assert cpu.status == "passed" and cpu.reason == "" and cpu.max_abs == 0.0
+    assert cpu.shapes == [{"x": [1, 4]}, {"x": [3, 4]}]
+    assert cpu.tolerance == DEFAULT_TOLERANCES[np.dtype(np.float32)]
+    assert messages == ["cpu 1/2: x=[1,4]", "cpu 2/2: x=[3,4]"]
+    doc = json.loads(json.dumps(result.to_json()))
+    assert doc["passed"] is True
+    assert set(doc["providers"]["cpu"]) >= {"status", "reason", "shapes", "max_abs", "max_rel", "tolerance"}
+    assert doc["providers"]["cpu"]["tolerance"] == {"atol": 1e-4, "rtol": 1e-3}
+
+
+def _expected_max_abs(w: np.ndarray, w2: np.ndarray, model: onnx.ModelProto) -> float:
+    specs = input_specs(model)
+    worst = 0.0
+    for shapes in shape_sets(specs):
+        x = make_feeds(specs, shapes, seed=0)["x"].astype(np.float64)
+        worst = max(worst, float(np.abs(x @ w2.astype(np.float64) - x @ w.astype(np.float64)).max()))
+    return worst
+
+
+def test_perturbed_weight_fails_with_its_max_abs_and_tolerance_override_passes() -> None:
+    w2 = W.copy()
+    w2[1, 2] += 0.01
+    result = verify_models(matmul_model(W), matmul_model(w2), CPU)
+    assert not result
+    cpu = result.providers["cpu"]
+    assert cpu.status == "failed" and "output 'y' differs" in cpu.reason
+    assert cpu.max_abs == pytest.approx(_expected_max_abs(W, w2, matmul_model(W)), rel=1e-4)
+    (out,) = cpu.outputs
+    assert not out.passed and 0 < out.mismatch_fraction <= 1 / 3 + 1e-9 and out.cosine > 0.99
+
+    loose = verify_models(matmul_model(W), matmul_model(w2), VerifyOptions(providers=("cpu",), atol=0.1))
+    assert loose.passed
+    assert loose.providers["cpu"].tolerance == Tolerance(0.1, 1e-3)
+
+
+def test_shape_rejected_by_the_original_is_reported() -> None:
+    opts = VerifyOptions(providers=("cpu",), shape_overrides={("x", 0): [1, 4]})
+    result = verify_models(reshape_model([2, -1]), reshape_model([2, -1]), opts)
+    cpu = result.providers["cpu"]
+    assert result.passed and cpu.status == "passed"
+    assert cpu.shapes == [{"x": [4]}]
+    (rejected,) = cpu.rejected_shapes
+    assert rejected["shapes"] == {"x": [1]} and rejected["error"]
+
+
+def test_every_shape_rejected_by_the_original_skips() -> None:
+    result = verify_models(reshape_model([2, -1]), reshape_model([2, -1]), CPU)  # n = 1, 3: both odd
+    cpu = result.providers["cpu"]
+    assert cpu.status == "skipped" and cpu.reason.startswith("no input shape ran on the original: ")
+    assert len(cpu.rejected_shapes) == 2
+    assert not result.passed  # nothing was proven
+
+
+def test_shape_rejected_only_by_the_rewritten_model_fails() -> None:
+    result = verify_models(identity_model(), reshape_model([2, -1], back=True), CPU)
+    cpu = result.providers["cpu"]
+    assert cpu.status == "failed" and "rewritten model rejects inputs x=[1]" in cpu.reason
+
+
+def test_output_shape_mismatch_fails() -> None:
+    result = verify_models(identity_model(), reshape_model([-1, 1]), CPU)
+    cpu = result.providers["cpu"]
+    assert cpu.status == "failed" and "has shape [1, 1], original [1]" in cpu.reason
+
+
+@pytest.mark.parametrize(
+    ("rewritten", "message"),
+    [
+        (matmul_model(W, x_name="x2"), "inputs differ"),
+        (matmul_model(W.astype(np.float64), TP.DOUBLE), "input 'x' is float32"),
+        (
+            _model(
+                [h.make_node("MatMul", ["x", "w"], ["y2"])],
+                [h.make_tensor_value_info("x", TP.FLOAT, ["batch", 4])],
+                [h.make_tensor_value_info("y2", TP.FLOAT, None)],
+                [nh.from_array(W, "w")],
+            ),
+            "outputs differ",
+        ),
+        (
+            _model(
+                [h.make_node("MatMul", ["x", "w"], ["y"])],
+                [h.make_tensor_value_info("x", TP.FLOAT, ["a", "batch", 4])],
+                [h.make_tensor_value_info("y", TP.FLOAT, None)],
+                [nh.from_array(W, "w")],
+            ),
+            "rank",
+        ),
+    ],
+)
+def test_interface_mismatch_raises(rewritten: onnx.ModelProto, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        verify_models(matmul_model(W), rewritten, CPU)
+
+
+def test_unloadable_original_raises_input_error() -> None:
+    bad = matmul_model(W)
+    bad.graph.node[0].op_type = "NoSuchOp"
+    with pytest.raises(InputError, match="does not load"):
+        verify_models(bad, matmul_model(W), CPU)
+
+
+def test_npz_inputs(tmp_path: Path) -> None:
+    path = tmp_path / "in.npz"
+    np.savez(path, x=RNG.standard_normal((5, 4)).astype(np.float32))
+    opts = VerifyOptions(providers=("cpu",), inputs_npz=path)
+    result = verify_models(matmul_model(W), matmul_model(W), opts)
+    assert result.passed and result.providers["cpu"].shapes == [{"x": [5, 4]}]
+
+    np.savez(path, x=np.zeros((5, 4), np.float64))
+    with pytest.raises(InputError, match="float64"):
+        verify_models(matmul_model(W), matmul_model(W), opts)
+    np.savez(path, other=np.zeros((5, 4), np.float32))
+    with pytest.raises(InputError, match="lacks"):
+        verify_models(matmul_model(W), matmul_model(W), opts)
+
+
+@pytest.mark.parametrize(
+    ("np_type", "elem", "delta", "passes"),
+    [
+        (np.float16, TP.FLOAT16, 1e-4, True),  # below half-precision tolerance
+        (np.float16, TP.FLOAT16, 0.25, False),
+        (np.float64, TP.DOUBLE, 0.0, True),
+        (np.float64, TP.DOUBLE, 1e-6, False),  # would pass at float32 tolerance
+    ],
+)
+def test_half_and_double_models(np_type: type, elem: int, delta: float, passes: bool) -> None:
+    w = W.astype(np_type)
+    w2 = w.copy()
+    w2[0, 0] += np_type(delta)
+    result = verify_models(matmul_model(w, elem), matmul_model(w2, elem), CPU)
+    assert result.passed is passes
+    assert result.providers["cpu"].tolerance == DEFAULT_TOLERANCES[np.dtype(np_type)]
+
+
+@pytest.mark.skipif(BFLOAT16 is None, reason="ml_dtypes not installed")
+def test_bfloat16_inputs_and_outputs() -> None:
+    def bf16_model(scale: float) -> onnx.ModelProto:
+        # ORT's CPU provider has few bfloat16 kernels: compute in float32 between two Casts.
+        return _model(
+            [
+                h.make_node("Cast", ["x"], ["xf"], to=TP.FLOAT),
+                h.make_node("Mul", ["xf", "s"], ["yf"]),
+                h.make_node("Cast", ["yf"], ["y"], to=TP.BFLOAT16),
+            ],
+            [h.make_tensor_value_info("x", TP.BFLOAT16, ["n"])],
+            [h.make_tensor_value_info("y", TP.BFLOAT16, ["n"])],
+            [nh.from_array(np.array([scale], np.float32), "s")],
+        )
+
+    assert verify_models(bf16_model(2.0), bf16_model(2.0), CPU).passed
+    assert not verify_models(bf16_model(2.0), bf16_model(3.0), CPU).passed
+
+
+def test_external_data_in_memory_and_by_path(tmp_path: Path) -> None:
+    big = RNG.standard_normal((4, 300)).astype(np.float32)
+    onnx.save(matmul_model(big), tmp_path / "m.onnx", save_as_external_data=True, size_threshold=0)
+    unloaded = onnx.load(tmp_path / "m.onnx", load_external_data=False)
+    with pytest.raises(InputError, match="base_dir"):
+        verify_models(unloaded, matmul_model(big), CPU)
+    assert verify_models(unloaded, matmul_model(big), CPU, base_dir=tmp_path).passed
+    assert verify_models(tmp_path / "m.onnx", matmul_model(big), CPU).passed
+    with pytest.raises(InputError, match="not found"):
+        verify_models(tmp_path / "missing.onnx", matmul_model(big), CPU)
+
+
+def test_render_verification() -> None:
+    w2 = W.copy()
+    w2[0, 0] += 1.0
+    result = verify_models(matmul_model(W), matmul_model(w2))
+    buf = io.StringIO()
+    render_verification(result, Console(file=buf, width=200))
+    text = buf.getvalue()
+    assert "cpu" in text and "failed" in text and "x=[1,4]" in text and "not verified" in text
+
+
+# ----------------------------------------------------------------------------- comparison rule
+
+def test_compare_nan_and_inf() -> None:
+    tol = Tolerance(1e-4, 1e-3)
+    ref = np.array([1.0, np.nan, np.inf, 0.0], np.float32)
+    assert compare_arrays("y", ref, ref.copy(), tol).passed
+    got = ref.copy()
+    got[1] = 0.0
+    d = compare_arrays("y", ref, got, tol)
+    assert not d.passed and d.max_abs == float("inf") and d.mismatch_fraction == 0.25
+    assert d.to_json()["max_abs"] is None  # JSON has no infinity
+    got = ref.copy()
+    got[2] = 1e30
+    assert not compare_arrays("y", ref, got, tol).passed
+
+
+def test_compare_noise_widens_absolute_tolerance() -> None:
+    tol = Tolerance(1e-4, 0.0)
+    ref = np.zeros(4, np.float32)
+    got = np.full(4, 2.9e-4, np.float32)
+    assert not compare_arrays("y", ref, got, tol).passed
+    assert compare_arrays("y", ref, got, tol, noise=1e-4).passed  # 2.9e-4 <= 1e-4 + 2 * 1e-4
+
+
+def test_compare_integers_exact() -> None:
+    tol = Tolerance(0.0, 0.0)
+    assert compare_arrays("i", np.array([1, 2]), np.array([1, 2]), tol).passed
+    assert not compare_arrays("i", np.array([1, 2]), np.array([1, 3]), tol).passed
+
+
+# ----------------------------------------------------------------------------- providers
+
+def test_cuda_status_is_truthful() -> None:
+    ok, reason = cuda_status()
+    if ok:
+        assert reason == ""
+    else:  # this development machine has no GPU
+        assert reason.startswith("CUDA unavailable: ") and len(reason) < 300 and "\n" not in reason
+    assert cuda_status() == (ok, reason)  # cached
+
+
+def test_resolve_providers() -> None:
+    ok, reason = cuda_status()
+    assert resolve_providers(None) == [("cpu", True, ""), ("cuda", ok, reason)]
+    assert resolve_providers(["CPUExecutionProvider", "cpu"]) == [("cpu", True, "")]
+    with pytest.raises(InputError, match="unknown provider"):
+        resolve_providers(["tpu"])
+
+
+def test_unavailable_cuda_is_skipped_not_failed() -> None:
+    ok, reason = cuda_status()
+    if ok:
+        pytest.skip("CUDA is available here; this checks the fallback when it is not")
+    result = verify_models(matmul_model(W), matmul_model(W))
+    assert result.passed
+    assert result.providers["cuda"].status == "skipped" and result.providers["cuda"].reason == reason
+
+
+@pytest.mark.cuda
+def test_cuda_numerics() -> None:
+    ok, reason = cuda_status()
+    if not ok:
+        pytest.skip(
+            "would check that equal models pass on CUDA with measured CPU/CUDA noise and that a "
+            f"perturbed weight fails there; {reason}"
+        )
+    opts = VerifyOptions(providers=("cuda",))
+    good = verify_models(matmul_model(W), matmul_model(W.copy()), opts).providers["cuda"]
+    assert good.status == "passed" and good.noise_max_abs is not None
+    w2 = W.copy()
+    w2[0, 0] += 0.1
+    assert verify_models(matmul_model(W), matmul_model(w2), opts).providers["cuda"].status == "failed"
+
+
+# ----------------------------------------------------------------------------- bisection
+
+class Oracle:
+    """passes_without(excluded) is True iff every bad site is excluded; counts calls."""
+
+    def __init__(self, bad: set[int]) -> None:
+        self.bad, self.calls = bad, 0
+
+    def __call__(self, excluded: frozenset[int]) -> bool:
+        self.calls += 1
+        return self.bad <= excluded
+
+
+@pytest.mark.parametrize("bad", [{7}, {0}, {9}, {2, 8}, {4, 5}])
+def test_bisect_finds_offenders(bad: set[int]) -> None:
+    oracle = Oracle(bad)
+    assert bisect_offenders(list(range(10)), oracle) == sorted(bad)
+    assert oracle.calls <= 2 + len(bad) * 5  # all, then per offender: ceil(log2 10) + 1
+
+
+def test_bisect_nothing_to_undo() -> None:
+    assert bisect_offenders(list(range(10)), Oracle(set())) == []
+
+
+def test_bisect_raises_when_nothing_helps() -> None:
+    with pytest.raises(VerificationError, match="every rewrite undone"):
+        bisect_offenders(list(range(10)), lambda excluded: False)
+
+
+def test_cuda_path_with_cpu_standing_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exercises the CUDA branch (noise measurement, widened tolerance) without a GPU."""
+    from rewriter import verify
+
+    real_session = verify._session
+    monkeypatch.setattr(verify, "cuda_status", lambda: (True, ""))
+    monkeypatch.setattr(verify, "_session", lambda model, provider: real_session(model, "cpu"))
+    opts = VerifyOptions(providers=("cpu", "cuda"))
+    result = verify_models(matmul_model(W), matmul_model(W.copy()), opts)
+    assert result.passed and result.providers["cuda"].status == "passed"
+    assert result.providers["cuda"].noise_max_abs == 0.0 and result.providers["cpu"].noise_max_abs is None
+    w2 = W.copy()
+    w2[0, 0] += 0.1
+    assert verify_models(matmul_model(W), matmul_model(w2), opts).providers["cuda"].status == "failed"
