@@ -69,6 +69,9 @@ def optimize(
     registry: Registry | None = None,
     verify: bool = True,
     verify_options: Any = None,
+    bench: bool = False,
+    bench_options: Any = None,
+    keep_slower: bool = False,
     progress: Progress | None = None,
 ) -> Result:
     """Rewrite ``model`` (path, bytes, ModelProto or torch ONNXProgram) and prove the result.
@@ -76,7 +79,9 @@ def optimize(
     With ``verify`` (the default) the rewritten model is compared with the original on
     onnxruntime; sites that break equivalence are found by bisection and rolled back
     (reported ``rolled_back``). Raises :class:`VerificationError` only when no equivalent
-    model can be produced.
+    model can be produced. With ``bench`` both models are measured on the target providers
+    (latency, peak memory, static costs) and rule families that make the model measurably
+    slower are rolled back (``rejected``) unless ``keep_slower``.
     """
     say = progress or (lambda _msg: None)
     loaded = load_model(model)
@@ -95,6 +100,19 @@ def optimize(
         notes.append("verification: nothing was rewritten, nothing to verify")
     else:
         notes.append("verification skipped (--no-verify): the output is NOT proven equivalent")
+
+    if bench and any(r.status == "applied" for r in records):
+        from rewriter.accept import measure_and_accept
+
+        out_model, records, bench_sections, bench_notes = measure_and_accept(
+            loaded, selected, out_model, records, bench_options, keep_slower=keep_slower, verify_options=verify_options if verify else None, progress=say
+        )
+        sections.update(bench_sections)
+        notes.extend(bench_notes)
+    elif bench:
+        notes.append("benchmark: nothing was rewritten, nothing to measure")
+    else:
+        notes.append("benchmark skipped (--no-bench): speed and memory not measured, no acceptance check")
 
     report = Report(
         tool_version=__version__,
