@@ -560,7 +560,8 @@ def save_model(
     copies, kept = _plan_external(model, out.parent, src_dir, where)
     if any((out.parent / location).resolve() == out for location in kept):
         raise InputError(f"{where}: it is an external data file the model references")
-    staging, moved, old_ir = _Staging(), [], model.ir_version  # type: ignore[var-annotated]
+    staging, old_ir = _Staging(), model.ir_version
+    moved: _Moved = []
     try:
         for src_file, dst_file in copies:
             fd, tmp = staging.new(dst_file)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 from pathlib import Path
 
@@ -418,3 +419,12 @@ def test_check_output_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     with pytest.raises(InputError) as exc:
         check_output_path(tmp_path / "o.onnx", input_path=src)
     assert_input_error(exc, "not writable")
+
+
+def test_atomic_write_text_and_file_sha256(tmp_path: Path) -> None:
+    out = model_io.atomic_write_text(tmp_path / "report.md", "hello\n")
+    assert out.read_text() == "hello\n" and [p.name for p in tmp_path.iterdir()] == ["report.md"]
+    assert model_io.file_sha256(out) == hashlib.sha256(b"hello\n").hexdigest()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600

@@ -1,4 +1,4 @@
-"""`onnx-rewrite MODEL`: rewrite -> verify -> write -> report."""
+"""`onnx-rewrite MODEL`: rewrite -> verify -> measure -> accept -> write -> report."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from rewriter.cli.app import app
+from rewriter.cli.cmd_bench import make_bench_options
 from rewriter.cli.options import split_ids, verify_options
 
 
@@ -37,6 +38,11 @@ def rewrite_cmd(
     shape: Optional[List[str]] = typer.Option(None, "--shape", help="Values of a dynamic dim: NAME:AXIS=V[,V...] (repeatable)."),
     inputs: Optional[Path] = typer.Option(None, "--inputs", help="Verification inputs from an .npz file."),
     input_range: Optional[str] = typer.Option(None, "--input-range", help="Uniform random float inputs in LOW,HIGH instead of N(0,1)."),
+    no_bench: bool = typer.Option(False, "--no-bench", help="Skip measuring and the acceptance check (slower rewrites are then kept)."),
+    keep_slower: bool = typer.Option(False, "--keep-slower", help="Keep rewrites even when they measure slower (noted in the report)."),
+    bench_runs: Optional[int] = typer.Option(None, "--bench-runs", help="Timed interleaved rounds per measurement [default: 30]."),
+    bench_shape: Optional[List[str]] = typer.Option(None, "--bench-shape", help="Input shape for measuring: NAME=D,D,... (repeatable) [default: largest verification shape]."),
+    bench_providers: Optional[str] = typer.Option(None, "--bench-providers", help="Providers to measure on, e.g. cpu,cuda; the first measured one decides acceptance [default: --providers, else cpu]."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Allow the output to replace the input file."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="List every near miss."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
@@ -58,6 +64,8 @@ def rewrite_cmd(
         if extra is not None:
             check_output_path(extra, input_path=model.resolve())
     vopts = None if no_verify or dry_run else verify_options(providers, seed, atol, rtol, shape, inputs, input_range)
+    bench = not no_bench and not dry_run
+    bopts = make_bench_options(bench_providers or providers, bench_runs, bench_shape) if bench else None
 
     with err.status("rewriting", spinner="dots") as status:
         result = optimize(
@@ -69,6 +77,9 @@ def rewrite_cmd(
             strict_plugins=strict_plugins,
             verify=not (no_verify or dry_run),
             verify_options=vopts,
+            bench=bench,
+            bench_options=bopts,
+            keep_slower=keep_slower,
             progress=lambda msg: status.update(msg),
         )
     rep = result.report
@@ -86,6 +97,13 @@ def rewrite_cmd(
         from rewriter.verify import render_verification
 
         render_verification(rep.sections["verification"], out_console)
+    if getattr(rep.sections.get("benchmark"), "results", None):
+        from rewriter.accept import render_static
+        from rewriter.bench import render_bench
+
+        render_bench(rep.sections["benchmark"].results, out_console)
+        if "static" in rep.sections:
+            render_static(rep.sections["static"], out_console)
     if report is not None:
         rep.write_json(report)
     if report_md is not None:

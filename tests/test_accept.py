@@ -1,0 +1,172 @@
+"""Acceptance: slower rule families are rejected. Timings are injected; no test asserts a real speed."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+import rewriter
+from engine_rules import DoubleReluToRelu, MatMulBiasToGemmTest
+from helpers import init, make_model, op_counts, vi
+from rewriter.accept import BenchmarkSection, benchmark_markdown, measure_and_accept, rule_family
+from rewriter.bench import BenchOptions, ModelTiming, ProviderBench
+from rewriter.registry import Registry
+from rewriter.report import RewriteRecord
+from rewriter.verify import VerifyOptions
+
+RNG = np.random.default_rng(0)
+
+# Two families: the class's module decides the family, as for rules/<family>.py.
+GemmFamily = type("GemmFamily", (MatMulBiasToGemmTest,), {"__module__": "rewriter.rules.gemmish"})
+ReluFamily = type("ReluFamily", (DoubleReluToRelu,), {"__module__": "rewriter.rules.relus"})
+
+
+def _model() -> onnx.ModelProto:
+    """x[4, 8] -> MatMul -> Add -> Relu -> Relu: one site per family."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["m"], name="mm"),
+        helper.make_node("Add", ["m", "B"], ["a"], name="add"),
+        helper.make_node("Relu", ["a"], ["r0"], name="r0"),
+        helper.make_node("Relu", ["r0"], ["y"], name="r1"),
+    ]
+    inits = [init("W", RNG.standard_normal((8, 6)).astype(np.float32)), init("B", RNG.standard_normal(6).astype(np.float32))]
+    return make_model(nodes, [vi("x", [4, 8])], [vi("y", [4, 6])], inits)
+
+
+def _registry(*classes: type) -> Registry:
+    reg = Registry()
+    for cls in classes:
+        reg.add(cls, "test")
+    return reg
+
+
+def _timing(ms: float) -> ModelTiming:
+    return ModelTiming(median_ms=ms, p90_ms=ms * 1.1, iqr_ms=ms * 0.05, runs=10, peak_rss_bytes=100 << 20,
+                       peak_device_bytes=None, baseline_rss_bytes=60 << 20)  # fmt: skip
+
+
+def _bench(speedup: float, verdict: str, provider: str = "cpu") -> ProviderBench:
+    return ProviderBench(
+        provider=provider, status="measured", reason="", before=_timing(1.0), after=_timing(1.0 / speedup),
+        speedup=speedup, speedup_low=speedup * 0.95, speedup_high=speedup * 1.05,
+        significant=verdict != "no measurable change", verdict=verdict, threads=2, opt_level="all",
+        shapes={"x": [4, 8]},
+    )  # fmt: skip
+
+
+class FakeBench:
+    """Slower (0.5x) whenever the candidate holds a Gemm, faster (1.2x) when it has one Relu."""
+
+    def __init__(self, gemm_speedup: float = 0.5, gemm_verdict: str = "slower") -> None:
+        self.calls: list[dict[str, int]] = []
+        self.gemm = (gemm_speedup, gemm_verdict)
+
+    def __call__(self, before, after, options, *, base_dir=None, progress=None):
+        counts = op_counts(after)
+        self.calls.append(counts)
+        if progress is not None:
+            progress(1, 1)
+        if counts.get("Gemm"):
+            result = _bench(*self.gemm)
+        elif counts.get("Relu") == 1:
+            result = _bench(1.2, "faster")
+        else:
+            result = _bench(1.0, "no measurable change")
+        return {p: result for p in options.providers}
+
+
+def _run(fake, *, keep_slower=False, verify_options=None, rules=(GemmFamily, ReluFamily)):
+    from rewriter.api import rewrite_model
+    from rewriter.model_io import load_model
+
+    loaded = load_model(_model())
+    selected = _registry(*rules).select()
+    out, dres = rewrite_model(loaded, selected)
+    records = [RewriteRecord(s.rule, s.nodes, "applied") for s in dres.applied]
+    return measure_and_accept(
+        loaded, selected, out, records, BenchOptions(runs=5, measure_memory=False),
+        keep_slower=keep_slower, verify_options=verify_options, bench_fn=fake,
+    )  # fmt: skip
+
+
+def test_family_is_the_rule_module():
+    assert rule_family(GemmFamily()) == "gemmish"
+    assert rule_family(ReluFamily()) == "relus"
+
+
+def test_slower_family_is_rejected_with_the_measured_reason():
+    fake = FakeBench()
+    model, records, sections, notes = _run(fake)
+    status = {r.rule: r.status for r in records}
+    assert status == {"test-matmul-gemm": "rejected", "test-double-relu": "applied"}
+    rejected = next(r for r in records if r.status == "rejected")
+    assert rejected.reason == "slower: 1.000 ms -> 2.000 ms (0.50x)"
+    assert rejected.detail["family"] == "gemmish" and rejected.detail["provider"] == "cpu"
+    assert op_counts(model) == {"Add": 1, "MatMul": 1, "Relu": 1}
+    assert any("rolled back rule family 'gemmish'" in n for n in notes)
+    # first measurement, one trial per family, then the accepted model once more
+    assert len(fake.calls) == 4
+    assert set(sections) == {"benchmark", "static"}
+    assert sections["benchmark"]["cpu"]["verdict"] == "faster"
+    assert sections["static"]["after"]["flops"] > 0
+
+
+def test_keep_slower_keeps_the_rewrite_and_says_so():
+    fake = FakeBench()
+    model, records, sections, notes = _run(fake, keep_slower=True)
+    assert all(r.status == "applied" for r in records)
+    assert op_counts(model).get("Gemm") == 1
+    assert any("kept although slower on cpu" in n and "--keep-slower" in n for n in notes)
+    assert len(fake.calls) == 1
+    assert sections["benchmark"]["cpu"]["verdict"] == "slower"
+
+
+def test_no_measurable_change_keeps_the_rewrite():
+    fake = FakeBench(gemm_speedup=0.99, gemm_verdict="no measurable change")
+    model, records, _, notes = _run(fake)
+    assert [r.status for r in records] == ["applied", "applied"]
+    assert op_counts(model).get("Gemm") == 1
+    assert len(fake.calls) == 1
+    assert any("no measurable change" in n for n in notes)
+
+
+def test_every_family_slower_gives_back_the_original():
+    fake = FakeBench()
+    model, records, sections, notes = _run(fake, rules=(GemmFamily,))
+    assert [r.status for r in records] == ["rejected"]
+    assert op_counts(model) == op_counts(_model())
+    # removing the only family leaves the original: nothing more to measure
+    assert len(fake.calls) == 1
+    assert any("every rewrite was rejected" in n for n in notes)
+
+
+def test_changed_model_is_verified_again():
+    _, _, sections, _ = _run(FakeBench(), verify_options=VerifyOptions(providers=("cpu",)))
+    assert sections["verification"].passed
+
+
+def test_benchmark_section_is_per_provider_and_renders_markdown():
+    section = BenchmarkSection({"cpu": _bench(2.0, "faster")})
+    assert set(section) == {"cpu"} and section.to_json()["cpu"]["after"]["median_ms"] == 0.5
+    md = benchmark_markdown(section)
+    assert "| median latency | 1.000 ms | 0.500 ms | 2.00x faster" in md
+
+
+def test_real_measurement_smoke(tmp_path):
+    """Not faked: optimize(bench=True) on a tiny model gives the sections (their values are not judged)."""
+    path = tmp_path / "m.onnx"
+    onnx.save(_model(), path)
+    result = rewriter.optimize(
+        str(path), registry=_registry(ReluFamily), verify_options=VerifyOptions(providers=("cpu",)),
+        bench=True, bench_options=BenchOptions(runs=5, warmup=1),
+    )  # fmt: skip
+    report = result.report.to_json()
+    assert set(report["benchmark"]) == {"cpu"}
+    cpu = report["benchmark"]["cpu"]
+    assert cpu["status"] == "measured" and cpu["before"]["median_ms"] > 0 and cpu["after"]["p90_ms"] > 0
+    assert cpu["before"]["peak_rss_bytes"] > 0
+    assert set(report["static"]["before"]) >= {"flops", "initializer_bytes", "activation_bytes"}
+    md = result.report.to_markdown()
+    assert "## Benchmark" in md and "| median latency |" in md and "| FLOPs |" in md
+

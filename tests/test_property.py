@@ -1,0 +1,185 @@
+"""Property: with every rule enabled, a random Conv / MatMul / Gemm model is either left
+untouched or rewritten into a model that verifies equal on onnxruntime CPU.
+
+500 examples per CI run (profile "ci"); for a longer local run:
+    HYPOTHESIS_PROFILE=large python -m pytest tests/test_property.py   # 5000 examples
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from onnx import helper
+
+from helpers import init, make_model, op_counts, vi
+from rewriter.graph import ModelGraph
+from rewriter.driver import run_rules
+from rewriter.registry import discover
+from rewriter.verify import VerifyOptions, verify_models
+
+settings.register_profile("ci", max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("large", max_examples=5000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+ALL_RULES = discover().select(direction="all")
+VERIFY = VerifyOptions(providers=("cpu",))
+
+
+@st.composite
+def conv_models(draw: st.DrawFn) -> onnx.ModelProto:
+    rank = draw(st.sampled_from([1, 2]))
+    layout = draw(st.sampled_from(["native", "torch-transpose", "tf2onnx", "method1"] if rank == 1 else ["native"]))
+    groups = draw(st.sampled_from([1, 1, 1, 2]))
+    cin = groups * draw(st.integers(1, 4))
+    cout = groups * draw(st.integers(1, 4))
+    if layout == "method1":
+        groups, cin = 1, 1
+    spatial = [draw(st.integers(2, 7)) for _ in range(rank)]
+    kind = draw(st.sampled_from(["one", "odd", "full"]))
+    kernel = {"one": [1] * rank, "odd": [3] * rank, "full": list(spatial)}[kind]
+    if layout == "method1":
+        kernel = list(spatial)
+    strides = [draw(st.sampled_from([1, 1, 2]))] * rank
+    dilations = [draw(st.sampled_from([1, 1, 2]))] * rank
+    auto_pad = draw(st.sampled_from(["NOTSET", "NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"]))
+    pads = [draw(st.sampled_from([0, 0, 1])) for _ in range(2 * rank)]
+    bias = draw(st.booleans())
+    dynamic = draw(st.booleans())
+    dtype = np.float32
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    w = rng.standard_normal((cout, cin // groups, *kernel)).astype(dtype)
+    attrs: dict = {"kernel_shape": kernel, "strides": strides, "dilations": dilations, "group": groups}
+    if auto_pad == "NOTSET":
+        attrs["pads"] = pads
+    else:
+        attrs["auto_pad"] = auto_pad
+    inits = [init("W", w)]
+    conv_inputs = ["c_in", "W"]
+    if bias:
+        inits.append(init("B", rng.standard_normal(cout).astype(dtype)))
+        conv_inputs.append("B")
+    batch = "batch" if dynamic else 2
+    nodes: list[onnx.NodeProto] = []
+    if layout == "native":
+        x = vi("x", [batch, cin, *spatial])
+        nodes.append(helper.make_node("Identity", ["x"], ["c_in"], name="in"))
+        nodes.append(helper.make_node("Conv", conv_inputs, ["y"], name="conv", **attrs))
+    elif layout == "torch-transpose":
+        x = vi("x", [batch, spatial[0], cin])
+        nodes.append(helper.make_node("Transpose", ["x"], ["c_in"], perm=[0, 2, 1], name="t_in"))
+        nodes.append(helper.make_node("Conv", conv_inputs, ["c_out"], name="conv", **attrs))
+        nodes.append(helper.make_node("Transpose", ["c_out"], ["y"], perm=[0, 2, 1], name="t_out"))
+    elif layout == "tf2onnx":
+        x = vi("x", [batch, spatial[0], cin])
+        w2 = w[:, :, None, :]
+        inits[0] = init("W", w2)
+        attrs2 = {**attrs, "kernel_shape": [1, kernel[0]], "strides": [1, strides[0]], "dilations": [1, dilations[0]]}
+        if "pads" in attrs2:
+            attrs2["pads"] = [0, pads[0], 0, pads[1]]
+        inits.append(init("axes_u", np.array([1], np.int64)))
+        inits.append(init("axes_s", np.array([2], np.int64)))
+        nodes.append(helper.make_node("Unsqueeze", ["x", "axes_u"], ["u"], name="unsq"))
+        nodes.append(helper.make_node("Transpose", ["u"], ["c_in"], perm=[0, 3, 1, 2], name="t_in"))
+        conv_in2 = ["c_in", "W"]
+        nodes.append(helper.make_node("Conv", conv_in2, ["c_out"], name="conv", **attrs2))
+        nodes.append(helper.make_node("Squeeze", ["c_out", "axes_s"], ["sq"], name="sq"))
+        last = "sq"
+        if bias:
+            nodes.append(helper.make_node("Add", ["sq", "B2"], ["biased"], name="bias_add"))
+            inits = [t for t in inits if t.name != "B"] + [init("B2", rng.standard_normal((cout, 1)).astype(dtype))]
+            last = "biased"
+        nodes.append(helper.make_node("Transpose", [last], ["y"], perm=[0, 2, 1], name="t_out"))
+    else:  # method1: (B, F, L) -> (B*F, 1, L) -> Conv(k=L) -> (B, F, N)
+        frames = draw(st.integers(1, 4))
+        length = spatial[0]
+        x = vi("x", [batch, frames, length])
+        inits.append(init("shape_in", np.array([-1, 1, length], np.int64)))
+        nodes.append(helper.make_node("Reshape", ["x", "shape_in"], ["c_in"], name="r_in"))
+        nodes.append(helper.make_node("Conv", conv_inputs, ["c_out"], name="conv", **attrs))
+        if dynamic:
+            inits.append(init("idx01", np.array([0, 1], np.int64)))
+            inits.append(init("tail", np.array([cout], np.int64)))
+            nodes.append(helper.make_node("Shape", ["x"], ["xs"], name="shape"))
+            nodes.append(helper.make_node("Gather", ["xs", "idx01"], ["lead"], axis=0, name="gather"))
+            nodes.append(helper.make_node("Concat", ["lead", "tail"], ["shape_out"], axis=0, name="concat"))
+        else:
+            inits.append(init("shape_out", np.array([2, frames, cout], np.int64)))
+        nodes.append(helper.make_node("Reshape", ["c_out", "shape_out"], ["y"], name="r_out"))
+    return make_model(nodes, [x], [vi("y", None)], inits, opset=17)
+
+
+@st.composite
+def matmul_models(draw: st.DrawFn) -> onnx.ModelProto:
+    rank = draw(st.sampled_from([2, 3]))
+    c, n = draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    batch = "batch" if draw(st.booleans()) else 3
+    shape = [batch, c] if rank == 2 else [batch, draw(st.integers(1, 5)), c]
+    use_gemm = rank == 2 and draw(st.booleans())
+    bias = draw(st.booleans())
+    nodes, inits = [], []
+    if use_gemm:
+        trans_b = draw(st.booleans())
+        w = rng.standard_normal((n, c) if trans_b else (c, n)).astype(np.float32)
+        inits.append(init("W", w))
+        ins = ["x", "W"]
+        if bias:
+            inits.append(init("B", rng.standard_normal(n).astype(np.float32)))
+            ins.append("B")
+        nodes.append(helper.make_node("Gemm", ins, ["y"], transB=int(trans_b), name="gemm"))
+    else:
+        inits.append(init("W", rng.standard_normal((c, n)).astype(np.float32)))
+        nodes.append(helper.make_node("MatMul", ["x", "W"], ["m"] if bias else ["y"], name="mm"))
+        if bias:
+            inits.append(init("B", rng.standard_normal(n).astype(np.float32)))
+            nodes.append(helper.make_node("Add", ["m", "B"], ["y"], name="add"))
+    return make_model(nodes, [vi("x", shape)], [vi("y", None)], inits, opset=17)
+
+
+def _loads(model: onnx.ModelProto) -> bool:
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    try:
+        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    except Exception:
+        return False
+    return True
+
+
+def _check(model: onnx.ModelProto) -> None:
+    assume(_loads(model))  # hypothesis drew an invalid Conv configuration (e.g. empty output)
+    graph = ModelGraph(model)
+    result = run_rules(graph, ALL_RULES)
+    out = graph.export()
+    if not result.applied:
+        assert op_counts(out) == op_counts(model)
+        return
+    verdict = verify_models(model, out, VERIFY)
+    if not verdict.passed and all(p.status == "skipped" for p in verdict.providers.values()):
+        assume(False)  # no input shape ran on the original
+    assert verdict.passed, (
+        [s.rule for s in result.applied],
+        {k: (p.status, p.reason) for k, p in verdict.providers.items()},
+    )
+
+
+@given(conv_models())
+def test_random_convs_verify_or_stay_untouched(model: onnx.ModelProto) -> None:
+    _check(model)
+
+
+@settings(max_examples=max(50, settings.default.max_examples // 5))
+@given(matmul_models())
+def test_random_matmuls_verify_or_stay_untouched(model: onnx.ModelProto) -> None:
+    _check(model)
+
+
+def test_rules_are_present() -> None:
+    """Guards the properties above against passing vacuously with no rule at all."""
+    assert {r.direction for r in ALL_RULES} >= {"to-matmul", "to-conv", "cleanup"}

@@ -1,0 +1,132 @@
+"""Reports produced by rewriter.optimize validate against rewriter/schemas/report.schema.json."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+import rewriter
+from engine_rules import DoubleReluToRelu
+from helpers import init, make_model, vi
+from rewriter.bench import BenchOptions
+from rewriter.registry import Registry
+from rewriter.rule import Rule
+from rewriter.verify import VerifyOptions
+
+SCHEMA = json.loads((Path(rewriter.__file__).parent / "schemas" / "report.schema.json").read_text())
+VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
+CPU = VerifyOptions(providers=("cpu",))
+RNG = np.random.default_rng(0)
+
+
+class SigmoidToTanhWrong(Rule):
+    """Sigmoid(x) -> Tanh(x) (test-only: wrong on purpose, so verification rolls it back)"""
+
+    id = "test-sigmoid-to-tanh"
+
+    def pattern(self, p):
+        return p.op("Sigmoid", p.var("x"))
+
+    def rewrite(self, b, m):
+        return b.op("Tanh", [m["x"]])
+
+
+def _model() -> onnx.ModelProto:
+    """x[b, 8] -> MatMul -> Sigmoid -> Relu -> Relu -> y: a correct and a wrong site."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["m"], name="mm"),
+        helper.make_node("Sigmoid", ["m"], ["s"], name="sig"),
+        helper.make_node("Relu", ["s"], ["r0"], name="r0"),
+        helper.make_node("Relu", ["r0"], ["y"], name="r1"),
+    ]
+    return make_model(nodes, [vi("x", ["b", 8])], [vi("y", ["b", 6])], [init("W", RNG.standard_normal((8, 6)).astype(np.float32))])
+
+
+def _registry(*classes: type) -> Registry:
+    reg = Registry()
+    for cls in classes:
+        reg.add(cls, "test")
+    return reg
+
+
+def _report(tmp_path: Path, *rules: type, **kw) -> dict:
+    path = tmp_path / "m.onnx"
+    onnx.save(_model(), path)
+    result = rewriter.optimize(str(path), registry=_registry(*rules), **kw)
+    return result.save(tmp_path / "out.onnx").to_json()
+
+
+def _errors(report: dict) -> list[str]:
+    return [e.message for e in VALIDATOR.iter_errors(report)]
+
+
+def test_schema_is_valid_draft_2020_12():
+    jsonschema.Draft202012Validator.check_schema(SCHEMA)
+
+
+def test_report_without_verify_or_bench_validates(tmp_path):
+    report = _report(tmp_path, DoubleReluToRelu, verify=False)
+    assert report["rewrites"][0]["status"] == "applied" and "verification" not in report
+    assert _errors(report) == []
+
+
+def test_report_with_rolled_back_entry_validates(tmp_path):
+    report = _report(tmp_path, DoubleReluToRelu, SigmoidToTanhWrong, verify_options=CPU)
+    statuses = {r["rule"]: r["status"] for r in report["rewrites"]}
+    assert statuses == {"test-double-relu": "applied", "test-sigmoid-to-tanh": "rolled_back"}
+    assert report["verification"]["passed"] is True
+    assert _errors(report) == []
+
+
+def test_report_with_verify_and_bench_validates(tmp_path):
+    report = _report(tmp_path, DoubleReluToRelu, verify_options=CPU, bench=True,
+                     bench_options=BenchOptions(runs=5, warmup=1, measure_memory=False))  # fmt: skip
+    assert set(report["benchmark"]) == {"cpu"} and report["static"]["after"] is not None
+    assert _errors(report) == []
+
+
+def test_report_with_nothing_rewritten_validates(tmp_path):
+    report = _report(tmp_path, verify_options=CPU, bench=True)
+    assert report["rewrites"] == [] and report["output"]["path"].endswith("out.onnx")
+    assert _errors(report) == []
+
+
+def _valid() -> dict:
+    summary = {"path": "m.onnx", "sha256": "0" * 64, "nodes": 1, "op_counts": {"Relu": 1}}
+    return {
+        "tool_version": "0.1.0",
+        "input": summary,
+        "output": summary,
+        "rewrites": [{"rule": "some-rule", "nodes": ["n"], "status": "applied", "reason": ""}],
+        "near_misses": [{"rule": "some-rule", "node": "n2", "reason": "kernel is not 1"}],
+        "notes": ["x"],
+    }
+
+
+@pytest.mark.parametrize(
+    "breaks",
+    [
+        lambda r: r["rewrites"][0].update(status="maybe"),
+        lambda r: r["rewrites"].append({"rule": "some-rule", "nodes": ["n"], "status": "rejected", "reason": ""}),
+        lambda r: r.pop("near_misses"),
+        lambda r: r["input"].pop("sha256"),
+        lambda r: r.update(benchmark={"providers": {}}),
+        lambda r: r.update(unknown_section={}),
+        lambda r: r.update(static={"input_shapes": {}, "before": {"flops": 1}, "after": None}),
+        lambda r: r.update(verification={"passed": True, "providers": {"cpu": {"status": "passed"}}}),
+    ],
+    ids=["bad-status", "rejected-without-reason", "missing-near-misses", "missing-sha", "benchmark-nested",
+         "unknown-section", "static-incomplete", "verification-incomplete"],
+)
+def test_invalid_reports_fail(breaks):
+    assert _errors(_valid()) == []
+    bad = copy.deepcopy(_valid())
+    breaks(bad)
+    assert _errors(bad), "the schema accepted a broken report"
