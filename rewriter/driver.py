@@ -1,7 +1,7 @@
 """The greedy rewrite driver: sweeps to a fixpoint, splices replacements, cleans up.
 
-One sweep visits every node of every (sub)graph in topological order and tries the rules
-anchored at that node's op type, highest benefit first. A match is applied only when the
+One sweep visits every node of every (sub)graph, tries the rules anchored at its op type,
+and then applies the passing matches highest benefit first (non-overlapping). A match is applied only when the
 pattern matched, every soft condition held and ``check`` passed; ``rewrite`` builds the
 replacement and only then does the driver touch the graph. After a sweep that changed
 something: cleanup (dead nodes, unused constants, topological order) and fresh shape
@@ -107,42 +107,55 @@ def run_rules(
 
 
 def _sweep(model: ModelGraph, by_op: dict[str, list[Rule]], skip: set[SiteKey], iteration: int) -> _Sweep:
+    """Collect every passing match of this sweep, then apply by descending benefit.
+
+    Benefit-first (not graph-order-first) lets a large pattern anchored downstream win over a
+    small one anchored at a node inside it. Each candidate is matched again right before it is
+    applied, so it never acts on connections that an earlier rewrite of this sweep changed.
+    """
     out = _Sweep()
     seen_near: set[tuple[str, str]] = set()
     for graph in list(iter_graphs(model.graph)):
-        consumed: set[int] = set()
-        for node in list(graph.nodes):
-            if id(node) in consumed:
-                continue
+        candidates: list[tuple[int, int, Rule, gs.Node]] = []
+        for order, node in enumerate(list(graph.nodes)):
             for rule in by_op.get(node.op, ()):
                 m = match_at(rule.compiled_pattern, node, graph, model)
-                if m is None or any(id(n) in consumed for n in m.matched):
+                if m is None:
                     continue
-                reason = m.soft_failures[0] if m.soft_failures else None
-                if reason is None:
-                    result = rule.check(m)
-                    if not result:
-                        reason = result.reason
+                reason = _refusal(rule, m)
                 if reason is not None:
-                    key = (rule.id, node.name)
-                    if key not in seen_near:
-                        seen_near.add(key)
+                    if (rule.id, node.name) not in seen_near:
+                        seen_near.add((rule.id, node.name))
                         out.near.append(NearMiss(rule.id, node.name, reason))
                     continue
-                site = AppliedSite(rule.id, node.name, tuple(m.node_names), (), iteration)
-                if site.key in skip:
-                    out.skipped.append(site)
-                    continue
-                created = _apply(model, graph, rule, m)
-                if created is None:
-                    continue
-                consumed.update(id(n) for n in m.matched)
-                out.applied.append(AppliedSite(rule.id, node.name, site.nodes, created, iteration))
-                break
+                candidates.append((-rule.benefit, order, rule, node))
+        candidates.sort(key=lambda c: (c[0], c[1], c[2].id))
+        consumed: set[int] = set()
+        for _, _, rule, node in candidates:
+            if id(node) in consumed:
+                continue
+            m = match_at(rule.compiled_pattern, node, graph, model)
+            if m is None or any(id(n) in consumed for n in m.matched) or _refusal(rule, m) is not None:
+                continue
+            site = AppliedSite(rule.id, node.name, tuple(m.node_names), (), iteration)
+            if site.key in skip:
+                out.skipped.append(site)
+                continue
+            created = _apply(model, graph, rule, m)
+            consumed.update(id(n) for n in m.matched)
+            out.applied.append(AppliedSite(rule.id, node.name, site.nodes, created, iteration))
     return out
 
 
-def _apply(model: ModelGraph, graph: gs.Graph, rule: Rule, m: Match) -> tuple[str, ...] | None:
+def _refusal(rule: Rule, m: Match) -> str | None:
+    """Why this match must not be applied (soft pattern failure or failed check), or None."""
+    if m.soft_failures:
+        return m.soft_failures[0]
+    result = rule.check(m)
+    return None if result else result.reason
+
+
+def _apply(model: ModelGraph, graph: gs.Graph, rule: Rule, m: Match) -> tuple[str, ...]:
     """Build the replacement and splice it in; on any failure the graph is left unchanged."""
     builder = RewriteBuilder(model, rule.id, m.root)
     try:

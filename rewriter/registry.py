@@ -27,7 +27,8 @@ from rewriter.rule import Rule
 __all__ = ["ENTRY_POINT_GROUP", "RuleInfo", "Unavailable", "Registry", "discover", "DIRECTIONS"]
 
 ENTRY_POINT_GROUP = "onnx_rewrite.rules"
-DIRECTIONS = ("default", "to-matmul", "to-conv", "all")
+# No "all": to-matmul and to-conv rules undo each other, so together they never converge.
+DIRECTIONS = ("default", "to-matmul", "to-conv")
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,6 @@ class Registry:
             chosen = [self.rules[r] for r in rules]
         elif direction == "default":
             chosen = [i for i in self.rules.values() if i.rule.default]
-        elif direction == "all":
-            chosen = list(self.rules.values())
         else:
             chosen = [i for i in self.rules.values() if i.rule.direction in (direction, "cleanup")]
         return [i.rule() for i in chosen if i.id not in set(exclude)]

@@ -71,8 +71,10 @@ class Rule:
         super().__init_subclass__(**kwargs)
         if cls.id and not _ID_RE.match(cls.id):
             raise ValueError(f"rule id {cls.id!r} of {cls.__qualname__} is not kebab-case")
-        if not cls.description and cls.__doc__:
-            cls.description = cls.__doc__.strip().splitlines()[0]
+        # Only a class's own docstring describes it (not an intermediate base's).
+        doc = cls.__dict__.get("__doc__")
+        if "description" not in cls.__dict__ and doc:
+            cls.description = doc.strip().splitlines()[0]
 
     def __init__(self) -> None:
         self._compiled: OpPat | None = None

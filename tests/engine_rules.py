@@ -59,7 +59,7 @@ class MatMulBiasToGemmTest(Rule):
 
 
 class WrongTransposedWeight(Rule):
-    """MatMul(x, W) -> MatMul(x, W') with W' a wrong weight (test-only: proves rollback)"""
+    """MatMul(x, W) -> Gemm(x, W') with W' a wrong weight (test-only: proves rollback; 2-D x)"""
 
     id = "test-wrong-weight"
     benefit = 1
@@ -69,7 +69,8 @@ class WrongTransposedWeight(Rule):
 
     def rewrite(self, b, m):
         w = m.value("w")
-        return b.matmul(m["x"], b.const(w[::-1].copy() + 1.0, "wrong"))
+        # Gemm, not MatMul: the rule must not match its own output (it would never converge).
+        return b.gemm(m["x"], b.const(w[::-1].copy() + 1.0, "wrong"))
 
 
 class AlwaysFires(Rule):

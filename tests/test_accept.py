@@ -105,8 +105,8 @@ def test_slower_family_is_rejected_with_the_measured_reason():
     assert rejected.detail["family"] == "gemmish" and rejected.detail["provider"] == "cpu"
     assert op_counts(model) == {"Add": 1, "MatMul": 1, "Relu": 1}
     assert any("rolled back rule family 'gemmish'" in n for n in notes)
-    # first measurement, one trial per family, then the accepted model once more
-    assert len(fake.calls) == 4
+    # first measurement, its confirmation, one trial per family, then the accepted model once more
+    assert len(fake.calls) == 5
     assert set(sections) == {"benchmark", "static"}
     assert sections["benchmark"]["cpu"]["verdict"] == "faster"
     assert sections["static"]["after"]["flops"] > 0
@@ -131,13 +131,30 @@ def test_no_measurable_change_keeps_the_rewrite():
     assert any("no measurable change" in n for n in notes)
 
 
+def test_a_slowdown_that_is_not_confirmed_is_kept():
+    fake = FakeBench()
+    first = fake.__call__
+
+    def flaky(before, after, options, **kw):
+        result = first(before, after, options, **kw)
+        if len(fake.calls) > 1:  # the confirming measurement sees no difference
+            return {p: _bench(1.0, "no measurable change") for p in options.providers}
+        return result
+
+    model, records, sections, notes = _run(flaky)
+    assert [r.status for r in records] == ["applied", "applied"]
+    assert op_counts(model).get("Gemm") == 1
+    assert any("not when measured again" in n for n in notes)
+    assert sections["benchmark"]["cpu"]["verdict"] == "slower"
+
+
 def test_every_family_slower_gives_back_the_original():
     fake = FakeBench()
     model, records, sections, notes = _run(fake, rules=(GemmFamily,))
     assert [r.status for r in records] == ["rejected"]
     assert op_counts(model) == op_counts(_model())
-    # removing the only family leaves the original: nothing more to measure
-    assert len(fake.calls) == 1
+    # measured and confirmed; removing the only family leaves the original: nothing more to measure
+    assert len(fake.calls) == 2
     assert any("every rewrite was rejected" in n for n in notes)
 
 
