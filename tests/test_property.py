@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from onnx import helper
 
@@ -161,8 +161,10 @@ def _check(model: onnx.ModelProto, direction: str) -> None:
     result = run_rules(graph, RULE_SETS[direction])
     out = graph.export()
     if not result.applied:
+        event("untouched")
         assert op_counts(out) == op_counts(model)
         return
+    event(f"rewritten ({direction})")
     verdict = verify_models(model, out, VERIFY)
     if not verdict.passed and all(p.status == "skipped" for p in verdict.providers.values()):
         assume(False)  # no input shape ran on the original
