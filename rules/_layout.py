@@ -1,12 +1,16 @@
 """Helpers shared by the pointwise, reverse and cleanup families (private: exports no rules).
 
-Layout bookkeeping uses *labels*: a list naming, for each axis of a tensor, which axis of a
-reference tensor it holds (an int) or ``"n"`` for a size-1 axis an Unsqueeze inserted.
-``Transpose(X, perm)`` turns X's labels ``l`` into ``[l[i] for i in perm]``.
+The layout chains: a channels-first tensor (B, C, L) that is ``Transpose(0,2,1)`` of a
+channels-last one, seen through elementwise ops and pointwise convs, can be rebuilt on the
+channels-last tensor with no Transpose at all. :func:`walk_back` finds such a chain from its
+end; :func:`rebuild` writes it again (elementwise ops with permuted constants, convs as
+``MatMul(X, Wᵀ) + b``). Walking back is what lets a whole PointNet / keras Conv1D stack be
+rewritten in one driver sweep: each conv site reads through the sites above it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -15,16 +19,16 @@ import onnx_graphsurgeon as gs
 
 from rewriter.graph import ModelGraph, producer
 from rewriter.pattern import Match, match_at
-from rewriter.rule import CheckResult, RewriteBuilder, Rule, fail, ok
+from rewriter.rule import CheckResult, RewriteBuilder, Rule, ok
 
 __all__ = [
     "FLOAT_DTYPES",
-    "NEW",
+    "ELEMENTWISE_OPS",
+    "T1",
     "dtype_name",
     "dtype_reason",
     "int_list",
     "inverse_perm",
-    "compose_perm",
     "node_axes",
     "pointwise_reason",
     "channel_vector",
@@ -34,17 +38,24 @@ __all__ = [
     "squeeze",
     "rank_of",
     "is_graph_output",
-    "sink_step",
-    "sink_walk",
-    "rebuild_sunk",
-    "TransposeSinkBase",
+    "single_consumer",
+    "elementwise_reason",
+    "tf_conv_unit",
+    "Chain",
+    "walk_back",
+    "rebuild",
+    "claim",
+    "conv_matmul",
+    "TF_CL",
+    "TF_CF",
 ]
 
 FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+T1 = [0, 2, 1]
 NEW = "n"
 
-# Elementwise ops that commute with any Transpose: one data input, attributes (if any) never
-# name an axis. Clip's min/max inputs are checked to be scalar constants.
+# Elementwise ops that commute with any Transpose: one data input, no attribute names an
+# axis. Clip's min/max must be scalar constants.
 UNARY_OPS = (
     "Relu", "Sigmoid", "Tanh", "LeakyRelu", "Elu", "Selu", "Celu", "HardSigmoid", "HardSwish",
     "Softplus", "Softsign", "Erf", "Gelu", "Mish", "Neg", "Abs", "Exp", "Log", "Sqrt",
@@ -52,7 +63,7 @@ UNARY_OPS = (
 )
 # Binary elementwise ops whose second operand, when constant, can be permuted to match.
 BINARY_OPS = ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "PRelu")
-SINK_OPS = UNARY_OPS + BINARY_OPS + ("Unsqueeze",)
+ELEMENTWISE_OPS = UNARY_OPS + BINARY_OPS
 
 
 def dtype_name(t: gs.Tensor | None) -> str | None:
@@ -68,7 +79,7 @@ def dtype_name(t: gs.Tensor | None) -> str | None:
 
 
 def dtype_reason(*tensors: gs.Tensor | None) -> str | None:
-    """Why the first tensor with a known element type is not a float type ConvTo/MatMul handle."""
+    """Why the first tensor with a known element type is not a float type, or None."""
     for t in tensors:
         name = dtype_name(t)
         if name is not None:
@@ -86,17 +97,19 @@ def inverse_perm(perm: Sequence[int]) -> list[int]:
     return [int(i) for i in np.argsort(np.asarray(perm))]
 
 
-def compose_perm(p: Sequence[int], q: Sequence[int]) -> list[int]:
-    """Transpose(Transpose(X, p), q) == Transpose(X, compose_perm(p, q))."""
-    return [int(p[i]) for i in q]
-
-
 def rank_of(t: gs.Tensor | None) -> int | None:
     return None if t is None or t.shape is None else len(t.shape)
 
 
 def is_graph_output(t: gs.Tensor, graph: gs.Graph) -> bool:
     return any(t is o for o in graph.outputs)
+
+
+def single_consumer(t: gs.Tensor, graph: gs.Graph) -> gs.Node | None:
+    """The only reader of ``t`` when it is not also a graph output, else None."""
+    if is_graph_output(t, graph) or len(t.outputs) != 1:
+        return None
+    return t.outputs[0]
 
 
 def node_axes(model: ModelGraph, node: gs.Node) -> list[int] | None:
@@ -106,10 +119,6 @@ def node_axes(model: ModelGraph, node: gs.Node) -> list[int] | None:
     if len(node.inputs) > 1 and not node.inputs[1].is_empty():
         return int_list(model.constant(node.inputs[1]))
     return None
-
-
-def _norm_axes(axes: Sequence[int], rank: int) -> list[int]:
-    return sorted(a + rank if a < 0 else a for a in axes)
 
 
 def pointwise_reason(conv: gs.Node, w: gs.Tensor, rank: int, *, allow_group: bool = False) -> str | None:
@@ -189,124 +198,193 @@ def squeeze(b: RewriteBuilder, model: ModelGraph, x: gs.Tensor, axes: Sequence[i
     return b.op("Squeeze", [x], {"axes": list(axes)}, **kw)
 
 
-# -- Transpose sinking ------------------------------------------------------------------------
-Labels = list  # list[int | str]
-
-
-def _scalar_const(model: ModelGraph, t: gs.Tensor | None) -> bool:
-    if t is None or t.is_empty():
-        return True
-    v = model.constant(t)
-    return v is not None and v.size == 1
-
-
-def sink_step(node: gs.Node, t: gs.Tensor, src: Labels, out: Labels, model: ModelGraph) -> tuple[Labels, Labels, str] | str:
-    """Move a Transpose that maps labels ``src`` to ``out`` (its result is ``t``) below ``node``.
-
-    Returns the labels after ``node`` and a note for the rewrite, or the reason it cannot.
-    """
+def elementwise_reason(node: gs.Node, t: gs.Tensor, rank: int, model: ModelGraph) -> str | None:
+    """Why ``node`` (reading ``t``, rank ``rank``, as its first input) does not commute with a Transpose."""
+    if node.op not in ELEMENTWISE_OPS:
+        return f"{node.op} is not elementwise"
     if not node.inputs or node.inputs[0] is not t or len(node.outputs) != 1:
-        return f"{node.op} does not read the Transpose as its first input"
-    if any(inp is t for inp in node.inputs[1:]):
-        return f"{node.op} reads the Transpose twice"
+        return f"{node.op} does not read the chain as its first input"
+    if any(i is t for i in node.inputs[1:]):
+        return f"{node.op} reads the chain twice"
+    if node.op == "Clip":
+        for i in node.inputs[1:]:
+            if not i.is_empty() and (model.constant(i) is None or model.constant(i).size != 1):
+                return "Clip bounds are not scalar constants"
+        return None
     if node.op in UNARY_OPS:
-        if node.op == "Clip" and not all(_scalar_const(model, i) for i in node.inputs[1:]):
-            return "Clip bounds are not scalar constants"
-        if node.op != "Clip" and len(node.inputs) != 1:
-            return f"{node.op} has {len(node.inputs)} inputs"
-        return src, out, "unary"
-    if node.op in BINARY_OPS:
-        if len(node.inputs) != 2:
-            return f"{node.op} has {len(node.inputs)} inputs"
-        c = model.constant(node.inputs[1])
-        if c is None:
-            return f"second operand of {node.op} is not a constant"
-        if c.ndim > len(out):
-            return f"constant operand of {node.op} has rank {c.ndim} > {len(out)}"
-        return src, out, "binary"
-    if node.op == "Unsqueeze":
-        axes = node_axes(model, node)
-        if axes is None or len(axes) != 1:
-            return "Unsqueeze does not add exactly one known axis"
-        a = _norm_axes(axes, len(out) + 1)[0]
-        new_out = out[:a] + [NEW] + out[a:]
-        # Put the new axis in front of the source axis that follows it in the output, so a
-        # (0,2,1) Transpose sunk below Unsqueeze(2) becomes tf2onnx's Unsqueeze(1) + (0,3,1,2).
-        a_src = src.index(out[a]) if a < len(out) else len(src)
-        new_src = src[:a_src] + [NEW] + src[a_src:]
-        return new_src, new_out, f"unsqueeze:{a_src}"
-    return f"{node.op} is not elementwise"
+        return None if len(node.inputs) == 1 else f"{node.op} has {len(node.inputs)} inputs"
+    if len(node.inputs) != 2:
+        return f"{node.op} has {len(node.inputs)} inputs"
+    c = model.constant(node.inputs[1])
+    if c is None:
+        return f"second operand of {node.op} is not a constant"
+    if c.ndim > rank:
+        return f"constant operand of {node.op} has rank {c.ndim} > {rank}"
+    return None
 
 
-def sink_walk(
-    t: gs.Tensor,
-    src: Labels,
-    out: Labels,
-    m: Match,
-    is_target: Callable[[gs.Node, gs.Tensor, Labels, Labels], bool],
-) -> bool:
-    """Follow single-consumer elementwise ops from ``t``; True when a target absorbs the Transpose."""
-    for _ in range(64):
-        if is_graph_output(t, m.graph) or len(t.outputs) != 1:
-            return False
-        node = t.outputs[0]
-        if is_target(node, t, src, out):
-            return True
-        step = sink_step(node, t, src, out, m.model)
-        if isinstance(step, str):
-            return False
-        src, out, _ = step
-        t = node.outputs[0]
-    return False
+# -- channels-last chains -----------------------------------------------------------------------
+def _cl_labels(model: ModelGraph, unsq: gs.Node, transposed: gs.Node | None) -> list | None:
+    """Conv-input labels of Unsqueeze(X) [-> Transpose] for a rank-3 X labelled [0, 1, 2]."""
+    axes = node_axes(model, unsq)
+    if axes is None or len(axes) != 1:
+        return None
+    a = axes[0] + 4 if axes[0] < 0 else axes[0]
+    labels = [0, 1, 2][:a] + [NEW] + [0, 1, 2][a:]
+    if transposed is not None:
+        perm = int_list(transposed.attrs.get("perm"))
+        if perm is None or len(perm) != 4:
+            return None
+        labels = [labels[i] for i in perm]
+    return labels
 
 
-def rebuild_sunk(b: RewriteBuilder, m: Match, node: gs.Node, x: gs.Tensor, perm: Sequence[int]) -> gs.Tensor:
-    """``node`` applied to ``x`` (the Transpose's input) followed by the moved Transpose."""
-    src = list(range(len(perm)))
-    out = [src[i] for i in perm]
-    step = sink_step(node, node.inputs[0], src, out, m.model)
-    assert not isinstance(step, str), step
-    new_src, new_out, how = step
-    dtype = node.outputs[0].dtype
-    if how == "unary":
-        y = b.op(node.op, [x, *node.inputs[1:]], dict(node.attrs), dtype=dtype)
-    elif how == "binary":
-        c = np.asarray(m.model.constant(node.inputs[1]))
-        full = c.reshape((1,) * (len(perm) - c.ndim) + c.shape)
-        y = b.op(node.op, [x, b.const(np.ascontiguousarray(full.transpose(inverse_perm(perm))), "operand")],
-                 dict(node.attrs), dtype=dtype)
+TF_CL = ([0, 2, NEW, 1], [0, 2, 1, NEW])  # (B, C, 1, L) / (B, C, L, 1) from channels-last (B, L, C)
+TF_CF = ([0, 1, NEW, 2], [0, 1, 2, NEW])  # the same from channels-first (B, C, L)
+
+
+def tf_conv_unit(sq: gs.Node, model: ModelGraph) -> tuple[gs.Node, str, gs.Tensor] | None:
+    """tf2onnx's Conv1D: Squeeze(Conv2d(1x1)(U)) where U is built from a rank-3 tensor X.
+
+    Returns (conv, "cl" | "cf", X): "cl" when U = Transpose(Unsqueeze(X)) makes X channels-last,
+    "cf" when U = Unsqueeze(X) with X channels-first. The Squeeze must remove the new axis.
+    """
+    conv = producer(sq.inputs[0]) if sq.op == "Squeeze" and sq.inputs else None
+    if conv is None or conv.op != "Conv" or len(conv.inputs) < 2:
+        return None
+    u = producer(conv.inputs[0])
+    if u is None:
+        return None
+    if u.op == "Transpose":
+        unsq, kind, wanted = producer(u.inputs[0]), "cl", TF_CL
+        labels = _cl_labels(model, unsq, u) if unsq is not None and unsq.op == "Unsqueeze" else None
+    elif u.op == "Unsqueeze":
+        unsq, kind, wanted = u, "cf", TF_CF
+        labels = _cl_labels(model, u, None)
     else:
-        y = unsqueeze(b, m.model, x, [int(how.split(":")[1])], dtype=dtype)
-    q = [new_src.index(label) for label in new_out]
-    shape = node.outputs[0].shape
-    return b.transpose(y, q, dtype=dtype, shape=list(shape) if shape is not None else None)
+        return None
+    if labels is None or labels not in [list(w) for w in wanted]:
+        return None
+    axes = node_axes(model, sq)
+    if axes is None or [a + 4 if a < 0 else a for a in axes] != [labels.index(NEW)]:
+        return None
+    return conv, kind, unsq.inputs[0]
 
 
-class TransposeSinkBase(Rule):
-    """Op(Transpose(X, p), consts) -> Transpose(Op(X, consts'), p') when something below absorbs it."""
+def _pointwise_ok(conv: gs.Node, rank: int, model: ModelGraph) -> bool:
+    consts = [i for i in conv.inputs[1:] if not i.is_empty()]
+    return pointwise_reason(conv, conv.inputs[1], rank) is None and all(model.is_constant(i) for i in consts)
 
-    benefit = 3
-    target_text = "a target"
 
-    def pattern(self, p):  # type: ignore[no-untyped-def]
-        t = p.op("Transpose", p.var("x"), name="t", perm=lambda v: v is not None)
-        return p.op(SINK_OPS, t, p.opt_const("c1"), p.opt_const("c2"), name="op")
+@dataclass
+class Chain:
+    """``end`` == Transpose(source, perm) seen through ``steps`` (forward order)."""
 
-    def is_target(self, m: Match, node: gs.Node, t: gs.Tensor, src: Labels, out: Labels) -> bool:
-        raise NotImplementedError
+    source: gs.Tensor
+    perm: list[int]
+    steps: list[tuple[str, gs.Node]] = field(default_factory=list)
+    nodes: list[gs.Node] = field(default_factory=list)  # walked nodes, dead once the end is replaced
 
-    def check(self, m: Match) -> CheckResult:
-        perm = int_list(m.attr("t", "perm"))
-        src = list(range(len(perm)))
-        out = [src[i] for i in perm]
-        node = m["op"]
-        step = sink_step(node, m["t"].outputs[0], src, out, m.model)
-        if isinstance(step, str):
-            return fail(step, node)
-        new_src, new_out, _ = step
-        if not sink_walk(node.outputs[0], new_src, new_out, m, lambda *a: self.is_target(m, *a)):
-            return fail(f"no {self.target_text} below to absorb the Transpose", node)
-        return ok()
+    @property
+    def has_conv(self) -> bool:
+        return any(kind != "ew" for kind, _ in self.steps)
 
-    def rewrite(self, b: RewriteBuilder, m: Match) -> gs.Tensor:
-        return rebuild_sunk(b, m, m["op"], m["x"], int_list(m.attr("t", "perm")))
+
+def walk_back(t: gs.Tensor, m: Match, *, perm: Sequence[int] | None = T1, convs: bool = True) -> Chain | None:
+    """Follow ``t`` up through single-consumer elementwise ops (and, when ``convs`` and the layout
+    is (0,2,1), pointwise convs) to a Transpose with ``perm`` (any perm when None)."""
+    steps: list[tuple[str, gs.Node]] = []
+    nodes: list[gs.Node] = []
+    for _ in range(256):
+        p = producer(t)
+        if p is None:
+            return None
+        if p.op == "Transpose":
+            tp = int_list(p.attrs.get("perm"))
+            if tp is not None and (perm is None or tp == list(perm)):
+                if any(_const_rank(m.model, n) > len(tp) for kind, n in steps if n.op in BINARY_OPS):
+                    return None
+                return Chain(p.inputs[0], tp, steps[::-1], nodes)
+        if single_consumer(t, m.graph) is None:
+            return None  # a value read elsewhere too must stay as it is
+        rank = len(perm) if perm is not None else (rank_of(t) or 64)  # unknown: checked at the Transpose
+        if elementwise_reason(p, p.inputs[0] if p.inputs else t, rank, m.model) is None:
+            steps.append(("ew", p))
+            nodes.append(p)
+            t = p.inputs[0]
+            continue
+        if not convs or list(perm or ()) != T1:
+            return None
+        if p.op == "Conv" and len(p.inputs) >= 2 and _pointwise_ok(p, 3, m.model):
+            steps.append(("conv", p))
+            nodes.append(p)
+            t = p.inputs[0]
+            continue
+        unit = tf_conv_unit(p, m.model)
+        if unit is None or not _pointwise_ok(unit[0], 4, m.model):
+            return None
+        conv, kind, x = unit
+        u = producer(conv.inputs[0])
+        if single_consumer(conv.outputs[0], m.graph) is not p or single_consumer(conv.inputs[0], m.graph) is not conv:
+            return None
+        steps.append(("tfconv", p))
+        nodes += [p, conv, u]
+        if kind == "cl":
+            if single_consumer(u.inputs[0], m.graph) is u:
+                nodes.append(producer(u.inputs[0]))
+            return Chain(x, list(T1), steps[::-1], nodes)
+        t = x
+    return None
+
+
+def _const_rank(model: ModelGraph, node: gs.Node) -> int:
+    c = model.constant(node.inputs[1])
+    return 0 if c is None else c.ndim
+
+
+def claim(m: Match, nodes: Sequence[gs.Node]) -> None:
+    """Count walked nodes as part of the match, so the driver treats them as consumed.
+
+    Only nodes whose outputs are read by the chain alone are walked (see :func:`walk_back`),
+    so they die with the rewrite; claiming them stops another rule of the same sweep from
+    rewriting what is about to become dead code.
+    """
+    for n in nodes:
+        if not any(n is k for k in m.matched):
+            m.matched.append(n)
+
+
+def conv_matmul(b: RewriteBuilder, m: Match, x: gs.Tensor, conv: gs.Node, extra_bias: np.ndarray | None = None) -> gs.Tensor:
+    """MatMul(x, Wᵀ) + b for a kernel-1 conv applied to channels-last x (..., C)."""
+    w = np.asarray(m.model.constant(conv.inputs[1]))
+    n = w.shape[0]
+    wt = np.ascontiguousarray(w.reshape(n, -1).T)
+    shape = list(x.shape[:-1]) + [n] if x.shape is not None else None
+    dtype = conv.outputs[0].dtype
+    y = b.matmul(x, b.const(wt, "weight"), dtype=dtype, shape=shape)
+    bias = None
+    if len(conv.inputs) > 2 and not conv.inputs[2].is_empty():
+        bias = np.asarray(m.model.constant(conv.inputs[2])).reshape(-1)
+    if extra_bias is not None:
+        bias = extra_bias if bias is None else bias + extra_bias
+    if bias is None:
+        return y
+    return b.add(y, b.const(bias.astype(wt.dtype, copy=False), "bias"), dtype=dtype, shape=shape)
+
+
+def rebuild(b: RewriteBuilder, m: Match, chain: Chain, x: gs.Tensor | None = None) -> gs.Tensor:
+    """The chain's steps applied to ``chain.source`` in the source's own layout."""
+    x = chain.source if x is None else x
+    inv = inverse_perm(chain.perm)
+    for kind, node in chain.steps:
+        if kind == "conv":
+            x = conv_matmul(b, m, x, node)
+        elif kind == "tfconv":
+            x = conv_matmul(b, m, x, producer(node.inputs[0]))
+        elif node.op in BINARY_OPS:
+            c = np.asarray(m.model.constant(node.inputs[1]))
+            full = c.reshape((1,) * (len(inv) - c.ndim) + c.shape).transpose(inv)
+            x = b.op(node.op, [x, b.const(np.ascontiguousarray(full), "operand")], dict(node.attrs), dtype=node.outputs[0].dtype)
+        else:
+            x = b.op(node.op, [x, *node.inputs[1:]], dict(node.attrs), dtype=node.outputs[0].dtype)
+    return x

@@ -3,8 +3,8 @@
     Transpose(Transpose(X, p), q)            -> X                  (q∘p is the identity)
                                              -> Transpose(X, p∘q)  (otherwise)
     Transpose(X, identity perm)              -> X
-    Op(Transpose(X, p)) ... -> Transpose     -> Transpose(Op(X)) ... (elementwise ops / Unsqueeze,
-                                                only when another Transpose below absorbs it)
+    Transpose(Op(..Transpose(X, p)..), q)    -> Op'(..X..) [-> Transpose(X, p∘q)]  (elementwise ops
+                                                in between, constants permuted to match)
     Reshape(Reshape(X, s1), s2)              -> Reshape(X, s2)     (s2 constant, no copy-zeros
                                                 that would read a different dim)
     Shape(X)                                 -> Constant           (every graph input static)
@@ -21,12 +21,22 @@ import onnx_graphsurgeon as gs
 from rewriter.graph import static_shape
 from rewriter.pattern import Match, OpPat, PatternBuilder
 from rewriter.rule import CheckResult, RewriteBuilder, Rule, fail, ok
-from rewriter.rules._layout import TransposeSinkBase, dtype_name, dtype_reason, int_list, is_graph_output, rank_of
+from rewriter.rules._layout import (
+    ELEMENTWISE_OPS,
+    claim,
+    dtype_name,
+    dtype_reason,
+    int_list,
+    is_graph_output,
+    rank_of,
+    rebuild,
+    walk_back,
+)
 
 __all__ = [
     "TransposePairFold",
     "IdentityTransposeRemoval",
-    "TransposeSinkElementwise",
+    "TransposeFoldElementwise",
     "ReshapePairFold",
     "StaticShapeToConstant",
     "IdentityRemoval",
@@ -75,17 +85,33 @@ class IdentityTransposeRemoval(_Cleanup):
         return m["x"]
 
 
-class TransposeSinkElementwise(TransposeSinkBase):
-    """Op(Transpose(X)) -> Transpose(Op(X)) for elementwise ops / Unsqueeze when a Transpose below folds with it"""
+class TransposeFoldElementwise(_Cleanup):
+    """Transpose(Op(...Transpose(X, p)...), q) over elementwise ops  ->  Op'(...X...) [-> Transpose(X, p∘q)]"""
 
-    id = "transpose-sink-elementwise"
-    direction = "cleanup"
-    default = True
-    benefit = 3
-    target_text = "Transpose"
+    id = "transpose-fold-elementwise"
+    benefit = 4
 
-    def is_target(self, m: Match, node: gs.Node, t: gs.Tensor, src: list, out: list) -> bool:
-        return node.op == "Transpose" and node.attrs.get("perm") is not None
+    def pattern(self, p: PatternBuilder) -> OpPat:
+        # The elementwise op must itself read a Transpose or another elementwise op: a lone
+        # Add (a MatMul bias, say) before a Transpose is not a candidate.
+        prev = p.op(("Transpose",) + ELEMENTWISE_OPS, name="prev")
+        ew = p.op(ELEMENTWISE_OPS, prev, p.opt_const("c1"), p.opt_const("c2"), name="ew")
+        return p.op("Transpose", ew, name="outer", perm=_has_perm)
+
+    def check(self, m: Match) -> CheckResult:
+        chain = walk_back(m["outer"].inputs[0], m, perm=None, convs=False)
+        if chain is None:
+            return fail("no Transpose above it through single-consumer elementwise ops", m["outer"])
+        claim(m, chain.nodes)
+        return ok()
+
+    def rewrite(self, b: RewriteBuilder, m: Match) -> gs.Tensor:
+        chain = walk_back(m["outer"].inputs[0], m, perm=None, convs=False)
+        assert chain is not None
+        y = rebuild(b, m, chain)
+        q = int_list(m.attr("outer", "perm"))
+        perm = [chain.perm[i] for i in q]
+        return y if perm == sorted(perm) else b.transpose(y, perm, dtype=y.dtype)
 
 
 class ReshapePairFold(_Cleanup):
@@ -208,7 +234,7 @@ class MatMulAddToGemm(_Cleanup):
 RULES = [
     TransposePairFold,
     IdentityTransposeRemoval,
-    TransposeSinkElementwise,
+    TransposeFoldElementwise,
     ReshapePairFold,
     StaticShapeToConstant,
     IdentityRemoval,

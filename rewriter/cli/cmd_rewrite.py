@@ -24,7 +24,7 @@ def rewrite_cmd(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output path \\[default: <stem>.rewritten.onnx beside the input]."),
     rules: Optional[List[str]] = typer.Option(None, "--rules", help="Only these rule ids (comma-separated, repeatable)."),
     exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="Leave out these rule ids."),
-    direction: str = typer.Option("default", "--direction", help="default | to-matmul | to-conv | all."),
+    direction: str = typer.Option("default", "--direction", help="default | to-matmul | to-conv."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the sites that would change and the near misses; write nothing."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the JSON report here."),
     report_md: Optional[Path] = typer.Option(None, "--report-md", help="Write a Markdown report here."),

@@ -1,9 +1,8 @@
-"""rules/cleanup.py: Transpose folding/sinking, Reshape pairs, static Shape, Identity, MatMul+Add -> Gemm."""
+"""rules/cleanup.py: Transpose folding (also through elementwise ops), Reshape pairs, static Shape, Identity, MatMul+Add -> Gemm."""
 
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
 from onnx import helper
 
@@ -82,7 +81,7 @@ def test_identity_perm_is_removed():
     check(model, [(2, 3, 4), (1, 1, 4)], {"Relu": 1, "Sigmoid": 1}, ["identity-transpose-removal"])
 
 
-def test_transpose_sinks_through_elementwise_ops_to_its_inverse():
+def test_transpose_folds_through_elementwise_ops_with_its_inverse():
     inits = [init("s", w(4, 1)), init("lo", np.array(0.0, np.float32)), init("hi", np.array(6.0, np.float32))]
     model = chain(
         [
@@ -95,34 +94,36 @@ def test_transpose_sinks_through_elementwise_ops_to_its_inverse():
         ["B", "L", 4],
         inits,
     )
-    out, res = check(model, [(2, 3, 4), (1, 6, 4)], {"Mul": 1, "Clip": 1, "Relu": 1})
-    assert applied(res).count("transpose-sink-elementwise") == 3
+    check(model, [(2, 3, 4), (1, 6, 4)], {"Mul": 1, "Clip": 1, "Relu": 1}, ["transpose-fold-elementwise"])
 
 
-def test_transpose_sinks_through_unsqueeze():
-    # (B, L, C) -T-> (B, C, L) -Unsqueeze(2)-> (B, C, 1, L) -T(0,3,2,1)-> (B, L, 1, C) == Unsqueeze(x, 2)
+def test_transpose_fold_through_elementwise_composes():
     model = chain(
-        [("Transpose", [], {"perm": [0, 2, 1]}), ("Unsqueeze", ["ax"], {}), ("Transpose", [], {"perm": [0, 3, 2, 1]})],
+        [("Transpose", [], {"perm": [0, 2, 1]}), ("Add", ["c"], {}), ("Transpose", [], {"perm": [1, 0, 2]})],
         ["B", "L", 4],
-        [init("ax", i64(2))],
+        [init("c", w(4, 1))],
     )
-    check(model, [(2, 3, 4), (1, 5, 4)], {"Unsqueeze": 1})
+    check(model, [(2, 3, 4), (1, 5, 4)], {"Add": 1, "Transpose": 1}, ["transpose-fold-elementwise"])
 
 
 @pytest.mark.parametrize(
     "ops, reason",
     [
-        ([("Transpose", [], {"perm": [0, 2, 1]}), ("Relu", [], {})], "no Transpose below to absorb the Transpose"),
+        ([("Relu", [], {}), ("Sigmoid", [], {}), ("Transpose", [], {"perm": [0, 2, 1]})],
+         "no Transpose above it through single-consumer elementwise ops"),
         ([("Transpose", [], {"perm": [0, 2, 1]}), ("Clip", ["lo", "big"], {}), ("Transpose", [], {"perm": [0, 2, 1]})],
-         "Clip bounds are not scalar constants"),
+         "no Transpose above it through single-consumer elementwise ops"),
+        ([("Transpose", [], {"perm": [0, 2, 1]}), ("Add", ["c3"], {}), ("Transpose", [], {"perm": [0, 2, 1]})],
+         "no Transpose above it through single-consumer elementwise ops"),
     ],
 )
-def test_sink_near_misses(ops, reason):
-    inits = [init("lo", np.array(0.0, np.float32)), init("big", np.ones((2,), np.float32))]
+def test_fold_elementwise_near_misses(ops, reason):
+    """A lone elementwise op before a Transpose is not even a candidate; these chains are."""
+    inits = [init("lo", np.array(0.0, np.float32)), init("big", np.ones((2,), np.float32)), init("c3", w(2, 1, 1, 4))]
     model = chain(ops, ["B", "L", 4], inits)
-    _, res = rewrite(model, ["transpose-sink-elementwise"])
+    _, res = rewrite(model, ["transpose-fold-elementwise"])
     assert not res.applied
-    assert near(res, "transpose-sink-elementwise") == [reason]
+    assert near(res, "transpose-fold-elementwise") == [reason]
 
 
 def test_shared_inner_transpose_is_a_near_miss():
@@ -231,3 +232,9 @@ def test_matmul_add_near_misses(x_dims, c_shape, reason):
     _, res = rewrite(model, ["matmul-add-to-gemm"])
     assert not res.applied
     assert near(res, "matmul-add-to-gemm") == [reason]
+
+
+def test_lone_elementwise_op_before_a_transpose_is_not_a_candidate():
+    model = chain([("Add", ["c"], {}), ("Transpose", [], {"perm": [0, 2, 1]})], ["B", "L", 4], [init("c", w(4))])
+    out, res = rewrite(model, cleanups())
+    assert not res.applied and not near(res, "transpose-fold-elementwise")

@@ -442,11 +442,19 @@ def test_grouped_conv1x1():
     assert_idempotent(out, to_matmul_rules())
 
 
-def test_native_rule_defers_to_scaffolded_form():
+def test_scaffolded_form_wins_over_native_form():
     model = torch_idiom()
-    _, res = rewrite(model, ["conv1x1-to-matmul"])
-    assert not res.applied
-    assert near(res, "conv1x1-to-matmul") == ["layout scaffolding around it: left to transposed-conv1x1-to-matmul"]
+    out, res = rewrite(model, to_matmul_rules())
+    assert applied(res) == ["transposed-conv1x1-to-matmul"]
+    assert op_counts(out) == {"MatMul": 1, "Add": 1}
+
+
+def test_pointnet_chain_with_native_rules_selected():
+    model = pointnet_cl()
+    out, res = rewrite(model, to_matmul_rules())
+    assert op_counts(out) == {"MatMul": 3, "Add": 3, "Relu": 3}
+    assert "conv1x1-to-matmul" not in applied(res)
+    assert_equivalent(model, out, feeds((2, 5, 3)))
 
 
 def test_conv2d_rule_outside_its_opset_range_is_inactive():
@@ -471,3 +479,73 @@ def test_native_near_misses(kernel, attrs, reason):
     out, res = rewrite(model, to_matmul_rules())
     assert not res.applied and op_counts(out) == {"Conv": 1}
     assert near(res, "conv1x1-to-matmul") == [reason]
+
+
+# -- chain edge cases -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("make", [lambda: pointnet_cl((3, 8, 8, 8, 8, 8, 8, 8)), lambda: keras_stack((3, 8, 8, 8, 8, 8, 8))])
+def test_deep_stacks_take_a_constant_number_of_sweeps(make):
+    """Each conv site reads through the sites above it, so depth does not add driver sweeps."""
+    model = make()
+    out, res = rewrite(model, default_rules())
+    assert res.iterations <= 3
+    assert "Transpose" not in op_counts(out) and "Conv" not in op_counts(out)
+    assert_equivalent(model, out, feeds((2, 9, 3)))
+
+
+def test_chain_through_batchnorm_as_mul_add():
+    """Unfolded BatchNorm (Mul/Add by per-channel constants) between the convs is rebuilt channels-last."""
+    inits = [init("W0", w(8, 3, 1)), init("s", w(1, 8, 1)), init("t", w(8, 1)), init("W1", w(4, 8, 1)), init("b1", w(4))]
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 2, 1]),
+        helper.make_node("Conv", ["xt", "W0"], ["c0"], kernel_shape=[1]),
+        helper.make_node("Mul", ["c0", "s"], ["m0"]),
+        helper.make_node("Add", ["m0", "t"], ["a0"]),
+        helper.make_node("Relu", ["a0"], ["r0"]),
+        helper.make_node("Conv", ["r0", "W1", "b1"], ["c1"], kernel_shape=[1]),
+        helper.make_node("Transpose", ["c1"], ["y"], perm=[0, 2, 1]),
+    ]
+    model = make_model(nodes, [vi("x", ["B", "L", 3])], [vi("y", None)], inits)
+    out, res = rewrite(model, default_rules())
+    assert op_counts(out) == {"MatMul": 2, "Mul": 1, "Add": 2, "Relu": 1}
+    assert_equivalent(model, out, feeds((1, 4, 3), (3, 7, 3)))
+    assert_idempotent(out, default_rules())
+
+
+def test_chain_interrupted_by_a_k3_conv():
+    inits = [init("W0", w(8, 3, 1)), init("W1", w(8, 8, 3)), init("W2", w(4, 8, 1))]
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 2, 1]),
+        helper.make_node("Conv", ["xt", "W0"], ["c0"], kernel_shape=[1]),
+        helper.make_node("Relu", ["c0"], ["r0"]),
+        helper.make_node("Conv", ["r0", "W1"], ["c1"], kernel_shape=[3], pads=[1, 1], name="k3"),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "W2"], ["c2"], kernel_shape=[1]),
+        helper.make_node("Transpose", ["c2"], ["y"], perm=[0, 2, 1]),
+    ]
+    model = make_model(nodes, [vi("x", ["B", "L", 3])], [vi("y", None)], inits)
+    out, res = rewrite(model, default_rules())
+    counts = op_counts(out)
+    assert counts["Conv"] == 1 and counts["Transpose"] == 2 and counts["MatMul"] == 2
+    assert "kernel is [3], not 1" in near(res, "transposed-in-conv1x1-to-matmul")
+    assert_equivalent(model, out, feeds((1, 4, 3), (2, 9, 3)))
+    assert_idempotent(out, default_rules())
+
+
+def test_chain_fork_stays_correct():
+    """A value read by two convs is not walked through (it would have to be computed twice)."""
+    inits = [init("W0", w(8, 3, 1)), init("Wa", w(4, 8, 1)), init("Wb", w(5, 8, 1))]
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 2, 1]),
+        helper.make_node("Conv", ["xt", "W0"], ["c0"], kernel_shape=[1]),
+        helper.make_node("Relu", ["c0"], ["r0"]),
+        helper.make_node("Conv", ["r0", "Wa"], ["ca"], kernel_shape=[1]),
+        helper.make_node("Conv", ["r0", "Wb"], ["cb"], kernel_shape=[1]),
+        helper.make_node("Transpose", ["ca"], ["y1"], perm=[0, 2, 1]),
+        helper.make_node("Transpose", ["cb"], ["y2"], perm=[0, 2, 1]),
+    ]
+    model = make_model(nodes, [vi("x", ["B", "L", 3])], [vi("y1", None), vi("y2", None)], inits)
+    out, res = rewrite(model, default_rules())
+    assert "Conv" not in op_counts(out)
+    assert op_counts(out)["Transpose"] <= 3
+    assert_equivalent(model, out, feeds((1, 4, 3), (2, 9, 3)))
+    assert_idempotent(out, default_rules())
