@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from rewriter.api import Result, optimize
     from rewriter.errors import InputError, PluginError, RewriterError, VerificationError
     from rewriter.pattern import Match, PatternBuilder
-    from rewriter.rule import CheckResult, RewriteBuilder, Rule, fail, ok
+    from rewriter.rule import CheckResult, RewriteBuilder, Rule, fail, ok, skip
 
 __all__ = [
     "__version__",
@@ -23,6 +23,7 @@ __all__ = [
     "Rule",
     "ok",
     "fail",
+    "skip",
     "CheckResult",
     "RewriteBuilder",
     "Match",
@@ -39,6 +40,7 @@ _LAZY = {
     "Rule": "rewriter.rule",
     "ok": "rewriter.rule",
     "fail": "rewriter.rule",
+    "skip": "rewriter.rule",
     "CheckResult": "rewriter.rule",
     "RewriteBuilder": "rewriter.rule",
     "Match": "rewriter.pattern",

@@ -52,10 +52,14 @@ class NearMiss:
 
 @dataclass(frozen=True)
 class DriverResult:
+    """``near_misses``: reported refusals of the final sweep; ``quiet``: refusals a rule marked
+    as "not a candidate" (kept for tests and debugging, not reported)."""
+
     applied: tuple[AppliedSite, ...]
     skipped: tuple[AppliedSite, ...]
     near_misses: tuple[NearMiss, ...]
     iterations: int
+    quiet: tuple[NearMiss, ...] = ()
 
     @property
     def modified(self) -> bool:
@@ -67,6 +71,7 @@ class _Sweep:
     applied: list[AppliedSite] = field(default_factory=list)
     skipped: list[AppliedSite] = field(default_factory=list)
     near: list[NearMiss] = field(default_factory=list)
+    quiet: list[NearMiss] = field(default_factory=list)
 
 
 def run_rules(
@@ -97,7 +102,7 @@ def run_rules(
         for s in sweep.skipped:
             skipped.setdefault(s.key, s)
         if not sweep.applied:
-            return DriverResult(tuple(applied), tuple(skipped.values()), tuple(sweep.near), iteration)
+            return DriverResult(tuple(applied), tuple(skipped.values()), tuple(sweep.near), iteration, tuple(sweep.quiet))
         model.cleanup()
         model.refresh_shapes()
     firing = sorted({s.rule for s in sweep.applied})
@@ -122,11 +127,11 @@ def _sweep(model: ModelGraph, by_op: dict[str, list[Rule]], skip: set[SiteKey], 
                 m = match_at(rule.compiled_pattern, node, graph, model)
                 if m is None:
                     continue
-                reason = _refusal(rule, m)
+                reason, quiet = _refusal(rule, m)
                 if reason is not None:
                     if (rule.id, node.name) not in seen_near:
                         seen_near.add((rule.id, node.name))
-                        out.near.append(NearMiss(rule.id, node.name, reason))
+                        (out.quiet if quiet else out.near).append(NearMiss(rule.id, node.name, reason))
                     continue
                 candidates.append((-rule.benefit, order, rule, node))
         candidates.sort(key=lambda c: (c[0], c[1], c[2].id))
@@ -135,7 +140,7 @@ def _sweep(model: ModelGraph, by_op: dict[str, list[Rule]], skip: set[SiteKey], 
             if id(node) in consumed:
                 continue
             m = match_at(rule.compiled_pattern, node, graph, model)
-            if m is None or any(id(n) in consumed for n in m.matched) or _refusal(rule, m) is not None:
+            if m is None or any(id(n) in consumed for n in m.matched) or _refusal(rule, m)[0] is not None:
                 continue
             site = AppliedSite(rule.id, node.name, tuple(m.node_names), (), iteration)
             if site.key in skip:
@@ -147,12 +152,12 @@ def _sweep(model: ModelGraph, by_op: dict[str, list[Rule]], skip: set[SiteKey], 
     return out
 
 
-def _refusal(rule: Rule, m: Match) -> str | None:
-    """Why this match must not be applied (soft pattern failure or failed check), or None."""
+def _refusal(rule: Rule, m: Match) -> tuple[str | None, bool]:
+    """(why this match must not be applied, whether that is quiet), or (None, False)."""
     if m.soft_failures:
-        return m.soft_failures[0]
+        return m.soft_failures[0], False
     result = rule.check(m)
-    return None if result else result.reason
+    return (None, False) if result else (result.reason, result.quiet)
 
 
 def _apply(model: ModelGraph, graph: gs.Graph, rule: Rule, m: Match) -> tuple[str, ...]:

@@ -18,7 +18,7 @@ import onnx_graphsurgeon as gs
 from rewriter.graph import ModelGraph
 from rewriter.pattern import Match, OpPat, PatternBuilder
 
-__all__ = ["Rule", "CheckResult", "ok", "fail", "RewriteBuilder", "Replacement"]
+__all__ = ["Rule", "CheckResult", "ok", "fail", "skip", "RewriteBuilder", "Replacement"]
 
 _ID_RE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 
@@ -27,11 +27,16 @@ Replacement = Union[gs.Tensor, Sequence[gs.Tensor]]
 
 @dataclass(frozen=True)
 class CheckResult:
-    """Outcome of ``Rule.check``: truthy when the rule may fire; otherwise carries the reason."""
+    """Outcome of ``Rule.check``: truthy when the rule may fire; otherwise carries the reason.
+
+    A ``quiet`` refusal means "not a candidate at all" (e.g. a 3-D MatMul for a 2-D-only rule):
+    it is not reported as a near miss, so the report lists only sites a user could act on.
+    """
 
     passed: bool
     reason: str = ""
     node: str | None = None
+    quiet: bool = False
 
     def __bool__(self) -> bool:
         return self.passed
@@ -45,8 +50,15 @@ def ok() -> CheckResult:
 
 
 def fail(reason: str, node: gs.Node | str | None = None) -> CheckResult:
+    """Refuse with a reason; reported as a near miss."""
     name = node.name if isinstance(node, gs.Node) else node
     return CheckResult(False, reason, name)
+
+
+def skip(reason: str, node: gs.Node | str | None = None) -> CheckResult:
+    """Refuse quietly: the match is not a candidate of this rule (no near-miss line)."""
+    name = node.name if isinstance(node, gs.Node) else node
+    return CheckResult(False, reason, name, quiet=True)
 
 
 class Rule:

@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 
 from rewriter.graph import static_shape
 from rewriter.pattern import Match, OpPat, PatternBuilder
-from rewriter.rule import CheckResult, RewriteBuilder, Rule, fail, ok
+from rewriter.rule import CheckResult, RewriteBuilder, Rule, fail, ok, skip
 from rewriter.rules._layout import (
     ELEMENTWISE_OPS,
     claim,
@@ -101,7 +101,7 @@ class TransposeFoldElementwise(_Cleanup):
     def check(self, m: Match) -> CheckResult:
         chain = walk_back(m["outer"].inputs[0], m, perm=None, convs=False)
         if chain is None:
-            return fail("no Transpose above it through single-consumer elementwise ops", m["outer"])
+            return skip("no Transpose above it through single-consumer elementwise ops", m["outer"])
         claim(m, chain.nodes)
         return ok()
 
@@ -164,7 +164,7 @@ class StaticShapeToConstant(_Cleanup):
     def check(self, m: Match) -> CheckResult:
         for inp in list(m.model.graph.inputs) + list(m.graph.inputs):
             if static_shape(inp) is None:
-                return fail(f"graph input '{inp.name}' has dynamic dims", m["shape"])
+                return skip(f"graph input '{inp.name}' has dynamic dims", m["shape"])
         if static_shape(m["x"]) is None:
             return fail(f"shape of '{m['x'].name}' is not static", m["shape"])
         return ok()
@@ -187,7 +187,7 @@ class IdentityRemoval(_Cleanup):
     def check(self, m: Match) -> CheckResult:
         out = m["identity"].outputs[0]
         if is_graph_output(out, m.graph):
-            return fail(f"output '{out.name}' is a graph output", m["identity"])
+            return skip(f"output '{out.name}' is a graph output", m["identity"])
         return ok()
 
     def rewrite(self, b: RewriteBuilder, m: Match) -> gs.Tensor:
@@ -220,7 +220,7 @@ class MatMulAddToGemm(_Cleanup):
     def check(self, m: Match) -> CheckResult:
         ra, rb = rank_of(m["a"]), rank_of(m["bm"])
         if ra != 2 or rb != 2:
-            return fail(f"MatMul operands have ranks {ra}, {rb}; Gemm needs 2-D", m["mm"])
+            return skip(f"MatMul operands have ranks {ra}, {rb}; Gemm needs 2-D", m["mm"])
         reason = dtype_reason(m["a"])
         if reason is None and dtype_name(m["a"]) == "bfloat16" and m.model.opset("") < 13:
             reason = "bfloat16 Gemm needs opset 13"

@@ -37,7 +37,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from rewriter.pattern import Match, OpPat, Pattern, PatternBuilder, match_at
-from rewriter.rule import CheckResult, RewriteBuilder, Rule, fail, ok
+from rewriter.rule import CheckResult, RewriteBuilder, Rule, fail, ok, skip
 from rewriter.shapes import (
     LAYOUT_OPS,
     Dim,
@@ -156,7 +156,7 @@ class ConvSpanRule(Rule):
         if list(feats[1:]) != kernel:
             return fail(f"kernel {kernel} does not span the spatial size {list(feats[1:])}", conv)
         if not self.rows_from_last and all(k == 1 for k in kernel):
-            return fail("spatial size 1: a pointwise conv, left to the pointwise rules", conv)
+            return skip("spatial size 1: a pointwise conv, left to the pointwise rules", conv)
 
         n_out = int(w.shape[0])
         dense = np.empty((n_out, layout.features), dtype=w.dtype)

@@ -34,7 +34,7 @@ import onnx_graphsurgeon as gs
 
 from rewriter.graph import producer
 from rewriter.pattern import Match, OpPat, PatternBuilder
-from rewriter.rule import CheckResult, RewriteBuilder, Rule, fail, ok
+from rewriter.rule import CheckResult, RewriteBuilder, Rule, fail, ok, skip
 from rewriter.rules._layout import (
     T1,
     TF_CF,
@@ -195,7 +195,7 @@ class TransposedInConv1x1ToMatMul(_Pointwise):
     def check(self, m: Match) -> CheckResult:
         res = self.conv_check(m)
         if res and self.find_chain(m, m["v"]) is None:
-            return fail(NOT_CL, m["conv"])
+            return skip(NOT_CL, m["conv"])
         return res
 
     def rewrite(self, b: RewriteBuilder, m: Match) -> gs.Tensor:
@@ -222,7 +222,7 @@ class Tf2onnxInConv1x1ToMatMul(_Pointwise):
             return fail("Conv input is not (B, C, 1, L) built from a rank-3 tensor by Unsqueeze [-> Transpose]", m["conv"])
         _, kind, x = unit
         if kind == "cf" and self.find_chain(m, x) is None:
-            return fail(NOT_CL, m["conv"])
+            return skip(NOT_CL, m["conv"])
         u = producer(m["u"])
         if single_consumer(m["u"], m.graph) is m["conv"]:  # else the layout ops stay for their other readers
             feeder = producer(u.inputs[0]) if kind == "cl" and single_consumer(u.inputs[0], m.graph) is u else None

@@ -16,7 +16,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from rewriter.pattern import Match, OpPat, PatternBuilder
-from rewriter.rule import CheckResult, RewriteBuilder, Rule, fail, ok
+from rewriter.rule import CheckResult, RewriteBuilder, Rule, fail, ok, skip
 from rewriter.rules._layout import applies, channel_vector, dtype_reason, rank_of, squeeze, unsqueeze
 
 __all__ = ["MatMulAddToConv1x1", "MatMulToConv1x1", "GemmToConv1x1", "RULES"]
@@ -114,7 +114,7 @@ class MatMulToConv1x1(_Reverse):
             return res
         out = m["mm"].outputs[0]
         if len(out.outputs) == 1 and not any(out is o for o in m.graph.outputs) and applies(_WITH_BIAS, out.outputs[0], m):
-            return fail(f"a bias Add follows: left to {_WITH_BIAS.id}", m["mm"])
+            return skip(f"a bias Add follows: left to {_WITH_BIAS.id}", m["mm"])
         return ok()
 
     def rewrite(self, b: RewriteBuilder, m: Match) -> gs.Tensor:

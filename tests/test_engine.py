@@ -239,3 +239,18 @@ def test_opset_range_excludes_rule():
 
     _, res = rewrite(relu_chain(2), [Old()])
     assert not res.applied
+
+
+def test_quiet_refusal_is_recorded_but_not_reported():
+    from rewriter.rule import skip
+
+    class QuietAddZero(AddZeroToIdentity):
+        id = "test-quiet-add-zero"
+
+        def check(self, m):
+            return skip("not a candidate", m["add"])
+
+    _, res = rewrite(_add_model(False), [QuietAddZero()])
+    assert not res.applied
+    assert res.near_misses == ()
+    assert [(q.rule, q.node, q.reason) for q in res.quiet] == [("test-quiet-add-zero", "add", "not a candidate")]

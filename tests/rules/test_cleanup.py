@@ -36,6 +36,12 @@ def near(res, rule: str) -> list[str]:
     return [n.reason for n in res.near_misses if n.rule == rule]
 
 
+def quiet(res, rule: str) -> list[str]:
+    """Refusals marked "not a candidate": recorded, never reported as near misses."""
+    assert not near(res, rule)
+    return [n.reason for n in res.quiet if n.rule == rule]
+
+
 def check(model, shapes, expect_counts, expect_rules=None):
     out, res = rewrite(model, cleanups())
     assert op_counts(out) == expect_counts, op_counts(out)
@@ -123,7 +129,7 @@ def test_fold_elementwise_near_misses(ops, reason):
     model = chain(ops, ["B", "L", 4], inits)
     _, res = rewrite(model, ["transpose-fold-elementwise"])
     assert not res.applied
-    assert near(res, "transpose-fold-elementwise") == [reason]
+    assert quiet(res, "transpose-fold-elementwise") == [reason]
 
 
 def test_shared_inner_transpose_is_a_near_miss():
@@ -187,7 +193,7 @@ def test_dynamic_shape_is_never_folded():
     model = _shape_reshape_model(["B", 3, 4])
     out, res = rewrite(model, cleanups())
     assert not res.applied and op_counts(out) == op_counts(model)
-    assert near(res, "static-shape-to-constant") == ["graph input 'x' has dynamic dims"]
+    assert quiet(res, "static-shape-to-constant") == ["graph input 'x' has dynamic dims"]
 
 
 # -- Identity --------------------------------------------------------------------------------------
@@ -200,7 +206,7 @@ def test_identity_between_ops_is_removed_but_not_on_outputs():
     ]
     model = make_model(nodes, [vi("x", ["B", 4])], [vi("y", None)])
     out, res = check(model, [(2, 4), (5, 4)], {"Relu": 1, "Sigmoid": 1, "Identity": 1}, ["identity-removal"])
-    assert near(res, "identity-removal") == ["output 'y' is a graph output"]
+    assert quiet(res, "identity-removal") == ["output 'y' is a graph output"]
 
 
 # -- MatMul + Add -> Gemm -----------------------------------------------------------------------------
@@ -231,7 +237,9 @@ def test_matmul_add_near_misses(x_dims, c_shape, reason):
     model = make_model(nodes, [vi("x", x_dims)], [vi("y", None)], [init("W", w(4, 5)), init("c", w(*c_shape))])
     _, res = rewrite(model, ["matmul-add-to-gemm"])
     assert not res.applied
-    assert near(res, "matmul-add-to-gemm") == [reason]
+    # A 3-D MatMul is not a Gemm candidate at all (quiet); the other two are real near misses.
+    got = quiet(res, "matmul-add-to-gemm") if "ranks" in reason else near(res, "matmul-add-to-gemm")
+    assert got == [reason]
 
 
 def test_lone_elementwise_op_before_a_transpose_is_not_a_candidate():
