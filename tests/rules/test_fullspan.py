@@ -204,12 +204,22 @@ def test_pointwise_kernel_is_not_a_candidate():
     assert op_counts(out)["Conv"] == 1
 
 
-def test_plain_rule_defers_to_bigger_span_rule():
-    """Anchored at the Conv, the plain rule would fire before the Flatten rule's anchor is visited."""
+def test_bigger_span_rule_wins_over_plain_rule_anchored_upstream():
+    """Both match a Conv -> Flatten chain; the driver applies the higher benefit first (one Gemm,
+    no Reshape back), although the plain rule's anchor (the Conv) comes first in the graph."""
     m = torch_fullspan()
-    _, res = rewrite(m, [FullSpanConvToGemm()])
-    assert not res.applied
-    assert res.near_misses[0].reason == "deferred to fullspan-conv-flatten-to-gemm at 'Flatten_1'"
+    out, res = rewrite(m, rules())
+    assert [s.rule for s in res.applied] == ["fullspan-conv-flatten-to-gemm"]
+    assert "Reshape" not in op_counts(out)
+    assert_equivalent(m, out, feeds(B13))
+
+
+def test_plain_rule_alone_rewrites_the_conv_and_reshapes_back():
+    m = torch_fullspan()
+    out, res = rewrite(m, [FullSpanConvToGemm()])
+    assert [s.rule for s in res.applied] == ["fullspan-conv-to-gemm"]
+    assert "Conv" not in op_counts(out)
+    assert_equivalent(m, out, feeds(B13))
 
 
 def test_method1_chain_is_left_to_method1():
