@@ -243,3 +243,17 @@ def test_debug_shows_traceback(capsys, tmp_path):
     assert code == 2
     code, _, err = cli(capsys, "verify", tmp_path / "missing.onnx", tmp_path / "m2.onnx", "--debug")
     assert code == 2 and "Traceback" in err
+
+
+def test_progress_bar_follows_counted_messages():
+    from rich.console import Console
+
+    from rewriter.cli.progress import StepProgress
+
+    bar = StepProgress(Console(file=open(os.devnull, "w"), force_terminal=True), "start")
+    with bar as say:
+        say("cpu 2/4: x=[1,4]")
+        task = bar._progress.tasks[0]
+        assert (task.completed, task.total, task.description) == (2, 4, "cpu 2/4: x=[1,4]")
+        say("verifying")
+        assert bar._progress.tasks[0].total is None

@@ -11,6 +11,7 @@ from rich.console import Console
 
 from rewriter.cli.app import app
 from rewriter.errors import InputError
+from rewriter.cli.progress import StepProgress
 
 __all__ = ["parse_bench_shapes", "parse_bench_providers", "make_bench_options", "bench_cmd"]
 
@@ -81,11 +82,8 @@ def bench_cmd(
     before = load_model(model)
     after = load_model(other) if other is not None else None
 
-    err = Console(stderr=True)
-    with err.status("measuring", spinner="dots") as status:
-        results = bench_models(
-            model, other, options, progress=lambda done, total: status.update(f"measuring {done}/{total}")
-        )
+    with StepProgress(Console(stderr=True), "measuring") as say:
+        results = bench_models(model, other, options, progress=lambda done, total: say(f"measuring {done}/{total}"))
     out = Console()
     render_bench(results, out)
     notes: list[str] = []

@@ -10,6 +10,7 @@ from rich.console import Console
 
 from rewriter.cli.app import app
 from rewriter.cli.options import verify_options
+from rewriter.cli.progress import StepProgress
 from rewriter.errors import VerificationError
 
 
@@ -37,10 +38,9 @@ def verify_cmd(
         check_output_path(report, input_path=None)
     opts = verify_options(providers, seed, atol, rtol, shape, inputs, input_range)
     a, b = load_model(original), load_model(candidate)  # one-line errors for bad files, before any run
-    err = Console(stderr=True)
-    with err.status("verifying", spinner="dots") as status:
+    with StepProgress(Console(stderr=True), "verifying") as say:
         # Paths, so each model reads its own external data from its own folder.
-        result = verify_models(a.path or a.model, b.path or b.model, opts, progress=lambda m: status.update(m))
+        result = verify_models(a.path or a.model, b.path or b.model, opts, progress=say)
     render_verification(result, Console())
     if report is not None:
         atomic_write_text(report, json.dumps({"verification": result.to_json()}, indent=2) + "\n")

@@ -1,0 +1,54 @@
+"""A rich progress bar driven by the library's text callbacks ("cpu 2/4: ...", "measuring ...: 7/60").
+
+The library reports progress as short messages so it stays free of any UI; a message holding
+``N/M`` advances a real bar, any other message shows as an indeterminate step.
+"""
+
+from __future__ import annotations
+
+import re
+from types import TracebackType
+from typing import Callable
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
+
+__all__ = ["StepProgress"]
+
+_COUNT = re.compile(r"(\d+)/(\d+)")
+
+
+class StepProgress:
+    """``with StepProgress(console) as say: library_call(progress=say)``."""
+
+    def __init__(self, console: Console, first: str = "starting") -> None:
+        self._progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
+        self._first = first
+        self._task: TaskID | None = None
+
+    def __enter__(self) -> Callable[[str], None]:
+        self._progress.__enter__()
+        self._task = self._progress.add_task(self._first, total=None)
+        return self.update
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self._progress.__exit__(et, ev, tb)
+
+    def update(self, message: str) -> None:
+        assert self._task is not None
+        found = _COUNT.search(message)
+        if found:
+            done, total = int(found.group(1)), int(found.group(2))
+            self._progress.update(self._task, description=message, completed=done, total=max(total, 1))
+        else:
+            # rich reads total=None in update() as "unchanged": a new indeterminate task instead.
+            self._progress.remove_task(self._task)
+            self._task = self._progress.add_task(message, total=None)
