@@ -147,6 +147,20 @@ class VerificationResult:
     def to_json(self) -> dict[str, Any]:
         return {"passed": self.passed, "providers": {k: v.to_json() for k, v in self.providers.items()}}
 
+    def to_markdown(self) -> str:
+        lines = [
+            f"**{'equivalent' if self.passed else 'not verified'}**",
+            "",
+            "| provider | status | shapes | max abs | max rel | tolerance | reason |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in self.providers.values():
+            tol = f"atol={r.tolerance.atol:g} rtol={r.tolerance.rtol:g}" if r.tolerance else "-"
+            shapes = "; ".join(_fmt_shapes(x) for x in r.shapes) or "-"
+            reason = r.reason.replace("|", "\\|")
+            lines.append(f"| {r.provider} | {r.status} | {shapes} | {_fmt_num(r.max_abs)} | {_fmt_num(r.max_rel)} | {tol} | {reason} |")
+        return "\n".join(lines)
+
 
 @dataclass(frozen=True)
 class VerifyOptions:

@@ -180,3 +180,14 @@ def test_load_npz_feeds_bad_files(tmp_path) -> None:  # type: ignore[no-untyped-
     for path in (garbage, npy, tmp_path / "missing.npz"):
         with pytest.raises(InputError):
             load_npz_feeds(path)
+
+
+def test_distinct_dynamic_dims_get_distinct_values_above_one():
+    """So a rewrite that swaps two dynamic axes cannot pass by the two being equal."""
+    from rewriter.inputs import InputSpec, shape_sets
+
+    specs = [InputSpec("x", np.dtype("float32"), ("batch", "frames", 16)), InputSpec("y", np.dtype("float32"), ("batch", None))]
+    runs = shape_sets(specs)
+    assert runs[0] == {"x": (1, 1, 16), "y": (1, 1)}
+    assert runs[1]["x"][:2] == (3, 4)  # batch and frames differ
+    assert runs[1]["y"] == (3, 5)  # shared symbol keeps its value; the anonymous dim gets its own

@@ -365,3 +365,19 @@ def test_cuda_path_with_cpu_standing_in(monkeypatch: pytest.MonkeyPatch) -> None
     w2 = W.copy()
     w2[0, 0] += 0.1
     assert verify_models(matmul_model(W), matmul_model(w2), opts).providers["cuda"].status == "failed"
+
+
+def test_markdown_table_per_provider():
+    from rewriter.verify import ProviderResult, Tolerance, VerificationResult
+
+    res = VerificationResult(
+        True,
+        {
+            "cpu": ProviderResult("cpu", "passed", "", [{"x": [1, 4]}, {"x": [3, 4]}], 0.0, 0.0, Tolerance(1e-4, 1e-3), None, []),
+            "cuda": ProviderResult("cuda", "skipped", "CUDA unavailable: no | driver", [], None, None, None, None, []),
+        },
+    )
+    md = res.to_markdown().splitlines()
+    assert md[0] == "**equivalent**"
+    assert md[4] == "| cpu | passed | x=[1,4]; x=[3,4] | 0 | 0 | atol=0.0001 rtol=0.001 |  |"
+    assert md[5] == "| cuda | skipped | - | - | - | - | CUDA unavailable: no \\| driver |"
