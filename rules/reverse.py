@@ -43,6 +43,11 @@ class _Reverse(Rule):
             return fail(f"weight shape {shape} is not 2-D", node)
         return ok()
 
+    def site_check(self, m: Match, node: gs.Node) -> CheckResult:
+        """Weight, then input: the checks every reverse rule starts with."""
+        res = self.weight_check(m, node)
+        return self.input_check(m, m["x"], node) if res else res
+
     def conv(self, b: RewriteBuilder, m: Match, x: gs.Tensor, w_nk: np.ndarray, bias: np.ndarray | None, out: gs.Tensor) -> gs.Tensor:
         """Conv(k=1) applied along the last axis of x (2-D or 3-D), shaped like ``out``."""
         n = w_nk.shape[0]
@@ -75,10 +80,7 @@ class MatMulAddToConv1x1(_Reverse):
         return p.op("Add", mm, p.const("b"), name="add", commutative=True)
 
     def check(self, m: Match) -> CheckResult:
-        res = self.weight_check(m, m["mm"])
-        if not res:
-            return res
-        res = self.input_check(m, m["x"], m["mm"])
+        res = self.site_check(m, m["mm"])
         if not res:
             return res
         rank, n = rank_of(m["x"]), int(m["w"].shape[1])
@@ -106,10 +108,7 @@ class MatMulToConv1x1(_Reverse):
         return p.op("MatMul", p.var("x"), p.const("w"), name="mm")
 
     def check(self, m: Match) -> CheckResult:
-        res = self.weight_check(m, m["mm"])
-        if not res:
-            return res
-        res = self.input_check(m, m["x"], m["mm"])
+        res = self.site_check(m, m["mm"])
         if not res:
             return res
         out = m["mm"].outputs[0]
@@ -135,10 +134,7 @@ class GemmToConv1x1(_Reverse):
         gemm = m["gemm"]
         if int(gemm.attrs.get("transA", 0)) != 0:
             return fail("transA=1 is not handled", gemm)
-        res = self.weight_check(m, gemm)
-        if not res:
-            return res
-        res = self.input_check(m, m["x"], gemm)
+        res = self.site_check(m, gemm)
         if not res:
             return res
         if "c" in m:
