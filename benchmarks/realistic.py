@@ -15,6 +15,10 @@ layout each exporter writes:
 - full-span:        torch Conv1d(C, N, k=L) on x[B, C, L] -> Flatten; L = --span (default 64:
                     at L=2048 the weight alone would be 2 GiB)
 - native-pointwise: torch Conv1d(C, N, k=1) on x[B, C, L]
+- conformer:        torch Conformer conv module (LayerNorm, pw Conv1d(C, 2C), GLU, depthwise k=7,
+                    BN, SiLU, pw Conv1d(C, C), transposes on one side only), TorchScript export (needs torch)
+- pointnet-cl:      torch PointNet stack of 3 pointwise Conv1d+BN+ReLU on x[B, L, C/8] behind
+                    Transpose(0,2,1) in and out, TorchScript export (needs torch)
 
 `rewriter.optimize(model, bench=True)` rewrites with the default rules, verifies on CPU, then
 measures original vs output in interleaved rounds (median of per-round ratios) and rejects
@@ -118,12 +122,48 @@ def native_pointwise(b: int, length: int, c: int, rng: np.random.Generator, span
     return _model(nodes, [b, c, length], [_w(rng, [c, c, 1], "conv.weight"), _w(rng, [c], "conv.bias")], 17, "native_pointwise")
 
 
+def _fixture_modules() -> None:
+    folder = str(Path(__file__).resolve().parents[1] / "tests" / "fixtures")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+
+
+def _torch_export(module: object, x_shape: Sequence[int]) -> onnx.ModelProto:
+    """TorchScript export of one of the fixture modules (tests/fixtures/make_torch.py) at this size."""
+    import io
+
+    import torch
+
+    torch.manual_seed(0)
+    buf = io.BytesIO()
+    torch.onnx.export(module.eval(), (torch.randn(*x_shape),), buf, input_names=["x"], output_names=["y"], dynamo=False)  # type: ignore[attr-defined]
+    return onnx.load_from_string(buf.getvalue())
+
+
+def conformer(b: int, length: int, c: int, rng: np.random.Generator, span: int) -> onnx.ModelProto:
+    """torch Conformer convolution module on (B, T, D): pointwise convs with one-sided transposes."""
+    _fixture_modules()
+    from make_torch import ConformerConv  # noqa: PLC0415 (needs torch: imported only for this family)
+
+    return _torch_export(ConformerConv(D=c), (b, length, c))
+
+
+def pointnet_cl(b: int, length: int, c: int, rng: np.random.Generator, span: int) -> onnx.ModelProto:
+    """torch PointNet-style stack of 3 pointwise Conv1d+BN+ReLU on (B, L, C//8) behind transposes."""
+    _fixture_modules()
+    from make_torch import PointNet  # noqa: PLC0415
+
+    return _torch_export(PointNet(channels_last=True, widths=(c // 8, c // 4, c // 2, c)), (b, length, c // 8))
+
+
 PATTERNS: dict[str, Callable[..., onnx.ModelProto]] = {
     "method1": method1,
     "transpose-idiom": transpose_idiom,
     "tf2onnx-chain": tf2onnx_chain,
     "full-span": full_span,
     "native-pointwise": native_pointwise,
+    "conformer": conformer,
+    "pointnet-cl": pointnet_cl,
 }
 COLUMNS = ("input", "Conv", "Transpose", "MatMul/Gemm", "rewrites", "median ms", "speedup", "verdict", "peak RSS")
 

@@ -276,6 +276,24 @@ def _pointwise_ok(conv: gs.Node, rank: int, model: ModelGraph) -> bool:
     return pointwise_reason(conv, conv.inputs[1], rank) is None and all(model.is_constant(i) for i in consts)
 
 
+def transpose_below(t: gs.Tensor, m: Match) -> bool:
+    """Whether a Transpose(0,2,1) reads ``t`` through single-consumer elementwise ops and pointwise
+    convs: a Transpose put on ``t`` then meets it and both go away (the chain rules carry it down)."""
+    for _ in range(256):
+        node = single_consumer(t, m.graph)
+        if node is None:
+            return False
+        if node.op == "Transpose":
+            return int_list(node.attrs.get("perm")) == list(T1)
+        if node.op == "Conv":
+            if node.inputs[0] is not t or not _pointwise_ok(node, 3, m.model):
+                return False
+        elif elementwise_reason(node, t, 3, m.model) is not None:
+            return False
+        t = node.outputs[0]
+    return False
+
+
 @dataclass
 class Chain:
     """``end`` == Transpose(source, perm) seen through ``steps`` (forward order)."""

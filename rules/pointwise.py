@@ -16,9 +16,12 @@ convs (torch Conv1d or tf2onnx's Unsqueeze/Conv2d/Squeeze); ``X'`` / ``Y'`` is t
 rebuilt on X in (B, L, C) layout with no Transpose (``Y' = Transpose(Y)`` when Y is no such
 chain). Reading through the chain rewrites a whole PointNet or keras Conv1D stack in one
 sweep; the single Transpose left at the end cancels with its neighbour
-(``transpose-pair-fold`` / ``transpose-fold-elementwise``). When the ops between the convs are
-channels-first specific (GLU on dim 1, depthwise conv, BatchNorm) the Transposes stay around
-them and only the pointwise convs become MatMuls.
+(``transpose-pair-fold`` / ``transpose-fold-elementwise``). The torch one-sided forms fire
+only where that happens (a chain above for the output side, a Transpose(0,2,1) below for the
+input side): when channels-first ops (GLU on dim 1, depthwise conv, BatchNorm) keep the
+layout, the Transposes could only move, leaving a native-layout MatMul that measured no
+faster than the Conv (torch Conformer at 8x2048x512: 0.94x), so they refuse quietly. The
+tf2onnx forms always fire: they also remove tf2onnx's Unsqueeze/Squeeze around a 4-D Conv.
 
 In native layout (opt-in: measured slower than Conv on onnxruntime CPU)::
 
@@ -48,6 +51,7 @@ from rewriter.rules._layout import (
     node_axes,
     pointwise_reason,
     rank_of,
+    transpose_below,
     rebuild,
     single_consumer,
     tf_conv_unit,
@@ -69,6 +73,11 @@ __all__ = [
 ]
 
 NOT_CL = "input is not channels-last: no Transpose(0,2,1) above it through elementwise ops and pointwise convs"
+# The torch one-sided forms remove scaffolding only when the Transpose they leave meets another
+# one; otherwise they just move it and leave a native-layout MatMul, which measured no faster than
+# the Conv (torch Conformer at 8x2048x512: 0.94x, 0.75-1.09), so they refuse. The tf2onnx forms
+# always absorb tf2onnx's Unsqueeze/Squeeze around a 4-D Conv (Keras Conformer fixtures: 1.45-1.69x).
+MOVES_ONLY = "the Transpose would only move, not cancel (use conv1x1-to-matmul for the native form)"
 
 
 def _spatial(n: int):  # type: ignore[no-untyped-def]
@@ -184,7 +193,7 @@ class Tf2onnxConv1x1ToMatMul(_Pointwise):
 
 
 class TransposedInConv1x1ToMatMul(_Pointwise):
-    """Conv(k=1) reading a channels-last chain from (B, L, C)  ->  Transpose(MatMul(X', Wᵀ) + b, 0,2,1)"""
+    """Conv(k=1) reading a channels-last chain, a Transpose(0,2,1) below  ->  Transpose(MatMul(X', Wᵀ) + b), which cancels there"""
 
     id = "transposed-in-conv1x1-to-matmul"
     benefit = 10
@@ -194,6 +203,8 @@ class TransposedInConv1x1ToMatMul(_Pointwise):
 
     def check(self, m: Match) -> CheckResult:
         res = self.conv_check(m)
+        if res and not transpose_below(m["conv"].outputs[0], m):
+            return skip(MOVES_ONLY, m["conv"])
         if res and self.find_chain(m, m["v"]) is None:
             return skip(NOT_CL, m["conv"])
         return res
@@ -236,7 +247,7 @@ class Tf2onnxInConv1x1ToMatMul(_Pointwise):
 
 
 class TransposedOutConv1x1ToMatMul(_Pointwise):
-    """Transpose(0,2,1) of Conv(k=1) on (B, C, L)  ->  MatMul(Y', Wᵀ) + b (Y' = Transpose(Y) or Y's chain rebuilt)"""
+    """Transpose(0,2,1) of Conv(k=1) reading a channels-last chain  ->  MatMul(Y', Wᵀ) + b (Y' = the chain rebuilt channels-last)"""
 
     id = "transposed-out-conv1x1-to-matmul"
     benefit = 11  # before the input-side forms: reading X directly beats Transpose + fold
@@ -247,8 +258,8 @@ class TransposedOutConv1x1ToMatMul(_Pointwise):
 
     def check(self, m: Match) -> CheckResult:
         res = self.conv_check(m)
-        if res:
-            self.find_chain(m, m["y"])
+        if res and self.find_chain(m, m["y"]) is None:
+            return skip(MOVES_ONLY, m["conv"])
         return res
 
     def rewrite(self, b: RewriteBuilder, m: Match) -> gs.Tensor:
@@ -269,7 +280,7 @@ class Tf2onnxOutConv1x1ToMatMul(_Pointwise):
     def check(self, m: Match) -> CheckResult:
         res = first_failure(lambda: self.conv_check(m), lambda: _tf_axes_check(m, TF_CF), lambda: self.bias_add_check(m))
         if res:
-            self.find_chain(m, m["y"])
+            self.find_chain(m, m["y"])  # claimed when present; the tf2onnx Unsqueeze/Squeeze go either way
         return res
 
     def rewrite(self, b: RewriteBuilder, m: Match) -> gs.Tensor:
