@@ -3,7 +3,8 @@ to-conv rules + cleanups: the two directions undo each other, so they never run 
 random Conv / MatMul / Gemm model is either left untouched or rewritten into a model that
 verifies equal on onnxruntime CPU.
 
-500 examples per CI run (profile "ci"); for a longer local run:
+850 examples per CI run (profile "ci": 500 convs, 250 channels-first chains, 100 MatMul/Gemm);
+for a longer local run:
     HYPOTHESIS_PROFILE=large python -m pytest tests/test_property.py   # 5000 examples
 """
 
@@ -145,6 +146,58 @@ def matmul_models(draw: st.DrawFn) -> onnx.ModelProto:
     return make_model(nodes, [vi("x", shape)], [vi("y", None)], inits, opset=17)
 
 
+@st.composite
+def chain_models(draw: st.DrawFn) -> onnx.ModelProto:
+    """(B, L, C) -> [Transpose(0,2,1)] -> pointwise convs / elementwise ops with broadcast
+    constants / a k=3 conv, in channels-first layout -> [Transpose(0,2,1)]: the chains the
+    one-sided pointwise rules and the transpose folding read through."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    length = draw(st.integers(2, 6))
+    c = draw(st.integers(1, 5))
+    dynamic = draw(st.booleans())
+    batch = "batch" if dynamic else 2
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+    cur = "x"
+    if draw(st.booleans()):  # (B, L, C) behind the torch transpose
+        x = vi("x", [batch, length, c])
+        nodes.append(helper.make_node("Transpose", [cur], ["t_in"], perm=[0, 2, 1], name="t_in"))
+        cur = "t_in"
+    else:  # native channels-first input (B, C, L)
+        x = vi("x", [batch, c, length])
+    steps = draw(st.lists(st.sampled_from(["conv1", "conv1", "relu", "sigmoid", "add", "mul", "conv3", "fork"]), min_size=1, max_size=5))
+    for i, step in enumerate(steps):
+        out = f"s{i}"
+        if step in ("conv1", "conv3"):
+            k = 1 if step == "conv1" else 3
+            n = draw(st.integers(1, 5))
+            inits.append(init(f"w{i}", rng.standard_normal((n, c, k)).astype(np.float32)))
+            ins = [cur, f"w{i}"]
+            if draw(st.booleans()):
+                inits.append(init(f"b{i}", rng.standard_normal(n).astype(np.float32)))
+                ins.append(f"b{i}")
+            pads = [k // 2, k // 2]
+            nodes.append(helper.make_node("Conv", ins, [out], kernel_shape=[k], pads=pads, name=f"conv{i}"))
+            c = n
+        elif step in ("relu", "sigmoid"):
+            nodes.append(helper.make_node(step.capitalize(), [cur], [out], name=f"{step}{i}"))
+        elif step == "fork":  # a value read twice: chains must not be walked through it
+            nodes.append(helper.make_node("Relu", [cur], [f"f{i}"], name=f"fork{i}"))
+            nodes.append(helper.make_node("Add", [f"f{i}", cur], [out], name=f"join{i}"))
+        else:
+            shape = draw(st.sampled_from([(), (1,), (c, 1), (1, c, 1), (length,), (1, 1, length), (c, length)]))
+            inits.append(init(f"k{i}", rng.standard_normal(shape).astype(np.float32)))
+            first = draw(st.booleans())
+            args = [cur, f"k{i}"] if first else [f"k{i}", cur]
+            nodes.append(helper.make_node(step.capitalize(), args, [out], name=f"{step}{i}"))
+        cur = out
+    if draw(st.booleans()):
+        nodes.append(helper.make_node("Transpose", [cur], ["y"], perm=[0, 2, 1], name="t_out"))
+    else:
+        nodes.append(helper.make_node("Identity", [cur], ["y"], name="out"))
+    return make_model(nodes, [x], [vi("y", None)], inits, opset=draw(st.sampled_from([13, 17])))
+
+
 def _loads(model: onnx.ModelProto) -> bool:
     so = ort.SessionOptions()
     so.log_severity_level = 4
@@ -182,6 +235,12 @@ def test_random_convs_verify_or_stay_untouched(model: onnx.ModelProto, direction
 @settings(max_examples=max(50, settings.default.max_examples // 5))
 @given(matmul_models(), st.sampled_from(["to-conv", "to-matmul"]))
 def test_random_matmuls_verify_or_stay_untouched(model: onnx.ModelProto, direction: str) -> None:
+    _check(model, direction)
+
+
+@settings(max_examples=max(100, settings.default.max_examples // 2))
+@given(chain_models(), st.sampled_from(["to-matmul", "to-matmul", "to-conv"]))
+def test_random_channels_first_chains_verify_or_stay_untouched(model: onnx.ModelProto, direction: str) -> None:
     _check(model, direction)
 
 
