@@ -29,6 +29,7 @@ __all__ = [
     "StaticSection",
     "measure_and_accept",
     "rule_family",
+    "largest_verification_shapes",
     "benchmark_markdown",
     "static_markdown",
     "render_static",
@@ -89,7 +90,7 @@ def _key(record: RewriteRecord) -> SiteKey:
     return (record.rule, record.nodes[0] if record.nodes else "")
 
 
-def _largest_verification_shapes(model: onnx.ModelProto, verify_options: Any) -> dict[str, tuple[int, ...]] | None:
+def largest_verification_shapes(model: onnx.ModelProto, verify_options: Any) -> dict[str, tuple[int, ...]] | None:
     """Input shapes of the largest verification run, when the user chose them (--shape/--inputs)."""
     from rewriter.inputs import input_specs, load_npz_feeds, shape_sets
 
@@ -125,7 +126,7 @@ def measure_and_accept(
     say = progress or (lambda _msg: None)
     options = bench_options or BenchOptions()
     if options.shapes is None:
-        shapes = _largest_verification_shapes(loaded.model, verify_options)
+        shapes = largest_verification_shapes(loaded.model, verify_options)
         if shapes is not None:
             options = replace(options, shapes=shapes)
     family_of = {r.id: rule_family(r) for r in rules}

@@ -4,6 +4,8 @@
     result = rewriter.optimize("model.onnx")          # rewrite + verify (CPU, CUDA if real)
     result.save("model.rewritten.onnx")
     print(result.report.to_json()["rewrites"])
+
+    rewriter.optimize("model.onnx", tune=True)          # per-site choice by measurement (rewriter.tune)
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import onnx
 
 from rewriter import __version__
 from rewriter.driver import AppliedSite, DriverResult, SiteKey, run_rules
-from rewriter.errors import VerificationError
+from rewriter.errors import InputError, VerificationError
 from rewriter.graph import ModelGraph
 from rewriter.model_io import LoadedModel, check_output_path, load_model, save_model
 from rewriter.registry import Registry, discover
@@ -64,12 +66,14 @@ def optimize(
     rules: Sequence[str] | None = None,
     exclude: Sequence[str] = (),
     direction: str = "default",
+    tune: bool = False,
+    tune_options: Any = None,
     plugins: Sequence[str] = (),
     strict_plugins: bool = False,
     registry: Registry | None = None,
     verify: bool = True,
     verify_options: Any = None,
-    bench: bool = False,
+    bench: bool | None = None,
     bench_options: Any = None,
     keep_slower: bool = False,
     progress: Progress | None = None,
@@ -82,16 +86,30 @@ def optimize(
     model can be produced. With ``bench`` both models are measured on the target providers
     (latency, peak memory, static costs) and rule families that make the model measurably
     slower are rolled back (``rejected``) unless ``keep_slower``.
+
+    ``direction="auto"`` (or ``tune=True``) replaces the fixed policy by measurement: every
+    Conv/MatMul/Gemm site is timed in each applicable form as an isolated subgraph and keeps
+    the fastest only when the gain exceeds the noise (``tune_options``: a
+    :class:`rewriter.tune.TuneOptions` with the decision cache and an injectable timer). The
+    report gets a ``tuning`` section. ``bench`` defaults to True when tuning (the whole-model
+    acceptance confirms the choices), else to False.
     """
     say = progress or (lambda _msg: None)
+    if tune and direction not in ("default", "auto"):
+        raise InputError(f"tune=True is direction='auto'; it cannot be combined with direction='{direction}'")
+    auto = tune or direction == "auto"
+    bench = auto if bench is None else bench
     loaded = load_model(model)
     reg = registry or discover(plugins, strict=strict_plugins)
-    selected = reg.select(rules, exclude, direction)
+    notes: list[str] = [f"plugin unavailable: {u.source}: {u.error}" for u in reg.unavailable]
+    sections: dict[str, Any] = {}
+    if auto:
+        selected = _tuned_rules(loaded, reg, rules, exclude, bench_options, tune_options, verify_options, sections, notes, say)
+    else:
+        selected = reg.select(rules, exclude, direction)
     say(f"rewriting with {len(selected)} rule(s)")
     out_model, dres = rewrite_model(loaded, selected)
     records = [RewriteRecord(s.rule, s.nodes, "applied") for s in dres.applied]
-    notes: list[str] = [f"plugin unavailable: {u.source}: {u.error}" for u in reg.unavailable]
-    sections: dict[str, Any] = {}
 
     if verify and dres.applied:
         out_model, records, dres, verification = _verify_and_roll_back(loaded, selected, out_model, dres, verify_options, say)
@@ -124,6 +142,40 @@ def optimize(
         notes=tuple(notes),
     )
     return Result(out_model, report, loaded)
+
+
+def _tuned_rules(
+    loaded: LoadedModel,
+    reg: Registry,
+    rules: Sequence[str] | None,
+    exclude: Sequence[str],
+    bench_options: Any,
+    tune_options: Any,
+    verify_options: Any,
+    sections: dict[str, Any],
+    notes: list[str],
+    say: Progress,
+) -> list[Rule]:
+    """The rules of a tuned run: each to-matmul / to-conv rule (``rules`` narrows them) restricted
+    to the sites where it measured fastest, plus the cleanups of the fixed policy (or of ``rules``)."""
+    from rewriter.tune import tune_sites
+
+    pool = reg.select(rules, exclude, "to-matmul") + ([] if rules else reg.select(None, exclude, "to-conv"))
+    seen: set[str] = set()
+    candidates, cleanups = [], []
+    for r in pool:
+        if r.id in seen:
+            continue
+        seen.add(r.id)
+        if r.direction != "cleanup":
+            candidates.append(r)
+        elif rules or r.default:
+            cleanups.append(r)
+    plan = tune_sites(loaded, candidates, cleanups, bench_options=bench_options, options=tune_options,
+                      verify_options=verify_options, progress=say)  # fmt: skip
+    sections["tuning"] = plan.section
+    notes.extend(plan.notes)
+    return plan.rules
 
 
 def _verify_and_roll_back(

@@ -36,6 +36,10 @@ __all__ = [
     "judge",
     "render_bench",
     "PROVIDERS",
+    "ModelSource",
+    "make_session",
+    "ort_providers",
+    "cuda_unavailable_reason",
 ]
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -179,7 +183,7 @@ def _timing(samples_ns: Sequence[int], memory: dict[str, Any] | None) -> ModelTi
 # --- model sources and sessions ---------------------------------------------------------------
 
 @dataclass
-class _Source:
+class ModelSource:
     """A model ORT can open: a file path, or serialized bytes plus the folder of its weights."""
 
     label: str
@@ -203,7 +207,7 @@ def _has_external_data(model: "onnx.ModelProto") -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
-def _source(model: Any, label: str, base_dir: Path | None) -> _Source:
+def _source(model: Any, label: str, base_dir: Path | None) -> ModelSource:
     import onnx
 
     if isinstance(model, onnx.ModelProto):
@@ -213,7 +217,7 @@ def _source(model: Any, label: str, base_dir: Path | None) -> _Source:
             data = model.SerializeToString()
         except ValueError:
             raise InputError(f"the {label} model is over 2 GB in memory; save it with external data and pass its path") from None
-        return _Source(label, None, data, Path(base_dir).resolve() if base_dir else None, model)
+        return ModelSource(label, None, data, Path(base_dir).resolve() if base_dir else None, model)
     path = Path(model)
     if not path.is_file():
         raise InputError(f"{label} model not found: {path}")
@@ -221,7 +225,7 @@ def _source(model: Any, label: str, base_dir: Path | None) -> _Source:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
         raise InputError(f"cannot read the {label} model {path}: {_first_line(exc)}") from exc
-    return _Source(label, path.resolve(), None, None, proto)
+    return ModelSource(label, path.resolve(), None, None, proto)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -229,7 +233,7 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _session(src: _Source, providers: list[str], threads: int) -> "onnxruntime.InferenceSession":
+def make_session(src: ModelSource, providers: list[str], threads: int) -> "onnxruntime.InferenceSession":
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -246,12 +250,12 @@ def _session(src: _Source, providers: list[str], threads: int) -> "onnxruntime.I
         raise InputError(f"onnxruntime cannot load the {src.label} model: {_first_line(exc)}") from exc
 
 
-def _ort_providers(provider: str) -> list[str]:
+def ort_providers(provider: str) -> list[str]:
     ep = PROVIDERS[provider]
     return [ep] if ep == "CPUExecutionProvider" else [ep, "CPUExecutionProvider"]
 
 
-def _cuda_unavailable() -> str | None:
+def cuda_unavailable_reason() -> str | None:
     """Why CUDA cannot work here, found without creating a session (which would spam stderr)."""
     import ctypes
 
@@ -272,7 +276,7 @@ def _cuda_unavailable() -> str | None:
 # --- feeds -----------------------------------------------------------------------------------
 
 def _feeds_and_shapes(
-    before: _Source, after: _Source | None, options: BenchOptions
+    before: ModelSource, after: ModelSource | None, options: BenchOptions
 ) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, ...]]]:
     from rewriter.inputs import input_specs, make_feeds, shape_sets
 
@@ -348,7 +352,7 @@ def _time_rounds(
 
 
 def _measure_memory(
-    src: _Source, provider: str, options: BenchOptions, feeds_manifest: Path, tmp: Path
+    src: ModelSource, provider: str, options: BenchOptions, feeds_manifest: Path, tmp: Path
 ) -> tuple[dict[str, Any], list[str]]:
     cmd = [
         sys.executable, "-m", "rewriter.bench", "_rss", str(src.file_for_subprocess(tmp)),
@@ -375,8 +379,8 @@ def _measure_memory(
 
 def _bench_provider(
     provider: str,
-    before: _Source,
-    after: _Source | None,
+    before: ModelSource,
+    after: ModelSource | None,
     feeds: dict[str, np.ndarray],
     shapes: dict[str, tuple[int, ...]],
     options: BenchOptions,
@@ -395,11 +399,11 @@ def _bench_provider(
 
     ep = PROVIDERS[provider]
     if provider == "cuda":
-        why = _cuda_unavailable()
+        why = cuda_unavailable_reason()
         if why:
             return result(status="skipped", reason=f"CUDA unavailable: {why}", verdict="not compared")
     sources = [before] + ([after] if after is not None else [])
-    sessions = [_session(s, _ort_providers(provider), options.threads) for s in sources]
+    sessions = [make_session(s, ort_providers(provider), options.threads) for s in sources]
     if any(s.get_providers()[0] != ep for s in sessions):
         return result(status="skipped", reason=f"CUDA unavailable: session fell back to {sessions[0].get_providers()[0]}")
     samples = _time_rounds(sessions, feeds, options, tick)
@@ -599,13 +603,13 @@ def _rss_main(argv: list[str]) -> int:
     feeds = _load_feeds(Path(args.feeds))
     path = Path(args.model)
     if args.external_dir:
-        src = _Source("model", None, path.read_bytes(), Path(args.external_dir), None)
+        src = ModelSource("model", None, path.read_bytes(), Path(args.external_dir), None)
     else:
-        src = _Source("model", path, None, None, None)
+        src = ModelSource("model", path, None, None, None)
     _reset_peak_rss()
     baseline = _max_rss_bytes()
     providers = [args.provider] + (["CPUExecutionProvider"] if args.provider != "CPUExecutionProvider" else [])
-    session = _session(src, providers, args.threads)
+    session = make_session(src, providers, args.threads)
     for _ in range(max(args.runs, 1)):
         session.run(None, feeds)
     peak = _max_rss_bytes()

@@ -346,7 +346,7 @@ def _with_float_casts(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelPro
     return copy
 
 
-def _session(model: _Prepared, provider: str) -> ort.InferenceSession:
+def make_session(model: _Prepared, provider: str) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = 2
@@ -502,7 +502,7 @@ class _Lazy:
     def get(self) -> ort.InferenceSession | None:
         if self._sess is None and self.error is None:
             try:
-                self._sess = _session(self.model, self.provider)
+                self._sess = make_session(self.model, self.provider)
             except _ORT_ERRORS as exc:
                 self.error = _first_line(exc)
         return self._sess

@@ -355,9 +355,9 @@ def test_cuda_path_with_cpu_standing_in(monkeypatch: pytest.MonkeyPatch) -> None
     """Exercises the CUDA branch (noise measurement, widened tolerance) without a GPU."""
     from rewriter import verify
 
-    real_session = verify._session
+    real_session = verify.make_session
     monkeypatch.setattr(verify, "cuda_status", lambda: (True, ""))
-    monkeypatch.setattr(verify, "_session", lambda model, provider: real_session(model, "cpu"))
+    monkeypatch.setattr(verify, "make_session", lambda model, provider: real_session(model, "cpu"))
     opts = VerifyOptions(providers=("cpu", "cuda"))
     result = verify_models(matmul_model(W), matmul_model(W.copy()), opts)
     assert result.passed and result.providers["cuda"].status == "passed"

@@ -11,6 +11,8 @@ from rich.console import Console
 from rewriter.cli.app import app
 from rewriter.cli.cmd_bench import make_bench_options
 from rewriter.cli.options import split_ids, verify_options
+from rewriter.cli.progress import StepProgress
+from rewriter.errors import InputError
 
 
 def default_output(model: Path) -> Path:
@@ -24,7 +26,10 @@ def rewrite_cmd(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output path \\[default: <stem>.rewritten.onnx beside the input]."),
     rules: Optional[List[str]] = typer.Option(None, "--rules", help="Only these rule ids (comma-separated, repeatable)."),
     exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="Leave out these rule ids."),
-    direction: str = typer.Option("default", "--direction", help="default | to-matmul | to-conv."),
+    direction: Optional[str] = typer.Option(None, "--direction", help="default | to-matmul | to-conv | auto (measure each site, keep the fastest form) \\[default: auto when measuring and no --rules, else default]."),
+    tune: bool = typer.Option(False, "--tune", help="Same as --direction auto."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Tuning decision cache \\[default: $XDG_CACHE_HOME/onnx-rewrite/tuning.json]."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Measure every site again; neither read nor write the tuning cache."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the sites that would change and the near misses; write nothing."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the JSON report here."),
     report_md: Optional[Path] = typer.Option(None, "--report-md", help="Write a Markdown report here."),
@@ -54,8 +59,6 @@ def rewrite_cmd(
     out_console = Console()
     err = Console(stderr=True)
     if not model.exists():
-        from rewriter.errors import InputError
-
         raise InputError(f"cannot read model '{model}': no such file")
     out_path = None
     if not dry_run:
@@ -65,14 +68,22 @@ def rewrite_cmd(
             check_output_path(extra, input_path=model.resolve())
     vopts = None if no_verify or dry_run else verify_options(providers, seed, atol, rtol, shape, inputs, input_range)
     bench = not no_bench and not dry_run
-    bopts = make_bench_options(bench_providers or providers, bench_runs, bench_shape) if bench else None
+    direction = _resolve_direction(direction, tune, no_bench, bench and not split_ids(rules))
+    auto = direction == "auto"
+    bopts = make_bench_options(bench_providers or providers, bench_runs, bench_shape) if bench or auto else None
+    topts = None
+    if auto:
+        from rewriter.tune import TuneOptions
 
-    with err.status("rewriting", spinner="dots") as status:
+        topts = TuneOptions(cache=cache, use_cache=not no_cache, read_only_cache=dry_run)
+
+    with StepProgress(err, "rewriting") as say:
         result = optimize(
             model,
             rules=split_ids(rules) or None,
             exclude=split_ids(exclude),
             direction=direction,
+            tune_options=topts,
             plugins=plugin or (),
             strict_plugins=strict_plugins,
             verify=not (no_verify or dry_run),
@@ -80,7 +91,7 @@ def rewrite_cmd(
             bench=bench,
             bench_options=bopts,
             keep_slower=keep_slower,
-            progress=lambda msg: status.update(msg),
+            progress=say,
         )
     rep = result.report
     if dry_run:
@@ -93,6 +104,10 @@ def rewrite_cmd(
     if no_verify and not dry_run:
         err.print("[bold yellow]WARNING: --no-verify: the output was NOT checked against the original[/]")
     rep.render(out_console, verbose=verbose or dry_run)
+    if "tuning" in rep.sections:
+        from rewriter.tune import render_tuning
+
+        render_tuning(rep.sections["tuning"], out_console)
     if "verification" in rep.sections:
         from rewriter.verify import render_verification
 
@@ -112,3 +127,18 @@ def rewrite_cmd(
         atomic_write_text(report_md, rep.to_markdown())
     if out_path is not None:
         out_console.print(f"wrote {out_path}", markup=False)
+
+
+def _resolve_direction(direction: str | None, tune: bool, no_bench: bool, measuring: bool) -> str:
+    """``--tune`` is ``--direction auto``; without ``--direction`` auto is the default whenever the
+    run measures anyway (no ``--no-bench``/``--dry-run``, no explicit ``--rules``)."""
+    if tune:
+        if direction not in (None, "auto"):
+            raise InputError(f"--tune is --direction auto; it cannot be combined with --direction {direction}")
+        direction = "auto"
+    if direction is None:
+        return "auto" if measuring else "default"
+    if direction == "auto" and no_bench:
+        raise InputError("--direction auto / --tune measures every site; it cannot run with --no-bench "
+                         "(the fixed policy is --direction default)")  # fmt: skip
+    return direction

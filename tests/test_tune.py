@@ -1,0 +1,252 @@
+"""Per-site tuning (`--tune`, `direction="auto"`). Stub timers decide; real timers only run."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+import rewriter
+from helpers import init, make_model, op_counts, vi
+from rewriter.accept import rule_family
+from rewriter.bench import BenchOptions
+from rewriter.cli.app import run_app
+from rewriter.registry import discover
+from rewriter.tune import ORIGINAL, TuneOptions, decide, default_cache_path, restrict
+from rewriter.verify import VerifyOptions
+
+SCHEMA = json.loads((Path(rewriter.__file__).parent / "schemas" / "report.schema.json").read_text())
+VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
+CPU = VerifyOptions(providers=("cpu",))
+FIXTURES = Path(__file__).parent / "fixtures"
+RNG = np.random.default_rng(0)
+FAST = BenchOptions(runs=5, warmup=1, measure_memory=False)
+
+
+@pytest.fixture(autouse=True)
+def _private_cache_home(tmp_path, monkeypatch):
+    """No test may touch the user's real cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+
+
+def _w(*shape: int) -> np.ndarray:
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+def transposed_model() -> onnx.ModelProto:
+    """x[b, 6, 8] -> Transpose -> Conv(k=1) -> Transpose: the default policy rewrites it."""
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["t"], name="t_in", perm=[0, 2, 1]),
+        helper.make_node("Conv", ["t", "W", "B"], ["c"], name="conv", kernel_shape=[1]),
+        helper.make_node("Transpose", ["c"], ["y"], name="t_out", perm=[0, 2, 1]),
+    ]
+    return make_model(nodes, [vi("x", ["b", 6, 8])], [vi("y", ["b", 6, 4])], [init("W", _w(4, 8, 1)), init("B", _w(4))])
+
+
+def native_model() -> onnx.ModelProto:
+    """x[b, 8, 6] -> Conv(k=1) -> Relu: native layout, the default policy keeps the Conv."""
+    nodes = [
+        helper.make_node("Conv", ["x", "W", "B"], ["c"], name="conv", kernel_shape=[1]),
+        helper.make_node("Relu", ["c"], ["y"], name="relu"),
+    ]
+    return make_model(nodes, [vi("x", ["b", 8, 6])], [vi("y", ["b", 4, 6])], [init("W", _w(4, 8, 1)), init("B", _w(4))])
+
+
+def matmul_model() -> onnx.ModelProto:
+    """x[b, 6, 8] -> MatMul(W) -> Add(b): a Dense layer, Conv 1x1 is its alternative form."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["m"], name="mm"),
+        helper.make_node("Add", ["m", "B"], ["y"], name="add"),
+    ]
+    return make_model(nodes, [vi("x", ["b", 6, 8])], [vi("y", ["b", 6, 4])], [init("W", _w(8, 4)), init("B", _w(4))])
+
+
+def stub(conv_ms: float, other_ms: float, calls: list | None = None, rounds: int = 10):
+    """A timer: forms holding a Conv take ``conv_ms`` every round, the others ``other_ms``."""
+
+    def timer(models, feeds, provider):
+        if calls is not None:
+            calls.append(sorted(models))
+        assert provider == "cpu" and all(isinstance(v, np.ndarray) for v in feeds.values())
+        return {f: [conv_ms if "Conv" in op_counts(m) else other_ms] * rounds for f, m in models.items()}
+
+    return timer
+
+
+def tuned(model: onnx.ModelProto, timer, tmp_path: Path, **kw):
+    opts = TuneOptions(cache=kw.pop("cache", tmp_path / "tuning.json"), use_cache=kw.pop("use_cache", True), timer=timer)
+    kw.setdefault("bench", False)  # whole-model acceptance measures for real: kept out of decisions under test
+    return rewriter.optimize(model, tune=True, tune_options=opts, verify_options=CPU, bench_options=FAST, **kw)
+
+
+def sites(result) -> list[dict]:
+    return result.report.to_json()["tuning"]["sites"]
+
+
+def test_matmul_form_faster_rewrites_the_site(tmp_path):
+    result = tuned(transposed_model(), stub(conv_ms=2.0, other_ms=1.0), tmp_path)
+    (site,) = sites(result)
+    assert site["nodes"] == ["conv"] and site["choice"] != ORIGINAL and "faster than original" in site["reason"]
+    assert set(site["forms"]) >= {ORIGINAL, "transposed-conv1x1-to-matmul", "conv1x1-to-matmul"}
+    assert site["forms"][site["choice"]]["median_ms"] == 1.0 and site["forms"][ORIGINAL]["median_ms"] == 2.0
+    assert "Conv" not in op_counts(result.model)
+    assert result.report.sections["verification"].passed
+
+
+def test_conv_faster_keeps_the_original_where_the_default_policy_would_rewrite(tmp_path):
+    assert rewriter.optimize(transposed_model(), verify_options=CPU).report.applied  # the fixed policy rewrites
+    result = tuned(transposed_model(), stub(conv_ms=1.0, other_ms=2.0), tmp_path)
+    (site,) = sites(result)
+    assert site["choice"] == ORIGINAL and site["reason"].startswith("no form measurably faster")
+    assert op_counts(result.model) == op_counts(transposed_model()) and not result.report.applied
+
+
+def test_gain_within_noise_keeps_the_original(tmp_path):
+    result = tuned(transposed_model(), stub(conv_ms=1.0, other_ms=0.995), tmp_path)
+    assert sites(result)[0]["choice"] == ORIGINAL
+    assert op_counts(result.model) == op_counts(transposed_model())
+
+
+def test_decide_needs_the_spread_clear_of_one():
+    base = [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    noisy = [0.8, 1.2, 0.9, 1.1, 0.85, 1.15, 0.95, 1.05]
+    assert decide({ORIGINAL: base, "a": noisy})[0] == ORIGINAL
+    assert decide({ORIGINAL: base, "a": [0.5] * 8, "b": [0.4] * 8})[0] == "b"  # the largest significant speedup
+    assert decide({ORIGINAL: base, "a": [2.0] * 8})[0] == ORIGINAL
+    assert decide({ORIGINAL: base[:3], "a": [0.5] * 3})[0] == ORIGINAL  # too few rounds to tell
+
+
+def test_to_conv_is_chosen_for_a_matmul_site_when_conv_is_faster(tmp_path):
+    result = tuned(matmul_model(), stub(conv_ms=1.0, other_ms=2.0), tmp_path)
+    (site,) = sites(result)
+    assert site["nodes"] == ["mm"] and site["choice"] == "matmul-add-to-conv1x1"
+    assert op_counts(result.model).get("Conv") == 1 and "MatMul" not in op_counts(result.model)
+    assert result.report.sections["verification"].passed
+    kept = tuned(matmul_model(), stub(conv_ms=2.0, other_ms=1.0), tmp_path, use_cache=False)
+    assert sites(kept)[0]["choice"] == ORIGINAL and "Conv" not in op_counts(kept.model)
+
+
+def test_native_pointwise_conv_is_a_candidate_although_not_default(tmp_path):
+    result = tuned(native_model(), stub(conv_ms=2.0, other_ms=1.0), tmp_path)
+    (site,) = sites(result)
+    assert site["choice"] == "conv1x1-to-matmul" and site["candidates"] == ["conv1x1-to-matmul"]
+    assert [r.rule for r in result.report.applied] == ["conv1x1-to-matmul"]
+
+
+def test_second_run_reads_the_cache_and_no_cache_measures_again(tmp_path):
+    calls: list = []
+    first = tuned(transposed_model(), stub(2.0, 1.0, calls), tmp_path)
+    assert len(calls) == 1 and sites(first)[0]["cached"] is False
+    second = tuned(transposed_model(), stub(2.0, 1.0, calls), tmp_path)
+    assert len(calls) == 1, "the cached decision was measured again"
+    assert sites(second)[0]["cached"] is True and sites(second)[0]["choice"] == sites(first)[0]["choice"]
+    assert second.report.to_json()["tuning"]["cache"] == {"path": str(tmp_path / "tuning.json"), "enabled": True, "hits": 1, "misses": 0}
+    assert op_counts(second.model) == op_counts(first.model)
+    tuned(transposed_model(), stub(2.0, 1.0, calls), tmp_path, use_cache=False)
+    assert len(calls) == 2
+    # Other shapes are another key.
+    rewriter.optimize(transposed_model(), tune=True, verify_options=CPU, bench=False,
+                      bench_options=BenchOptions(runs=5, shapes={"x": (2, 6, 8)}),
+                      tune_options=TuneOptions(cache=tmp_path / "tuning.json", timer=stub(2.0, 1.0, calls)))  # fmt: skip
+    assert len(calls) == 3
+
+
+def test_corrupt_cache_is_ignored_with_a_note(tmp_path):
+    cache = tmp_path / "tuning.json"
+    for bad in ("{not json", json.dumps({"format": 1, "entries": []}), "\xff\xfe"):
+        cache.write_bytes(bad.encode("latin-1"))
+        result = tuned(transposed_model(), stub(2.0, 1.0), tmp_path, cache=cache)
+        assert any("tuning cache" in n and "ignored" in n for n in result.report.notes)
+        assert json.loads(cache.read_text())["format"] == 1  # rewritten whole
+    broken_entry = {"format": 1, "entries": {"k": "not a decision"}}
+    cache.write_text(json.dumps(broken_entry))
+    assert sites(tuned(transposed_model(), stub(2.0, 1.0), tmp_path, cache=cache))[0]["cached"] is False
+
+
+def test_default_cache_path_follows_xdg(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_cache_path() == tmp_path / "onnx-rewrite" / "tuning.json"
+    tuned(transposed_model(), stub(2.0, 1.0), tmp_path, cache=None)
+    assert json.loads((tmp_path / "onnx-rewrite" / "tuning.json").read_text())["entries"]
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_cache_path() == Path.home() / ".cache" / "onnx-rewrite" / "tuning.json"
+
+
+def test_a_site_that_cannot_be_timed_keeps_the_fixed_policy(tmp_path):
+    def broken(models, feeds, provider):
+        raise RuntimeError("device lost")
+
+    result = tuned(transposed_model(), broken, tmp_path)
+    (site,) = sites(result)
+    assert site["reason"].startswith("not measured (timing failed: device lost)")
+    assert site["choice"] == "transposed-conv1x1-to-matmul" and result.report.applied  # what the default policy does
+
+
+def test_restricted_rule_keeps_id_and_family():
+    rule = discover().select(["conv1x1-to-matmul"])[0]
+    wrapped = restrict(rule, ["conv"])
+    assert (wrapped.id, wrapped.benefit, rule_family(wrapped)) == (rule.id, rule.benefit, rule_family(rule))
+
+
+def test_report_with_tuning_validates_and_the_schema_catches_breaks(tmp_path):
+    report = tuned(transposed_model(), stub(2.0, 1.0), tmp_path).report.to_json()
+    assert [e.message for e in VALIDATOR.iter_errors(report)] == []
+    assert "## Tuning" in tuned(transposed_model(), stub(2.0, 1.0), tmp_path).report.to_markdown()
+    for breaks in (
+        lambda r: r["tuning"].pop("sites"),
+        lambda r: r["tuning"]["sites"][0].update(cached="yes"),
+        lambda r: r["tuning"]["sites"][0]["forms"]["original"].pop("median_ms"),
+        lambda r: r["tuning"]["cache"].update(hits=-1),
+    ):
+        bad = copy.deepcopy(report)
+        breaks(bad)
+        assert list(VALIDATOR.iter_errors(bad)), "the schema accepted a broken tuning section"
+
+
+def test_cli_tune_on_a_tiny_model(tmp_path, capsys):
+    model = transposed_model()
+    # An Identity in front: a cleanup always fires, so something is verified whatever the timing says.
+    model.graph.node.insert(0, helper.make_node("Identity", ["x"], ["x_id"], name="id"))
+    model.graph.node[1].input[0] = "x_id"
+    src, report = tmp_path / "m.onnx", tmp_path / "r.json"
+    onnx.save(model, src)
+    code = run_app([str(src), "--tune", "--bench-runs", "5", "--providers", "cpu", "--cache", str(tmp_path / "c.json"),
+                    "--report", str(report), "-o", str(tmp_path / "o.onnx")])  # fmt: skip
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    data = json.loads(report.read_text())
+    assert [e.message for e in VALIDATOR.iter_errors(data)] == []
+    (site,) = data["tuning"]["sites"]
+    assert site["choice"] in site["forms"] and data["verification"]["passed"] is True
+    assert "tuning on cpu" in out.out and (tmp_path / "c.json").exists()
+    for bad in (["--tune", "--no-bench"], ["--tune", "--direction", "to-conv"], ["--direction", "auto", "--no-bench"]):
+        assert run_app([str(src), "-o", str(tmp_path / "x.onnx"), *bad]) == 2
+        assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["torch/pointnet_cl_ts.onnx", "torch/transpose_idiom_ts.onnx", "keras/method2_tf2onnx.onnx"])
+def test_real_timer_on_a_fixture_makes_a_verified_choice(tmp_path, name):
+    result = rewriter.optimize(FIXTURES / name, tune=True, verify_options=CPU, bench_options=FAST,
+                               tune_options=TuneOptions(cache=tmp_path / "c.json"))  # fmt: skip
+    for site in sites(result):
+        assert site["choice"] in site["forms"] and len(site["forms"]) >= 2, site
+    if result.report.rewrites:  # tune=True confirms on the whole model
+        assert result.report.sections["verification"].passed and "benchmark" in result.report.sections
+
+
+def test_read_only_cache_is_used_but_never_written(tmp_path):
+    """--dry-run writes nothing: a read-only cache gives hits but adds no entry."""
+    calls: list = []
+    opts = dict(cache=tmp_path / "tuning.json", timer=stub(2.0, 1.0, calls), read_only_cache=True)
+    rewriter.optimize(transposed_model(), tune=True, verify_options=CPU, bench=False, bench_options=BenchOptions(runs=5), tune_options=TuneOptions(**opts))
+    assert len(calls) == 1 and not (tmp_path / "tuning.json").exists()
+    tuned(transposed_model(), stub(2.0, 1.0, calls), tmp_path)  # writes the entry
+    assert len(calls) == 2
+    rewriter.optimize(transposed_model(), tune=True, verify_options=CPU, bench=False, bench_options=BenchOptions(runs=5), tune_options=TuneOptions(**opts))
+    assert len(calls) == 2, "the read-only run measured again instead of reading the cache"
