@@ -17,7 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -40,6 +40,7 @@ __all__ = [
     "make_session",
     "ort_providers",
     "cuda_unavailable_reason",
+    "time_interleaved",
 ]
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -165,8 +166,8 @@ def judge(
     return speedup, low, high, verdict != "no measurable change", verdict
 
 
-def _timing(samples_ns: Sequence[int], memory: dict[str, Any] | None) -> ModelTiming:
-    ms = np.asarray(samples_ns, dtype=float) / 1e6
+def _timing(samples_ms: Sequence[float], memory: dict[str, Any] | None) -> ModelTiming:
+    ms = np.asarray(samples_ms, dtype=float)
     p25, p50, p75, p90 = (float(v) for v in np.percentile(ms, [25, 50, 75, 90]))
     memory = memory or {}
     return ModelTiming(
@@ -241,6 +242,10 @@ def make_session(src: ModelSource, providers: list[str], threads: int) -> "onnxr
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    # Two sessions compared in one process each keep intra-op threads spinning after a run; on a
+    # few cores they steal from each other and skewed A/B ratios of identical models to 0.8x with
+    # a 0.3-1.7x spread here. Without spinning the same check gives 1.00x (0.9-1.1).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if src.external_dir is not None:
         so.add_session_config_entry(_EXTERNAL_DIR_KEY, str(src.external_dir))
     model = str(src.path) if src.path is not None else src.data
@@ -331,23 +336,39 @@ def _load_feeds(manifest_path: Path) -> dict[str, np.ndarray]:
 
 # --- measurement -----------------------------------------------------------------------------
 
-def _time_rounds(
-    sessions: list["onnxruntime.InferenceSession"],
-    feeds: dict[str, np.ndarray],
-    options: BenchOptions,
-    tick: Callable[[], None],
-) -> list[list[int]]:
-    for _ in range(options.warmup):
-        for s in sessions:
-            s.run(None, feeds)
-    samples: list[list[int]] = [[] for _ in sessions]
-    for r in range(options.runs):
-        order = range(len(sessions)) if r % 2 == 0 else reversed(range(len(sessions)))
-        for i in order:
-            t0 = time.perf_counter_ns()
-            sessions[i].run(None, feeds)
-            samples[i].append(time.perf_counter_ns() - t0)
-        tick()
+def time_interleaved(
+    sessions: Sequence["onnxruntime.InferenceSession"],
+    feeds: Mapping[str, np.ndarray],
+    *,
+    runs: int,
+    warmup: int,
+    min_sample_ms: float = 2.0,
+    tick: Callable[[], None] | None = None,
+) -> list[list[float]]:
+    """Milliseconds per call, per session, over ``runs`` interleaved rounds (order alternating).
+
+    A model that runs in microseconds is mostly call overhead and scheduling noise per call;
+    so, like ``timeit``, each sample is the mean of ``k`` back-to-back calls, ``k`` chosen once
+    from the warm-up so that the fastest session's samples last about ``min_sample_ms``
+    (``k`` = 1 for anything slower). Used by the benchmark and by per-site tuning.
+    """
+    run = dict(feeds)
+    quickest = float("inf")  # the fastest warm-up call of any session (first calls include setup)
+    for sess in sessions:
+        for _ in range(max(warmup, 3)):
+            t0 = time.perf_counter()
+            sess.run(None, run)
+            quickest = min(quickest, time.perf_counter() - t0)
+    k = max(1, min(1000, int(min_sample_ms / 1e3 / max(quickest, 1e-7))))
+    samples: list[list[float]] = [[] for _ in sessions]
+    for r in range(runs):
+        for i in range(len(sessions)) if r % 2 == 0 else reversed(range(len(sessions))):
+            t0 = time.perf_counter()
+            for _ in range(k):
+                sessions[i].run(None, run)
+            samples[i].append((time.perf_counter() - t0) * 1e3 / k)
+        if tick is not None:
+            tick()
     return samples
 
 
@@ -406,7 +427,7 @@ def _bench_provider(
     sessions = [make_session(s, ort_providers(provider), options.threads) for s in sources]
     if any(s.get_providers()[0] != ep for s in sessions):
         return result(status="skipped", reason=f"CUDA unavailable: session fell back to {sessions[0].get_providers()[0]}")
-    samples = _time_rounds(sessions, feeds, options, tick)
+    samples = time_interleaved(sessions, feeds, runs=options.runs, warmup=options.warmup, tick=tick)
     del sessions
 
     memory: list[dict[str, Any] | None] = [None] * len(sources)
@@ -416,6 +437,7 @@ def _bench_provider(
             memory[i], more = _measure_memory(src, provider, options, feeds_manifest, tmp)
             notes += more
             tick()
+    notes.append("intra-op thread spinning off, so the compared sessions do not steal cores from each other")
     if provider == "cuda":
         notes.append("CUDA latency includes host<->device copies of inputs and outputs")
     timings = [_timing(s, m) for s, m in zip(samples, memory)]

@@ -85,15 +85,13 @@ class OrtTimer:
     """The default timer: one ORT session per form (``bench``'s session settings), interleaved
     rounds whose order alternates, the median over rounds.
 
-    An isolated site often runs in microseconds, where one call is mostly call overhead and
-    scheduling noise; so, like ``timeit``, each sample is the mean of ``k`` back-to-back calls,
-    ``k`` chosen once so that even the fastest form's samples last about ``min_sample_ms``."""
+    Samples come from :func:`rewriter.bench.time_interleaved` (batched calls, as in ``timeit``)."""
 
     def __init__(self, runs: int = 30, warmup: int = 5, threads: int = 2, min_sample_ms: float = 2.0) -> None:
         self.runs, self.warmup, self.threads, self.min_sample_ms = runs, warmup, threads, min_sample_ms
 
     def __call__(self, models: Mapping[str, onnx.ModelProto], feeds: Mapping[str, np.ndarray], provider: str) -> dict[str, list[float]]:
-        from rewriter.bench import PROVIDERS, ort_providers, make_session, ModelSource
+        from rewriter.bench import PROVIDERS, ModelSource, make_session, ort_providers, time_interleaved
 
         names = list(models)
         sessions = []
@@ -103,21 +101,7 @@ class OrtTimer:
             if sess.get_providers()[0] != PROVIDERS[provider]:
                 raise RuntimeError(f"{provider} unavailable: the session fell back to {sess.get_providers()[0]}")
             sessions.append(sess)
-        run = dict(feeds)
-        quickest = float("inf")  # the fastest warm-up call of any form (first calls include setup)
-        for sess in sessions:
-            for _ in range(max(self.warmup, 3)):
-                t0 = time.perf_counter()
-                sess.run(None, run)
-                quickest = min(quickest, time.perf_counter() - t0)
-        k = max(1, min(1000, int(self.min_sample_ms / 1e3 / max(quickest, 1e-7))))
-        samples: list[list[float]] = [[] for _ in sessions]
-        for r in range(self.runs):
-            for i in range(len(sessions)) if r % 2 == 0 else reversed(range(len(sessions))):
-                t0 = time.perf_counter()
-                for _ in range(k):
-                    sessions[i].run(None, run)
-                samples[i].append((time.perf_counter() - t0) * 1e3 / k)
+        samples = time_interleaved(sessions, feeds, runs=self.runs, warmup=self.warmup, min_sample_ms=self.min_sample_ms)
         return dict(zip(names, samples))
 
 

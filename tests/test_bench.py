@@ -194,3 +194,17 @@ def test_static_section_validates():
     section = static_to_json(static_costs(before, shapes), static_costs(after, shapes), shapes)
     assert section["before"]["macs"] == section["after"]["macs"] == 3 * 16 * 8 * 8
     _validate(section, "static")
+
+
+def test_sessions_do_not_spin_between_runs():
+    """A/B sessions in one process must not keep spinning threads (it skewed identical models to 0.8x)."""
+    from rewriter.bench import ModelSource, make_session
+
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])  # fmt: skip
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    sess = make_session(ModelSource("m", None, model.SerializeToString(), None, model), ["CPUExecutionProvider"], 2)
+    assert sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
