@@ -3,7 +3,7 @@
 JSON top level (documented in the README; later sections are added, never renamed):
 ``tool_version``, ``input`` / ``output`` ({path, sha256, nodes, op_counts}), ``rewrites``
 ([{rule, nodes, status, reason}]), ``near_misses`` ([{rule, node, reason}]), and when
-they ran: ``verification``, ``benchmark``, ``static``.
+they ran: ``verification``, ``benchmark``, ``static``, ``tuning``.
 """
 
 from __future__ import annotations
