@@ -117,7 +117,7 @@ def optimize(
     elif verify:
         notes.append("verification: nothing was rewritten, nothing to verify")
     else:
-        notes.append("verification skipped (--no-verify): the output is NOT proven equivalent")
+        notes.append("verification skipped (--no-verify / verify=False): the output is NOT proven equivalent")
 
     if bench and any(r.status == "applied" for r in records):
         from rewriter.accept import measure_and_accept
@@ -130,7 +130,7 @@ def optimize(
     elif bench:
         notes.append("benchmark: nothing was rewritten, nothing to measure")
     else:
-        notes.append("benchmark skipped (--no-bench): speed and memory not measured, no acceptance check")
+        notes.append("benchmark skipped (--no-bench / bench=False): speed and memory not measured, no acceptance check")
 
     report = Report(
         tool_version=__version__,

@@ -257,3 +257,10 @@ def test_progress_bar_follows_counted_messages():
         assert (task.completed, task.total, task.description) == (2, 4, "cpu 2/4: x=[1,4]")
         say("verifying")
         assert bar._progress.tasks[0].total is None
+
+
+def test_no_verify_is_said_loudly(capsys, model_path, tmp_path):
+    code, out, err = cli(capsys, model_path, "--plugin", ENGINE_RULES, "--rules", "test-double-relu", "--no-verify", "--no-bench", "-o", tmp_path / "o.onnx")
+    assert code == 0, err
+    assert "WARNING: --no-verify: the output was NOT checked against the original" in err
+    assert "verification skipped (--no-verify / verify=False)" in out
