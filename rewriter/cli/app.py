@@ -13,7 +13,11 @@ from rewriter.errors import EXIT_INPUT, RewriterError
 
 app = typer.Typer(
     name="onnx-rewrite",
-    help="Rewrite Conv <-> MatMul/Gemm sites in an ONNX model, verify and measure the result.",
+    help=(
+        "Rewrite Conv <-> MatMul/Gemm sites in an ONNX model, verify and measure the result.\n\n"
+        "onnx-rewrite MODEL [OPTIONS] is short for onnx-rewrite rewrite MODEL [OPTIONS] "
+        "(see onnx-rewrite rewrite --help)."
+    ),
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
