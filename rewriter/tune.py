@@ -373,7 +373,7 @@ def tuning_markdown(section: Mapping[str, Any]) -> str:
 
 
 def render_tuning(section: Mapping[str, Any], console: Any) -> None:
-    """site | choice | forms (median ms) | cached, as a rich table."""
+    """One row per form of each site (fastest first): median, speedup over the original, the choice marked."""
     from rich.table import Table
 
     sites = section.get("sites", [])
@@ -381,14 +381,22 @@ def render_tuning(section: Mapping[str, Any], console: Any) -> None:
         console.print("tuning: no Conv/MatMul site to tune")
         return
     cache = section.get("cache", {})
-    table = Table(title=f"tuning on {section.get('provider')}: {len(sites)} site(s)", title_justify="left")
-    table.add_column("site", overflow="fold")
-    table.add_column("choice", overflow="fold")
-    table.add_column("forms (median ms)", overflow="fold")
-    table.add_column("cached")
-    for s in sites:
-        colour = "green" if s["choice"] != ORIGINAL else "dim"
-        table.add_row("\n".join(s["nodes"]), f"[{colour}]{s['choice']}[/]", _forms_cell(s["forms"], "\n"), "yes" if s["cached"] else "no")
+    table = Table(title=f"tuning on {section.get('provider')}: {len(sites)} site(s)", title_justify="left", show_edge=False)
+    table.add_column("site", overflow="fold", ratio=2)
+    table.add_column("form", overflow="fold", ratio=3)
+    table.add_column("median", justify="right")
+    table.add_column("vs original", justify="right")
+    for i, s in enumerate(sites):
+        forms = s["forms"] or {s["choice"]: {}}
+        order = sorted(forms, key=lambda f: (forms[f].get("median_ms", 0.0), f))
+        site = "\n".join(s["nodes"]) + (" (cached)" if s["cached"] else "")
+        for j, f in enumerate(order):
+            st = forms[f]
+            med = f"{st['median_ms'] * 1e3:.1f} µs" if "median_ms" in st else "-"
+            sp = "1.00×" if f == ORIGINAL and st else (f"{st['speedup']:.2f}×" if st.get("speedup") else "-")
+            mark = "[green]✓ " if f == s["choice"] else "  "
+            table.add_row(site if j == 0 else "", f"{mark}{f}" + ("[/]" if f == s["choice"] else ""), med, sp,
+                          end_section=j == len(order) - 1 and i < len(sites) - 1)  # fmt: skip
     where = cache.get("path") if cache.get("enabled") else "off"
-    table.caption = f"cache {where}: {cache.get('hits', 0)} hit(s), {cache.get('misses', 0)} miss(es)"
+    table.caption = f"✓ = kept; cache {where}: {cache.get('hits', 0)} hit(s), {cache.get('misses', 0)} miss(es)"
     console.print(table)
