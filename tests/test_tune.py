@@ -262,3 +262,19 @@ def test_read_only_cache_is_used_but_never_written(tmp_path):
     assert len(calls) == 2
     rewriter.optimize(transposed_model(), tune=True, verify_options=CPU, bench=False, bench_options=BenchOptions(runs=5), tune_options=TuneOptions(**opts))
     assert len(calls) == 2, "the read-only run measured again instead of reading the cache"
+
+
+def test_terminal_table_marks_the_kept_form(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from rewriter.tune import render_tuning
+
+    result = tuned(transposed_model(), stub(conv_ms=2.0, other_ms=1.0), tmp_path)
+    buf = io.StringIO()
+    render_tuning(result.report.sections["tuning"], Console(file=buf, width=160, color_system=None))
+    rows = [line for line in buf.getvalue().splitlines() if "µs" in line]
+    kept = [r for r in rows if "✓" in r]
+    assert len(kept) == 1 and "transposed-conv1x1-to-matmul" in kept[0]
+    assert any("original" in r and "2000.0 µs" in r and "1.00×" in r for r in rows)
