@@ -146,7 +146,13 @@ def _sweep(model: ModelGraph, by_op: dict[str, list[Rule]], skip: set[SiteKey], 
             if site.key in skip:
                 out.skipped.append(site)
                 continue
-            created = _apply(model, graph, rule, m)
+            try:
+                created = _apply(model, graph, rule, m)
+            except _RewriteFailed as exc:
+                if (rule.id, node.name) not in seen_near:
+                    seen_near.add((rule.id, node.name))
+                    out.near.append(NearMiss(rule.id, node.name, str(exc)))
+                continue
             consumed.update(id(n) for n in m.matched)
             out.applied.append(AppliedSite(rule.id, node.name, site.nodes, created, iteration))
     return out
@@ -156,8 +162,20 @@ def _refusal(rule: Rule, m: Match) -> tuple[str | None, bool]:
     """(why this match must not be applied, whether that is quiet), or (None, False)."""
     if m.soft_failures:
         return m.soft_failures[0], False
-    result = rule.check(m)
+    try:
+        result = rule.check(m)
+    except Exception as exc:  # a broken rule (plugin or built-in) costs its own sites, not the run
+        return f"rule error in check: {_one_line(exc)}", False
     return (None, False) if result else (result.reason, result.quiet)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class _RewriteFailed(Exception):
+    """A rule's ``rewrite`` raised or returned the wrong number of outputs (graph unchanged)."""
 
 
 def _apply(model: ModelGraph, graph: gs.Graph, rule: Rule, m: Match) -> tuple[str, ...]:
@@ -171,7 +189,7 @@ def _apply(model: ModelGraph, graph: gs.Graph, rule: Rule, m: Match) -> tuple[st
             raise ValueError(f"rule {rule.id} replaced {len(old_outs)} outputs with {len(new_outs)}")
     except Exception as exc:
         builder.discard()
-        raise RuntimeError(f"rule {rule.id} failed while rewriting '{m.root.name}': {exc}") from exc
+        raise _RewriteFailed(f"rule error in rewrite: {_one_line(exc)}") from exc
     for old, new in zip(old_outs, new_outs):
         _replace_uses(model, graph, old, new)
     graph.nodes.extend(builder.nodes)

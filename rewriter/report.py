@@ -174,8 +174,8 @@ class Report:
         if self.near_misses:
             shown = self.near_misses if verbose else self.near_misses[:10]
             console.print(f"near misses: {len(self.near_misses)}")
-            for n in shown:
-                console.print(f"  {n.rule} at {n.node}: {n.reason}", markup=False)
+            for miss in shown:
+                console.print(f"  {miss.rule} at {miss.node}: {miss.reason}", markup=False)
             if len(shown) < len(self.near_misses):
                 console.print(f"  ... {len(self.near_misses) - len(shown)} more (see --report)")
         for note in self.notes:

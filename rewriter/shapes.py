@@ -457,13 +457,15 @@ class Layout:
         if c.ndim > n:
             return f"bias of shape {list(c.shape)} broadcasts {format_dims(self.shape)} to a higher rank"
         k = self.split()
+        if k is None:
+            return f"bias over {format_dims(self.shape)}: rows and features are not separable"
         aligned = [1] * (n - c.ndim) + list(c.shape)
         for axis, cd in enumerate(aligned):
             if cd == 1:
                 continue
             if axis < k or cd != self.shape[axis]:
                 return f"bias of shape {list(c.shape)} is not a per-feature vector for {format_dims(self.shape)}"
-        feats = [self.shape[a] for a in range(k, n)]  # type: ignore[index]
+        feats = [self.shape[a] for a in range(k, n)]
         per_pos = np.broadcast_to(c.reshape(aligned[k:]), feats).reshape(-1)
         out = np.zeros(self.features, dtype=c.dtype)
         out[self.index] = per_pos

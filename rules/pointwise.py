@@ -235,6 +235,7 @@ class Tf2onnxInConv1x1ToMatMul(_Pointwise):
         if kind == "cf" and self.find_chain(m, x) is None:
             return skip(NOT_CL, m["conv"])
         u = producer(m["u"])
+        assert u is not None  # the pattern matched an op there
         if single_consumer(m["u"], m.graph) is m["conv"]:  # else the layout ops stay for their other readers
             feeder = producer(u.inputs[0]) if kind == "cl" and single_consumer(u.inputs[0], m.graph) is u else None
             claim(m, [u] + ([feeder] if feeder is not None else []))

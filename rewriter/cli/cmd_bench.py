@@ -89,7 +89,7 @@ def bench_cmd(
     notes: list[str] = []
     first = next(iter(results.values()))
     shapes = {k: tuple(v) for k, v in first.shapes.items()}
-    static: dict[str, Any] | None = None
+    static: StaticSection | None = None
     try:
         static = StaticSection(static_to_json(
             static_costs(before.model, shapes), static_costs(after.model, shapes) if after else None, shapes
