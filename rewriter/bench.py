@@ -285,8 +285,10 @@ def _feeds_and_shapes(
 ) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, ...]]]:
     from rewriter.inputs import input_specs, make_feeds, shape_sets
 
+    assert before.proto is not None
     specs = input_specs(before.proto)
     if after is not None:
+        assert after.proto is not None
         theirs = {(s.name, s.dtype) for s in input_specs(after.proto)}
         ours = {(s.name, s.dtype) for s in specs}
         if theirs != ours:
@@ -546,13 +548,13 @@ def render_bench(results: dict[str, ProviderBench], console: Any) -> None:
         for label, attr in (("p90 latency", "p90_ms"), ("IQR", "iqr_ms")):
             rows.append((label, _ms(b, attr), _ms(a, attr), _change_ms(getattr(b, attr, None), getattr(a, attr, None))))
         if b is not None and b.peak_rss_bytes is not None:
-            rows.append(("peak RSS", _mib(b.peak_rss_bytes), _mib(a and a.peak_rss_bytes),
-                         _change_bytes(b.peak_rss_bytes, a and a.peak_rss_bytes)))  # fmt: skip
+            rows.append(("peak RSS", _mib(b.peak_rss_bytes), _mib(a.peak_rss_bytes if a else None),
+                         _change_bytes(b.peak_rss_bytes, a.peak_rss_bytes if a else None)))  # fmt: skip
             rows.append(("RSS over baseline", _mib(_over_baseline(b)), _mib(_over_baseline(a)),
                          _change_bytes(_over_baseline(b), _over_baseline(a))))  # fmt: skip
         if b is not None and b.peak_device_bytes is not None:
-            rows.append(("device memory", _mib(b.peak_device_bytes), _mib(a and a.peak_device_bytes),
-                         _change_bytes(b.peak_device_bytes, a and a.peak_device_bytes)))  # fmt: skip
+            rows.append(("device memory", _mib(b.peak_device_bytes), _mib(a.peak_device_bytes if a else None),
+                         _change_bytes(b.peak_device_bytes, a.peak_device_bytes if a else None)))  # fmt: skip
         for row in rows:
             table.add_row(*(row if r.after is not None else row[:2]))
         runs = b.runs if b is not None else 0

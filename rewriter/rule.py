@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import ClassVar, Sequence, Union
+from typing import ClassVar, Mapping, Sequence, Union
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -140,7 +140,7 @@ class RewriteBuilder:
         self,
         op_type: str,
         inputs: Sequence[gs.Tensor | None],
-        attrs: dict[str, object] | None = None,
+        attrs: Mapping[str, object] | None = None,
         *,
         outputs: int = 1,
         dtype: object = None,

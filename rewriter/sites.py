@@ -172,7 +172,8 @@ def _add_layout_neighbours(model: ModelGraph, site: Site) -> None:
         added: list[gs.Node] = []
         ins, outs = boundary(site, graph)
         for t in ins:
-            path, cur = [], t
+            path: list[gs.Node] = []
+            cur = t
             for _ in range(_MAX_HOPS):
                 p = producer(cur)
                 if p is None or id(p) in inside or model.is_constant(cur) or len(p.outputs) != 1:

@@ -208,7 +208,8 @@ def elementwise_reason(node: gs.Node, t: gs.Tensor, rank: int, model: ModelGraph
         return f"{node.op} reads the chain twice"
     if node.op == "Clip":
         for i in node.inputs[1:]:
-            if not i.is_empty() and (model.constant(i) is None or model.constant(i).size != 1):
+            bound = None if i.is_empty() else model.constant(i)
+            if not i.is_empty() and (bound is None or bound.size != 1):
                 return "Clip bounds are not scalar constants"
         return None
     if node.op in UNARY_OPS:
@@ -268,6 +269,7 @@ def tf_conv_unit(sq: gs.Node, model: ModelGraph) -> tuple[gs.Node, str, gs.Tenso
     axes = node_axes(model, sq)
     if axes is None or [a + 4 if a < 0 else a for a in axes] != [labels.index(NEW)]:
         return None
+    assert unsq is not None  # labels were found on it
     return conv, kind, unsq.inputs[0]
 
 
@@ -343,13 +345,16 @@ def walk_back(t: gs.Tensor, m: Match, *, perm: Sequence[int] | None = T1, convs:
             return None
         conv, kind, x = unit
         u = producer(conv.inputs[0])
+        assert u is not None  # tf_conv_unit found the Unsqueeze [-> Transpose] feeding the conv
         if single_consumer(conv.outputs[0], m.graph) is not p or single_consumer(conv.inputs[0], m.graph) is not conv:
             return None
         steps.append(("tfconv", p))
         nodes += [p, conv, u]
         if kind == "cl":
-            if single_consumer(u.inputs[0], m.graph) is u:
-                nodes.append(producer(u.inputs[0]))
+            u_in: gs.Tensor = u.inputs[0]
+            feeder = producer(u_in) if single_consumer(u_in, m.graph) is u else None
+            if feeder is not None:
+                nodes.append(feeder)
             return Chain(x, list(T1), steps[::-1], nodes)
         t = x
     return None

@@ -66,8 +66,10 @@ class ConvSpanRule(Rule):
             t = _slot(p, kind, t, f"pre{i}")
         # A kernel of ones is pointwise: not a candidate at all for full span (no near-miss noise
         # on every pointwise conv); method 1 keeps it (a frame of length 1 is still a frame).
-        span = {} if self.rows_from_last else {"kernel_shape": _not_all_ones}
-        t = p.op("Conv", t, p.const("w"), p.opt_const("b"), name="conv", **span)
+        if self.rows_from_last:
+            t = p.op("Conv", t, p.const("w"), p.opt_const("b"), name="conv")
+        else:
+            t = p.op("Conv", t, p.const("w"), p.opt_const("b"), name="conv", kernel_shape=_not_all_ones)
         for i, kind in enumerate(self.post):
             t = p.maybe("Add", t, p.const(f"add{i}_c"), name=f"add{i}")
             t = _slot(p, kind, t, f"post{i}")

@@ -36,7 +36,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from rewriter.graph import producer
-from rewriter.pattern import Match, OpPat, PatternBuilder
+from rewriter.pattern import Match, OpPat, Pattern, PatternBuilder
 from rewriter.rule import CheckResult, RewriteBuilder, Rule, fail, ok, skip
 from rewriter.rules._layout import (
     T1,
@@ -97,7 +97,7 @@ class _Pointwise(Rule):
 
     def bias_add_check(self, m: Match) -> CheckResult:
         if "bias_add" in m.nodes and channel_vector(m.value("b2"), int(m["w"].shape[0]), 3, 1) is None:
-            return fail(f"Add operand of shape {list(np.shape(m.value('b2')))} is not a per-channel bias", m["bias_add"])
+            return fail(f"Add operand of shape {list(np.asarray(m.value('b2')).shape)} is not a per-channel bias", m["bias_add"])
         return ok()
 
     def matmul(self, b: RewriteBuilder, m: Match, x: gs.Tensor) -> gs.Tensor:
@@ -143,7 +143,7 @@ def _tf_axes_check(m: Match, wanted: tuple) -> CheckResult:
     return ok()
 
 
-def _tf_conv(p: PatternBuilder, src: OpPat) -> OpPat:
+def _tf_conv(p: PatternBuilder, src: Pattern) -> OpPat:
     return p.op("Conv", src, p.const("w"), p.opt_const("b"), name="conv", kernel_shape=_spatial(2))
 
 
@@ -333,7 +333,7 @@ class _Native(_Pointwise):
     def bias_column(self, b: RewriteBuilder, m: Match, n: int, dtype: object) -> gs.Tensor | None:
         if "b" not in m:
             return None
-        return b.const(np.asarray(m.value("b")).reshape(n, 1).astype(dtype, copy=False), "bias")
+        return b.const(np.asarray(m.value("b")).reshape(n, 1).astype(np.dtype(dtype), copy=False), "bias")  # type: ignore[call-overload]
 
 
 class Conv1x1ToMatMul(_Native):

@@ -85,7 +85,7 @@ class MatMulAddToConv1x1(_Reverse):
             return res
         rank, n = rank_of(m["x"]), int(m["w"].shape[1])
         if channel_vector(m.value("b"), n, rank, rank - 1) is None:
-            return fail(f"bias of shape {list(np.shape(m.value('b')))} is not a per-output-channel vector", m["add"])
+            return fail(f"bias of shape {list(np.asarray(m.value('b')).shape)} is not a per-output-channel vector", m["add"])
         return ok()
 
     def rewrite(self, b: RewriteBuilder, m: Match) -> gs.Tensor:
@@ -140,7 +140,7 @@ class GemmToConv1x1(_Reverse):
         if "c" in m:
             n = int(m["w"].shape[0 if int(gemm.attrs.get("transB", 0)) else 1])
             if channel_vector(m.value("c"), n, 2, 1) is None:
-                return fail(f"C of shape {list(np.shape(m.value('c')))} is not a per-output-column bias", gemm)
+                return fail(f"C of shape {list(np.asarray(m.value('c')).shape)} is not a per-output-column bias", gemm)
         return ok()
 
     def rewrite(self, b: RewriteBuilder, m: Match) -> gs.Tensor:
