@@ -281,6 +281,10 @@ def isolate(
         if isinstance(c, gs.Variable):
             c.inputs.clear()
             c.to_constant(np.asarray(value))
+        else:
+            # Inline the value: a weight kept in external data would otherwise still point at a
+            # data file the subgraph cannot find (no folder), and no rule could read it.
+            c.values = np.asarray(value)
     sub.inputs = inputs
     sub.outputs = [tensors[t.name] for t in outs]
     sub.cleanup(remove_unused_graph_inputs=False).toposort()

@@ -278,3 +278,17 @@ def test_terminal_table_marks_the_kept_form(tmp_path):
     kept = [r for r in rows if "✓" in r]
     assert len(kept) == 1 and "transposed-conv1x1-to-matmul" in kept[0]
     assert any("original" in r and "2000.0 µs" in r and "1.00×" in r for r in rows)
+
+
+def test_sites_with_external_weights_are_measured(tmp_path):
+    """Weights in external data are inlined into the isolated site (else no rule can read them)."""
+    model = transposed_model()
+    path = tmp_path / "ext" / "m.onnx"
+    path.parent.mkdir()
+    onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location="m.data", size_threshold=0)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in onnx.load(path, load_external_data=False).graph.initializer)
+    result = tuned(path, stub(conv_ms=2.0, other_ms=1.0), tmp_path)
+    (site,) = sites(result)
+    assert "transposed-conv1x1-to-matmul" in site["forms"], site["reason"]
+    assert site["choice"] == "transposed-conv1x1-to-matmul"
+    assert "Conv" not in op_counts(result.model)
