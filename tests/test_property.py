@@ -191,10 +191,28 @@ def chain_models(draw: st.DrawFn) -> onnx.ModelProto:
             args = [cur, f"k{i}"] if first else [f"k{i}", cur]
             nodes.append(helper.make_node(step.capitalize(), args, [out], name=f"{step}{i}"))
         cur = out
-    if draw(st.booleans()):
-        nodes.append(helper.make_node("Transpose", [cur], ["y"], perm=[0, 2, 1], name="t_out"))
-    else:
+    end = draw(st.sampled_from(["transpose", "identity", "dense", "transpose-dense"]))
+    if end == "identity":
         nodes.append(helper.make_node("Identity", [cur], ["y"], name="out"))
+    elif end == "transpose":
+        nodes.append(helper.make_node("Transpose", [cur], ["y"], perm=[0, 2, 1], name="t_out"))
+    else:  # a dense head reading the flattened (B, C, L) -- or its transpose -- as a full-span layer would
+        if end == "transpose-dense":
+            nodes.append(helper.make_node("Transpose", [cur], ["t_head"], perm=[0, 2, 1], name="t_head"))
+            cur = "t_head"
+        if draw(st.booleans()):
+            nodes.append(helper.make_node("Relu", [cur], ["r_head"], name="r_head"))
+            cur = "r_head"
+        nodes.append(helper.make_node("Flatten", [cur], ["flat"], axis=1, name="flat"))
+        n_out, trans_b = draw(st.integers(1, 4)), draw(st.booleans())
+        w_head = rng.standard_normal((n_out, c * length) if trans_b else (c * length, n_out)).astype(np.float32)
+        inits.append(init("w_head", w_head))
+        if draw(st.booleans()):
+            nodes.append(helper.make_node("Gemm", ["flat", "w_head"], ["y"], transB=int(trans_b), name="head"))
+        else:
+            if trans_b:
+                inits[-1] = init("w_head", np.ascontiguousarray(w_head.T))
+            nodes.append(helper.make_node("MatMul", ["flat", "w_head"], ["y"], name="head"))
     return make_model(nodes, [x], [vi("y", None)], inits, opset=draw(st.sampled_from([13, 17])))
 
 
