@@ -17,6 +17,8 @@ layout each exporter writes:
 - native-pointwise: torch Conv1d(C, N, k=1) on x[B, C, L]
 - conformer:        torch Conformer conv module (LayerNorm, pw Conv1d(C, 2C), GLU, depthwise k=7,
                     BN, SiLU, pw Conv1d(C, C), transposes on one side only), TorchScript export (needs torch)
+- keras-head:       Keras Conv1D(k=1) -> ReLU -> full-span Conv1D(k=--span) as tf2onnx's optimizer
+                    writes it, x[B, span, C] (a Transpose is left in front of the head: dense-layout folds it)
 - pointnet-cl:      torch PointNet stack of 3 pointwise Conv1d+BN+ReLU on x[B, L, C/8] behind
                     Transpose(0,2,1) in and out, TorchScript export (needs torch)
 
@@ -122,6 +124,29 @@ def native_pointwise(b: int, length: int, c: int, rng: np.random.Generator, span
     return _model(nodes, [b, c, length], [_w(rng, [c, c, 1], "conv.weight"), _w(rng, [c], "conv.bias")], 17, "native_pointwise")
 
 
+def keras_head(b: int, length: int, c: int, rng: np.random.Generator, span: int) -> onnx.ModelProto:
+    """Keras Conv1D(C, k=1) -> ReLU -> Conv1D(C/2, k=span) as tf2onnx's optimizer writes it (channels-first
+    between the layers: one Transpose left in front of the full-span head after rewriting)."""
+    n = c // 2
+    inits = [
+        _shape_init("ax1", [1]), _shape_init("ax2", [2]), _shape_init("shp", [-1, n]),
+        numpy_helper.from_array((rng.standard_normal((c, c, 1, 1)) * 0.05).astype(np.float32), "pw.weight"),
+        numpy_helper.from_array((rng.standard_normal((n, c, 1, span)) * 0.01).astype(np.float32), "head.weight"),
+    ]
+    nodes = [
+        helper.make_node("Unsqueeze", ["x", "ax1"], ["u"]), helper.make_node("Transpose", ["u"], ["t"], perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["t", "pw.weight"], ["c1"], kernel_shape=[1, 1]), helper.make_node("Squeeze", ["c1", "ax2"], ["s1"]),
+        helper.make_node("Relu", ["s1"], ["r"]), helper.make_node("Unsqueeze", ["r", "ax2"], ["u2"]),
+        helper.make_node("Conv", ["u2", "head.weight"], ["c2"], kernel_shape=[1, span]),
+        helper.make_node("Squeeze", ["c2", "ax2"], ["s2"]), helper.make_node("Reshape", ["s2", "shp"], ["y"]),
+    ]
+    return _model(nodes, [b, span, c], inits, 15, "keras_head")
+
+
+def _shape_init(name: str, values: Sequence[int]) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(values, dtype=np.int64), name)
+
+
 def _fixture_modules() -> None:
     folder = str(Path(__file__).resolve().parents[1] / "tests" / "fixtures")
     if folder not in sys.path:
@@ -164,6 +189,7 @@ PATTERNS: dict[str, Callable[..., onnx.ModelProto]] = {
     "native-pointwise": native_pointwise,
     "conformer": conformer,
     "pointnet-cl": pointnet_cl,
+    "keras-head": keras_head,
 }
 COLUMNS = ("input", "Conv", "Transpose", "MatMul/Gemm", "rewrites", "median ms", "speedup", "verdict", "peak RSS")
 
