@@ -45,7 +45,6 @@ def _peak_rss_gb() -> float:
 def build_case(folder: Path, n: int, layers: int) -> tuple[Path, float]:
     """Write model.onnx + model.onnx.data without ever holding the weights in a ModelProto."""
     import numpy as np
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     folder.mkdir(parents=True, exist_ok=True)

@@ -9,9 +9,7 @@ session existed, so the two models never share an allocator.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import numpy as np
 
 from rewriter.errors import InputError
+from rewriter.memprobe import measure_memory, save_feeds
 
 if TYPE_CHECKING:
     import onnx
@@ -47,8 +46,6 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 OPT_LEVEL = "all"
 # Lets a session built from bytes find weights stored next to the original model file.
 _EXTERNAL_DIR_KEY = "session.model_external_initializers_file_folder_path"
-_MEMORY_RUNS = 3  # the peak is reached on the first run; a few more catch late allocations
-_MEMORY_TIMEOUT_S = 600
 
 @dataclass(frozen=True)
 class ModelTiming:
@@ -311,31 +308,6 @@ def _feeds_and_shapes(
     return make_feeds(specs, shapes, seed=options.seed), shapes
 
 
-def _save_feeds(feeds: dict[str, np.ndarray], folder: Path) -> Path:
-    # Raw bytes + a manifest: input names may hold '/' or ':', and bfloat16 has no npy form.
-    manifest = [{"name": k, "dtype": str(v.dtype), "shape": list(v.shape)} for k, v in feeds.items()]
-    np.savez(folder / "feeds.npz", *[np.ascontiguousarray(v).view(np.uint8).reshape(-1) for v in feeds.values()])
-    (folder / "feeds.json").write_text(json.dumps(manifest))
-    return folder / "feeds.json"
-
-
-def _load_feeds(manifest_path: Path) -> dict[str, np.ndarray]:
-    manifest = json.loads(manifest_path.read_text())
-
-    def dtype(name: str) -> np.dtype:
-        if name == "bfloat16":
-            import ml_dtypes
-
-            return np.dtype(ml_dtypes.bfloat16)
-        return np.dtype(name)
-
-    with np.load(manifest_path.with_suffix(".npz"), allow_pickle=False) as data:
-        return {
-            m["name"]: data[f"arr_{i}"].view(dtype(m["dtype"])).reshape(m["shape"])
-            for i, m in enumerate(manifest)
-        }
-
-
 # --- measurement -----------------------------------------------------------------------------
 
 def time_interleaved(
@@ -374,32 +346,6 @@ def time_interleaved(
     return samples
 
 
-def _measure_memory(
-    src: ModelSource, provider: str, options: BenchOptions, feeds_manifest: Path, tmp: Path
-) -> tuple[dict[str, Any], list[str]]:
-    cmd = [
-        sys.executable, "-m", "rewriter.bench", "_rss", str(src.file_for_subprocess(tmp)),
-        "--feeds", str(feeds_manifest), "--provider", PROVIDERS[provider],
-        "--threads", str(options.threads), "--runs", str(min(options.runs, _MEMORY_RUNS)),
-    ]  # fmt: skip
-    if src.external_dir is not None:
-        cmd += ["--external-dir", str(src.external_dir)]
-    env = dict(os.environ)
-    package_root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_MEMORY_TIMEOUT_S, env=env)
-    except subprocess.TimeoutExpired:
-        return {}, [f"{src.label} memory: measurement timed out after {_MEMORY_TIMEOUT_S} s"]
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {}, [f"{src.label} memory: measurement failed: {err}"]
-    result = json.loads(lines[-1])
-    notes = [f"{src.label} device memory: {result['device_note']}"] if result.get("device_note") else []
-    return result, notes
-
-
 def _bench_provider(
     provider: str,
     before: ModelSource,
@@ -436,7 +382,7 @@ def _bench_provider(
     notes: list[str] = []
     if feeds_manifest is not None:
         for i, src in enumerate(sources):
-            memory[i], more = _measure_memory(src, provider, options, feeds_manifest, tmp)
+            memory[i], more = measure_memory(src, PROVIDERS[provider], options.threads, options.runs, feeds_manifest, tmp)
             notes += more
             tick()
     notes.append("intra-op thread spinning off, so the compared sessions do not steal cores from each other")
@@ -482,7 +428,7 @@ def bench_models(
     results: dict[str, ProviderBench] = {}
     with tempfile.TemporaryDirectory(prefix="onnx-rewrite-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        manifest = _save_feeds(feeds, tmp) if options.measure_memory else None
+        manifest = save_feeds(feeds, tmp) if options.measure_memory else None
         per_provider = total // len(set(options.providers))
         for i, provider in enumerate(dict.fromkeys(options.providers)):
             results[provider] = _bench_provider(
@@ -560,93 +506,3 @@ def render_bench(results: dict[str, ProviderBench], console: Any) -> None:
         runs = b.runs if b is not None else 0
         table.caption = "; ".join([f"{runs} interleaved rounds"] + list(r.notes))
         console.print(table)
-
-
-# --- isolated memory probe: python -m rewriter.bench _rss MODEL --feeds F ... -----------------
-
-def _max_rss_bytes() -> int:
-    """Peak RSS of this process. On Linux VmHWM, not ru_maxrss: after fork+exec ru_maxrss starts
-    at the parent's RSS, so a child of a big parent would report the parent's size."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # macOS: bytes; else KiB
-
-
-def _reset_peak_rss() -> None:
-    """Restart the RSS high-water mark (Linux >= 4.0), so import-time spikes are not the peak."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass  # elsewhere the peak also covers the imports; the baseline shows how much
-
-
-def _device_bytes() -> tuple[int | None, str]:
-    """GPU memory this process holds (ORT's arena never shrinks, so ~ its peak), via nvidia-smi."""
-    import shutil
-
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
-        return None, "nvidia-smi not found"
-    try:
-        out = subprocess.run(
-            [exe, "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=30,
-        ).stdout  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return None, f"nvidia-smi failed: {_first_line(exc)}"
-    for line in out.splitlines():
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) == 2 and parts[0] == str(os.getpid()) and parts[1].isdigit():
-            return int(parts[1]) * 2**20, ""
-    return None, "this process is not listed by nvidia-smi (another PID namespace?)"
-
-
-def _rss_main(argv: list[str]) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m rewriter.bench _rss")
-    parser.add_argument("model")
-    parser.add_argument("--feeds", required=True)
-    parser.add_argument("--provider", default="CPUExecutionProvider")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--runs", type=int, default=_MEMORY_RUNS)
-    parser.add_argument("--external-dir")
-    args = parser.parse_args(argv)
-
-    import onnxruntime  # noqa: F401  part of the baseline, not of the model's cost
-
-    feeds = _load_feeds(Path(args.feeds))
-    path = Path(args.model)
-    if args.external_dir:
-        src = ModelSource("model", None, path.read_bytes(), Path(args.external_dir), None)
-    else:
-        src = ModelSource("model", path, None, None, None)
-    _reset_peak_rss()
-    baseline = _max_rss_bytes()
-    providers = [args.provider] + (["CPUExecutionProvider"] if args.provider != "CPUExecutionProvider" else [])
-    session = make_session(src, providers, args.threads)
-    for _ in range(max(args.runs, 1)):
-        session.run(None, feeds)
-    peak = _max_rss_bytes()
-    device, note = (None, "")
-    if args.provider == "CUDAExecutionProvider":
-        device, note = _device_bytes()
-    print(json.dumps({"baseline_rss_bytes": baseline, "peak_rss_bytes": peak, "peak_device_bytes": device,
-                      "device_note": note}))  # fmt: skip
-    return 0
-
-
-if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "_rss":
-        sys.exit(_rss_main(sys.argv[2:]))
-    print("usage: python -m rewriter.bench _rss MODEL --feeds FEEDS.json [options]", file=sys.stderr)
-    sys.exit(2)

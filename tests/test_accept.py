@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import helper
 
 import rewriter
 from engine_rules import DoubleReluToRelu, MatMulBiasToGemmTest

@@ -1,0 +1,135 @@
+"""Output comparison: per-dtype tolerances and the metrics a verification reports.
+
+Kept apart from the runners in rewriter/verify.py (which decide what runs where): this module
+only judges two arrays. An element passes when |got - ref| <= atol + max(rtol*|ref|, 2*noise),
+where ``noise`` is a provider's own measured disagreement (CUDA vs CPU on the original model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from rewriter.inputs import BFLOAT16
+
+__all__ = ["Tolerance", "DEFAULT_TOLERANCES", "OutputDiff", "compare_arrays", "tolerance_for", "noise", "merge", "json_num"]
+
+# Floor for the relative-error denominator so a zero reference does not divide by zero. The pass
+# rule itself uses atol + rtol*|ref|, so max_rel near zero references is informative only.
+_REL_FLOOR = float(np.finfo(np.float32).tiny)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    atol: float
+    rtol: float
+
+    def to_json(self) -> dict[str, float]:
+        return {"atol": self.atol, "rtol": self.rtol}
+
+
+# Rewrites reorder sums (Conv vs MatMul kernels), so float outputs differ by rounding that grows
+# with the reduction length. float32: rtol 1e-3 is ~8000 ulps, room for long reductions, while a
+# wrong weight or axis shows up far above it; atol covers outputs that cancel to near zero.
+# float16/bfloat16: ~10 and ~6 ulps. float64: rounding is ~1e-16, so 1e-7 is loose for reordering
+# yet still catches a weight off by 1e-6. Integer and bool outputs must match exactly.
+DEFAULT_TOLERANCES: dict[np.dtype, Tolerance] = {
+    np.dtype(np.float32): Tolerance(1e-4, 1e-3),
+    np.dtype(np.float16): Tolerance(1e-2, 1e-2),
+    np.dtype(np.float64): Tolerance(1e-8, 1e-7),
+}
+if BFLOAT16 is not None:
+    DEFAULT_TOLERANCES[BFLOAT16] = Tolerance(5e-2, 5e-2)
+_EXACT = Tolerance(0.0, 0.0)
+
+
+def tolerance_for(dtype: np.dtype, atol: float | None, rtol: float | None) -> Tolerance:
+    base = DEFAULT_TOLERANCES.get(np.dtype(dtype), _EXACT)
+    return Tolerance(base.atol if atol is None else atol, base.rtol if rtol is None else rtol)
+
+
+def json_num(x: float | None) -> float | None:
+    """JSON-safe float: non-finite values become null (the reason text says what happened)."""
+    return None if x is None or not np.isfinite(x) else float(x)
+
+
+@dataclass(frozen=True)
+class OutputDiff:
+    """One output compared over all runs of a provider (worst case of each metric)."""
+
+    name: str
+    max_abs: float
+    max_rel: float
+    mismatch_fraction: float
+    cosine: float
+    tolerance: Tolerance
+    passed: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "max_abs": json_num(self.max_abs),
+            "max_rel": json_num(self.max_rel),
+            "mismatch_fraction": self.mismatch_fraction,
+            "cosine": json_num(self.cosine),
+            "tolerance": self.tolerance.to_json(),
+            "passed": self.passed,
+        }
+
+
+def compare_arrays(name: str, ref: np.ndarray, got: np.ndarray, tol: Tolerance, noise: float = 0.0) -> OutputDiff:
+    """Element i passes when |got-ref| <= atol + max(rtol*|ref|, 2*noise), or both are equal
+    (same inf, both NaN). Any NaN/inf mismatch counts as an infinite error."""
+    if ref.shape != got.shape:
+        return OutputDiff(name, float("inf"), float("inf"), 1.0, float("nan"), tol, False)
+    if ref.dtype.kind in "OSUV" or got.dtype.kind in "OSUV":
+        ok = np.asarray(ref == got, dtype=bool)
+        frac = float(1.0 - ok.mean()) if ok.size else 0.0
+        err = 0.0 if frac == 0 else float("inf")
+        return OutputDiff(name, err, err, frac, 1.0 if frac == 0 else float("nan"), tol, frac == 0)
+    b = ref.astype(np.float64)
+    a = got.astype(np.float64)
+    if a.size == 0:
+        return OutputDiff(name, 0.0, 0.0, 0.0, 1.0, tol, True)
+    with np.errstate(invalid="ignore", over="ignore"):
+        equal = (a == b) | (np.isnan(a) & np.isnan(b))
+        finite = np.isfinite(a) & np.isfinite(b)
+        absdiff = np.where(finite, np.abs(a - b), np.where(equal, 0.0, np.inf))
+        rel = absdiff / np.maximum(np.where(finite, np.abs(b), 1.0), _REL_FLOOR)
+        ok = equal | (finite & (absdiff <= tol.atol + np.maximum(tol.rtol * np.abs(b), 2.0 * noise)))
+        af, bf = a[finite], b[finite]
+        na, nb = float(np.linalg.norm(af)), float(np.linalg.norm(bf))
+    if na == 0.0 and nb == 0.0:
+        cosine = 1.0
+    elif na == 0.0 or nb == 0.0:
+        cosine = 0.0
+    else:
+        cosine = float(np.dot(af, bf) / (na * nb))
+    frac = float(1.0 - ok.mean())
+    return OutputDiff(name, float(absdiff.max()), float(rel.max()), frac, cosine, tol, frac == 0.0)
+
+
+def noise(ref: np.ndarray, other: np.ndarray) -> float:
+    """Largest finite |difference| (NaN/inf disagreements are not noise; they fail on their own)."""
+    if ref.shape != other.shape or ref.size == 0 or ref.dtype.kind not in "fiub":
+        return 0.0
+    a, b = ref.astype(np.float64), other.astype(np.float64)
+    finite = np.isfinite(a) & np.isfinite(b)
+    return float(np.abs(a - b)[finite].max()) if finite.any() else 0.0
+
+
+def merge(old: OutputDiff | None, new: OutputDiff) -> OutputDiff:
+    if old is None:
+        return new
+    cos = float("nan") if np.isnan(old.cosine) or np.isnan(new.cosine) else min(old.cosine, new.cosine)
+    return OutputDiff(
+        new.name,
+        max(old.max_abs, new.max_abs),
+        max(old.max_rel, new.max_rel),
+        max(old.mismatch_fraction, new.mismatch_fraction),
+        cos,
+        old.tolerance,  # same output, same dtype: the same tolerance on every run
+        old.passed and new.passed,
+    )

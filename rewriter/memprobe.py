@@ -1,0 +1,166 @@
+"""The isolated memory probe: ``python -m rewriter.memprobe MODEL --feeds FEEDS.json [...]``.
+
+The benchmark runs each model's session creation and runs in a fresh interpreter and reads its
+peak resident memory (VmHWM, reset after imports) and, on CUDA, the device memory it used, so
+the parent's own allocations never count. Feeds travel as raw bytes plus a JSON manifest:
+input names may hold '/' or ':', and bfloat16 has no .npy form.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from rewriter.bench import ModelSource
+
+__all__ = ["measure_memory", "save_feeds", "load_feeds", "main"]
+
+_MEMORY_RUNS = 3  # the peak is reached on the first run; a few more catch late allocations
+_MEMORY_TIMEOUT_S = 600
+
+
+def save_feeds(feeds: dict[str, np.ndarray], folder: Path) -> Path:
+    # Raw bytes + a manifest: input names may hold '/' or ':', and bfloat16 has no npy form.
+    manifest = [{"name": k, "dtype": str(v.dtype), "shape": list(v.shape)} for k, v in feeds.items()]
+    np.savez(folder / "feeds.npz", *[np.ascontiguousarray(v).view(np.uint8).reshape(-1) for v in feeds.values()])
+    (folder / "feeds.json").write_text(json.dumps(manifest))
+    return folder / "feeds.json"
+
+
+def load_feeds(manifest_path: Path) -> dict[str, np.ndarray]:
+    manifest = json.loads(manifest_path.read_text())
+
+    def dtype(name: str) -> np.dtype:
+        if name == "bfloat16":
+            import ml_dtypes
+
+            return np.dtype(ml_dtypes.bfloat16)
+        return np.dtype(name)
+
+    with np.load(manifest_path.with_suffix(".npz"), allow_pickle=False) as data:
+        return {
+            m["name"]: data[f"arr_{i}"].view(dtype(m["dtype"])).reshape(m["shape"])
+            for i, m in enumerate(manifest)
+        }
+
+
+def measure_memory(
+    src: "ModelSource", ep: str, threads: int, runs: int, feeds_manifest: Path, tmp: Path
+) -> tuple[dict[str, Any], list[str]]:
+    """Peak RSS (and CUDA device memory) of one model's session creation + runs, measured in a
+    fresh interpreter so nothing else this process holds is counted. Returns (result, notes)."""
+    cmd = [
+        sys.executable, "-m", "rewriter.memprobe", str(src.file_for_subprocess(tmp)),
+        "--feeds", str(feeds_manifest), "--provider", ep,
+        "--threads", str(threads), "--runs", str(min(runs, _MEMORY_RUNS)),
+    ]  # fmt: skip
+    if src.external_dir is not None:
+        cmd += ["--external-dir", str(src.external_dir)]
+    env = dict(os.environ)
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_MEMORY_TIMEOUT_S, env=env)
+    except subprocess.TimeoutExpired:
+        return {}, [f"{src.label} memory: measurement timed out after {_MEMORY_TIMEOUT_S} s"]
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {}, [f"{src.label} memory: measurement failed: {err}"]
+    result = json.loads(lines[-1])
+    notes = [f"{src.label} device memory: {result['device_note']}"] if result.get("device_note") else []
+    return result, notes
+
+
+def _max_rss_bytes() -> int:
+    """Peak RSS of this process. On Linux VmHWM, not ru_maxrss: after fork+exec ru_maxrss starts
+    at the parent's RSS, so a child of a big parent would report the parent's size."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # macOS: bytes; else KiB
+
+
+def _reset_peak_rss() -> None:
+    """Restart the RSS high-water mark (Linux >= 4.0), so import-time spikes are not the peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # elsewhere the peak also covers the imports; the baseline shows how much
+
+
+def _device_bytes() -> tuple[int | None, str]:
+    """GPU memory this process holds (ORT's arena never shrinks, so ~ its peak), via nvidia-smi."""
+    import shutil
+
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None, "nvidia-smi not found"
+    try:
+        out = subprocess.run(
+            [exe, "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=30,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, f"nvidia-smi failed: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}"
+    for line in out.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 2 and parts[0] == str(os.getpid()) and parts[1].isdigit():
+            return int(parts[1]) * 2**20, ""
+    return None, "this process is not listed by nvidia-smi (another PID namespace?)"
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m rewriter.memprobe")
+    parser.add_argument("model")
+    parser.add_argument("--feeds", required=True)
+    parser.add_argument("--provider", default="CPUExecutionProvider")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=_MEMORY_RUNS)
+    parser.add_argument("--external-dir")
+    args = parser.parse_args(argv)
+
+    import onnxruntime  # noqa: F401  part of the baseline, not of the model's cost
+
+    from rewriter.bench import ModelSource, make_session
+
+    feeds = load_feeds(Path(args.feeds))
+    path = Path(args.model)
+    if args.external_dir:
+        src = ModelSource("model", None, path.read_bytes(), Path(args.external_dir), None)
+    else:
+        src = ModelSource("model", path, None, None, None)
+    _reset_peak_rss()
+    baseline = _max_rss_bytes()
+    providers = [args.provider] + (["CPUExecutionProvider"] if args.provider != "CPUExecutionProvider" else [])
+    session = make_session(src, providers, args.threads)
+    for _ in range(max(args.runs, 1)):
+        session.run(None, feeds)
+    peak = _max_rss_bytes()
+    device, note = (None, "")
+    if args.provider == "CUDAExecutionProvider":
+        device, note = _device_bytes()
+    print(json.dumps({"baseline_rss_bytes": baseline, "peak_rss_bytes": peak, "peak_device_bytes": device,
+                      "device_note": note}))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
