@@ -195,6 +195,9 @@ def _verify_and_roll_back(
 
     say("verifying")
     result = check(out_model)
+    if result.nothing_ran:
+        # Not a failed rewrite: nothing could be compared. Bisecting would blame every site.
+        raise InputError(f"cannot verify: no provider could run ({result.nothing_ran}); choose others with --providers or skip with --no-verify")
     if result.passed:
         return out_model, [RewriteRecord(s.rule, s.nodes, "applied") for s in dres.applied], dres, result
 

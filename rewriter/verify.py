@@ -91,6 +91,13 @@ class VerificationResult:
     def __bool__(self) -> bool:
         return self.passed
 
+    @property
+    def nothing_ran(self) -> str | None:
+        """When no provider could run at all: why (per provider); else None."""
+        if self.providers and all(p.status == "skipped" for p in self.providers.values()):
+            return "; ".join(f"{name}: {p.reason}" for name, p in self.providers.items())
+        return None
+
     def to_json(self) -> dict[str, Any]:
         return {"passed": self.passed, "providers": {k: v.to_json() for k, v in self.providers.items()}}
 

@@ -11,7 +11,7 @@ from rich.console import Console
 from rewriter.cli.app import app
 from rewriter.cli.options import verify_options
 from rewriter.cli.progress import StepProgress
-from rewriter.errors import VerificationError
+from rewriter.errors import InputError, VerificationError
 
 
 @app.command("verify")
@@ -44,6 +44,8 @@ def verify_cmd(
     render_verification(result, Console())
     if report is not None:
         atomic_write_text(report, json.dumps({"verification": result.to_json()}, indent=2) + "\n")
+    if result.nothing_ran:
+        raise InputError(f"cannot verify: no provider could run ({result.nothing_ran}); choose others with --providers")
     if not result.passed:
         failed = [f"{n}: {p.reason or p.status}" for n, p in result.providers.items() if p.status != "passed"]
         raise VerificationError("models differ: " + "; ".join(failed) if failed else "models differ")
