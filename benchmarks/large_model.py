@@ -108,7 +108,7 @@ def step_rewrite(src: str, out: str, rules: list[str] | None, verify: bool) -> d
         optimize = rewriter.optimize
     except (AttributeError, ImportError):
         optimize = None
-    from rewriter.model_io import load_model, save_model
+    from rewriter.engine.model_io import load_model, save_model
 
     imported = time.perf_counter()
     if optimize is not None:

@@ -210,9 +210,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import rewriter
-    from rewriter.bench import BenchOptions
+    from rewriter.measure.bench import BenchOptions
     from rewriter.errors import RewriterError
-    from rewriter.verify import VerifyOptions
+    from rewriter.prove.verify import VerifyOptions
 
     only = [p for p in args.only.split(",") if p]
     unknown = sorted(set(only) - set(PATTERNS))

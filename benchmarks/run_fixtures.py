@@ -75,7 +75,7 @@ def markdown_table(first_header: str, rows: Sequence[tuple[str, dict[str, str]]]
 
 
 def rules_line(plugins: Sequence[str], rules: Sequence[str] | None) -> str:
-    from rewriter.registry import discover
+    from rewriter.engine.registry import discover
 
     reg = discover(plugins)
     selected = reg.select(rules or None)
@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import rewriter
-    from rewriter.bench import BenchOptions
+    from rewriter.measure.bench import BenchOptions
     from rewriter.errors import RewriterError
 
     manifest = json.loads(args.manifest.read_text())

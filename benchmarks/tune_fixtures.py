@@ -44,7 +44,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def _speedup(before: Sequence[float], after: Sequence[float]) -> str:
-    from rewriter.bench import judge
+    from rewriter.measure.bench import judge
 
     speedup, low, high, _, verdict = judge([b / a for b, a in zip(before, after) if a > 0])
     if speedup is None:
@@ -75,14 +75,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     import onnxruntime
 
     import rewriter
-    from rewriter.bench import BenchOptions
-    from rewriter.graph import ModelGraph
-    from rewriter.inputs import input_specs, make_feeds
-    from rewriter.model_io import load_model
-    from rewriter.registry import discover
-    from rewriter.sites import find_sites
-    from rewriter.tune import OrtTimer, TuneOptions, tuning_shapes
-    from rewriter.verify import VerifyOptions
+    from rewriter.measure.bench import BenchOptions
+    from rewriter.engine.graph import ModelGraph
+    from rewriter.prove.inputs import input_specs, make_feeds
+    from rewriter.engine.model_io import load_model
+    from rewriter.engine.registry import discover
+    from rewriter.tune.sites import find_sites
+    from rewriter.tune.decide import OrtTimer, TuneOptions, tuning_shapes
+    from rewriter.prove.verify import VerifyOptions
 
     reg = discover()
     candidates = [r for r in reg.select(None, (), "to-matmul") + reg.select(None, (), "to-conv") if r.direction != "cleanup"]

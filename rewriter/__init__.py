@@ -13,8 +13,8 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 if TYPE_CHECKING:
     from rewriter.api import Result, optimize
     from rewriter.errors import InputError, PluginError, RewriterError, VerificationError
-    from rewriter.pattern import Match, PatternBuilder
-    from rewriter.rule import CheckResult, RewriteBuilder, Rule, fail, ok, skip
+    from rewriter.engine.pattern import Match, PatternBuilder
+    from rewriter.engine.rule import CheckResult, RewriteBuilder, Rule, fail, ok, skip
 
 __all__ = [
     "__version__",
@@ -37,14 +37,14 @@ __all__ = [
 _LAZY = {
     "optimize": "rewriter.api",
     "Result": "rewriter.api",
-    "Rule": "rewriter.rule",
-    "ok": "rewriter.rule",
-    "fail": "rewriter.rule",
-    "skip": "rewriter.rule",
-    "CheckResult": "rewriter.rule",
-    "RewriteBuilder": "rewriter.rule",
-    "Match": "rewriter.pattern",
-    "PatternBuilder": "rewriter.pattern",
+    "Rule": "rewriter.engine.rule",
+    "ok": "rewriter.engine.rule",
+    "fail": "rewriter.engine.rule",
+    "skip": "rewriter.engine.rule",
+    "CheckResult": "rewriter.engine.rule",
+    "RewriteBuilder": "rewriter.engine.rule",
+    "Match": "rewriter.engine.pattern",
+    "PatternBuilder": "rewriter.engine.pattern",
     "RewriterError": "rewriter.errors",
     "InputError": "rewriter.errors",
     "PluginError": "rewriter.errors",

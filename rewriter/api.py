@@ -5,7 +5,7 @@
     result.save("model.rewritten.onnx")
     print(result.report.to_json()["rewrites"])
 
-    rewriter.optimize("model.onnx", tune=True)          # per-site choice by measurement (rewriter.tune)
+    rewriter.optimize("model.onnx", tune=True)          # per-site choice by measurement (rewriter.tune.decide)
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from typing import Any, Callable, Sequence
 import onnx
 
 from rewriter import __version__
-from rewriter.driver import AppliedSite, DriverResult, SiteKey, run_rules
+from rewriter.engine.driver import AppliedSite, DriverResult, SiteKey, run_rules
 from rewriter.errors import InputError, VerificationError
-from rewriter.graph import ModelGraph
-from rewriter.model_io import LoadedModel, check_output_path, load_model, save_model
-from rewriter.registry import Registry, discover
+from rewriter.engine.graph import ModelGraph
+from rewriter.engine.model_io import LoadedModel, check_output_path, load_model, save_model
+from rewriter.engine.registry import Registry, discover
 from rewriter.report import NearMissRecord, Report, RewriteRecord, summarize
-from rewriter.rule import Rule
+from rewriter.engine.rule import Rule
 
 __all__ = ["optimize", "Result", "rewrite_model"]
 
@@ -46,7 +46,7 @@ class Result:
         """Write the model atomically (external data beside it); returns the report with ``output`` filled."""
         out = check_output_path(path, input_path=self.source.path, overwrite_input=overwrite_input)
         written = save_model(self.model, out, source=self.source, overwrite_input=overwrite_input)
-        from rewriter.model_io import file_sha256
+        from rewriter.engine.model_io import file_sha256
 
         return self.report.with_output(summarize(self.model, written, file_sha256(written)))
 
@@ -120,7 +120,7 @@ def optimize(
         notes.append("verification skipped (--no-verify / verify=False): the output is NOT proven equivalent")
 
     if bench and any(r.status == "applied" for r in records):
-        from rewriter.accept import measure_and_accept
+        from rewriter.measure.accept import measure_and_accept
 
         out_model, records, bench_sections, bench_notes = measure_and_accept(
             loaded, selected, out_model, records, bench_options, keep_slower=keep_slower, verify_options=verify_options if verify else None, progress=say
@@ -158,7 +158,7 @@ def _tuned_rules(
 ) -> list[Rule]:
     """The rules of a tuned run: each to-matmul / to-conv rule (``rules`` narrows them) restricted
     to the sites where it measured fastest, plus the cleanups of the fixed policy (or of ``rules``)."""
-    from rewriter.tune import tune_sites
+    from rewriter.tune.decide import tune_sites
 
     pool = reg.select(rules, exclude, "to-matmul") + ([] if rules else reg.select(None, exclude, "to-conv"))
     seen: set[str] = set()
@@ -186,7 +186,7 @@ def _verify_and_roll_back(
     options: Any,
     say: Progress,
 ) -> tuple[onnx.ModelProto, list[RewriteRecord], DriverResult, Any]:
-    from rewriter.verify import VerifyOptions, bisect_offenders, verify_models
+    from rewriter.prove.verify import VerifyOptions, bisect_offenders, verify_models
 
     opts = options or VerifyOptions()
 

@@ -115,7 +115,7 @@ class Report:
         return out
 
     def write_json(self, path: str | Path) -> None:
-        from rewriter.model_io import atomic_write_text
+        from rewriter.engine.model_io import atomic_write_text
 
         atomic_write_text(Path(path), json.dumps(self.to_json(), indent=2) + "\n")
 

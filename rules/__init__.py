@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from rewriter.rule import Rule
+from rewriter.engine.rule import Rule
 
 __all__ = ["RULES"]
 

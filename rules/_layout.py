@@ -17,9 +17,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from rewriter.graph import ModelGraph, producer
-from rewriter.pattern import Match, match_at
-from rewriter.rule import CheckResult, RewriteBuilder, Rule, ok
+from rewriter.engine.graph import ModelGraph, producer
+from rewriter.engine.pattern import Match, match_at
+from rewriter.engine.rule import CheckResult, RewriteBuilder, Rule, ok
 
 __all__ = [
     "FLOAT_DTYPES",

@@ -14,9 +14,9 @@ from typing import ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from rewriter.pattern import Match, OpPat, Pattern, PatternBuilder
-from rewriter.rule import CheckResult, RewriteBuilder, Rule, fail, ok, skip
-from rewriter.shapes import (
+from rewriter.engine.pattern import Match, OpPat, Pattern, PatternBuilder
+from rewriter.engine.rule import CheckResult, RewriteBuilder, Rule, fail, ok, skip
+from rewriter.engine.shapes import (
     LAYOUT_OPS,
     Dim,
     Layout,

@@ -18,9 +18,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from rewriter.graph import static_shape
-from rewriter.pattern import Match, OpPat, PatternBuilder
-from rewriter.rule import CheckResult, RewriteBuilder, Rule, fail, ok, skip
+from rewriter.engine.graph import static_shape
+from rewriter.engine.pattern import Match, OpPat, PatternBuilder
+from rewriter.engine.rule import CheckResult, RewriteBuilder, Rule, fail, ok, skip
 from rewriter.rules._layout import (
     ELEMENTWISE_OPS,
     claim,

@@ -17,9 +17,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from rewriter.graph import producer
-from rewriter.pattern import Match, OpPat, PatternBuilder
-from rewriter.rule import CheckResult, RewriteBuilder, Rule, fail, ok, skip
+from rewriter.engine.graph import producer
+from rewriter.engine.pattern import Match, OpPat, PatternBuilder
+from rewriter.engine.rule import CheckResult, RewriteBuilder, Rule, fail, ok, skip
 from rewriter.rules._layout import UNARY_OPS, claim, int_list, node_axes, rank_of, single_consumer
 
 __all__ = ["FlattenOfUnitAxes", "TransposeIntoGemmWeight", "TransposeIntoMatMulWeight", "RULES"]

@@ -35,9 +35,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from rewriter.graph import producer
-from rewriter.pattern import Match, OpPat, Pattern, PatternBuilder
-from rewriter.rule import CheckResult, RewriteBuilder, Rule, fail, ok, skip
+from rewriter.engine.graph import producer
+from rewriter.engine.pattern import Match, OpPat, Pattern, PatternBuilder
+from rewriter.engine.rule import CheckResult, RewriteBuilder, Rule, fail, ok, skip
 from rewriter.rules._layout import (
     T1,
     TF_CF,

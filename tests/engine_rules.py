@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rewriter.rule import Rule, fail, ok
+from rewriter.engine.rule import Rule, fail, ok
 
 
 class DoubleReluToRelu(Rule):

@@ -9,7 +9,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from rewriter.driver import DriverResult
+from rewriter.engine.driver import DriverResult
 from rewriter.report import op_counts
 
 # onnx 1.23 writes IR 14 by default; onnxruntime 1.31 refuses IR > 13.
@@ -67,9 +67,9 @@ def assert_equivalent(
 
 def rewrite(model: onnx.ModelProto, rules: Sequence[Any]) -> tuple[onnx.ModelProto, DriverResult]:
     """Run the driver with rule instances or ids (built-ins) on a copy of ``model``."""
-    from rewriter.graph import ModelGraph
-    from rewriter.driver import run_rules
-    from rewriter.registry import discover
+    from rewriter.engine.graph import ModelGraph
+    from rewriter.engine.driver import run_rules
+    from rewriter.engine.registry import discover
 
     instances = []
     reg = None

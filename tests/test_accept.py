@@ -9,11 +9,11 @@ from onnx import helper
 import rewriter
 from engine_rules import DoubleReluToRelu, MatMulBiasToGemmTest
 from helpers import init, make_model, op_counts, vi
-from rewriter.accept import BenchmarkSection, benchmark_markdown, measure_and_accept, rule_family
-from rewriter.bench import BenchOptions, ModelTiming, ProviderBench
-from rewriter.registry import Registry
+from rewriter.measure.accept import BenchmarkSection, benchmark_markdown, measure_and_accept, rule_family
+from rewriter.measure.bench import BenchOptions, ModelTiming, ProviderBench
+from rewriter.engine.registry import Registry
 from rewriter.report import RewriteRecord
-from rewriter.verify import VerifyOptions
+from rewriter.prove.verify import VerifyOptions
 
 RNG = np.random.default_rng(0)
 
@@ -78,7 +78,7 @@ class FakeBench:
 
 def _run(fake, *, keep_slower=False, verify_options=None, rules=(GemmFamily, ReluFamily)):
     from rewriter.api import rewrite_model
-    from rewriter.model_io import load_model
+    from rewriter.engine.model_io import load_model
 
     loaded = load_model(_model())
     selected = _registry(*rules).select()

@@ -12,8 +12,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from rich.console import Console
 
-from rewriter.bench import BenchOptions, ProviderBench, bench_models, bench_to_json, judge, render_bench
-from rewriter.costs import static_costs, static_to_json
+from rewriter.measure.bench import BenchOptions, ProviderBench, bench_models, bench_to_json, judge, render_bench
+from rewriter.measure.costs import static_costs, static_to_json
 from rewriter.errors import InputError
 
 SCHEMA = json.loads((Path(__file__).parent.parent / "rewriter" / "schemas" / "report.schema.json").read_text())
@@ -198,7 +198,7 @@ def test_static_section_validates():
 
 def test_sessions_do_not_spin_between_runs():
     """A/B sessions in one process must not keep spinning threads (it skewed identical models to 0.8x)."""
-    from rewriter.bench import ModelSource, make_session
+    from rewriter.measure.bench import ModelSource, make_session
 
     from onnx import TensorProto, helper
 

@@ -267,7 +267,7 @@ def test_no_verify_is_said_loudly(capsys, model_path, tmp_path):
 
 
 def _cuda_works() -> bool:
-    from rewriter.verify import cuda_status
+    from rewriter.prove.verify import cuda_status
 
     return cuda_status()[0]
 

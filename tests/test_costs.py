@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from rewriter.costs import StaticCosts, dtype_bytes, static_costs
+from rewriter.measure.costs import StaticCosts, dtype_bytes, static_costs
 from rewriter.errors import InputError
 
 F = TensorProto.FLOAT

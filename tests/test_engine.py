@@ -10,8 +10,8 @@ from onnx import TensorProto, helper
 from engine_rules import AddZeroToIdentity, AlwaysFires, DoubleReluToRelu, MatMulBiasToGemmTest, Raises
 from helpers import assert_equivalent, init, make_model, op_counts, rewrite, vi
 from rewriter.errors import NonConvergenceError
-from rewriter.graph import PROVENANCE_KEY, ModelGraph
-from rewriter.driver import run_rules
+from rewriter.engine.graph import PROVENANCE_KEY, ModelGraph
+from rewriter.engine.driver import run_rules
 
 RNG = np.random.default_rng(0)
 
@@ -260,7 +260,7 @@ def test_opset_range_excludes_rule():
 
 
 def test_quiet_refusal_is_recorded_but_not_reported():
-    from rewriter.rule import skip
+    from rewriter.engine.rule import skip
 
     class QuietAddZero(AddZeroToIdentity):
         id = "test-quiet-add-zero"

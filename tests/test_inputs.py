@@ -12,7 +12,7 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 from rewriter.errors import InputError
-from rewriter.inputs import (
+from rewriter.prove.inputs import (
     BFLOAT16,
     InputSpec,
     input_specs,
@@ -184,7 +184,7 @@ def test_load_npz_feeds_bad_files(tmp_path) -> None:  # type: ignore[no-untyped-
 
 def test_distinct_dynamic_dims_get_distinct_values_above_one():
     """So a rewrite that swaps two dynamic axes cannot pass by the two being equal."""
-    from rewriter.inputs import InputSpec, shape_sets
+    from rewriter.prove.inputs import InputSpec, shape_sets
 
     specs = [InputSpec("x", np.dtype("float32"), ("batch", "frames", 16)), InputSpec("y", np.dtype("float32"), ("batch", None))]
     runs = shape_sets(specs)

@@ -1,4 +1,4 @@
-"""rewriter.model_io: load forms, bad inputs, external data, atomic saves, IR lowering."""
+"""rewriter.engine.model_io: load forms, bad inputs, external data, atomic saves, IR lowering."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from rewriter import model_io
+from rewriter.engine import model_io
 from rewriter.errors import InputError
-from rewriter.model_io import (
+from rewriter.engine.model_io import (
     LoadedModel,
     check_output_path,
     ensure_loadable_ir,

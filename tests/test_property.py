@@ -20,10 +20,10 @@ from hypothesis import strategies as st
 from onnx import helper
 
 from helpers import init, make_model, op_counts, vi
-from rewriter.graph import ModelGraph
-from rewriter.driver import run_rules
-from rewriter.registry import discover
-from rewriter.verify import VerifyOptions, verify_models
+from rewriter.engine.graph import ModelGraph
+from rewriter.engine.driver import run_rules
+from rewriter.engine.registry import discover
+from rewriter.prove.verify import VerifyOptions, verify_models
 
 settings.register_profile("ci", max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("large", max_examples=5000, deadline=None, suppress_health_check=[HealthCheck.too_slow])

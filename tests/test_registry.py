@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from rewriter.errors import InputError, PluginError
-from rewriter.registry import discover
+from rewriter.engine.registry import discover
 
 REPO = Path(__file__).resolve().parents[1]
 

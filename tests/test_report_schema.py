@@ -15,10 +15,10 @@ from onnx import helper
 import rewriter
 from engine_rules import DoubleReluToRelu
 from helpers import init, make_model, vi
-from rewriter.bench import BenchOptions
-from rewriter.registry import Registry
-from rewriter.rule import Rule
-from rewriter.verify import VerifyOptions
+from rewriter.measure.bench import BenchOptions
+from rewriter.engine.registry import Registry
+from rewriter.engine.rule import Rule
+from rewriter.prove.verify import VerifyOptions
 
 SCHEMA = json.loads((Path(rewriter.__file__).parent / "schemas" / "report.schema.json").read_text())
 VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)

@@ -1,4 +1,4 @@
-"""rewriter.shapes: dim algebra, symbolic evaluation of shape tensors, layout tracking."""
+"""rewriter.engine.shapes: dim algebra, symbolic evaluation of shape tensors, layout tracking."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from helpers import init, make_model, vi
-from rewriter.graph import ModelGraph
-from rewriter.shapes import (
+from rewriter.engine.graph import ModelGraph
+from rewriter.engine.shapes import (
     Layout,
     apply_layout_node,
     dim_div,

@@ -14,12 +14,12 @@ from onnx import helper
 
 import rewriter
 from helpers import init, make_model, op_counts, rewrite, vi
-from rewriter.accept import rule_family
-from rewriter.bench import BenchOptions
+from rewriter.measure.accept import rule_family
+from rewriter.measure.bench import BenchOptions
 from rewriter.cli.app import run_app
-from rewriter.registry import discover
-from rewriter.tune import ORIGINAL, TuneOptions, decide, default_cache_path, restrict
-from rewriter.verify import VerifyOptions
+from rewriter.engine.registry import discover
+from rewriter.tune.decide import ORIGINAL, TuneOptions, decide, default_cache_path, restrict
+from rewriter.prove.verify import VerifyOptions
 
 SCHEMA = json.loads((Path(rewriter.__file__).parent / "schemas" / "report.schema.json").read_text())
 VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
@@ -269,7 +269,7 @@ def test_terminal_table_marks_the_kept_form(tmp_path):
 
     from rich.console import Console
 
-    from rewriter.tune import render_tuning
+    from rewriter.tune.decide import render_tuning
 
     result = tuned(transposed_model(), stub(conv_ms=2.0, other_ms=1.0), tmp_path)
     buf = io.StringIO()

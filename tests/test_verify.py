@@ -15,8 +15,8 @@ from onnx import numpy_helper as nh
 from rich.console import Console
 
 from rewriter.errors import InputError, VerificationError
-from rewriter.inputs import BFLOAT16, input_specs, make_feeds, shape_sets
-from rewriter.verify import (
+from rewriter.prove.inputs import BFLOAT16, input_specs, make_feeds, shape_sets
+from rewriter.prove.verify import (
     DEFAULT_TOLERANCES,
     Tolerance,
     VerifyOptions,
@@ -353,7 +353,7 @@ def test_bisect_raises_when_nothing_helps() -> None:
 
 def test_cuda_path_with_cpu_standing_in(monkeypatch: pytest.MonkeyPatch) -> None:
     """Exercises the CUDA branch (noise measurement, widened tolerance) without a GPU."""
-    from rewriter import verify
+    from rewriter.prove import verify
 
     real_session = verify.make_session
     monkeypatch.setattr(verify, "cuda_status", lambda: (True, ""))
@@ -368,7 +368,7 @@ def test_cuda_path_with_cpu_standing_in(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_markdown_table_per_provider():
-    from rewriter.verify import ProviderResult, Tolerance, VerificationResult
+    from rewriter.prove.verify import ProviderResult, Tolerance, VerificationResult
 
     res = VerificationResult(
         True,

@@ -34,7 +34,7 @@ def parse_bench_shapes(items: Sequence[str] | None) -> dict[str, tuple[int, ...]
 
 
 def parse_bench_providers(value: str | None) -> tuple[str, ...]:
-    from rewriter.bench import PROVIDERS
+    from rewriter.measure.bench import PROVIDERS
 
     names = tuple(dict.fromkeys(p.strip().lower() for p in (value or "cpu").split(",") if p.strip()))
     aliases = {ep.lower(): short for short, ep in PROVIDERS.items()}
@@ -43,7 +43,7 @@ def parse_bench_providers(value: str | None) -> tuple[str, ...]:
 
 def make_bench_options(providers: str | None, runs: int | None, shapes: Sequence[str] | None, **kw: Any) -> Any:
     """BenchOptions from CLI values (None keeps the library default)."""
-    from rewriter.bench import BenchOptions
+    from rewriter.measure.bench import BenchOptions
 
     if runs is not None:
         kw["runs"] = runs
@@ -67,10 +67,10 @@ def bench_cmd(
     import json
 
     from rewriter import __version__
-    from rewriter.accept import BenchmarkSection, StaticSection, render_static
-    from rewriter.bench import bench_models, render_bench
-    from rewriter.costs import static_costs, static_to_json
-    from rewriter.model_io import atomic_write_text, check_output_path, load_model
+    from rewriter.measure.accept import BenchmarkSection, StaticSection, render_static
+    from rewriter.measure.bench import bench_models, render_bench
+    from rewriter.measure.costs import static_costs, static_to_json
+    from rewriter.engine.model_io import atomic_write_text, check_output_path, load_model
     from rewriter.report import summarize
 
     for path in (model, other):

@@ -54,7 +54,7 @@ def rewrite_cmd(
 ) -> None:
     """Rewrite Conv <-> MatMul/Gemm sites of MODEL, verify the result on onnxruntime, write it."""
     from rewriter.api import optimize
-    from rewriter.model_io import check_output_path
+    from rewriter.engine.model_io import check_output_path
 
     out_console = Console()
     err = Console(stderr=True)
@@ -73,7 +73,7 @@ def rewrite_cmd(
     bopts = make_bench_options(bench_providers or providers, bench_runs, bench_shape) if bench or auto else None
     topts = None
     if auto:
-        from rewriter.tune import TuneOptions
+        from rewriter.tune.decide import TuneOptions
 
         topts = TuneOptions(cache=cache, use_cache=not no_cache, read_only_cache=dry_run)
 
@@ -105,16 +105,16 @@ def rewrite_cmd(
         err.print("[bold yellow]WARNING: --no-verify: the output was NOT checked against the original[/]")
     rep.render(out_console, verbose=verbose or dry_run)
     if "tuning" in rep.sections:
-        from rewriter.tune import render_tuning
+        from rewriter.tune.decide import render_tuning
 
         render_tuning(rep.sections["tuning"], out_console)
     if "verification" in rep.sections:
-        from rewriter.verify import render_verification
+        from rewriter.prove.verify import render_verification
 
         render_verification(rep.sections["verification"], out_console)
     if getattr(rep.sections.get("benchmark"), "results", None):
-        from rewriter.accept import render_static
-        from rewriter.bench import render_bench
+        from rewriter.measure.accept import render_static
+        from rewriter.measure.bench import render_bench
 
         render_bench(rep.sections["benchmark"].results, out_console)
         if "static" in rep.sections:
@@ -122,7 +122,7 @@ def rewrite_cmd(
     if report is not None:
         rep.write_json(report)
     if report_md is not None:
-        from rewriter.model_io import atomic_write_text
+        from rewriter.engine.model_io import atomic_write_text
 
         atomic_write_text(report_md, rep.to_markdown())
     if out_path is not None:

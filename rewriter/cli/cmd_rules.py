@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rewriter.cli.app import app
-from rewriter.registry import discover
+from rewriter.engine.registry import discover
 
 
 @app.command("rules")

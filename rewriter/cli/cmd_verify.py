@@ -31,8 +31,8 @@ def verify_cmd(
     """Compare ORIGINAL and CANDIDATE on onnxruntime (exit 0 equivalent, 1 not)."""
     import json
 
-    from rewriter.model_io import atomic_write_text, check_output_path, load_model
-    from rewriter.verify import render_verification, verify_models
+    from rewriter.engine.model_io import atomic_write_text, check_output_path, load_model
+    from rewriter.prove.verify import render_verification, verify_models
 
     if report is not None:
         check_output_path(report, input_path=None)

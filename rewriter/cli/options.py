@@ -27,8 +27,8 @@ def verify_options(
     inputs: Path | None,
     input_range: str | None,
 ) -> Any:
-    from rewriter.inputs import parse_shape_overrides
-    from rewriter.verify import VerifyOptions
+    from rewriter.prove.inputs import parse_shape_overrides
+    from rewriter.prove.verify import VerifyOptions
 
     rng = None
     if input_range:

@@ -7,7 +7,7 @@ import pytest
 from onnx import helper
 
 from helpers import assert_equivalent, init, make_model, op_counts, rewrite, vi
-from rewriter.registry import discover
+from rewriter.engine.registry import discover
 
 RNG = np.random.default_rng(2)
 

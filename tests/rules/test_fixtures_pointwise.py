@@ -15,7 +15,7 @@ import onnx
 import pytest
 
 from helpers import assert_equivalent, op_counts, rewrite
-from rewriter.registry import discover
+from rewriter.engine.registry import discover
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 MANIFEST = FIXTURES / "manifest.json"

@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from helpers import assert_equivalent, init, make_model, op_counts, rewrite, run, vi
-from rewriter.registry import discover
+from rewriter.engine.registry import discover
 
 RNG = np.random.default_rng(0)
 C, N = 6, 5

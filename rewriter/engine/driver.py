@@ -18,9 +18,9 @@ from typing import Collection, Sequence
 import onnx_graphsurgeon as gs
 
 from rewriter.errors import NonConvergenceError
-from rewriter.graph import ModelGraph, iter_graphs
-from rewriter.pattern import Match, match_at
-from rewriter.rule import RewriteBuilder, Rule
+from rewriter.engine.graph import ModelGraph, iter_graphs
+from rewriter.engine.pattern import Match, match_at
+from rewriter.engine.rule import RewriteBuilder, Rule
 
 __all__ = ["SiteKey", "AppliedSite", "NearMiss", "DriverResult", "run_rules", "DEFAULT_MAX_ITERATIONS"]
 

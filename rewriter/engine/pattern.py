@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence, Union
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from rewriter.graph import ModelGraph, producer
+from rewriter.engine.graph import ModelGraph, producer
 
 __all__ = [
     "Pattern",

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from rewriter.compare import (
+from rewriter.prove.compare import (
     DEFAULT_TOLERANCES,
     OutputDiff,
     Tolerance,
@@ -32,7 +32,7 @@ from rewriter.compare import (
     tolerance_for as _tolerance,
 )
 from rewriter.errors import InputError, VerificationError
-from rewriter.inputs import BFLOAT16, InputSpec, input_specs, load_npz_feeds, make_feeds, shape_sets
+from rewriter.prove.inputs import BFLOAT16, InputSpec, input_specs, load_npz_feeds, make_feeds, shape_sets
 
 __all__ = [
     "Tolerance",

@@ -19,7 +19,7 @@ Whether Conv or MatMul is faster depends on the provider and the shapes, so ``--
 5. **Plan**: each chosen rule limited to the cores of its sites, plus the cleanups. The caller
    rewrites, verifies and runs the whole-model acceptance as for any other rule set.
 
-Decisions are cached (``rewriter.tune_cache``), so a second run measures nothing it has seen.
+Decisions are cached (``rewriter.tune.cache``), so a second run measures nothing it has seen.
 """
 
 from __future__ import annotations
@@ -34,13 +34,13 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from rewriter.bench import BenchOptions, judge
-from rewriter.driver import run_rules
-from rewriter.graph import ModelGraph
-from rewriter.model_io import LoadedModel
-from rewriter.rule import Rule
-from rewriter.sites import CORE_OPS, Site, boundary, find_sites, isolate, observe, restrict
-from rewriter.tune_cache import DecisionCache, cache_key, default_cache_path
+from rewriter.measure.bench import BenchOptions, judge
+from rewriter.engine.driver import run_rules
+from rewriter.engine.graph import ModelGraph
+from rewriter.engine.model_io import LoadedModel
+from rewriter.engine.rule import Rule
+from rewriter.tune.sites import CORE_OPS, Site, boundary, find_sites, isolate, observe, restrict
+from rewriter.tune.cache import DecisionCache, cache_key, default_cache_path
 
 __all__ = [
     "CORE_OPS",
@@ -91,7 +91,7 @@ class OrtTimer:
         self.runs, self.warmup, self.threads, self.min_sample_ms = runs, warmup, threads, min_sample_ms
 
     def __call__(self, models: Mapping[str, onnx.ModelProto], feeds: Mapping[str, np.ndarray], provider: str) -> dict[str, list[float]]:
-        from rewriter.bench import PROVIDERS, ModelSource, make_session, ort_providers, time_interleaved
+        from rewriter.measure.bench import PROVIDERS, ModelSource, make_session, ort_providers, time_interleaved
 
         names = list(models)
         sessions = []
@@ -210,7 +210,7 @@ class TuningSection(dict):  # type: ignore[type-arg]
 def _pick_provider(providers: Sequence[str], stub: bool) -> tuple[str | None, str]:
     if stub:
         return providers[0], ""
-    from rewriter.bench import cuda_unavailable_reason
+    from rewriter.measure.bench import cuda_unavailable_reason
 
     why = []
     for p in providers:
@@ -224,8 +224,8 @@ def _pick_provider(providers: Sequence[str], stub: bool) -> tuple[str | None, st
 def tuning_shapes(model: onnx.ModelProto, bench_options: BenchOptions, verify_options: Any = None) -> dict[str, tuple[int, ...]]:
     """The shapes the whole-model benchmark uses: ``--bench-shape``, else the largest verification
     shapes the user chose, else the largest of ``inputs.shape_sets`` (per missing input)."""
-    from rewriter.accept import largest_verification_shapes
-    from rewriter.inputs import input_specs, shape_sets
+    from rewriter.measure.accept import largest_verification_shapes
+    from rewriter.prove.inputs import input_specs, shape_sets
 
     given = dict(bench_options.shapes or largest_verification_shapes(model, verify_options) or {})
     shapes = {k: tuple(int(d) for d in v) for k, v in given.items()}
@@ -248,7 +248,7 @@ def tune_sites(
     """Decide every site of ``loaded`` between its original form and the ``candidates`` that match
     there (see the module docstring). Never raises for a site that cannot be measured: such a
     site keeps the fixed default policy, and the section says why."""
-    from rewriter.inputs import input_specs, make_feeds
+    from rewriter.prove.inputs import input_specs, make_feeds
 
     say = progress or (lambda _msg: None)
     bopts = bench_options or BenchOptions()

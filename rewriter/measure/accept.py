@@ -13,16 +13,16 @@ import math
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from rewriter.bench import BenchOptions, ProviderBench, bench_models
+from rewriter.measure.bench import BenchOptions, ProviderBench, bench_models
 from rewriter.errors import VerificationError
 from rewriter.report import RewriteRecord
 
 if TYPE_CHECKING:
     import onnx
 
-    from rewriter.driver import DriverResult, SiteKey
-    from rewriter.model_io import LoadedModel
-    from rewriter.rule import Rule
+    from rewriter.engine.driver import DriverResult, SiteKey
+    from rewriter.engine.model_io import LoadedModel
+    from rewriter.engine.rule import Rule
 
 __all__ = [
     "BenchmarkSection",
@@ -92,7 +92,7 @@ def _key(record: RewriteRecord) -> SiteKey:
 
 def largest_verification_shapes(model: onnx.ModelProto, verify_options: Any) -> dict[str, tuple[int, ...]] | None:
     """Input shapes of the largest verification run, when the user chose them (--shape/--inputs)."""
-    from rewriter.inputs import input_specs, load_npz_feeds, shape_sets
+    from rewriter.prove.inputs import input_specs, load_npz_feeds, shape_sets
 
     if verify_options is None:
         return None
@@ -171,7 +171,7 @@ def measure_and_accept(
 
     sections: dict[str, Any] = {"benchmark": BenchmarkSection(results)}
     if model is not out_model and verify_options is not None:
-        from rewriter.verify import verify_models
+        from rewriter.prove.verify import verify_models
 
         say("verifying the accepted model")
         verification = verify_models(loaded.model, model, verify_options, base_dir=loaded.base_dir, progress=say)
@@ -190,7 +190,7 @@ def measure_and_accept(
 def _static_section(
     before: onnx.ModelProto, after: onnx.ModelProto, results: Mapping[str, ProviderBench], target: str | None
 ) -> tuple[StaticSection | None, str]:
-    from rewriter.costs import static_costs, static_to_json
+    from rewriter.measure.costs import static_costs, static_to_json
     from rewriter.errors import InputError
 
     bench = results.get(target) if target else next(iter(results.values()), None)

@@ -19,10 +19,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from rewriter.graph import ModelGraph, const_value, iter_graphs, producer
-from rewriter.model_io import LoadedModel, ensure_loadable_ir
-from rewriter.pattern import Match, match_at
-from rewriter.rule import CheckResult, Rule, skip
+from rewriter.engine.graph import ModelGraph, const_value, iter_graphs, producer
+from rewriter.engine.model_io import LoadedModel, ensure_loadable_ir
+from rewriter.engine.pattern import Match, match_at
+from rewriter.engine.rule import CheckResult, Rule, skip
 
 __all__ = ["CORE_OPS", "Site", "find_sites", "restrict", "boundary", "observe", "isolate"]
 
@@ -238,7 +238,7 @@ def observe(loaded: LoadedModel, names: Sequence[str], feeds: Mapping[str, np.nd
     """Values of ``names`` in one CPU run of the original at ``feeds``."""
     import onnxruntime as ort
 
-    from rewriter.model_io import has_external_data
+    from rewriter.engine.model_io import has_external_data
 
     wanted = [n for n in dict.fromkeys(names) if n not in feeds]
     probe = onnx.ModelProto()

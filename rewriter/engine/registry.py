@@ -22,7 +22,7 @@ from types import ModuleType
 from typing import Iterable, Sequence
 
 from rewriter.errors import InputError, PluginError
-from rewriter.rule import Rule
+from rewriter.engine.rule import Rule
 
 __all__ = ["ENTRY_POINT_GROUP", "RuleInfo", "Unavailable", "Registry", "discover", "DIRECTIONS"]
 

@@ -40,7 +40,7 @@ class _ExternalLazyValues(LazyValues):  # type: ignore[misc]
         self.base_dir = base_dir
 
     def load(self) -> np.ndarray:
-        from rewriter.model_io import read_tensor
+        from rewriter.engine.model_io import read_tensor
 
         return read_tensor(self.tensor, self.base_dir)
 

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from rewriter.model_io import atomic_write_text
+from rewriter.engine.model_io import atomic_write_text
 
 __all__ = ["CACHE_FORMAT", "DecisionCache", "cache_key", "default_cache_path", "site_signature"]
 

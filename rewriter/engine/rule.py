@@ -15,8 +15,8 @@ from typing import ClassVar, Mapping, Sequence, Union
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from rewriter.graph import ModelGraph
-from rewriter.pattern import Match, OpPat, PatternBuilder
+from rewriter.engine.graph import ModelGraph
+from rewriter.engine.pattern import Match, OpPat, PatternBuilder
 
 __all__ = ["Rule", "CheckResult", "ok", "fail", "skip", "RewriteBuilder", "Replacement"]
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from rewriter.inputs import BFLOAT16
+from rewriter.prove.inputs import BFLOAT16
 
 __all__ = ["Tolerance", "DEFAULT_TOLERANCES", "OutputDiff", "compare_arrays", "tolerance_for", "noise", "merge", "json_num"]
 

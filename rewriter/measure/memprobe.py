@@ -1,4 +1,4 @@
-"""The isolated memory probe: ``python -m rewriter.memprobe MODEL --feeds FEEDS.json [...]``.
+"""The isolated memory probe: ``python -m rewriter.measure.memprobe MODEL --feeds FEEDS.json [...]``.
 
 The benchmark runs each model's session creation and runs in a fresh interpreter and reads its
 peak resident memory (VmHWM, reset after imports) and, on CUDA, the device memory it used, so
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from rewriter.bench import ModelSource
+    from rewriter.measure.bench import ModelSource
 
 __all__ = ["measure_memory", "save_feeds", "load_feeds", "main"]
 
@@ -57,14 +57,14 @@ def measure_memory(
     """Peak RSS (and CUDA device memory) of one model's session creation + runs, measured in a
     fresh interpreter so nothing else this process holds is counted. Returns (result, notes)."""
     cmd = [
-        sys.executable, "-m", "rewriter.memprobe", str(src.file_for_subprocess(tmp)),
+        sys.executable, "-m", "rewriter.measure.memprobe", str(src.file_for_subprocess(tmp)),
         "--feeds", str(feeds_manifest), "--provider", ep,
         "--threads", str(threads), "--runs", str(min(runs, _MEMORY_RUNS)),
     ]  # fmt: skip
     if src.external_dir is not None:
         cmd += ["--external-dir", str(src.external_dir)]
     env = dict(os.environ)
-    package_root = str(Path(__file__).resolve().parent.parent)
+    package_root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_MEMORY_TIMEOUT_S, env=env)
@@ -128,7 +128,7 @@ def _device_bytes() -> tuple[int | None, str]:
 def main(argv: list[str]) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m rewriter.memprobe")
+    parser = argparse.ArgumentParser(prog="python -m rewriter.measure.memprobe")
     parser.add_argument("model")
     parser.add_argument("--feeds", required=True)
     parser.add_argument("--provider", default="CPUExecutionProvider")
@@ -139,7 +139,7 @@ def main(argv: list[str]) -> int:
 
     import onnxruntime  # noqa: F401  part of the baseline, not of the model's cost
 
-    from rewriter.bench import ModelSource, make_session
+    from rewriter.measure.bench import ModelSource, make_session
 
     feeds = load_feeds(Path(args.feeds))
     path = Path(args.model)

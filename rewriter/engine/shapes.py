@@ -26,7 +26,7 @@ from typing import Sequence, Union
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from rewriter.graph import ModelGraph, producer
+from rewriter.engine.graph import ModelGraph, producer
 
 __all__ = [
     "Dim",

@@ -3,7 +3,7 @@
 Latency: both ORT sessions live in this process and run in interleaved rounds (A B, B A, ...)
 so drift (thermal, other load) hits both alike; the speedup and its spread come from the
 per-round paired ratios (`judge`). Memory: each model gets a fresh interpreter
-(`python -m rewriter.bench _rss ...`) and reports its peak RSS and the RSS it had before the
+(`python -m rewriter.measure.bench _rss ...`) and reports its peak RSS and the RSS it had before the
 session existed, so the two models never share an allocator.
 """
 
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import numpy as np
 
 from rewriter.errors import InputError
-from rewriter.memprobe import measure_memory, save_feeds
+from rewriter.measure.memprobe import measure_memory, save_feeds
 
 if TYPE_CHECKING:
     import onnx
@@ -280,7 +280,7 @@ def cuda_unavailable_reason() -> str | None:
 def _feeds_and_shapes(
     before: ModelSource, after: ModelSource | None, options: BenchOptions
 ) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, ...]]]:
-    from rewriter.inputs import input_specs, make_feeds, shape_sets
+    from rewriter.prove.inputs import input_specs, make_feeds, shape_sets
 
     assert before.proto is not None
     specs = input_specs(before.proto)

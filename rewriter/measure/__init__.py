@@ -1,0 +1,1 @@
+"""Measure: latency, isolated memory probe, static costs, and the acceptance policy."""

@@ -1,0 +1,1 @@
+"""The public toolkit a rule author imports (built-in rules too)."""
