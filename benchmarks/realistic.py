@@ -232,8 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = build(args.batch, args.length, args.channels, np.random.default_rng(0), args.span)
         shape = "×".join(str(d.dim_value) for d in model.graph.input[0].type.tensor_type.shape.dim)
         try:
-            result = rewriter.optimize(model, rules=rules, plugins=args.plugin, verify_options=VerifyOptions(providers=("cpu",)),
-                                       bench=True, bench_options=options)  # fmt: skip
+            result = rewriter.optimize(model, rules=rules, plugins=args.plugin, verify=VerifyOptions(providers=("cpu",)), bench=options)
             cells = result_cells(result.report.to_json())
         except RewriterError as exc:
             cells = {"verdict": f"error: {exc}"}

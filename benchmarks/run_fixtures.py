@@ -122,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         options = BenchOptions(runs=args.runs, warmup=args.warmup, threads=args.threads,
                                shapes=_largest(fx.get("test_dims", [])), measure_memory=not args.no_memory)  # fmt: skip
         try:
-            result = rewriter.optimize(str(path), rules=rules, plugins=args.plugin, bench=True, bench_options=options)
+            result = rewriter.optimize(str(path), rules=rules, plugins=args.plugin, bench=options)
             cells = result_cells(result.report.to_json())
         except RewriterError as exc:
             cells = {"verdict": f"error: {exc}"}

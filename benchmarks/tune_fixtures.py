@@ -21,6 +21,7 @@ import math
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -104,16 +105,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             cache = TuneOptions(cache=Path(tmp) / "tuning.json")
             t0 = time.perf_counter()
-            rewriter.optimize(str(path), direction="auto", verify=False, bench=False, bench_options=options, tune_options=cache)
+            rewriter.optimize(str(path), direction="auto", verify=False, tune=replace(cache, timing=options))
             first = time.perf_counter() - t0
             t0 = time.perf_counter()
-            again = rewriter.optimize(str(path), direction="auto", verify=False, bench=False, bench_options=options, tune_options=cache)
+            again = rewriter.optimize(str(path), direction="auto", verify=False, tune=replace(cache, timing=options))
             second = time.perf_counter() - t0
             hits = again.report.to_json()["tuning"]["cache"]["hits"]
             cache_rows.append([fx["file"], f"{first:.2f}", f"{second:.2f}", f"{hits}/{len(again.report.to_json()['tuning']['sites'])}"])
-            fixed = rewriter.optimize(str(path), verify_options=cpu, bench=True, bench_options=options)
-            tuned = rewriter.optimize(str(path), direction="auto", verify_options=cpu, bench=True, bench_options=options,
-                                      tune_options=TuneOptions(use_cache=False))  # fmt: skip
+            fixed = rewriter.optimize(str(path), verify=cpu, bench=options)
+            tuned = rewriter.optimize(str(path), direction="auto", verify=cpu, bench=options, tune=TuneOptions(use_cache=False))
         report = tuned.report.to_json()
         for site in report["tuning"]["sites"]:
             site_rows.append([fx["file"], "<br>".join(site["nodes"]), _forms(site["forms"]), site["choice"], site["reason"]])

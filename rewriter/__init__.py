@@ -11,15 +11,25 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+local"
 
 if TYPE_CHECKING:
-    from rewriter.api import Result, optimize
-    from rewriter.errors import InputError, PluginError, RewriterError, VerificationError
+    from rewriter.api import Result, bench, list_rules, optimize, verify
     from rewriter.engine.pattern import Match, PatternBuilder
     from rewriter.engine.rule import CheckResult, RewriteBuilder, Rule, fail, ok, skip
+    from rewriter.errors import InputError, PluginError, RewriterError, VerificationError
+    from rewriter.options import MEASURED, PROVEN, BenchOptions, Options, TuneOptions, VerifyOptions
 
 __all__ = [
     "__version__",
     "optimize",
+    "verify",
+    "bench",
+    "list_rules",
     "Result",
+    "Options",
+    "VerifyOptions",
+    "BenchOptions",
+    "TuneOptions",
+    "PROVEN",
+    "MEASURED",
     "Rule",
     "ok",
     "fail",
@@ -36,7 +46,16 @@ __all__ = [
 
 _LAZY = {
     "optimize": "rewriter.api",
+    "verify": "rewriter.api",
+    "bench": "rewriter.api",
+    "list_rules": "rewriter.api",
     "Result": "rewriter.api",
+    "Options": "rewriter.options",
+    "VerifyOptions": "rewriter.options",
+    "BenchOptions": "rewriter.options",
+    "TuneOptions": "rewriter.options",
+    "PROVEN": "rewriter.options",
+    "MEASURED": "rewriter.options",
     "Rule": "rewriter.engine.rule",
     "ok": "rewriter.engine.rule",
     "fail": "rewriter.engine.rule",

@@ -1,15 +1,19 @@
-"""The one-call Python API that export pipelines and the CLI use.
+"""The Python API, and the only module that composes the pipeline's steps.
+
+    load -> rewrite -> prove -> measure -> decide -> write
 
     import rewriter
-    result = rewriter.optimize("model.onnx")          # rewrite + verify (CPU, CUDA if real)
+    result = rewriter.optimize("model.onnx")                   # preset PROVEN: rewrite + verify
     result.save("model.rewritten.onnx")
-    print(result.report.to_json()["rewrites"])
+    rewriter.optimize("model.onnx", rewriter.MEASURED)         # + per-site tuning, measure, accept
+    rewriter.optimize("model.onnx", rules=["transposed-conv1x1-to-matmul"], bench=True)
 
-    rewriter.optimize("model.onnx", tune=True)          # per-site choice by measurement (rewriter.tune.decide)
+``verify`` and ``bench`` are the other two commands' library calls.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -17,15 +21,22 @@ from typing import Any, Callable, Sequence
 import onnx
 
 from rewriter import __version__
-from rewriter.engine.driver import AppliedSite, DriverResult, SiteKey, run_rules
-from rewriter.errors import InputError, VerificationError
-from rewriter.engine.graph import ModelGraph
-from rewriter.engine.model_io import LoadedModel, check_output_path, load_model, save_model
+from rewriter.engine.model_io import LoadedModel, check_output_path, file_sha256, load_model, save_model
 from rewriter.engine.registry import Registry, discover
-from rewriter.report import NearMissRecord, Report, RewriteRecord, summarize
+from rewriter.engine.rewrite import rewrite
 from rewriter.engine.rule import Rule
+from rewriter.errors import InputError, VerificationError
+from rewriter.measure.accept import accept
+from rewriter.measure.bench import BenchOptions, bench_models
+from rewriter.measure.section import BenchmarkSection, BenchReport, static_section
+from rewriter.options import PROVEN, Options
+from rewriter.prove.result import VerificationResult
+from rewriter.prove.rollback import prove
+from rewriter.prove.verify import VerifyOptions, verify_models
+from rewriter.report import NearMissRecord, Report, RewriteRecord, Section, summarize
+from rewriter.tune.plan import TunePlan, tune_sites
 
-__all__ = ["optimize", "Result", "rewrite_model"]
+__all__ = ["optimize", "verify", "bench", "list_rules", "Result"]
 
 Progress = Callable[[str], None]
 
@@ -46,88 +57,70 @@ class Result:
         """Write the model atomically (external data beside it); returns the report with ``output`` filled."""
         out = check_output_path(path, input_path=self.source.path, overwrite_input=overwrite_input)
         written = save_model(self.model, out, source=self.source, overwrite_input=overwrite_input)
-        from rewriter.engine.model_io import file_sha256
-
         return self.report.with_output(summarize(self.model, written, file_sha256(written)))
 
 
-def rewrite_model(
-    loaded: LoadedModel, rules: Sequence[Rule], *, skip: Sequence[SiteKey] = ()
-) -> tuple[onnx.ModelProto, DriverResult]:
-    """Run the driver on a fresh graph of ``loaded`` (the input proto is never mutated)."""
-    graph = ModelGraph(loaded.model, loaded.base_dir)
-    result = run_rules(graph, rules, skip=skip)
-    return graph.export(), result
+@dataclass(frozen=True)
+class _Selection:
+    """The rules a run uses, and the tuning plan that chose them (None for a fixed policy)."""
+
+    rules: tuple[Rule, ...]
+    plan: TunePlan | None
 
 
 def optimize(
     model: Any,
+    options: Options | None = None,
     *,
-    rules: Sequence[str] | None = None,
-    exclude: Sequence[str] = (),
-    direction: str = "default",
-    tune: bool = False,
-    tune_options: Any = None,
-    plugins: Sequence[str] = (),
-    strict_plugins: bool = False,
     registry: Registry | None = None,
-    verify: bool = True,
-    verify_options: Any = None,
-    bench: bool | None = None,
-    bench_options: Any = None,
-    keep_slower: bool = False,
     progress: Progress | None = None,
+    **changes: Any,
 ) -> Result:
-    """Rewrite ``model`` (path, bytes, ModelProto or torch ONNXProgram) and prove the result.
+    """Rewrite ``model`` (path, bytes, ModelProto or torch ONNXProgram), prove, measure, decide.
 
-    With ``verify`` (the default) the rewritten model is compared with the original on
-    onnxruntime; sites that break equivalence are found by bisection and rolled back
-    (reported ``rolled_back``). Raises :class:`VerificationError` only when no equivalent
-    model can be produced. With ``bench`` both models are measured on the target providers
-    (latency, peak memory, static costs) and rule families that make the model measurably
-    slower are rolled back (``rejected``) unless ``keep_slower``.
-
-    ``direction="auto"`` (or ``tune=True``) replaces the fixed policy by measurement: every
-    Conv/MatMul/Gemm site is timed in each applicable form as an isolated subgraph and keeps
-    the fastest only when the gain exceeds the noise (``tune_options``: a
-    :class:`rewriter.tune.TuneOptions` with the decision cache and an injectable timer). The
-    report gets a ``tuning`` section. ``bench`` defaults to True when tuning (the whole-model
-    acceptance confirms the choices), else to False.
-    """
+    ``options`` (default :data:`rewriter.PROVEN`) says which steps run; keyword ``changes``
+    adjust it (``rules=[...]``, ``verify=False``, ``bench=True``, ``tune=TuneOptions(...)``;
+    see :meth:`Options.but`). Sites that break equivalence are rolled back (``rolled_back``);
+    with ``bench``, rule families that make the model measurably slower are rolled back
+    (``rejected``) unless ``keep_slower``. Raises :class:`VerificationError` only when no
+    equivalent model can be produced."""
+    opts = (options or PROVEN).but(**changes)
     say = progress or (lambda _msg: None)
-    if tune and direction not in ("default", "auto"):
-        raise InputError(f"tune=True is direction='auto'; it cannot be combined with direction='{direction}'")
-    auto = tune or direction == "auto"
-    bench = auto if bench is None else bench
     loaded = load_model(model)
-    reg = registry or discover(plugins, strict=strict_plugins)
+    reg = registry or discover(opts.plugins, strict=opts.strict_plugins)
+    timing = _timing(opts, loaded.model)
     notes: list[str] = [f"plugin unavailable: {u.source}: {u.error}" for u in reg.unavailable]
-    sections: dict[str, Any] = {}
-    if auto:
-        selected = _tuned_rules(loaded, reg, rules, exclude, bench_options, tune_options, verify_options, sections, notes, say)
-    else:
-        selected = reg.select(rules, exclude, direction)
-    say(f"rewriting with {len(selected)} rule(s)")
-    out_model, dres = rewrite_model(loaded, selected)
-    records = [RewriteRecord(s.rule, s.nodes, "applied") for s in dres.applied]
+    sections: dict[str, Section] = {}
 
-    if verify and dres.applied:
-        out_model, records, dres, verification = _verify_and_roll_back(loaded, selected, out_model, dres, verify_options, say)
-        sections["verification"] = verification
-    elif verify:
+    chosen = _select(loaded, reg, opts, timing, say)
+    if chosen.plan is not None:
+        sections["tuning"] = chosen.plan.section
+        notes.extend(chosen.plan.notes)
+    say(f"rewriting with {len(chosen.rules)} rule(s)")
+    rewritten = rewrite(loaded, chosen.rules)
+    records: tuple[RewriteRecord, ...] = tuple(RewriteRecord(s.rule, s.nodes, "applied") for s in rewritten.result.applied)
+
+    if opts.verify is not None and rewritten.result.applied:
+        proof = prove(loaded, chosen.rules, rewritten, opts.verify, say)
+        rewritten, records = proof.rewritten, proof.records
+        sections["verification"] = proof.verification
+    elif opts.verify is not None:
         notes.append("verification: nothing was rewritten, nothing to verify")
     else:
         notes.append("verification skipped (--no-verify / verify=False): the output is NOT proven equivalent")
 
-    if bench and any(r.status == "applied" for r in records):
-        from rewriter.measure.accept import measure_and_accept
-
-        out_model, records, bench_sections, bench_notes = measure_and_accept(
-            loaded, selected, out_model, records, bench_options, keep_slower=keep_slower, verify_options=verify_options if verify else None, progress=say
-        )
-        sections.update(bench_sections)
-        notes.extend(bench_notes)
-    elif bench:
+    out_model = rewritten.model
+    if opts.bench is not None and any(r.status == "applied" for r in records):
+        acc = accept(loaded, chosen.rules, out_model, records, replace(opts.bench, shapes=timing.shapes),
+                     keep_slower=opts.keep_slower, progress=say)
+        out_model, records = acc.model, acc.records
+        sections["benchmark"] = acc.benchmark
+        if acc.static is not None:
+            sections["static"] = acc.static
+        notes.extend(acc.notes)
+        if acc.changed and opts.verify is not None:
+            sections["verification"] = _prove_accepted(loaded, out_model, opts.verify, say)
+    elif opts.bench is not None:
         notes.append("benchmark: nothing was rewritten, nothing to measure")
     else:
         notes.append("benchmark skipped (--no-bench / bench=False): speed and memory not measured, no acceptance check")
@@ -136,114 +129,95 @@ def optimize(
         tool_version=__version__,
         input=summarize(loaded.model, loaded.path, loaded.sha256),
         output=summarize(out_model),
-        rewrites=tuple(records),
-        near_misses=tuple(NearMissRecord(n.rule, n.node, n.reason) for n in dres.near_misses),
-        sections=sections,
+        rewrites=records,
+        near_misses=tuple(NearMissRecord(n.rule, n.node, n.reason) for n in rewritten.result.near_misses),
+        sections=_pipeline_order(sections),
         notes=tuple(notes),
     )
     return Result(out_model, report, loaded)
 
 
-def _tuned_rules(
-    loaded: LoadedModel,
-    reg: Registry,
-    rules: Sequence[str] | None,
-    exclude: Sequence[str],
-    bench_options: Any,
-    tune_options: Any,
-    verify_options: Any,
-    sections: dict[str, Any],
-    notes: list[str],
-    say: Progress,
-) -> list[Rule]:
-    """The rules of a tuned run: each to-matmul / to-conv rule (``rules`` narrows them) restricted
-    to the sites where it measured fastest, plus the cleanups of the fixed policy (or of ``rules``)."""
-    from rewriter.tune.decide import tune_sites
-
-    pool = reg.select(rules, exclude, "to-matmul") + ([] if rules else reg.select(None, exclude, "to-conv"))
-    seen: set[str] = set()
-    candidates, cleanups = [], []
-    for r in pool:
-        if r.id in seen:
-            continue
-        seen.add(r.id)
-        if r.direction != "cleanup":
-            candidates.append(r)
-        elif rules or r.default:
-            cleanups.append(r)
-    plan = tune_sites(loaded, candidates, cleanups, bench_options=bench_options, options=tune_options,
-                      verify_options=verify_options, progress=say)  # fmt: skip
-    sections["tuning"] = plan.section
-    notes.extend(plan.notes)
-    return plan.rules
+def _timing(opts: Options, model: onnx.ModelProto) -> BenchOptions:
+    """Measurement settings: shapes from ``bench``, else the largest verification shapes the user
+    chose (``--shape`` / ``--inputs``), so the benchmark measures what was proven."""
+    timing = opts.timing
+    if timing.shapes is None and opts.verify is not None:
+        chosen = opts.verify.largest_shapes(model)
+        if chosen is not None:
+            timing = replace(timing, shapes=chosen)
+    return timing
 
 
-def _verify_and_roll_back(
-    loaded: LoadedModel,
-    rules: Sequence[Rule],
-    out_model: onnx.ModelProto,
-    dres: DriverResult,
-    options: Any,
-    say: Progress,
-) -> tuple[onnx.ModelProto, list[RewriteRecord], DriverResult, Any]:
-    from rewriter.prove.verify import VerifyOptions, bisect_offenders, verify_models
+def _select(loaded: LoadedModel, reg: Registry, opts: Options, timing: BenchOptions, say: Progress) -> _Selection:
+    """The fixed policy's rules, or for ``auto`` each to-matmul / to-conv rule (``rules``
+    narrows them) restricted to the sites where it measured fastest, plus the cleanups."""
+    if not opts.tuning:
+        return _Selection(tuple(reg.select(opts.rules, opts.exclude, opts.resolved_direction)), None)
+    pool = reg.select(opts.rules, opts.exclude, "to-matmul")
+    if not opts.rules:
+        pool += reg.select(None, opts.exclude, "to-conv")
+    unique = list({r.id: r for r in pool}.values())
+    candidates = [r for r in unique if r.direction != "cleanup"]
+    cleanups = [r for r in unique if r.direction == "cleanup" and (opts.rules or r.default)]
+    plan = tune_sites(loaded, candidates, cleanups, bench_options=timing, options=opts.tune_options, progress=say)
+    return _Selection(plan.rules, plan)
 
-    opts = options or VerifyOptions()
 
-    def check(model: onnx.ModelProto) -> Any:
-        return verify_models(loaded.model, model, opts, base_dir=loaded.base_dir, progress=say)
+def _prove_accepted(loaded: LoadedModel, model: onnx.ModelProto, options: VerifyOptions, say: Progress) -> VerificationResult:
+    """Acceptance rolled families back: the model left must verify too."""
+    say("verifying the accepted model")
+    result = verify_models(loaded.model, model, options, base_dir=loaded.base_dir, progress=say)
+    if not result.passed:
+        failed = [f"{n}: {p.reason or p.status}" for n, p in result.providers.items() if p.status == "failed"]
+        raise VerificationError("the model left after rejecting slower rewrites is not equivalent: " + "; ".join(failed))
+    return result
 
-    say("verifying")
-    result = check(out_model)
+
+_ORDER = ("tuning", "verification", "benchmark", "static")
+
+
+def _pipeline_order(sections: dict[str, Section]) -> dict[str, Section]:
+    return {name: sections[name] for name in sorted(sections, key=lambda n: _ORDER.index(n) if n in _ORDER else len(_ORDER))}
+
+
+def verify(
+    original: str | os.PathLike[str], candidate: str | os.PathLike[str], options: VerifyOptions | None = None,
+    *, progress: Progress | None = None,
+) -> VerificationResult:
+    """Are two models with the same interface equivalent on onnxruntime? (``onnx-rewrite verify``)
+
+    Raises InputError for unreadable models or when no provider could run anything."""
+    a, b = load_model(original), load_model(candidate)  # one-line errors for bad files, before any run
+    # Paths, so each model reads its own external data from its own folder.
+    result = verify_models(a.path or a.model, b.path or b.model, options or VerifyOptions(), progress=progress)
     if result.nothing_ran:
-        # Not a failed rewrite: nothing could be compared. Bisecting would blame every site.
-        raise InputError(f"cannot verify: no provider could run ({result.nothing_ran}); choose others with --providers or skip with --no-verify")
-    if result.passed:
-        return out_model, [RewriteRecord(s.rule, s.nodes, "applied") for s in dres.applied], dres, result
-
-    sites: list[SiteKey] = [s.key for s in dres.applied]
-    failing: dict[frozenset[SiteKey], Any] = {}
-
-    def passes_without(excluded: frozenset[SiteKey]) -> bool:
-        model, _ = rewrite_model(loaded, rules, skip=sorted(excluded))
-        res = check(model)
-        if not res.passed:
-            failing[excluded] = res
-        return bool(res.passed)
-
-    say("verification failed: bisecting over the applied rewrites")
-    try:
-        offenders = bisect_offenders(sites, passes_without)
-    except VerificationError as exc:
-        raise VerificationError(f"{exc}; first failure: {_first_failure(result)}") from exc
-    model, final = rewrite_model(loaded, rules, skip=offenders)
-    final_check = check(model)
-    if not final_check.passed:
-        raise VerificationError(f"no equivalent model: still failing after rolling back {len(offenders)} site(s): {_first_failure(final_check)}")
-    offender_set = set(offenders)
-    errors = _site_error(result)
-    records = [RewriteRecord(s.rule, s.nodes, "applied") for s in final.applied]
-    by_key: dict[SiteKey, AppliedSite] = {s.key: s for s in dres.applied}
-    for key in offenders:
-        site = by_key.get(key)
-        nodes = site.nodes if site else (key[1],)
-        records.append(RewriteRecord(key[0], nodes, "rolled_back", f"not equivalent: {errors}", {"max_abs": _max_abs(result)}))
-    final = replace(final, applied=tuple(s for s in final.applied if s.key not in offender_set))
-    return model, records, final, final_check
+        raise InputError(f"cannot verify: no provider could run ({result.nothing_ran}); choose others with --providers")
+    return result
 
 
-def _first_failure(result: Any) -> str:
-    for name, pr in result.providers.items():
-        if pr.status == "failed":
-            return f"{name}: {pr.reason or f'max abs error {pr.max_abs:.3g}'}"
-    return "unknown"
+def bench(
+    model: str | os.PathLike[str], other: str | os.PathLike[str] | None = None, options: BenchOptions | None = None,
+    *, progress: Callable[[int, int], None] | None = None,
+) -> BenchReport:
+    """Measure ``model``, or compare it (before) with ``other`` (after): latency, peak memory,
+    static costs. (``onnx-rewrite bench``)"""
+    before = load_model(model)
+    after = load_model(other) if other is not None else None
+    results = bench_models(before.path or before.model, (after.path or after.model) if after else None, options or BenchOptions(),
+                           base_dir=before.base_dir, progress=progress)
+    first = next(iter(results.values()))
+    static, note = static_section(before.model, after.model if after else None, {k: tuple(v) for k, v in first.shapes.items()})
+    return BenchReport(
+        tool_version=__version__,
+        before=summarize(before.model, before.path, before.sha256),
+        after=summarize(after.model, after.path, after.sha256) if after else None,
+        benchmark=BenchmarkSection(results),
+        static=static,
+        notes=(note,) if note else (),
+    )
 
 
-def _max_abs(result: Any) -> float | None:
-    vals = [pr.max_abs for pr in result.providers.values() if pr.status == "failed" and pr.max_abs is not None]
-    return max(vals) if vals else None
-
-
-def _site_error(result: Any) -> str:
-    m = _max_abs(result)
-    return f"max abs error {m:.3g} with it applied" if m is not None else _first_failure(result)
+def list_rules(plugins: Sequence[str] = (), *, strict: bool = False) -> Registry:
+    """Every available rule (built-in and plugins) and the plugins that failed to load.
+    (``onnx-rewrite rules``)"""
+    return discover(plugins, strict=strict)

@@ -12,11 +12,25 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Protocol, runtime_checkable
 
 import onnx
 
-__all__ = ["ModelSummary", "RewriteRecord", "NearMissRecord", "Report", "summarize", "op_counts"]
+from rewriter.engine.model_io import atomic_write_text
+
+__all__ = ["Section", "ModelSummary", "RewriteRecord", "NearMissRecord", "Report", "summarize", "op_counts"]
+
+
+@runtime_checkable
+class Section(Protocol):
+    """A report section (``verification``, ``benchmark``, ``static``, ``tuning``, or a new one):
+    the step that produced it knows how to show it as JSON, Markdown and on a terminal."""
+
+    def to_json(self) -> Any: ...
+
+    def to_markdown(self) -> str: ...
+
+    def render(self, console: Any, *, verbose: bool = False) -> None: ...
 
 STATUSES = ("applied", "rolled_back", "rejected")
 
@@ -87,7 +101,7 @@ class Report:
     output: ModelSummary | None
     rewrites: tuple[RewriteRecord, ...]
     near_misses: tuple[NearMissRecord, ...]
-    sections: dict[str, Any] = field(default_factory=dict)
+    sections: dict[str, Section] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
 
     @property
@@ -97,7 +111,7 @@ class Report:
     def with_output(self, output: ModelSummary) -> "Report":
         return replace(self, output=output)
 
-    def with_section(self, name: str, value: Any) -> "Report":
+    def with_section(self, name: str, value: Section) -> "Report":
         return replace(self, sections={**self.sections, name: value})
 
     def to_json(self) -> dict[str, Any]:
@@ -109,14 +123,12 @@ class Report:
             "near_misses": [n.to_json() for n in self.near_misses],
         }
         for name, value in self.sections.items():
-            out[name] = value.to_json() if hasattr(value, "to_json") else value
+            out[name] = value.to_json()
         if self.notes:
             out["notes"] = list(self.notes)
         return out
 
     def write_json(self, path: str | Path) -> None:
-        from rewriter.engine.model_io import atomic_write_text
-
         atomic_write_text(Path(path), json.dumps(self.to_json(), indent=2) + "\n")
 
     def to_markdown(self) -> str:
@@ -137,9 +149,7 @@ class Report:
             lines += ["", "## Near misses", "", "| rule | node | reason |", "|---|---|---|"]
             lines += [f"| {n.rule} | {n.node} | {n.reason} |" for n in self.near_misses]
         for name, value in self.sections.items():
-            md = value.to_markdown() if hasattr(value, "to_markdown") else None
-            lines += ["", f"## {name.capitalize()}", ""]
-            lines.append(md if md else "```json\n" + json.dumps(value.to_json() if hasattr(value, "to_json") else value, indent=2) + "\n```")
+            lines += ["", f"## {name.capitalize()}", "", value.to_markdown()]
         if self.notes:
             lines += ["", "## Notes", ""] + [f"- {n}" for n in self.notes]
         return "\n".join(lines) + "\n"
@@ -178,6 +188,8 @@ class Report:
                 console.print(f"  {miss.rule} at {miss.node}: {miss.reason}", markup=False)
             if len(shown) < len(self.near_misses):
                 console.print(f"  ... {len(self.near_misses) - len(shown)} more (see --report)")
+        for section in self.sections.values():  # in pipeline order
+            section.render(console, verbose=verbose)
         for note in self.notes:
             console.print(f"note: {note}", markup=False)
 

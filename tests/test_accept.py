@@ -9,9 +9,15 @@ from onnx import helper
 import rewriter
 from engine_rules import DoubleReluToRelu, MatMulBiasToGemmTest
 from helpers import init, make_model, op_counts, vi
-from rewriter.measure.accept import BenchmarkSection, benchmark_markdown, measure_and_accept, rule_family
-from rewriter.measure.bench import BenchOptions, ModelTiming, ProviderBench
+from functools import partial
+
+import rewriter.api
+from rewriter.engine.model_io import load_model
 from rewriter.engine.registry import Registry
+from rewriter.engine.rewrite import rewrite
+from rewriter.measure.accept import Acceptance, accept, rule_family
+from rewriter.measure.bench import BenchOptions, ModelTiming, ProviderBench
+from rewriter.measure.section import BenchmarkSection
 from rewriter.report import RewriteRecord
 from rewriter.prove.verify import VerifyOptions
 
@@ -76,18 +82,13 @@ class FakeBench:
         return {p: result for p in options.providers}
 
 
-def _run(fake, *, keep_slower=False, verify_options=None, rules=(GemmFamily, ReluFamily)):
-    from rewriter.api import rewrite_model
-    from rewriter.engine.model_io import load_model
-
+def _run(fake, *, keep_slower=False, rules=(GemmFamily, ReluFamily)) -> Acceptance:
     loaded = load_model(_model())
     selected = _registry(*rules).select()
-    out, dres = rewrite_model(loaded, selected)
-    records = [RewriteRecord(s.rule, s.nodes, "applied") for s in dres.applied]
-    return measure_and_accept(
-        loaded, selected, out, records, BenchOptions(runs=5, measure_memory=False),
-        keep_slower=keep_slower, verify_options=verify_options, bench_fn=fake,
-    )  # fmt: skip
+    rewritten = rewrite(loaded, selected)
+    records = [RewriteRecord(s.rule, s.nodes, "applied") for s in rewritten.result.applied]
+    return accept(loaded, selected, rewritten.model, records, BenchOptions(runs=5, measure_memory=False),
+                  keep_slower=keep_slower, bench_fn=fake)
 
 
 def test_family_is_the_rule_module():
@@ -97,7 +98,8 @@ def test_family_is_the_rule_module():
 
 def test_slower_family_is_rejected_with_the_measured_reason():
     fake = FakeBench()
-    model, records, sections, notes = _run(fake)
+    acc = _run(fake)
+    model, records, notes = acc.model, acc.records, acc.notes
     status = {r.rule: r.status for r in records}
     assert status == {"test-matmul-gemm": "rejected", "test-double-relu": "applied"}
     rejected = next(r for r in records if r.status == "rejected")
@@ -107,24 +109,26 @@ def test_slower_family_is_rejected_with_the_measured_reason():
     assert any("rolled back rule family 'gemmish'" in n for n in notes)
     # first measurement, its confirmation, one trial per family, then the accepted model once more
     assert len(fake.calls) == 5
-    assert set(sections) == {"benchmark", "static"}
-    assert sections["benchmark"]["cpu"]["verdict"] == "faster"
-    assert sections["static"]["after"]["flops"] > 0
+    assert acc.changed and acc.static is not None
+    assert acc.benchmark["cpu"]["verdict"] == "faster"
+    assert acc.static["after"]["flops"] > 0
 
 
 def test_keep_slower_keeps_the_rewrite_and_says_so():
     fake = FakeBench()
-    model, records, sections, notes = _run(fake, keep_slower=True)
+    acc = _run(fake, keep_slower=True)
+    model, records, notes = acc.model, acc.records, acc.notes
     assert all(r.status == "applied" for r in records)
     assert op_counts(model).get("Gemm") == 1
     assert any("kept although slower on cpu" in n and "--keep-slower" in n for n in notes)
     assert len(fake.calls) == 1
-    assert sections["benchmark"]["cpu"]["verdict"] == "slower"
+    assert acc.benchmark["cpu"]["verdict"] == "slower" and not acc.changed
 
 
 def test_no_measurable_change_keeps_the_rewrite():
     fake = FakeBench(gemm_speedup=0.99, gemm_verdict="no measurable change")
-    model, records, _, notes = _run(fake)
+    acc = _run(fake)
+    model, records, notes = acc.model, acc.records, acc.notes
     assert [r.status for r in records] == ["applied", "applied"]
     assert op_counts(model).get("Gemm") == 1
     assert len(fake.calls) == 1
@@ -141,16 +145,18 @@ def test_a_slowdown_that_is_not_confirmed_is_kept():
             return {p: _bench(1.0, "no measurable change") for p in options.providers}
         return result
 
-    model, records, sections, notes = _run(flaky)
+    acc = _run(flaky)
+    model, records, notes = acc.model, acc.records, acc.notes
     assert [r.status for r in records] == ["applied", "applied"]
     assert op_counts(model).get("Gemm") == 1
     assert any("not when measured again" in n for n in notes)
-    assert sections["benchmark"]["cpu"]["verdict"] == "slower"
+    assert acc.benchmark["cpu"]["verdict"] == "slower"
 
 
 def test_every_family_slower_gives_back_the_original():
     fake = FakeBench()
-    model, records, sections, notes = _run(fake, rules=(GemmFamily,))
+    acc = _run(fake, rules=(GemmFamily,))
+    model, records, notes = acc.model, acc.records, acc.notes
     assert [r.status for r in records] == ["rejected"]
     assert op_counts(model) == op_counts(_model())
     # measured and confirmed; removing the only family leaves the original: nothing more to measure
@@ -158,15 +164,24 @@ def test_every_family_slower_gives_back_the_original():
     assert any("every rewrite was rejected" in n for n in notes)
 
 
-def test_changed_model_is_verified_again():
-    _, _, sections, _ = _run(FakeBench(), verify_options=VerifyOptions(providers=("cpu",)))
-    assert sections["verification"].passed
+def test_changed_model_is_verified_again(tmp_path, monkeypatch):
+    """Acceptance rolled a family back: optimize proves the model left, not the first rewrite."""
+    fake = FakeBench()
+    monkeypatch.setattr(rewriter.api, "accept", partial(accept, bench_fn=fake))
+    seen = []
+    real = rewriter.api.verify_models
+    monkeypatch.setattr(rewriter.api, "verify_models", lambda a, b, *args, **kw: seen.append(op_counts(b)) or real(a, b, *args, **kw))
+    result = rewriter.optimize(_model(), registry=_registry(GemmFamily, ReluFamily), verify=VerifyOptions(providers=("cpu",)),
+                               bench=BenchOptions(runs=5, measure_memory=False))
+    assert seen == [{"Add": 1, "MatMul": 1, "Relu": 1}]  # the accepted model, verified once more
+    assert result.report.sections["verification"].to_json()["passed"]
+    assert {r.rule: r.status for r in result.report.rewrites} == {"test-double-relu": "applied", "test-matmul-gemm": "rejected"}
 
 
 def test_benchmark_section_is_per_provider_and_renders_markdown():
     section = BenchmarkSection({"cpu": _bench(2.0, "faster")})
     assert set(section) == {"cpu"} and section.to_json()["cpu"]["after"]["median_ms"] == 0.5
-    md = benchmark_markdown(section)
+    md = section.to_markdown()
     assert "| median latency | 1.000 ms | 0.500 ms | 2.00x faster" in md
 
 
@@ -175,9 +190,9 @@ def test_real_measurement_smoke(tmp_path):
     path = tmp_path / "m.onnx"
     onnx.save(_model(), path)
     result = rewriter.optimize(
-        str(path), registry=_registry(ReluFamily), verify_options=VerifyOptions(providers=("cpu",)),
-        bench=True, bench_options=BenchOptions(runs=5, warmup=1),
-    )  # fmt: skip
+        str(path), registry=_registry(ReluFamily), verify=VerifyOptions(providers=("cpu",)),
+        bench=BenchOptions(runs=5, warmup=1),
+    )
     report = result.report.to_json()
     assert set(report["benchmark"]) == {"cpu"}
     cpu = report["benchmark"]["cpu"]

@@ -12,7 +12,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from rich.console import Console
 
-from rewriter.measure.bench import BenchOptions, ProviderBench, bench_models, bench_to_json, judge, render_bench
+from rewriter.measure.bench import BenchOptions, ProviderBench, bench_models, judge
+from rewriter.measure.section import BenchmarkSection
+from rewriter.ort import ModelSource, make_session
 from rewriter.measure.costs import static_costs, static_to_json
 from rewriter.errors import InputError
 
@@ -105,7 +107,7 @@ def test_two_models_have_the_right_structure():
     assert (r.threads, r.opt_level) == (2, "all")
     assert r.before.peak_rss_bytes is None
     assert seen[-1] == (6, 6)
-    _validate(bench_to_json(results), "benchmark")
+    _validate(BenchmarkSection(results).to_json(), "benchmarkSection")
 
 
 def test_one_model_gives_timings_only(tmp_path):
@@ -125,7 +127,7 @@ def test_rss_is_measured_in_a_subprocess():
         assert t.peak_rss_bytes > 0 and t.baseline_rss_bytes > 0
         assert t.peak_rss_bytes >= t.baseline_rss_bytes
         assert t.peak_device_bytes is None
-    _validate(bench_to_json({"cpu": r}), "benchmark")
+    _validate(BenchmarkSection({"cpu": r}).to_json(), "benchmarkSection")
 
 
 def test_external_data_model_proto_with_base_dir(tmp_path):
@@ -182,7 +184,7 @@ def test_render_shows_table_and_skips():
         "cuda", "skipped", "CUDA unavailable: test", None, None, None, None, None, False, "not compared", 2, "all", {}
     )
     console = Console(record=True, width=120)
-    render_bench(results, console)
+    BenchmarkSection(results).render(console)
     text = console.export_text()
     assert "median latency" in text and "before" in text and "change" in text
     assert "cuda: skipped — CUDA unavailable: test" in text
@@ -198,13 +200,9 @@ def test_static_section_validates():
 
 def test_sessions_do_not_spin_between_runs():
     """A/B sessions in one process must not keep spinning threads (it skewed identical models to 0.8x)."""
-    from rewriter.measure.bench import ModelSource, make_session
-
-    from onnx import TensorProto, helper
-
     g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])  # fmt: skip
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
-    sess = make_session(ModelSource("m", None, model.SerializeToString(), None, model), ["CPUExecutionProvider"], 2)
+    sess = make_session(ModelSource("m", model, None, model.SerializeToString()), "cpu", threads=2)
     assert sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"

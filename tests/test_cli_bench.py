@@ -14,7 +14,7 @@ from onnx import helper
 import rewriter
 from helpers import init, make_model, vi
 from rewriter.cli.app import run_app
-from rewriter.cli.cmd_bench import parse_bench_shapes
+from rewriter.cli.params import parse_bench_shapes
 from rewriter.errors import InputError
 
 ENGINE_RULES = str(Path(__file__).with_name("engine_rules.py"))

@@ -78,7 +78,7 @@ def test_report_without_verify_or_bench_validates(tmp_path):
 
 
 def test_report_with_rolled_back_entry_validates(tmp_path):
-    report = _report(tmp_path, DoubleReluToRelu, SigmoidToTanhWrong, verify_options=CPU)
+    report = _report(tmp_path, DoubleReluToRelu, SigmoidToTanhWrong, verify=CPU)
     statuses = {r["rule"]: r["status"] for r in report["rewrites"]}
     assert statuses == {"test-double-relu": "applied", "test-sigmoid-to-tanh": "rolled_back"}
     assert report["verification"]["passed"] is True
@@ -86,14 +86,13 @@ def test_report_with_rolled_back_entry_validates(tmp_path):
 
 
 def test_report_with_verify_and_bench_validates(tmp_path):
-    report = _report(tmp_path, DoubleReluToRelu, verify_options=CPU, bench=True,
-                     bench_options=BenchOptions(runs=5, warmup=1, measure_memory=False))  # fmt: skip
+    report = _report(tmp_path, DoubleReluToRelu, verify=CPU, bench=BenchOptions(runs=5, warmup=1, measure_memory=False))
     assert set(report["benchmark"]) == {"cpu"} and report["static"]["after"] is not None
     assert _errors(report) == []
 
 
 def test_report_with_nothing_rewritten_validates(tmp_path):
-    report = _report(tmp_path, verify_options=CPU, bench=True)
+    report = _report(tmp_path, verify=CPU, bench=True)
     assert report["rewrites"] == [] and report["output"]["path"].endswith("out.onnx")
     assert _errors(report) == []
 

@@ -18,7 +18,11 @@ from rewriter.measure.accept import rule_family
 from rewriter.measure.bench import BenchOptions
 from rewriter.cli.app import run_app
 from rewriter.engine.registry import discover
-from rewriter.tune.decide import ORIGINAL, TuneOptions, decide, default_cache_path, restrict
+from rewriter.options import Options
+from rewriter.tune.cache import default_cache_path
+from rewriter.tune.decide import ORIGINAL, decide
+from rewriter.tune.plan import TuneOptions
+from rewriter.tune.sites import restrict
 from rewriter.prove.verify import VerifyOptions
 
 SCHEMA = json.loads((Path(rewriter.__file__).parent / "schemas" / "report.schema.json").read_text())
@@ -80,9 +84,9 @@ def stub(conv_ms: float, other_ms: float, calls: list | None = None, rounds: int
 
 
 def tuned(model: onnx.ModelProto, timer, tmp_path: Path, **kw):
-    opts = TuneOptions(cache=kw.pop("cache", tmp_path / "tuning.json"), use_cache=kw.pop("use_cache", True), timer=timer)
-    kw.setdefault("bench", False)  # whole-model acceptance measures for real: kept out of decisions under test
-    return rewriter.optimize(model, tune=True, tune_options=opts, verify_options=CPU, bench_options=FAST, **kw)
+    opts = TuneOptions(cache=kw.pop("cache", tmp_path / "tuning.json"), use_cache=kw.pop("use_cache", True), timer=timer, timing=FAST)
+    kw.setdefault("bench", None)  # whole-model acceptance measures for real: kept out of decisions under test
+    return rewriter.optimize(model, Options(tune=opts, verify=CPU), **kw)
 
 
 def sites(result) -> list[dict]:
@@ -102,7 +106,7 @@ def test_matmul_form_faster_rewrites_the_site(tmp_path):
 
 
 def test_conv_faster_keeps_the_original_where_the_default_policy_would_rewrite(tmp_path):
-    assert rewriter.optimize(transposed_model(), verify_options=CPU).report.applied  # the fixed policy rewrites
+    assert rewriter.optimize(transposed_model(), verify=CPU).report.applied  # the fixed policy rewrites
     result = tuned(transposed_model(), stub(conv_ms=1.0, other_ms=2.0), tmp_path)
     (site,) = sites(result)
     assert site["choice"] == ORIGINAL
@@ -163,9 +167,8 @@ def test_second_run_reads_the_cache_and_no_cache_measures_again(tmp_path):
     tuned(transposed_model(), stub(2.0, 1.0, calls), tmp_path, use_cache=False)
     assert len(calls) == 2
     # Other shapes are another key.
-    rewriter.optimize(transposed_model(), tune=True, verify_options=CPU, bench=False,
-                      bench_options=BenchOptions(runs=5, shapes={"x": (2, 6, 8)}),
-                      tune_options=TuneOptions(cache=tmp_path / "tuning.json", timer=stub(2.0, 1.0, calls)))  # fmt: skip
+    rewriter.optimize(transposed_model(), verify=CPU, tune=TuneOptions(cache=tmp_path / "tuning.json", timer=stub(2.0, 1.0, calls),
+                                                                      timing=BenchOptions(runs=5, shapes={"x": (2, 6, 8)})))
     assert len(calls) == 3
 
 
@@ -244,8 +247,7 @@ def test_cli_tune_on_a_tiny_model(tmp_path, capsys):
 
 @pytest.mark.parametrize("name", ["torch/pointnet_cl_ts.onnx", "torch/transpose_idiom_ts.onnx", "keras/method2_tf2onnx.onnx"])
 def test_real_timer_on_a_fixture_makes_a_verified_choice(tmp_path, name):
-    result = rewriter.optimize(FIXTURES / name, tune=True, verify_options=CPU, bench_options=FAST,
-                               tune_options=TuneOptions(cache=tmp_path / "c.json"))  # fmt: skip
+    result = rewriter.optimize(FIXTURES / name, verify=CPU, bench=FAST, tune=TuneOptions(cache=tmp_path / "c.json"))
     for site in sites(result):
         assert site["choice"] in site["forms"] and len(site["forms"]) >= 2, site
     if result.report.rewrites:  # tune=True confirms on the whole model
@@ -256,11 +258,11 @@ def test_read_only_cache_is_used_but_never_written(tmp_path):
     """--dry-run writes nothing: a read-only cache gives hits but adds no entry."""
     calls: list = []
     opts = dict(cache=tmp_path / "tuning.json", timer=stub(2.0, 1.0, calls), read_only_cache=True)
-    rewriter.optimize(transposed_model(), tune=True, verify_options=CPU, bench=False, bench_options=BenchOptions(runs=5), tune_options=TuneOptions(**opts))
+    rewriter.optimize(transposed_model(), verify=CPU, tune=TuneOptions(**opts, timing=BenchOptions(runs=5)))
     assert len(calls) == 1 and not (tmp_path / "tuning.json").exists()
     tuned(transposed_model(), stub(2.0, 1.0, calls), tmp_path)  # writes the entry
     assert len(calls) == 2
-    rewriter.optimize(transposed_model(), tune=True, verify_options=CPU, bench=False, bench_options=BenchOptions(runs=5), tune_options=TuneOptions(**opts))
+    rewriter.optimize(transposed_model(), verify=CPU, tune=TuneOptions(**opts, timing=BenchOptions(runs=5)))
     assert len(calls) == 2, "the read-only run measured again instead of reading the cache"
 
 
@@ -269,11 +271,9 @@ def test_terminal_table_marks_the_kept_form(tmp_path):
 
     from rich.console import Console
 
-    from rewriter.tune.decide import render_tuning
-
     result = tuned(transposed_model(), stub(conv_ms=2.0, other_ms=1.0), tmp_path)
     buf = io.StringIO()
-    render_tuning(result.report.sections["tuning"], Console(file=buf, width=160, color_system=None))
+    result.report.sections["tuning"].render(Console(file=buf, width=160, color_system=None))
     rows = [line for line in buf.getvalue().splitlines() if "µs" in line]
     kept = [r for r in rows if "✓" in r]
     assert len(kept) == 1 and "transposed-conv1x1-to-matmul" in kept[0]

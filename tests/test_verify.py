@@ -16,17 +16,10 @@ from rich.console import Console
 
 from rewriter.errors import InputError, VerificationError
 from rewriter.prove.inputs import BFLOAT16, input_specs, make_feeds, shape_sets
-from rewriter.prove.verify import (
-    DEFAULT_TOLERANCES,
-    Tolerance,
-    VerifyOptions,
-    bisect_offenders,
-    compare_arrays,
-    cuda_status,
-    render_verification,
-    resolve_providers,
-    verify_models,
-)
+from rewriter.ort import cuda_status
+from rewriter.prove.compare import DEFAULT_TOLERANCES, Tolerance, compare_arrays
+from rewriter.prove.rollback import bisect_offenders
+from rewriter.prove.verify import VerifyOptions, resolve_providers, verify_models
 
 CPU = VerifyOptions(providers=("cpu",))
 RNG = np.random.default_rng(0)
@@ -243,7 +236,7 @@ def test_render_verification() -> None:
     w2[0, 0] += 1.0
     result = verify_models(matmul_model(W), matmul_model(w2))
     buf = io.StringIO()
-    render_verification(result, Console(file=buf, width=200))
+    result.render(Console(file=buf, width=200))
     text = buf.getvalue()
     assert "cpu" in text and "failed" in text and "x=[1,4]" in text and "not verified" in text
 
@@ -357,7 +350,7 @@ def test_cuda_path_with_cpu_standing_in(monkeypatch: pytest.MonkeyPatch) -> None
 
     real_session = verify.make_session
     monkeypatch.setattr(verify, "cuda_status", lambda: (True, ""))
-    monkeypatch.setattr(verify, "make_session", lambda model, provider: real_session(model, "cpu"))
+    monkeypatch.setattr(verify, "make_session", lambda source, provider, **kw: real_session(source, "cpu", **kw))
     opts = VerifyOptions(providers=("cpu", "cuda"))
     result = verify_models(matmul_model(W), matmul_model(W.copy()), opts)
     assert result.passed and result.providers["cuda"].status == "passed"
@@ -368,7 +361,7 @@ def test_cuda_path_with_cpu_standing_in(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_markdown_table_per_provider():
-    from rewriter.prove.verify import ProviderResult, Tolerance, VerificationResult
+    from rewriter.prove.result import ProviderResult, VerificationResult
 
     res = VerificationResult(
         True,

@@ -1,12 +1,15 @@
-"""The `onnx-rewrite` command line: one file per command, errors mapped to exit codes here."""
+"""The `onnx-rewrite` command line: one file per command (parse flags -> one library call ->
+render), every option declared once in :mod:`rewriter.cli.params`, errors mapped to exit codes
+in :mod:`rewriter.cli.app`."""
 
 from __future__ import annotations
 
 import sys
 
+from rewriter.cli import cmd_bench, cmd_rewrite, cmd_rules, cmd_verify  # noqa: F401  (registers the commands)
 from rewriter.cli.app import app, run_app
 
-__all__ = ["app", "main"]
+__all__ = ["app", "main", "run_app"]
 
 
 def main() -> None:

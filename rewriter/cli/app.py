@@ -9,6 +9,7 @@ from typing import Sequence
 import typer
 from typer.exceptions import Abort, Exit, TyperException
 
+from rewriter import __version__
 from rewriter.errors import EXIT_INPUT, RewriterError
 
 app = typer.Typer(
@@ -16,7 +17,7 @@ app = typer.Typer(
     help=(
         "Rewrite Conv <-> MatMul/Gemm sites in an ONNX model, verify and measure the result.\n\n"
         "onnx-rewrite MODEL [OPTIONS] is short for onnx-rewrite rewrite MODEL [OPTIONS] "
-        "(see onnx-rewrite rewrite --help)."
+        "(see onnx-rewrite rewrite --help). --debug anywhere shows tracebacks."
     ),
     add_completion=False,
     no_args_is_help=True,
@@ -30,8 +31,6 @@ COMMANDS = ("rewrite", "rules", "verify", "bench")
 
 def _version(value: bool) -> None:
     if value:
-        from rewriter import __version__
-
         print(f"onnx-rewrite {__version__}")
         raise typer.Exit(0)
 
@@ -53,23 +52,10 @@ def _route(argv: list[str]) -> list[str]:
     return ["rewrite", *argv]
 
 
-def _load_commands() -> None:
-    # Importing registers each command on `app`; kept here so `app` has no import cycle.
-    import importlib
-
-    for name in COMMANDS:
-        try:
-            importlib.import_module(f"rewriter.cli.cmd_{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"rewriter.cli.cmd_{name}":
-                raise
-
-
 def run_app(argv: Sequence[str]) -> int:
     """Run the CLI; return the exit code. Tracebacks only with --debug."""
-    _load_commands()
     debug = "--debug" in argv
-    argv = _route(list(argv))
+    argv = _route([a for a in argv if a != "--debug"])
     try:
         app(args=argv, prog_name="onnx-rewrite", standalone_mode=False)
     except RewriterError as exc:

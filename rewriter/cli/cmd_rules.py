@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
-
-import typer
 from rich.console import Console
 from rich.table import Table
 
+from rewriter.api import list_rules
+from rewriter.cli import params as p
 from rewriter.cli.app import app
-from rewriter.engine.registry import discover
 
 
 @app.command("rules")
-def rules_cmd(
-    plugin: Optional[List[str]] = typer.Option(None, "--plugin", help="Rule plugin: a .py file or an importable module (repeatable)."),
-    strict_plugins: bool = typer.Option(False, "--strict-plugins", help="A plugin that fails to load is an error (exit 3)."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
-) -> None:
+def rules_cmd(plugin: p.Plugins = None, strict_plugins: p.StrictPlugins = False) -> None:
     """List the available rules: id, description, default policy, source."""
-    reg = discover(plugin or (), strict=strict_plugins)
+    reg = list_rules(plugin or (), strict=strict_plugins)
     table = Table(show_edge=False)
     for col in ("id", "direction", "default", "description", "source"):
         table.add_column(col)

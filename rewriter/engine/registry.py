@@ -72,7 +72,8 @@ class Registry:
 
         ``rules`` names ids explicitly (any direction). Otherwise ``direction`` picks:
         ``default`` = rules marked default; ``to-matmul`` / ``to-conv`` = every rule of that
-        direction plus the cleanups; ``all`` = everything. ``exclude`` removes ids.
+        direction plus the cleanups. ``exclude`` removes ids. (``auto``, per-site tuning, is
+        resolved above the engine: it selects from ``to-matmul`` and ``to-conv``.)
         """
         unknown = [r for r in list(rules or ()) + list(exclude) if r not in self.rules]
         if unknown:

@@ -10,7 +10,6 @@ session existed, so the two models never share an allocator.
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -21,31 +20,16 @@ import numpy as np
 
 from rewriter.errors import InputError
 from rewriter.measure.memprobe import measure_memory, save_feeds
+from rewriter.ort import ModelSource, SessionError, cuda_status, make_session, model_source, parse_providers
+from rewriter.prove.inputs import input_specs, make_feeds, shape_sets
 
 if TYPE_CHECKING:
     import onnx
     import onnxruntime
 
-__all__ = [
-    "ModelTiming",
-    "ProviderBench",
-    "BenchOptions",
-    "bench_models",
-    "bench_to_json",
-    "judge",
-    "render_bench",
-    "PROVIDERS",
-    "ModelSource",
-    "make_session",
-    "ort_providers",
-    "cuda_unavailable_reason",
-    "time_interleaved",
-]
+__all__ = ["ModelTiming", "ProviderBench", "BenchOptions", "bench_models", "judge", "time_interleaved"]
 
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 OPT_LEVEL = "all"
-# Lets a session built from bytes find weights stored next to the original model file.
-_EXTERNAL_DIR_KEY = "session.model_external_initializers_file_folder_path"
 
 @dataclass(frozen=True)
 class ModelTiming:
@@ -126,16 +110,9 @@ class BenchOptions:
     measure_memory: bool = True
 
     def __post_init__(self) -> None:
-        unknown = [p for p in self.providers if p not in PROVIDERS]
-        if unknown or not self.providers:
-            raise InputError(f"unknown provider(s) {unknown or '(none)'}; choose from {', '.join(PROVIDERS)}")
+        object.__setattr__(self, "providers", parse_providers(self.providers, default=()))
         if self.runs < 1 or self.warmup < 0 or self.threads < 1:
             raise InputError(f"need runs >= 1, warmup >= 0, threads >= 1 (got {self.runs}, {self.warmup}, {self.threads})")
-
-
-def bench_to_json(results: dict[str, ProviderBench]) -> dict[str, Any]:
-    """The report's ``benchmark`` section."""
-    return {"providers": {name: r.to_json() for name, r in results.items()}}
 
 
 # --- statistics ------------------------------------------------------------------------------
@@ -178,114 +155,13 @@ def _timing(samples_ms: Sequence[float], memory: dict[str, Any] | None) -> Model
     )
 
 
-# --- model sources and sessions ---------------------------------------------------------------
-
-@dataclass
-class ModelSource:
-    """A model ORT can open: a file path, or serialized bytes plus the folder of its weights."""
-
-    label: str
-    path: Path | None
-    data: bytes | None
-    external_dir: Path | None
-    proto: "onnx.ModelProto | None"  # tensor data not loaded; for input specs only
-
-    def file_for_subprocess(self, tmp: Path) -> Path:
-        if self.path is not None:
-            return self.path
-        target = tmp / f"{self.label}.onnx"
-        if not target.exists():
-            target.write_bytes(self.data or b"")
-        return target
-
-
-def _has_external_data(model: "onnx.ModelProto") -> bool:
-    import onnx
-
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
-
-
-def _source(model: Any, label: str, base_dir: Path | None) -> ModelSource:
-    import onnx
-
-    if isinstance(model, onnx.ModelProto):
-        if _has_external_data(model) and base_dir is None:
-            raise InputError(f"the {label} model has external data; pass base_dir (the folder of its weights)")
-        try:
-            data = model.SerializeToString()
-        except ValueError:
-            raise InputError(f"the {label} model is over 2 GB in memory; save it with external data and pass its path") from None
-        return ModelSource(label, None, data, Path(base_dir).resolve() if base_dir else None, model)
-    path = Path(model)
-    if not path.is_file():
-        raise InputError(f"{label} model not found: {path}")
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:
-        raise InputError(f"cannot read the {label} model {path}: {_first_line(exc)}") from exc
-    return ModelSource(label, path.resolve(), None, None, proto)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def make_session(src: ModelSource, providers: list[str], threads: int) -> "onnxruntime.InferenceSession":
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    # Two sessions compared in one process each keep intra-op threads spinning after a run; on a
-    # few cores they steal from each other and skewed A/B ratios of identical models to 0.8x with
-    # a 0.3-1.7x spread here. Without spinning the same check gives 1.00x (0.9-1.1).
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if src.external_dir is not None:
-        so.add_session_config_entry(_EXTERNAL_DIR_KEY, str(src.external_dir))
-    model = str(src.path) if src.path is not None else src.data
-    try:
-        return ort.InferenceSession(model, so, providers=providers)
-    except Exception as exc:  # ORT raises its own pybind exception types
-        raise InputError(f"onnxruntime cannot load the {src.label} model: {_first_line(exc)}") from exc
-
-
-def ort_providers(provider: str) -> list[str]:
-    ep = PROVIDERS[provider]
-    return [ep] if ep == "CPUExecutionProvider" else [ep, "CPUExecutionProvider"]
-
-
-def cuda_unavailable_reason() -> str | None:
-    """Why CUDA cannot work here, found without creating a session (which would spam stderr)."""
-    import ctypes
-
-    import onnxruntime as ort
-
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return "this onnxruntime build has no CUDAExecutionProvider (install onnxruntime-gpu)"
-    lib = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
-    if sys.platform.startswith("linux") and lib.exists():
-        try:
-            # dlopen sees libraries already loaded (onnxruntime.preload_dlls), like ORT's own load.
-            ctypes.CDLL(str(lib))
-        except OSError as exc:
-            return f"cannot load the CUDA provider library: {_first_line(exc)}"
-    return None
-
-
 # --- feeds -----------------------------------------------------------------------------------
 
 def _feeds_and_shapes(
     before: ModelSource, after: ModelSource | None, options: BenchOptions
 ) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, ...]]]:
-    from rewriter.prove.inputs import input_specs, make_feeds, shape_sets
-
-    assert before.proto is not None
     specs = input_specs(before.proto)
     if after is not None:
-        assert after.proto is not None
         theirs = {(s.name, s.dtype) for s in input_specs(after.proto)}
         ours = {(s.name, s.dtype) for s in specs}
         if theirs != ours:
@@ -366,15 +242,17 @@ def _bench_provider(
         base.update(kw)
         return ProviderBench(**base)
 
-    ep = PROVIDERS[provider]
     if provider == "cuda":
-        why = cuda_unavailable_reason()
-        if why:
-            return result(status="skipped", reason=f"CUDA unavailable: {why}", verdict="not compared")
+        usable, why = cuda_status()
+        if not usable:
+            return result(status="skipped", reason=why, verdict="not compared")
     sources = [before] + ([after] if after is not None else [])
-    sessions = [make_session(s, ort_providers(provider), options.threads) for s in sources]
-    if any(s.get_providers()[0] != ep for s in sessions):
-        return result(status="skipped", reason=f"CUDA unavailable: session fell back to {sessions[0].get_providers()[0]}")
+    try:
+        sessions = [make_session(s, provider, threads=options.threads) for s in sources]
+    except SessionError as exc:
+        if provider == "cpu":
+            raise
+        return result(status="skipped", reason=f"{provider} unavailable: {exc.detail}")
     samples = time_interleaved(sessions, feeds, runs=options.runs, warmup=options.warmup, tick=tick)
     del sessions
 
@@ -382,7 +260,7 @@ def _bench_provider(
     notes: list[str] = []
     if feeds_manifest is not None:
         for i, src in enumerate(sources):
-            memory[i], more = measure_memory(src, PROVIDERS[provider], options.threads, options.runs, feeds_manifest, tmp)
+            memory[i], more = measure_memory(src, provider, options.threads, options.runs, feeds_manifest, tmp)
             notes += more
             tick()
     notes.append("intra-op thread spinning off, so the compared sessions do not steal cores from each other")
@@ -412,8 +290,8 @@ def bench_models(
     Models are paths or ModelProtos; a ModelProto whose weights are external needs `base_dir`,
     the folder holding its data files. `progress(done, total)` is called as rounds complete.
     """
-    src_before = _source(before, "before", base_dir)
-    src_after = _source(after, "after", base_dir) if after is not None else None
+    src_before = model_source(before, "before", base_dir)
+    src_after = model_source(after, "after", base_dir) if after is not None else None
     feeds, shapes = _feeds_and_shapes(src_before, src_after, options)
     n_models = 2 if src_after is not None else 1
     total = len(set(options.providers)) * (options.runs + (n_models if options.measure_memory else 0))
@@ -437,72 +315,3 @@ def bench_models(
             while done < (i + 1) * per_provider:  # a skipped provider still completes its share
                 tick()
     return results
-
-
-# --- rendering -------------------------------------------------------------------------------
-
-def _ms(t: ModelTiming | None, attr: str) -> str:
-    return "—" if t is None else f"{getattr(t, attr):.3f} ms"
-
-
-def _mib(n: int | None) -> str:
-    return "—" if n is None else f"{n / 2**20:.1f} MiB"
-
-
-def _pct(a: float, b: float) -> str:
-    return f" ({(b - a) / a * 100:+.0f}%)" if a else ""
-
-
-def _change_ms(a: float | None, b: float | None) -> str:
-    return "" if a is None or b is None else f"{b - a:+.3f} ms{_pct(a, b)}"
-
-
-def _change_bytes(a: int | None, b: int | None) -> str:
-    return "" if a is None or b is None else f"{(b - a) / 2**20:+.1f} MiB{_pct(a, b)}"
-
-
-def _over_baseline(t: ModelTiming | None) -> int | None:
-    if t is None or t.peak_rss_bytes is None or t.baseline_rss_bytes is None:
-        return None
-    return t.peak_rss_bytes - t.baseline_rss_bytes
-
-
-def render_bench(results: dict[str, ProviderBench], console: Any) -> None:
-    """One rich table per measured provider: metric | before | after | change."""
-    from rich.table import Table
-
-    for name, r in results.items():
-        if r.status != "measured":
-            console.print(f"[yellow]{name}: skipped[/] — {r.reason}")
-            continue
-        shapes = ", ".join(f"{k}={v}" for k, v in r.shapes.items())
-        table = Table(title=f"{name}: {r.threads} threads, optimizations {r.opt_level}, {shapes}", title_justify="left")
-        table.add_column("metric")
-        table.add_column("before", justify="right")
-        if r.after is not None:
-            table.add_column("after", justify="right")
-            table.add_column("change", justify="right")
-        b, a = r.before, r.after
-        rows: list[tuple[str, str, str, str]] = []
-        if r.speedup is not None:
-            colour = {"faster": "green", "slower": "red"}.get(r.verdict, "dim")
-            spread = f"{r.speedup_low:.2f}–{r.speedup_high:.2f}×"
-            headline = f"[{colour}]{r.speedup:.2f}× {r.verdict}[/] ({spread})"
-        else:
-            headline = ""
-        rows.append(("median latency", _ms(b, "median_ms"), _ms(a, "median_ms"), headline))
-        for label, attr in (("p90 latency", "p90_ms"), ("IQR", "iqr_ms")):
-            rows.append((label, _ms(b, attr), _ms(a, attr), _change_ms(getattr(b, attr, None), getattr(a, attr, None))))
-        if b is not None and b.peak_rss_bytes is not None:
-            rows.append(("peak RSS", _mib(b.peak_rss_bytes), _mib(a.peak_rss_bytes if a else None),
-                         _change_bytes(b.peak_rss_bytes, a.peak_rss_bytes if a else None)))  # fmt: skip
-            rows.append(("RSS over baseline", _mib(_over_baseline(b)), _mib(_over_baseline(a)),
-                         _change_bytes(_over_baseline(b), _over_baseline(a))))  # fmt: skip
-        if b is not None and b.peak_device_bytes is not None:
-            rows.append(("device memory", _mib(b.peak_device_bytes), _mib(a.peak_device_bytes if a else None),
-                         _change_bytes(b.peak_device_bytes, a.peak_device_bytes if a else None)))  # fmt: skip
-        for row in rows:
-            table.add_row(*(row if r.after is not None else row[:2]))
-        runs = b.runs if b is not None else 0
-        table.caption = "; ".join([f"{runs} interleaved rounds"] + list(r.notes))
-        console.print(table)

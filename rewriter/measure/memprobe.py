@@ -13,12 +13,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from rewriter.measure.bench import ModelSource
+from rewriter.ort import PROVIDERS, ModelSource, make_session
 
 __all__ = ["measure_memory", "save_feeds", "load_feeds", "main"]
 
@@ -52,13 +51,13 @@ def load_feeds(manifest_path: Path) -> dict[str, np.ndarray]:
 
 
 def measure_memory(
-    src: "ModelSource", ep: str, threads: int, runs: int, feeds_manifest: Path, tmp: Path
+    src: ModelSource, provider: str, threads: int, runs: int, feeds_manifest: Path, tmp: Path
 ) -> tuple[dict[str, Any], list[str]]:
     """Peak RSS (and CUDA device memory) of one model's session creation + runs, measured in a
     fresh interpreter so nothing else this process holds is counted. Returns (result, notes)."""
     cmd = [
         sys.executable, "-m", "rewriter.measure.memprobe", str(src.file_for_subprocess(tmp)),
-        "--feeds", str(feeds_manifest), "--provider", ep,
+        "--feeds", str(feeds_manifest), "--provider", provider,
         "--threads", str(threads), "--runs", str(min(runs, _MEMORY_RUNS)),
     ]  # fmt: skip
     if src.external_dir is not None:
@@ -131,31 +130,31 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m rewriter.measure.memprobe")
     parser.add_argument("model")
     parser.add_argument("--feeds", required=True)
-    parser.add_argument("--provider", default="CPUExecutionProvider")
+    parser.add_argument("--provider", default="cpu", choices=sorted(PROVIDERS))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=_MEMORY_RUNS)
     parser.add_argument("--external-dir")
     args = parser.parse_args(argv)
 
-    import onnxruntime  # noqa: F401  part of the baseline, not of the model's cost
-
-    from rewriter.measure.bench import ModelSource, make_session
+    import onnx
 
     feeds = load_feeds(Path(args.feeds))
     path = Path(args.model)
+    # The graph only (weights stay where they are); onnxruntime itself is imported with this
+    # module, so it is part of the baseline, not of the model's cost.
+    proto = onnx.load(str(path), load_external_data=False)
     if args.external_dir:
-        src = ModelSource("model", None, path.read_bytes(), Path(args.external_dir), None)
+        src = ModelSource("model", proto, None, path.read_bytes(), Path(args.external_dir))
     else:
-        src = ModelSource("model", path, None, None, None)
+        src = ModelSource("model", proto, path)
     _reset_peak_rss()
     baseline = _max_rss_bytes()
-    providers = [args.provider] + (["CPUExecutionProvider"] if args.provider != "CPUExecutionProvider" else [])
-    session = make_session(src, providers, args.threads)
+    session = make_session(src, args.provider, threads=args.threads)
     for _ in range(max(args.runs, 1)):
         session.run(None, feeds)
     peak = _max_rss_bytes()
     device, note = (None, "")
-    if args.provider == "CUDAExecutionProvider":
+    if args.provider == "cuda":
         device, note = _device_bytes()
     print(json.dumps({"baseline_rss_bytes": baseline, "peak_rss_bytes": peak, "peak_device_bytes": device,
                       "device_note": note}))  # fmt: skip

@@ -1,0 +1,71 @@
+"""The tune step's report section ``tuning``: per site, its forms, their timings and the choice."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping
+
+__all__ = ["ORIGINAL", "TuningSection"]
+
+ORIGINAL = "original"
+
+
+class TuningSection(dict):  # type: ignore[type-arg]
+    """The report's ``tuning`` section (see the README)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return json.loads(json.dumps(self))
+
+    def to_markdown(self) -> str:
+        return tuning_markdown(self)
+
+    def render(self, console: Any, *, verbose: bool = False) -> None:
+        render_tuning(self, console)
+
+
+def _forms_cell(forms: Mapping[str, Mapping[str, Any]], sep: str = ", ") -> str:
+    """``original`` first, then the other forms fastest first."""
+    order = sorted(forms, key=lambda f: (f != ORIGINAL, forms[f]["median_ms"]))
+    return sep.join(f"{f} {forms[f]['median_ms']:.4f}" for f in order) or "-"
+
+
+def tuning_markdown(section: Mapping[str, Any]) -> str:
+    shapes = ", ".join(f"{k}={v}" for k, v in section.get("shapes", {}).items())
+    cache = section.get("cache", {})
+    head = (f"provider {section.get('provider')}, {section.get('threads')} threads, {shapes}, "
+            f"{section.get('runs')} rounds; cache: {cache.get('hits', 0)} hit(s), {cache.get('misses', 0)} miss(es)")  # fmt: skip
+    lines = [head, "", "| site | choice | forms (median ms) | cached | reason |", "|---|---|---|---|---|"]
+    for s in section.get("sites", []):
+        lines.append(f"| {', '.join(s['nodes'])} | {s['choice']} | {_forms_cell(s['forms'])} | "
+                     f"{'yes' if s['cached'] else 'no'} | {s['reason']} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def render_tuning(section: Mapping[str, Any], console: Any) -> None:
+    """One row per form of each site (fastest first): median, speedup over the original, the choice marked."""
+    from rich.table import Table
+
+    sites = section.get("sites", [])
+    if not sites:
+        console.print("tuning: no Conv/MatMul site to tune")
+        return
+    cache = section.get("cache", {})
+    table = Table(title=f"tuning on {section.get('provider')}: {len(sites)} site(s)", title_justify="left", show_edge=False)
+    table.add_column("site", overflow="fold", ratio=2)
+    table.add_column("form", overflow="fold", ratio=3)
+    table.add_column("median", justify="right")
+    table.add_column("vs original", justify="right")
+    for i, s in enumerate(sites):
+        forms = s["forms"] or {s["choice"]: {}}
+        order = sorted(forms, key=lambda f: (forms[f].get("median_ms", 0.0), f))
+        site = "\n".join(s["nodes"]) + (" (cached)" if s["cached"] else "")
+        for j, f in enumerate(order):
+            st = forms[f]
+            med = f"{st['median_ms'] * 1e3:.1f} µs" if "median_ms" in st else "-"
+            sp = "1.00×" if f == ORIGINAL and st else (f"{st['speedup']:.2f}×" if st.get("speedup") else "-")
+            mark = "[green]✓ " if f == s["choice"] else "  "
+            table.add_row(site if j == 0 else "", f"{mark}{f}" + ("[/]" if f == s["choice"] else ""), med, sp,
+                          end_section=j == len(order) - 1 and i < len(sites) - 1)  # fmt: skip
+    where = cache.get("path") if cache.get("enabled") else "off"
+    table.caption = f"✓ = kept; cache {where}: {cache.get('hits', 0)} hit(s), {cache.get('misses', 0)} miss(es)"
+    console.print(table)
