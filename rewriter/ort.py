@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from rewriter.engine.model_io import ensure_loadable_ir
 from rewriter.errors import InputError
 
 __all__ = [
@@ -183,7 +184,7 @@ class ModelSource:
         """The same model changed in memory (extra outputs, say): served as bytes, its external
         weights still read from where this source's are."""
         folder = self.external_dir or (self.path.parent if self.path is not None and _uses_external(proto) else None)
-        return ModelSource(self.label, proto, None, _serialize(proto, self.label), folder)
+        return ModelSource(self.label, proto, None, _serialize(ensure_loadable_ir(proto), self.label), folder)
 
     def file_for_subprocess(self, folder: Path) -> Path:
         """A path another process can open: the model's own file, or the bytes written to ``folder``."""
@@ -208,12 +209,13 @@ def _serialize(model: onnx.ModelProto, label: str) -> bytes:
 
 def model_source(model: onnx.ModelProto | str | os.PathLike[str], label: str, base_dir: Path | None = None) -> ModelSource:
     """Open ``model`` for onnxruntime: a path is read by ORT itself (its external data beside it);
-    a ModelProto travels as bytes, its external data read from ``base_dir``."""
+    a ModelProto travels as bytes, its external data read from ``base_dir``. A model whose IR
+    version is newer than the installed onnxruntime reads is served with it lowered (in memory)."""
     if isinstance(model, onnx.ModelProto):
         folder = Path(base_dir).resolve() if base_dir is not None else None
         if _uses_external(model) and folder is None:
             raise InputError(f"the {label} model has external data; pass base_dir (the folder of its weights)")
-        return ModelSource(label, model, None, _serialize(model, label), folder)
+        return ModelSource(label, model, None, _serialize(ensure_loadable_ir(model), label), folder)
     path = Path(model)
     if not path.is_file():
         raise InputError(f"{label} model not found: {path}")
@@ -221,7 +223,9 @@ def model_source(model: onnx.ModelProto | str | os.PathLike[str], label: str, ba
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises several unrelated types on a corrupt file
         raise InputError(f"cannot read the {label} model {path}: {first_line(exc)}") from exc
-    return ModelSource(label, proto, path.resolve())
+    source = ModelSource(label, proto, path.resolve())
+    lowered = ensure_loadable_ir(proto)
+    return source if lowered is proto else source.with_proto(lowered)
 
 
 class SessionError(InputError):

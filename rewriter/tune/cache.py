@@ -19,8 +19,10 @@ from typing import Any, Iterable
 
 import numpy as np
 import onnx
+import onnxruntime
 from onnx import numpy_helper
 
+from rewriter import __version__
 from rewriter.engine.model_io import atomic_write_text
 
 __all__ = ["CACHE_FORMAT", "DecisionCache", "cache_key", "default_cache_path", "site_signature"]
@@ -67,10 +69,6 @@ def site_signature(sub: onnx.ModelProto) -> list[Any]:
 
 
 def cache_key(sub: onnx.ModelProto, forms: Iterable[str], provider: str, threads: int) -> str:
-    import onnxruntime
-
-    from rewriter import __version__
-
     doc = {"site": site_signature(sub), "forms": sorted(forms), "provider": provider, "threads": threads,
            "onnxruntime": onnxruntime.__version__, "onnx_rewrite": __version__}  # fmt: skip
     return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

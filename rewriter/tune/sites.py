@@ -20,9 +20,10 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from rewriter.engine.graph import ModelGraph, const_value, iter_graphs, producer
-from rewriter.engine.model_io import LoadedModel, ensure_loadable_ir
+from rewriter.engine.model_io import LoadedModel, ensure_loadable_ir, has_external_data
 from rewriter.engine.pattern import Match, match_at
 from rewriter.engine.rule import CheckResult, Rule, skip
+from rewriter.ort import make_session, model_source
 
 __all__ = ["CORE_OPS", "Site", "find_sites", "restrict", "boundary", "observe", "isolate"]
 
@@ -236,20 +237,12 @@ def _is_float(dtype: np.dtype) -> bool:
 
 def observe(loaded: LoadedModel, names: Sequence[str], feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Values of ``names`` in one CPU run of the original at ``feeds``."""
-    import onnxruntime as ort
-
-    from rewriter.engine.model_io import has_external_data
-
     wanted = [n for n in dict.fromkeys(names) if n not in feeds]
     probe = onnx.ModelProto()
     probe.CopyFrom(loaded.model)
     present = {o.name for o in probe.graph.output}
     probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in wanted if n not in present)
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if loaded.base_dir is not None and has_external_data(probe):
-        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(loaded.base_dir))
-    sess = ort.InferenceSession(ensure_loadable_ir(probe).SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = make_session(model_source(probe, "original", loaded.base_dir if has_external_data(probe) else None), "cpu")
     out_names = [o.name for o in sess.get_outputs()]
     values = dict(zip(out_names, sess.run(None, dict(feeds))))
     return {**feeds, **{n: np.asarray(values[n]) for n in wanted}}
