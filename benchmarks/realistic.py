@@ -49,7 +49,7 @@ def _model(nodes: list[onnx.NodeProto], x_shape: Sequence[int], inits: list[onnx
     graph = helper.make_graph(
         nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits,
-    )  # fmt: skip
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_VERSION)
     model.producer_name = "onnx-rewrite benchmarks/realistic.py"
     return model
@@ -62,7 +62,7 @@ def _w(rng: np.random.Generator, shape: Sequence[int], name: str) -> onnx.Tensor
 
 def _shape_const(name: str, values: Sequence[int]) -> onnx.NodeProto:
     return helper.make_node("Constant", [], [name], name=f"{name}_const",
-                            value=numpy_helper.from_array(np.asarray(values, np.int64), name))  # fmt: skip
+                            value=numpy_helper.from_array(np.asarray(values, np.int64), name))
 
 
 def method1(b: int, length: int, c: int, rng: np.random.Generator, span: int) -> onnx.ModelProto:
@@ -74,7 +74,7 @@ def method1(b: int, length: int, c: int, rng: np.random.Generator, span: int) ->
                          kernel_shape=[c], pads=[0, 0], strides=[1], dilations=[1], group=1),
         _shape_const("shape_out", [b, length, n]),
         helper.make_node("Reshape", ["conv_out", "shape_out"], ["y"], name="/Reshape_1"),
-    ]  # fmt: skip
+    ]
     return _model(nodes, [b, length, c], [_w(rng, [n, 1, c], "conv.weight"), _w(rng, [n], "conv.bias")], 17, "method1")
 
 
@@ -84,7 +84,7 @@ def transpose_idiom(b: int, length: int, c: int, rng: np.random.Generator, span:
         helper.make_node("Conv", ["t", "conv.weight", "conv.bias"], ["c"], name="/conv/Conv",
                          kernel_shape=[1], pads=[0, 0], strides=[1], dilations=[1], group=1),
         helper.make_node("Transpose", ["c"], ["y"], name="/Transpose_1", perm=[0, 2, 1]),
-    ]  # fmt: skip
+    ]
     return _model(nodes, [b, length, c], [_w(rng, [c, c, 1], "conv.weight"), _w(rng, [c], "conv.bias")], 17, "transpose_idiom")
 
 
@@ -103,7 +103,7 @@ def tf2onnx_chain(b: int, length: int, c: int, rng: np.random.Generator, span: i
         helper.make_node("Squeeze", ["c", "squeeze_axes"], ["s"], name="conv1d/Squeeze"),
         helper.make_node("Add", ["s", "bias"], ["a"], name="conv1d/BiasAdd"),
         helper.make_node("Transpose", ["a"], ["y"], name="conv1d/Transpose_1", perm=[0, 2, 1]),
-    ]  # fmt: skip
+    ]
     return _model(nodes, [b, length, c], inits, 15, "tf2onnx_chain")
 
 
@@ -112,7 +112,7 @@ def full_span(b: int, length: int, c: int, rng: np.random.Generator, span: int) 
         helper.make_node("Conv", ["x", "conv.weight", "conv.bias"], ["c"], name="/conv/Conv",
                          kernel_shape=[span], pads=[0, 0], strides=[1], dilations=[1], group=1),
         helper.make_node("Flatten", ["c"], ["y"], name="/Flatten", axis=1),
-    ]  # fmt: skip
+    ]
     return _model(nodes, [b, c, span], [_w(rng, [c, c, span], "conv.weight"), _w(rng, [c], "conv.bias")], 17, "full_span")
 
 
@@ -120,7 +120,7 @@ def native_pointwise(b: int, length: int, c: int, rng: np.random.Generator, span
     nodes = [
         helper.make_node("Conv", ["x", "conv.weight", "conv.bias"], ["y"], name="/conv/Conv",
                          kernel_shape=[1], pads=[0, 0], strides=[1], dilations=[1], group=1),
-    ]  # fmt: skip
+    ]
     return _model(nodes, [b, c, length], [_w(rng, [c, c, 1], "conv.weight"), _w(rng, [c], "conv.bias")], 17, "native_pointwise")
 
 
@@ -222,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = BenchOptions(runs=args.runs, warmup=args.warmup, threads=args.threads, measure_memory=not args.no_memory)
     print(rules_line(args.plugin, rules))
     print(f"batch {args.batch}, length {args.length}, {args.channels} channels (full span: length {args.span}); "
-          f"{args.runs} interleaved rounds, {args.threads} threads, CPU\n")  # fmt: skip
+          f"{args.runs} interleaved rounds, {args.threads} threads, CPU\n")
     rows = []
     start = time.perf_counter()
     for name, build in PATTERNS.items():

@@ -120,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         path = args.manifest.parent / fx["file"]
         print(f"[{i}/{len(fixtures)}] {fx['file']}", file=sys.stderr, flush=True)
         options = BenchOptions(runs=args.runs, warmup=args.warmup, threads=args.threads,
-                               shapes=_largest(fx.get("test_dims", [])), measure_memory=not args.no_memory)  # fmt: skip
+                               shapes=_largest(fx.get("test_dims", [])), measure_memory=not args.no_memory)
         try:
             result = rewriter.optimize(str(path), rules=rules, plugins=args.plugin, bench=options)
             cells = result_cells(result.report.to_json())

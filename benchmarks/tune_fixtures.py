@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         print(f"[{i}/{len(fixtures)}] {fx['file']}", file=sys.stderr, flush=True)
         options = BenchOptions(runs=args.runs, warmup=args.warmup, threads=args.threads,
-                               shapes=_largest(fx.get("test_dims", [])), measure_memory=False)  # fmt: skip
+                               shapes=_largest(fx.get("test_dims", [])), measure_memory=False)
         with tempfile.TemporaryDirectory() as tmp:
             cache = TuneOptions(cache=Path(tmp) / "tuning.json")
             t0 = time.perf_counter()
@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _rules_cell(report),
             _speedup(t["original"], t["tuned"]),
             "same model" if same else _speedup(t["fixed"], t["tuned"]),
-        ])  # fmt: skip
+        ])
 
     print(f"onnxruntime {onnxruntime.__version__} CPU, {args.threads} threads, {args.runs} interleaved rounds per measurement\n")
     print("### Per-site choices (isolated subgraphs, median µs)\n")
@@ -141,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     firsts = sum(float(r[1]) for r in cache_rows)
     seconds = sum(float(r[2]) for r in cache_rows)
     print(f"\n{len(model_rows)} fixture(s) with sites; tuning total {firsts:.1f} s first run, {seconds:.1f} s second run; "
-          f"{time.perf_counter() - start:.0f} s in all")  # fmt: skip
+          f"{time.perf_counter() - start:.0f} s in all")
     return 0
 
 

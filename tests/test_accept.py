@@ -49,7 +49,7 @@ def _registry(*classes: type) -> Registry:
 
 def _timing(ms: float) -> ModelTiming:
     return ModelTiming(median_ms=ms, p90_ms=ms * 1.1, iqr_ms=ms * 0.05, runs=10, peak_rss_bytes=100 << 20,
-                       peak_device_bytes=None, baseline_rss_bytes=60 << 20)  # fmt: skip
+                       peak_device_bytes=None, baseline_rss_bytes=60 << 20)
 
 
 def _bench(speedup: float, verdict: str, provider: str = "cpu") -> ProviderBench:
@@ -58,7 +58,7 @@ def _bench(speedup: float, verdict: str, provider: str = "cpu") -> ProviderBench
         speedup=speedup, speedup_low=speedup * 0.95, speedup_high=speedup * 1.05,
         significant=verdict != "no measurable change", verdict=verdict, threads=2, opt_level="all",
         shapes={"x": [4, 8]},
-    )  # fmt: skip
+    )
 
 
 class FakeBench:

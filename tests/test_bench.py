@@ -202,7 +202,7 @@ def test_sessions_do_not_spin_between_runs():
     """A/B sessions in one process must not keep spinning threads (it skewed identical models to 0.8x)."""
     g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])  # fmt: skip
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
     sess = make_session(ModelSource("m", model, None, model.SerializeToString()), "cpu", threads=2)
     assert sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"

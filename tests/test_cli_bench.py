@@ -64,7 +64,7 @@ def test_bench_one_model(capsys, models, tmp_path):
 def test_bench_two_models_with_shape(capsys, models, tmp_path):
     report = tmp_path / "r.json"
     code, out, err = cli(capsys, "bench", *models, "--runs", 5, "--warmup", 1, "--no-memory",
-                         "--shape", "x=16,8", "--report", report)  # fmt: skip
+                         "--shape", "x=16,8", "--report", report)
     assert code == 0, err
     data = json.loads(report.read_text())
     _valid_bench_report(data)
@@ -108,7 +108,7 @@ def test_rewrite_measures_by_default_and_reports_it(capsys, models, tmp_path):
     report, md = tmp_path / "r.json", tmp_path / "r.md"
     code, out, err = cli(capsys, models[0], "--plugin", ENGINE_RULES, "--rules", "test-double-relu", "--providers", "cpu",
                          "-o", tmp_path / "o.onnx", "--bench-runs", 5, "--bench-shape", "x=4,8",
-                         "--report", report, "--report-md", md)  # fmt: skip
+                         "--report", report, "--report-md", md)
     assert code == 0, err
     data = json.loads(report.read_text())
     jsonschema.validate(data, SCHEMA)
@@ -122,7 +122,7 @@ def test_rewrite_measures_by_default_and_reports_it(capsys, models, tmp_path):
 def test_no_bench_says_so(capsys, models, tmp_path):
     report = tmp_path / "r.json"
     code, out, err = cli(capsys, models[0], "--plugin", ENGINE_RULES, "--rules", "test-double-relu", "--providers", "cpu",
-                         "-o", tmp_path / "o.onnx", "--no-bench", "--report", report)  # fmt: skip
+                         "-o", tmp_path / "o.onnx", "--no-bench", "--report", report)
     assert code == 0, err
     data = json.loads(report.read_text())
     assert "benchmark" not in data and "static" not in data

@@ -232,7 +232,7 @@ def test_cli_tune_on_a_tiny_model(tmp_path, capsys):
     src, report = tmp_path / "m.onnx", tmp_path / "r.json"
     onnx.save(model, src)
     code = run_app([str(src), "--tune", "--bench-runs", "5", "--providers", "cpu", "--cache", str(tmp_path / "c.json"),
-                    "--report", str(report), "-o", str(tmp_path / "o.onnx")])  # fmt: skip
+                    "--report", str(report), "-o", str(tmp_path / "o.onnx")])
     out = capsys.readouterr()
     assert code == 0, out.err
     data = json.loads(report.read_text())

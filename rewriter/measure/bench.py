@@ -238,7 +238,7 @@ def _bench_provider(
             provider=provider, status="measured", reason="", before=None, after=None, speedup=None,
             speedup_low=None, speedup_high=None, significant=False, verdict="not compared",
             threads=options.threads, opt_level=OPT_LEVEL, shapes={k: list(v) for k, v in shapes.items()},
-        )  # fmt: skip
+        )
         base.update(kw)
         return ProviderBench(**base)
 
@@ -274,7 +274,7 @@ def _bench_provider(
     return result(
         before=timings[0], after=timings[1], speedup=speedup, speedup_low=low, speedup_high=high,
         significant=significant, verdict=verdict, notes=tuple(notes),
-    )  # fmt: skip
+    )
 
 
 def bench_models(

@@ -59,7 +59,7 @@ def measure_memory(
         sys.executable, "-m", "rewriter.measure.memprobe", str(src.file_for_subprocess(tmp)),
         "--feeds", str(feeds_manifest), "--provider", provider,
         "--threads", str(threads), "--runs", str(min(runs, _MEMORY_RUNS)),
-    ]  # fmt: skip
+    ]
     if src.external_dir is not None:
         cmd += ["--external-dir", str(src.external_dir)]
     env = dict(os.environ)
@@ -114,7 +114,7 @@ def _device_bytes() -> tuple[int | None, str]:
         out = subprocess.run(
             [exe, "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
             capture_output=True, text=True, timeout=30,
-        ).stdout  # fmt: skip
+        ).stdout
     except (OSError, subprocess.TimeoutExpired) as exc:
         return None, f"nvidia-smi failed: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}"
     for line in out.splitlines():
@@ -157,7 +157,7 @@ def main(argv: list[str]) -> int:
     if args.provider == "cuda":
         device, note = _device_bytes()
     print(json.dumps({"baseline_rss_bytes": baseline, "peak_rss_bytes": peak, "peak_device_bytes": device,
-                      "device_note": note}))  # fmt: skip
+                      "device_note": note}))
     return 0
 
 

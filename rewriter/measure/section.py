@@ -128,7 +128,7 @@ def benchmark_markdown(section: Mapping[str, Any]) -> str:
             verdict = f"{r['speedup']:.2f}x {r['verdict']} ({r['speedup_low']:.2f}-{r['speedup_high']:.2f}x)"
         out.append(f"| median latency | {_fmt_ms(b, 'median_ms')} | {_fmt_ms(a, 'median_ms')} | {verdict} |")
         out.append(f"| p90 latency | {_fmt_ms(b, 'p90_ms')} | {_fmt_ms(a, 'p90_ms')} | "
-                   f"{_change(b and b.get('p90_ms'), a and a.get('p90_ms'), 'ms')} |")  # fmt: skip
+                   f"{_change(b and b.get('p90_ms'), a and a.get('p90_ms'), 'ms')} |")
         for label, key in (("peak RSS", "peak_rss_bytes"), ("device memory", "peak_device_bytes")):
             vb, va = (b or {}).get(key), (a or {}).get(key)
             if vb is not None or va is not None:
@@ -229,12 +229,12 @@ def render_bench(results: dict[str, ProviderBench], console: Any) -> None:
             rows.append((label, _ms(b, attr), _ms(a, attr), _change_ms(getattr(b, attr, None), getattr(a, attr, None))))
         if b is not None and b.peak_rss_bytes is not None:
             rows.append(("peak RSS", _mib(b.peak_rss_bytes), _mib(a.peak_rss_bytes if a else None),
-                         _change_bytes(b.peak_rss_bytes, a.peak_rss_bytes if a else None)))  # fmt: skip
+                         _change_bytes(b.peak_rss_bytes, a.peak_rss_bytes if a else None)))
             rows.append(("RSS over baseline", _mib(_over_baseline(b)), _mib(_over_baseline(a)),
-                         _change_bytes(_over_baseline(b), _over_baseline(a))))  # fmt: skip
+                         _change_bytes(_over_baseline(b), _over_baseline(a))))
         if b is not None and b.peak_device_bytes is not None:
             rows.append(("device memory", _mib(b.peak_device_bytes), _mib(a.peak_device_bytes if a else None),
-                         _change_bytes(b.peak_device_bytes, a.peak_device_bytes if a else None)))  # fmt: skip
+                         _change_bytes(b.peak_device_bytes, a.peak_device_bytes if a else None)))
         for row in rows:
             table.add_row(*(row if r.after is not None else row[:2]))
         runs = b.runs if b is not None else 0

@@ -70,7 +70,7 @@ def site_signature(sub: onnx.ModelProto) -> list[Any]:
 
 def cache_key(sub: onnx.ModelProto, forms: Iterable[str], provider: str, threads: int) -> str:
     doc = {"site": site_signature(sub), "forms": sorted(forms), "provider": provider, "threads": threads,
-           "onnxruntime": onnxruntime.__version__, "onnx_rewrite": __version__}  # fmt: skip
+           "onnxruntime": onnxruntime.__version__, "onnx_rewrite": __version__}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 

@@ -33,11 +33,11 @@ def tuning_markdown(section: Mapping[str, Any]) -> str:
     shapes = ", ".join(f"{k}={v}" for k, v in section.get("shapes", {}).items())
     cache = section.get("cache", {})
     head = (f"provider {section.get('provider')}, {section.get('threads')} threads, {shapes}, "
-            f"{section.get('runs')} rounds; cache: {cache.get('hits', 0)} hit(s), {cache.get('misses', 0)} miss(es)")  # fmt: skip
+            f"{section.get('runs')} rounds; cache: {cache.get('hits', 0)} hit(s), {cache.get('misses', 0)} miss(es)")
     lines = [head, "", "| site | choice | forms (median ms) | cached | reason |", "|---|---|---|---|---|"]
     for s in section.get("sites", []):
         lines.append(f"| {', '.join(s['nodes'])} | {s['choice']} | {_forms_cell(s['forms'])} | "
-                     f"{'yes' if s['cached'] else 'no'} | {s['reason']} |")  # fmt: skip
+                     f"{'yes' if s['cached'] else 'no'} | {s['reason']} |")
     return "\n".join(lines)
 
 
@@ -65,7 +65,7 @@ def render_tuning(section: Mapping[str, Any], console: Any) -> None:
             sp = "1.00×" if f == ORIGINAL and st else (f"{st['speedup']:.2f}×" if st.get("speedup") else "-")
             mark = "[green]✓ " if f == s["choice"] else "  "
             table.add_row(site if j == 0 else "", f"{mark}{f}" + ("[/]" if f == s["choice"] else ""), med, sp,
-                          end_section=j == len(order) - 1 and i < len(sites) - 1)  # fmt: skip
+                          end_section=j == len(order) - 1 and i < len(sites) - 1)
     where = cache.get("path") if cache.get("enabled") else "off"
     table.caption = f"✓ = kept; cache {where}: {cache.get('hits', 0)} hit(s), {cache.get('misses', 0)} miss(es)"
     console.print(table)

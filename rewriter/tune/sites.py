@@ -35,7 +35,7 @@ _ELEMENTWISE = frozenset({
     "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Selu", "Gelu", "HardSigmoid", "HardSwish", "Softplus",
     "Softsign", "Erf", "Abs", "Neg", "Exp", "Log", "Sqrt", "Reciprocal", "Clip", "Identity", "Cast",
     "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min",
-})  # fmt: skip
+})
 _MAX_HOPS = 16
 
 
