@@ -120,6 +120,10 @@ def parse_shape_overrides(items: Sequence[str]) -> dict[tuple[str, int], list[in
     return out
 
 
+Var = object
+"""A dynamic-dim variable: its symbolic name, or (input, axis) for an anonymous dynamic dim."""
+
+
 def shape_sets(
     specs: Sequence[InputSpec],
     overrides: Mapping[tuple[str, int], Sequence[int]] | None = None,
@@ -133,31 +137,53 @@ def shape_sets(
     name are one variable: they always take the same value, and an override on any of them
     applies to all. Static dims are fixed (overriding one with another value is an error).
     """
-    overrides = dict(overrides or {})
+    var_values = _overridden_vars(specs, overrides or {})
+    layout = _layout(specs, var_values, defaults)
+    used = {e for entries in layout.values() for e in entries if not isinstance(e, int)}
+    n_runs = max((len(var_values[v]) for v in used), default=1)
+    return [
+        {name: tuple(e if isinstance(e, int) else var_values[e][i % len(var_values[e])] for e in entries) for name, entries in layout.items()}
+        for i in range(n_runs)
+    ]
+
+
+def _overridden_vars(specs: Sequence[InputSpec], overrides: Mapping[tuple[str, int], Sequence[int]]) -> dict[Var, list[int]]:
+    """{variable: values} from ``--shape`` overrides, each checked against the input it names."""
     by_name = {s.name: s for s in specs}
-    # A variable is a symbolic name, or (input, axis) for an anonymous dynamic dim.
-    var_values: dict[object, list[int]] = {}
+    var_values: dict[Var, list[int]] = {}
     for (name, axis), values in overrides.items():
-        spec = by_name.get(name)
-        if spec is None:
-            raise InputError(f"shape override names unknown input {name!r}; inputs: {sorted(by_name)}")
-        if spec.shape is None:
-            raise InputError(f"input {name!r} has no declared rank; use --inputs with an .npz file")
-        rank = len(spec.shape)
-        if not -rank <= axis < rank:
-            raise InputError(f"shape override {name}:{axis}: input has rank {rank}")
-        axis %= rank
-        dim = spec.shape[axis]
-        if isinstance(dim, int):
-            if list(values) != [dim]:
-                raise InputError(f"shape override {name}:{axis}: that dim is static ({dim})")
+        var = _override_target(by_name, name, axis, values)
+        if var is None:
             continue
-        var = dim if isinstance(dim, str) else (name, axis)
         if var in var_values and var_values[var] != list(values):
             raise InputError(f"conflicting shape overrides for symbolic dim {var!r}")
         var_values[var] = list(values)
+    return var_values
 
-    layout: dict[str, list[object]] = {}  # per input: int for static dims, variable key otherwise
+
+def _override_target(by_name: Mapping[str, InputSpec], name: str, axis: int, values: Sequence[int]) -> Var | None:
+    """The variable an override of ``name:axis`` sets; None for a static dim given its own value."""
+    spec = by_name.get(name)
+    if spec is None:
+        raise InputError(f"shape override names unknown input {name!r}; inputs: {sorted(by_name)}")
+    if spec.shape is None:
+        raise InputError(f"input {name!r} has no declared rank; use --inputs with an .npz file")
+    rank = len(spec.shape)
+    if not -rank <= axis < rank:
+        raise InputError(f"shape override {name}:{axis}: input has rank {rank}")
+    axis %= rank
+    dim = spec.shape[axis]
+    if isinstance(dim, int):
+        if list(values) != [dim]:
+            raise InputError(f"shape override {name}:{axis}: that dim is static ({dim})")
+        return None
+    return dim if isinstance(dim, str) else (name, axis)
+
+
+def _layout(specs: Sequence[InputSpec], var_values: dict[Var, list[int]], defaults: Sequence[int]) -> dict[str, list[object]]:
+    """Per input: an int for each static dim, the variable of each dynamic one. Variables without
+    an override get the defaults (added to ``var_values``)."""
+    layout: dict[str, list[object]] = {}
     # Distinct dynamic dims get distinct values above 1 (3, 4, 5, ...), so a rewrite that swaps
     # two dynamic axes cannot pass by both being equal.
     n_defaulted = 0
@@ -175,18 +201,7 @@ def shape_sets(
                 n_defaulted += 1
             entries.append(var)
         layout[spec.name] = entries
-
-    used = {e for entries in layout.values() for e in entries if not isinstance(e, int)}
-    n_runs = max((len(var_values[v]) for v in used), default=1)
-    runs = []
-    for i in range(n_runs):
-        runs.append(
-            {
-                name: tuple(e if isinstance(e, int) else var_values[e][i % len(var_values[e])] for e in entries)
-                for name, entries in layout.items()
-            }
-        )
-    return runs
+    return layout
 
 
 def make_feeds(
