@@ -6,7 +6,7 @@
 Prints three Markdown tables (paste them into notes):
 1. per-site choices on CPU: each form's median latency as an isolated subgraph, the choice, why;
 2. whole models: the original, the fixed policy's output and the tuned output timed together
-   (`rewriter.tune.OrtTimer`: interleaved rounds of batched calls), each pair as the paired-ratio
+   (`rewriter.tune.decide.OrtTimer`: interleaved rounds of batched calls), each pair as the paired-ratio
    median with its 10th-90th percentiles (`bench.judge`);
 3. the decision cache: tuning wall time on the first run (measures) and the second (cache hits).
 Each fixture is measured at the largest of its manifest `test_dims`. Fixtures are tiny, so
@@ -82,7 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rewriter.engine.model_io import load_model
     from rewriter.engine.registry import discover
     from rewriter.tune.sites import find_sites
-    from rewriter.tune.decide import OrtTimer, TuneOptions, tuning_shapes
+    from rewriter.tune.decide import OrtTimer
+    from rewriter.tune.plan import TuneOptions, tuning_shapes
     from rewriter.prove.verify import VerifyOptions
 
     reg = discover()

@@ -10,7 +10,7 @@ from typing import Any, Mapping
 import onnx
 
 from rewriter.errors import InputError
-from rewriter.measure.bench import ModelTiming, ProviderBench
+from rewriter.measure.bench import ProviderBench
 from rewriter.measure.costs import static_costs, static_to_json
 from rewriter.report import ModelSummary
 
@@ -18,12 +18,10 @@ __all__ = ["BenchmarkSection", "StaticSection", "BenchReport", "static_section"]
 
 
 class BenchmarkSection(dict):  # type: ignore[type-arg]
-    """The report's ``benchmark`` section, ``{provider: ProviderBench JSON}``; keeps the
-    ProviderBench objects in ``results`` for terminal rendering."""
+    """The report's ``benchmark`` section, ``{provider: ProviderBench JSON}``."""
 
     def __init__(self, results: Mapping[str, ProviderBench]) -> None:
         super().__init__({name: r.to_json() for name, r in results.items()})
-        self.results = dict(results)
 
     def to_json(self) -> dict[str, Any]:
         return {name: dict(value) for name, value in self.items()}
@@ -32,7 +30,7 @@ class BenchmarkSection(dict):  # type: ignore[type-arg]
         return benchmark_markdown(self)
 
     def render(self, console: Any, *, verbose: bool = False) -> None:
-        render_bench(self.results, console)
+        render_bench(self, console)
 
 
 class StaticSection(dict):  # type: ignore[type-arg]
@@ -97,11 +95,11 @@ def static_section(
 
 # --- Markdown and tables ----------------------------------------------------------------------
 
-def _fmt_ms(t: Mapping[str, Any] | None, key: str) -> str:
+def _ms(t: Mapping[str, Any] | None, key: str) -> str:
     return "-" if not t or t.get(key) is None else f"{t[key]:.3f} ms"
 
 
-def _fmt_mib(n: int | None) -> str:
+def _mib(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**20:.1f} MiB"
 
 
@@ -112,6 +110,33 @@ def _change(a: float | None, b: float | None, unit: str, scale: float = 1.0, dig
     return f"{(b - a) / scale:+.{digits}f} {unit}{pct}"
 
 
+def _over_baseline(t: Mapping[str, Any]) -> int | None:
+    peak, base = t.get("peak_rss_bytes"), t.get("baseline_rss_bytes")
+    return None if peak is None or base is None else peak - base
+
+
+def _bench_rows(r: Mapping[str, Any], headline: str) -> list[tuple[str, str, str, str]]:
+    """metric | before | after | change, from one provider's JSON; ``headline`` is the median's change."""
+    b, a = r.get("before") or {}, r.get("after") or {}
+    rows = [("median latency", _ms(b, "median_ms"), _ms(a, "median_ms"), headline)]
+    for label, key in (("p90 latency", "p90_ms"), ("IQR", "iqr_ms")):
+        rows.append((label, _ms(b, key), _ms(a, key), _change(b.get(key), a.get(key), "ms")))
+    memory = [("peak RSS", b.get("peak_rss_bytes"), a.get("peak_rss_bytes")),
+              ("RSS over baseline", _over_baseline(b), _over_baseline(a)),
+              ("device memory", b.get("peak_device_bytes"), a.get("peak_device_bytes"))]
+    rows += [(label, _mib(vb), _mib(va), _change(vb, va, "MiB", 2**20, 1)) for label, vb, va in memory if vb is not None]
+    return rows
+
+
+def _title(name: str, r: Mapping[str, Any]) -> str:
+    shapes = ", ".join(f"{k}={v}" for k, v in r.get("shapes", {}).items())
+    return f"{name}: {r.get('threads')} threads, optimizations {r.get('opt_level')}, {shapes}"
+
+
+def _caption(r: Mapping[str, Any]) -> str:
+    return "; ".join([f"{(r.get('before') or {}).get('runs', 0)} interleaved rounds"] + list(r.get("notes", [])))
+
+
 def benchmark_markdown(section: Mapping[str, Any]) -> str:
     """One Markdown table per provider from the JSON ``benchmark`` section."""
     out: list[str] = []
@@ -119,23 +144,37 @@ def benchmark_markdown(section: Mapping[str, Any]) -> str:
         if r.get("status") != "measured":
             out += [f"**{name}**: skipped: {r.get('reason', '')}", ""]
             continue
-        shapes = ", ".join(f"{k}={v}" for k, v in r.get("shapes", {}).items())
-        out += [f"**{name}** ({r.get('threads')} threads, optimizations {r.get('opt_level')}, {shapes})", ""]
-        b, a = r.get("before"), r.get("after")
-        out += ["| metric | before | after | change |", "|---|---:|---:|---:|"]
         verdict = ""
         if r.get("speedup") is not None:
             verdict = f"{r['speedup']:.2f}x {r['verdict']} ({r['speedup_low']:.2f}-{r['speedup_high']:.2f}x)"
-        out.append(f"| median latency | {_fmt_ms(b, 'median_ms')} | {_fmt_ms(a, 'median_ms')} | {verdict} |")
-        out.append(f"| p90 latency | {_fmt_ms(b, 'p90_ms')} | {_fmt_ms(a, 'p90_ms')} | "
-                   f"{_change(b and b.get('p90_ms'), a and a.get('p90_ms'), 'ms')} |")
-        for label, key in (("peak RSS", "peak_rss_bytes"), ("device memory", "peak_device_bytes")):
-            vb, va = (b or {}).get(key), (a or {}).get(key)
-            if vb is not None or va is not None:
-                out.append(f"| {label} | {_fmt_mib(vb)} | {_fmt_mib(va)} | {_change(vb, va, 'MiB', 2**20, 1)} |")
-        runs = (b or {}).get("runs", 0)
-        out += ["", "; ".join([f"{runs} interleaved rounds"] + list(r.get("notes", []))), ""]
+        out += [f"**{_title(name, r)}**", "", "| metric | before | after | change |", "|---|---:|---:|---:|"]
+        out += [f"| {label} | {vb} | {va} | {ch} |" for label, vb, va, ch in _bench_rows(r, verdict)]
+        out += ["", _caption(r), ""]
     return "\n".join(out).rstrip()
+
+
+def render_bench(section: Mapping[str, Any], console: Any) -> None:
+    """One rich table per measured provider: metric | before | after | change."""
+    from rich.table import Table
+
+    for name, r in section.items():
+        if r.get("status") != "measured":
+            console.print(f"[yellow]{name}: skipped[/] — {r.get('reason', '')}")
+            continue
+        compared = r.get("after") is not None
+        table = Table(title=_title(name, r), title_justify="left", caption=_caption(r))
+        table.add_column("metric")
+        table.add_column("before", justify="right")
+        if compared:
+            table.add_column("after", justify="right")
+            table.add_column("change", justify="right")
+        headline = ""
+        if r.get("speedup") is not None:
+            colour = {"faster": "green", "slower": "red"}.get(r["verdict"], "dim")
+            headline = f"[{colour}]{r['speedup']:.2f}× {r['verdict']}[/] ({r['speedup_low']:.2f}–{r['speedup_high']:.2f}×)"
+        for row in _bench_rows(r, headline):
+            table.add_row(*(row if compared else row[:2]))
+        console.print(table)
 
 
 _STATIC_ROWS = (("FLOPs", "flops"), ("initializer bytes", "initializer_bytes"), ("peak activation bytes", "activation_bytes"))
@@ -173,70 +212,3 @@ def render_static(section: Mapping[str, Any], console: Any) -> None:
     for row in _static_rows(section):
         table.add_row(*row)
     console.print(table)
-
-
-def _ms(t: ModelTiming | None, attr: str) -> str:
-    return "—" if t is None else f"{getattr(t, attr):.3f} ms"
-
-
-def _mib(n: int | None) -> str:
-    return "—" if n is None else f"{n / 2**20:.1f} MiB"
-
-
-def _pct(a: float, b: float) -> str:
-    return f" ({(b - a) / a * 100:+.0f}%)" if a else ""
-
-
-def _change_ms(a: float | None, b: float | None) -> str:
-    return "" if a is None or b is None else f"{b - a:+.3f} ms{_pct(a, b)}"
-
-
-def _change_bytes(a: int | None, b: int | None) -> str:
-    return "" if a is None or b is None else f"{(b - a) / 2**20:+.1f} MiB{_pct(a, b)}"
-
-
-def _over_baseline(t: ModelTiming | None) -> int | None:
-    if t is None or t.peak_rss_bytes is None or t.baseline_rss_bytes is None:
-        return None
-    return t.peak_rss_bytes - t.baseline_rss_bytes
-
-
-def render_bench(results: dict[str, ProviderBench], console: Any) -> None:
-    """One rich table per measured provider: metric | before | after | change."""
-    from rich.table import Table
-
-    for name, r in results.items():
-        if r.status != "measured":
-            console.print(f"[yellow]{name}: skipped[/] — {r.reason}")
-            continue
-        shapes = ", ".join(f"{k}={v}" for k, v in r.shapes.items())
-        table = Table(title=f"{name}: {r.threads} threads, optimizations {r.opt_level}, {shapes}", title_justify="left")
-        table.add_column("metric")
-        table.add_column("before", justify="right")
-        if r.after is not None:
-            table.add_column("after", justify="right")
-            table.add_column("change", justify="right")
-        b, a = r.before, r.after
-        rows: list[tuple[str, str, str, str]] = []
-        if r.speedup is not None:
-            colour = {"faster": "green", "slower": "red"}.get(r.verdict, "dim")
-            spread = f"{r.speedup_low:.2f}–{r.speedup_high:.2f}×"
-            headline = f"[{colour}]{r.speedup:.2f}× {r.verdict}[/] ({spread})"
-        else:
-            headline = ""
-        rows.append(("median latency", _ms(b, "median_ms"), _ms(a, "median_ms"), headline))
-        for label, attr in (("p90 latency", "p90_ms"), ("IQR", "iqr_ms")):
-            rows.append((label, _ms(b, attr), _ms(a, attr), _change_ms(getattr(b, attr, None), getattr(a, attr, None))))
-        if b is not None and b.peak_rss_bytes is not None:
-            rows.append(("peak RSS", _mib(b.peak_rss_bytes), _mib(a.peak_rss_bytes if a else None),
-                         _change_bytes(b.peak_rss_bytes, a.peak_rss_bytes if a else None)))
-            rows.append(("RSS over baseline", _mib(_over_baseline(b)), _mib(_over_baseline(a)),
-                         _change_bytes(_over_baseline(b), _over_baseline(a))))
-        if b is not None and b.peak_device_bytes is not None:
-            rows.append(("device memory", _mib(b.peak_device_bytes), _mib(a.peak_device_bytes if a else None),
-                         _change_bytes(b.peak_device_bytes, a.peak_device_bytes if a else None)))
-        for row in rows:
-            table.add_row(*(row if r.after is not None else row[:2]))
-        runs = b.runs if b is not None else 0
-        table.caption = "; ".join([f"{runs} interleaved rounds"] + list(r.notes))
-        console.print(table)
