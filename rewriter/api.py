@@ -30,6 +30,7 @@ from rewriter.measure.accept import accept
 from rewriter.measure.bench import BenchOptions, bench_models
 from rewriter.measure.section import BenchmarkSection, BenchReport, static_section
 from rewriter.options import PROVEN, Options
+from rewriter.prove.gate import check_writable
 from rewriter.prove.result import VerificationResult
 from rewriter.prove.rollback import prove
 from rewriter.prove.verify import VerifyOptions, verify_models
@@ -54,8 +55,15 @@ class Result:
         return bool(self.report.applied)
 
     def save(self, path: str | Path, *, overwrite_input: bool = False) -> Report:
-        """Write the model atomically (external data beside it); returns the report with ``output`` filled."""
+        """Write the model atomically (external data beside it); returns the report with ``output`` filled.
+
+        A rewritten model is written only if it passes onnx.checker and loads in onnxruntime
+        (VerificationError otherwise, nothing written)."""
         out = check_output_path(path, input_path=self.source.path, overwrite_input=overwrite_input)
+        if self.modified:
+            verified = self.report.sections.get("verification")
+            check_writable(self.model, self.source.model, self.source.base_dir,
+                           loads=isinstance(verified, VerificationResult) and verified.passed)
         written = save_model(self.model, out, source=self.source, overwrite_input=overwrite_input)
         return self.report.with_output(summarize(self.model, written, file_sha256(written)))
 

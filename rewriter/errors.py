@@ -12,12 +12,18 @@ __all__ = [
     "EXIT_VERIFY",
     "EXIT_INPUT",
     "EXIT_PLUGIN",
+    "EXIT_INTERNAL",
+    "EXIT_INTERRUPTED",
+    "EXIT_TERMINATED",
 ]
 
 EXIT_OK = 0
 EXIT_VERIFY = 1
 EXIT_INPUT = 2
 EXIT_PLUGIN = 3
+EXIT_INTERNAL = 70  # a bug
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
+EXIT_TERMINATED = 143  # SIGTERM (128 + SIGTERM)
 
 
 class RewriterError(Exception):

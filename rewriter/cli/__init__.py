@@ -7,10 +7,11 @@ from __future__ import annotations
 import sys
 
 from rewriter.cli import cmd_bench, cmd_rewrite, cmd_rules, cmd_verify  # noqa: F401  (registers the commands)
-from rewriter.cli.app import app, run_app
+from rewriter.cli.app import app, install_signal_handlers, run_app
 
 __all__ = ["app", "main", "run_app"]
 
 
 def main() -> None:
+    install_signal_handlers()
     sys.exit(run_app(sys.argv[1:]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import traceback
 from typing import Sequence
@@ -10,7 +11,7 @@ import typer
 from typer.exceptions import Abort, Exit, TyperException
 
 from rewriter import __version__
-from rewriter.errors import EXIT_INPUT, RewriterError
+from rewriter.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, RewriterError
 
 app = typer.Typer(
     name="onnx-rewrite",
@@ -52,19 +53,32 @@ def _route(argv: list[str]) -> list[str]:
     return ["rewrite", *argv]
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds like Ctrl-C, so every temporary folder and staged output is removed."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM unwinds the run (``finally`` blocks and context managers clean up) and exits 143."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
 def run_app(argv: Sequence[str]) -> int:
     """Run the CLI; return the exit code. Tracebacks only with --debug."""
     debug = "--debug" in argv
     argv = _route([a for a in argv if a != "--debug"])
     try:
-        app(args=argv, prog_name="onnx-rewrite", standalone_mode=False)
+        code = app(args=argv, prog_name="onnx-rewrite", standalone_mode=False)
     except RewriterError as exc:
         if debug:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except Exit as exc:
-        return int(exc.exit_code or 0)
+        return _exit(int(exc.exit_code or 0))
     except TyperException as exc:  # usage errors: unknown option, missing argument, bad value
         show = getattr(exc, "show", None)
         if callable(show):
@@ -76,11 +90,20 @@ def run_app(argv: Sequence[str]) -> int:
         print("error: aborted", file=sys.stderr)
         return EXIT_INPUT
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+        return _exit(EXIT_INTERRUPTED)
+    except Terminated:
+        print("error: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
     except Exception as exc:  # a bug: one line unless --debug
         if debug:
             traceback.print_exc()
         print(f"internal error: {type(exc).__name__}: {exc} (run with --debug for a traceback)", file=sys.stderr)
-        return 70
-    return 0
+        return EXIT_INTERNAL
+    # Without standalone mode typer returns the exit code it made of a Ctrl-C instead of raising.
+    return _exit(code if isinstance(code, int) else 0)
+
+
+def _exit(code: int) -> int:
+    if code == EXIT_INTERRUPTED:
+        print("error: interrupted", file=sys.stderr)
+    return code

@@ -21,6 +21,18 @@ def default_output(model: Path) -> Path:
     return model.with_name(f"{name}.rewritten.onnx")
 
 
+def _distinct(paths: dict[str, Path | None]) -> None:
+    """No two of the input, the output and the reports may be one file (a report would replace the model)."""
+    seen: dict[Path, str] = {}
+    for flag, path in paths.items():
+        if path is None:
+            continue
+        key = path.resolve()
+        if key in seen:
+            raise InputError(f"{seen[key]} and {flag} name the same file '{path}'; give each its own path")
+        seen[key] = flag
+
+
 @app.command("rewrite")
 def rewrite_cmd(
     model: Path = typer.Argument(..., help="The ONNX model to rewrite (never modified).", show_default=False),
@@ -56,6 +68,7 @@ def rewrite_cmd(
     if not model.exists():
         raise InputError(f"cannot read model '{model}': no such file")
     out_path = None if dry_run else check_output_path(output or default_output(model), input_path=model.resolve(), overwrite_input=overwrite)
+    _distinct({"MODEL": model, "-o": out_path, "--report": report, "--report-md": report_md})
     for extra in (report, report_md):
         if extra is not None:
             check_output_path(extra, input_path=model.resolve())

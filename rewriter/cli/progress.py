@@ -30,6 +30,8 @@ class StepProgress:
             TimeElapsedColumn(),
             console=console,
             transient=True,
+            # Piped or redirected stderr gets no bar: a log is no place for redraws.
+            disable=not console.is_terminal,
         )
         self._first = first
         self._task: TaskID | None = None
