@@ -110,12 +110,27 @@ def test_shape_rejected_by_the_original_is_reported() -> None:
     assert rejected["shapes"] == {"x": [1]} and rejected["error"]
 
 
-def test_every_shape_rejected_by_the_original_skips() -> None:
-    result = verify_models(reshape_model([2, -1]), reshape_model([2, -1]), CPU)  # n = 1, 3: both odd
+def test_shapes_that_run_are_searched_for() -> None:
+    """Reshape [2, -1] needs an even n; the defaults 1, 3 are odd: the least even values are found."""
+    result = verify_models(reshape_model([2, -1]), reshape_model([2, -1]), CPU)
+    cpu = result.providers["cpu"]
+    assert result.passed and cpu.shapes == [{"x": [2]}, {"x": [4]}]
+    assert list(result.shape_search) == ["n (x:0)"] and result.shape_search["n (x:0)"].startswith("minimum that runs: 2 (the default shapes failed: ")
+    assert result.to_json()["shape_search"] == result.shape_search
+
+
+def test_every_user_shape_rejected_by_the_original_skips() -> None:
+    opts = VerifyOptions(providers=("cpu",), shape_overrides={("x", 0): [1, 3]})  # the user's odd values are kept
+    result = verify_models(reshape_model([2, -1]), reshape_model([2, -1]), opts)
     cpu = result.providers["cpu"]
     assert cpu.status == "skipped" and cpu.reason.startswith("no input shape ran on the original: ")
-    assert len(cpu.rejected_shapes) == 2
+    assert len(cpu.rejected_shapes) == 2 and not result.shape_search
     assert not result.passed  # nothing was proven
+
+
+def test_no_shape_up_to_the_cap_is_an_input_error() -> None:
+    with pytest.raises(InputError, match=r"no input shape up to 65536 per dynamic dim runs on the original: .*--shape"):
+        verify_models(reshape_model([1 << 17, -1]), reshape_model([1 << 17, -1]), CPU)
 
 
 def test_shape_rejected_only_by_the_rewritten_model_fails() -> None:

@@ -23,6 +23,8 @@ __all__ = [
     "input_specs",
     "parse_shape_overrides",
     "shape_sets",
+    "DimPlan",
+    "dim_plan",
     "make_feeds",
     "load_npz_feeds",
     "BFLOAT16",
@@ -124,6 +126,43 @@ Var = object
 """A dynamic-dim variable: its symbolic name, or (input, axis) for an anonymous dynamic dim."""
 
 
+@dataclass(frozen=True)
+class DimPlan:
+    """The dynamic dims of a model's inputs as variables: ``layout`` per input holds an int per
+    static dim and the variable of each dynamic one; ``values`` the values each variable takes
+    (one per run, shorter lists cycle); ``given`` the variables the user set (``--shape``)."""
+
+    layout: dict[str, list[object]]
+    values: dict[Var, list[int]]
+    given: frozenset[Var]
+
+    @property
+    def variables(self) -> list[Var]:
+        return list(dict.fromkeys(e for entries in self.layout.values() for e in entries if not isinstance(e, int)))
+
+    def shapes(self, assignment: Mapping[Var, int]) -> dict[str, tuple[int, ...]]:
+        """Input shapes with each variable at ``assignment[var]``."""
+        return {name: tuple(e if isinstance(e, int) else int(assignment[e]) for e in entries) for name, entries in self.layout.items()}
+
+    def runs(self) -> list[dict[str, tuple[int, ...]]]:
+        used = self.variables
+        n_runs = max((len(self.values[v]) for v in used), default=1)
+        return [self.shapes({v: self.values[v][i % len(self.values[v])] for v in used}) for i in range(n_runs)]
+
+
+def dim_plan(
+    specs: Sequence[InputSpec],
+    overrides: Mapping[tuple[str, int], Sequence[int]] | None = None,
+    defaults: Sequence[int] = (1, 3),
+) -> DimPlan:
+    """The :class:`DimPlan` of ``specs``: overridden variables take the user's values, the others
+    ``defaults`` (see :func:`shape_sets`)."""
+    var_values = _overridden_vars(specs, overrides or {})
+    given = frozenset(var_values)
+    layout = _layout(specs, var_values, defaults)
+    return DimPlan(layout, var_values, given)
+
+
 def shape_sets(
     specs: Sequence[InputSpec],
     overrides: Mapping[tuple[str, int], Sequence[int]] | None = None,
@@ -137,14 +176,7 @@ def shape_sets(
     name are one variable: they always take the same value, and an override on any of them
     applies to all. Static dims are fixed (overriding one with another value is an error).
     """
-    var_values = _overridden_vars(specs, overrides or {})
-    layout = _layout(specs, var_values, defaults)
-    used = {e for entries in layout.values() for e in entries if not isinstance(e, int)}
-    n_runs = max((len(var_values[v]) for v in used), default=1)
-    return [
-        {name: tuple(e if isinstance(e, int) else var_values[e][i % len(var_values[e])] for e in entries) for name, entries in layout.items()}
-        for i in range(n_runs)
-    ]
+    return dim_plan(specs, overrides, defaults).runs()
 
 
 def _overridden_vars(specs: Sequence[InputSpec], overrides: Mapping[tuple[str, int], Sequence[int]]) -> dict[Var, list[int]]:

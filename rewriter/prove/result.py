@@ -51,6 +51,7 @@ class VerificationResult:
 
     passed: bool
     providers: dict[str, ProviderResult]
+    shape_search: dict[str, str] = field(default_factory=dict)  # dim -> why its values were searched for
 
     def __bool__(self) -> bool:
         return self.passed
@@ -63,7 +64,10 @@ class VerificationResult:
         return None
 
     def to_json(self) -> dict[str, Any]:
-        return {"passed": self.passed, "providers": {k: v.to_json() for k, v in self.providers.items()}}
+        out: dict[str, Any] = {"passed": self.passed, "providers": {k: v.to_json() for k, v in self.providers.items()}}
+        if self.shape_search:
+            out["shape_search"] = dict(self.shape_search)
+        return out
 
     def render(self, console: Any, *, verbose: bool = False) -> None:
         """One row per provider and an overall verdict on a rich Console."""
@@ -72,6 +76,7 @@ class VerificationResult:
     def to_markdown(self) -> str:
         lines = [
             f"**{'equivalent' if self.passed else 'not verified'}**",
+            *[f"- `{dim}`: {why}" for dim, why in self.shape_search.items()],
             "",
             "| provider | status | shapes | max abs | max rel | tolerance | reason |",
             "|---|---|---|---|---|---|---|",
@@ -114,6 +119,8 @@ def _render(result: VerificationResult, console: Any) -> None:
             _fmt_num(r.max_abs), _fmt_num(r.max_rel), tol,
         )
     console.print(table)
+    for dim, why in result.shape_search.items():
+        console.print(Text(f"  {dim}: {why}"))
     for line in reasons:  # long ORT/CUDA reasons read better as lines than as a folded column
         console.print(Text(f"  {line}"))
     console.print("[green]equivalent[/]" if result.passed else "[bold red]not verified[/]")

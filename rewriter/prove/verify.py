@@ -21,7 +21,8 @@ import onnxruntime as ort
 from rewriter.errors import InputError
 from rewriter.ort import ORT_ERRORS, RUN_OPTIONS, ModelSource, SessionError, cuda_status, first_line, make_session, model_source, parse_providers
 from rewriter.prove.compare import OutputDiff, compare_arrays, merge, noise as measure_noise, tolerance_for
-from rewriter.prove.inputs import BFLOAT16, InputSpec, input_specs, load_npz_feeds, make_feeds, shape_sets
+from rewriter.prove.inputs import BFLOAT16, InputSpec, dim_plan, input_specs, load_npz_feeds, make_feeds, shape_sets
+from rewriter.prove.search import MAX_DIM, find_runnable
 from rewriter.prove.result import ProviderResult, VerificationResult, format_shapes
 
 __all__ = ["VerifyOptions", "verify_models", "resolve_providers"]
@@ -219,20 +220,11 @@ def verify_models(
     specs = _check_interface(orig.proto, rew.proto)
     providers = resolve_providers(options.providers)
 
-    feed_sets: list[dict[str, np.ndarray]]
-    if options.inputs_npz is not None:
-        feeds = load_npz_feeds(options.inputs_npz)
-        _check_feeds(specs, feeds)
-        feed_sets = [feeds]
-    else:
-        feed_sets = [
-            make_feeds(specs, s, seed=options.seed, input_range=options.input_range)
-            for s in shape_sets(specs, options.shape_overrides)
-        ]
-
     cpu_orig = _Lazy(orig, "cpu")
-    if cpu_orig.get() is None:
+    cpu_sess = cpu_orig.get()
+    if cpu_sess is None:
         raise InputError(f"the original model does not load on onnxruntime: {cpu_orig.error}")
+    feed_sets, shape_notes = _feed_sets(specs, options, lambda feeds: _run(cpu_sess, orig, feeds))
     reference: dict[int, dict[str, np.ndarray] | str] = {}  # original on CPU, per run; str = error
 
     def ref_outputs(i: int) -> dict[str, np.ndarray] | str:
@@ -251,7 +243,36 @@ def verify_models(
         results[name] = _verify_provider(name, orig, rew, cpu_orig, feed_sets, ref_outputs, options, progress)
     statuses = [r.status for r in results.values()]
     passed = "failed" not in statuses and "passed" in statuses
-    return VerificationResult(passed, results)
+    return VerificationResult(passed, results, shape_notes)
+
+
+def _feed_sets(
+    specs: Sequence[InputSpec], options: VerifyOptions, run_original: Callable[[dict[str, np.ndarray]], object]
+) -> tuple[list[dict[str, np.ndarray]], dict[str, str]]:
+    """The inputs to verify with: the user's file, or random inputs at shapes that run on the
+    original (searched for when the default shapes do not), and why any dim was changed."""
+    if options.inputs_npz is not None:
+        feeds = load_npz_feeds(options.inputs_npz)
+        _check_feeds(specs, feeds)
+        return [feeds], {}
+
+    def feeds_at(shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+        return make_feeds(specs, shapes, seed=options.seed, input_range=options.input_range)
+
+    def probe(shapes: dict[str, tuple[int, ...]]) -> str | None:
+        try:
+            run_original(feeds_at(shapes))
+        except (*ORT_ERRORS, InputError) as exc:
+            return first_line(exc)
+        return None
+
+    search = find_runnable(dim_plan(specs, options.shape_overrides), probe)
+    # Nothing ran although some dim was free to search: no shape to verify at. (When the user
+    # set every dynamic dim, verification runs at their shapes and reports what the original refused.)
+    if search.error is not None and any(v not in search.plan.given for v in search.plan.variables):
+        raise InputError(f"no input shape up to {MAX_DIM} per dynamic dim runs on the original: {search.error}; "
+                         "give shapes it accepts with --shape NAME:AXIS=V,V")
+    return [feeds_at(s) for s in search.runs], search.reasons
 
 
 @dataclass
