@@ -21,7 +21,7 @@ import onnx_graphsurgeon as gs
 from rewriter.engine.graph import static_shape
 from rewriter.engine.pattern import Match, OpPat, PatternBuilder
 from rewriter.engine.rule import CheckResult, RewriteBuilder, Rule, fail, ok, skip
-from rewriter.rules._layout import (
+from rewriter.ruletools.layout import (
     ELEMENTWISE_OPS,
     claim,
     dtype_name,

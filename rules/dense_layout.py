@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 from rewriter.engine.graph import producer
 from rewriter.engine.pattern import Match, OpPat, PatternBuilder
 from rewriter.engine.rule import CheckResult, RewriteBuilder, Rule, fail, ok, skip
-from rewriter.rules._layout import UNARY_OPS, claim, int_list, node_axes, rank_of, single_consumer
+from rewriter.ruletools.layout import UNARY_OPS, claim, int_list, node_axes, rank_of, single_consumer
 
 __all__ = ["FlattenOfUnitAxes", "TransposeIntoGemmWeight", "TransposeIntoMatMulWeight", "RULES"]
 

@@ -21,14 +21,14 @@ A kernel of size 1 on a spatial size of 1 is both pointwise and full span; this 
 leaves it to the pointwise rules (``spatial size 1`` near miss). Method 1 (rules/method1.py)
 is the same proof with every axis of X but the last as rows.
 
-The shared base :class:`ConvSpanRule` lives in rules/_span.py (method 1 uses it too). The
+The shared base :class:`ConvSpanRule` lives in rewriter/ruletools/span.py (method 1 uses it too). The
 bigger chain rules carry a higher benefit, and the driver applies the highest-benefit match
 of a sweep first, so a Conv -> Flatten chain becomes one Gemm, not a Gemm plus a Reshape.
 """
 
 from __future__ import annotations
 
-from rewriter.rules._span import ConvSpanRule
+from rewriter.ruletools.span import ConvSpanRule
 
 __all__ = [
     "FullSpanConvToGemm",

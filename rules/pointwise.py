@@ -38,7 +38,7 @@ import onnx_graphsurgeon as gs
 from rewriter.engine.graph import producer
 from rewriter.engine.pattern import Match, OpPat, Pattern, PatternBuilder
 from rewriter.engine.rule import CheckResult, RewriteBuilder, Rule, fail, ok, skip
-from rewriter.rules._layout import (
+from rewriter.ruletools.layout import (
     T1,
     TF_CF,
     TF_CL,

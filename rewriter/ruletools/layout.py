@@ -1,4 +1,5 @@
-"""Helpers shared by the pointwise, reverse and cleanup families (private: exports no rules).
+"""Layout tracking shared by the pointwise, reverse, dense_layout and cleanup families (part of
+the public rule toolkit; it exports no rules).
 
 The layout chains: a channels-first tensor (B, C, L) that is ``Transpose(0,2,1)`` of a
 channels-last one, seen through elementwise ops and pointwise convs, can be rebuilt on the
