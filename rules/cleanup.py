@@ -18,9 +18,18 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from rewriter.engine.graph import static_shape
-from rewriter.engine.pattern import Match, OpPat, PatternBuilder
-from rewriter.engine.rule import CheckResult, RewriteBuilder, Rule, fail, ok, skip
+from rewriter.ruletools import (
+    CheckResult,
+    Match,
+    OpPat,
+    PatternBuilder,
+    RewriteBuilder,
+    Rule,
+    fail,
+    ok,
+    skip,
+    static_shape,
+)
 from rewriter.ruletools.layout import (
     ELEMENTWISE_OPS,
     claim,

@@ -35,9 +35,19 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from rewriter.engine.graph import producer
-from rewriter.engine.pattern import Match, OpPat, Pattern, PatternBuilder
-from rewriter.engine.rule import CheckResult, RewriteBuilder, Rule, fail, ok, skip
+from rewriter.ruletools import (
+    CheckResult,
+    Match,
+    OpPat,
+    Pattern,
+    PatternBuilder,
+    RewriteBuilder,
+    Rule,
+    fail,
+    ok,
+    producer,
+    skip,
+)
 from rewriter.ruletools.layout import (
     T1,
     TF_CF,

@@ -15,8 +15,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from rewriter.engine.pattern import Match, OpPat, PatternBuilder
-from rewriter.engine.rule import CheckResult, RewriteBuilder, Rule, fail, ok, skip
+from rewriter.ruletools import CheckResult, Match, OpPat, PatternBuilder, RewriteBuilder, Rule, fail, ok, skip
 from rewriter.ruletools.layout import applies, channel_vector, dtype_reason, rank_of, squeeze, unsqueeze
 
 __all__ = ["MatMulAddToConv1x1", "MatMulToConv1x1", "GemmToConv1x1", "RULES"]

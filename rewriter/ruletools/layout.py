@@ -24,6 +24,8 @@ from rewriter.engine.rule import CheckResult, RewriteBuilder, Rule, ok
 
 __all__ = [
     "FLOAT_DTYPES",
+    "UNARY_OPS",
+    "BINARY_OPS",
     "ELEMENTWISE_OPS",
     "T1",
     "dtype_name",
@@ -42,6 +44,7 @@ __all__ = [
     "single_consumer",
     "elementwise_reason",
     "tf_conv_unit",
+    "transpose_below",
     "Chain",
     "walk_back",
     "rebuild",
