@@ -75,6 +75,7 @@ class TransposePairFold(_Cleanup):
 
     def rewrite(self, b: RewriteBuilder, m: Match) -> gs.Tensor:
         p, q = int_list(m.attr("inner", "perm")), int_list(m.attr("outer", "perm"))
+        assert p is not None and q is not None  # the pattern requires both perms
         perm = [p[i] for i in q]
         if perm == sorted(perm):
             return m["x"]
@@ -119,6 +120,7 @@ class TransposeFoldElementwise(_Cleanup):
         assert chain is not None
         y = rebuild(b, m, chain)
         q = int_list(m.attr("outer", "perm"))
+        assert q is not None  # the pattern requires the perm
         perm = [chain.perm[i] for i in q]
         return y if perm == sorted(perm) else b.transpose(y, perm, dtype=y.dtype)
 
@@ -136,6 +138,7 @@ class ReshapePairFold(_Cleanup):
 
     def check(self, m: Match) -> CheckResult:
         s2 = int_list(m.value("s2"))
+        assert s2 is not None  # s2 is a constant: a non-constant is a soft failure, checked first
         if int(m.attr("outer", "allowzero", 0)) == 1:
             return ok()
         s1 = int_list(m.model.constant(m["s1"]))

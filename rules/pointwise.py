@@ -141,8 +141,9 @@ def _tf_axes_check(m: Match, wanted: tuple) -> CheckResult:
         return fail("Unsqueeze does not add exactly one known axis", m["unsq"])
     a = axes[0] + 4 if axes[0] < 0 else axes[0]
     labels = [0, 1, 2][:a] + ["n"] + [0, 1, 2][a:]
-    if "t_in" in m.nodes:
-        labels = [labels[i] for i in int_list(m.attr("t_in", "perm"))]
+    perm = int_list(m.attr("t_in", "perm")) if "t_in" in m.nodes else None
+    if perm is not None:  # the pattern requires a perm on t_in
+        labels = [labels[i] for i in perm]
     if labels not in [list(w) for w in wanted]:
         return fail("Conv input is not (B, C, 1, L) built from a rank-3 tensor", m["conv"])
     s_axes = node_axes(m.model, m["sq"])
@@ -247,7 +248,8 @@ class Tf2onnxInConv1x1ToMatMul(_Pointwise):
         u = producer(m["u"])
         assert u is not None  # the pattern matched an op there
         if single_consumer(m["u"], m.graph) is m["conv"]:  # else the layout ops stay for their other readers
-            feeder = producer(u.inputs[0]) if kind == "cl" and single_consumer(u.inputs[0], m.graph) is u else None
+            u_in: gs.Tensor = u.inputs[0]
+            feeder = producer(u_in) if kind == "cl" and single_consumer(u_in, m.graph) is u else None
             claim(m, [u] + ([feeder] if feeder is not None else []))
         return ok()
 

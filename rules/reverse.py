@@ -83,6 +83,7 @@ class MatMulAddToConv1x1(_Reverse):
         if not res:
             return res
         rank, n = rank_of(m["x"]), int(m["w"].shape[1])
+        assert rank is not None  # site_check refused an unknown rank
         if channel_vector(m.value("b"), n, rank, rank - 1) is None:
             return fail(f"bias of shape {list(np.asarray(m.value('b')).shape)} is not a per-output-channel vector", m["add"])
         return ok()
@@ -90,6 +91,7 @@ class MatMulAddToConv1x1(_Reverse):
     def rewrite(self, b: RewriteBuilder, m: Match) -> gs.Tensor:
         w = np.asarray(m.value("w"))
         rank = rank_of(m["x"])
+        assert rank is not None  # check() refused an unknown rank
         bias = channel_vector(m.value("b"), w.shape[1], rank, rank - 1)
         return self.conv(b, m, m["x"], w.T, bias, m["add"].outputs[0])
 
@@ -152,6 +154,7 @@ class GemmToConv1x1(_Reverse):
         bias = None
         if "c" in m:
             bias = channel_vector(m.value("c"), w_nk.shape[0], 2, 1)
+            assert bias is not None  # check() refused a C that is not a per-column vector
             if beta != 1.0:
                 bias = (bias * beta).astype(w.dtype)
         return self.conv(b, m, m["x"], w_nk, bias, gemm.outputs[0])
