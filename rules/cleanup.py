@@ -32,7 +32,6 @@ from rewriter.ruletools import (
 )
 from rewriter.ruletools.layout import (
     ELEMENTWISE_OPS,
-    claim,
     dtype_name,
     dtype_reason,
     int_list,
@@ -112,7 +111,7 @@ class TransposeFoldElementwise(_Cleanup):
         chain = walk_back(m["outer"].inputs[0], m, perm=None, convs=False)
         if chain is None:
             return skip("no Transpose above it through single-consumer elementwise ops", m["outer"])
-        claim(m, chain.nodes)
+        m.claim(*chain.nodes)  # dead once the chain is rebuilt
         return ok()
 
     def rewrite(self, b: RewriteBuilder, m: Match) -> gs.Tensor:

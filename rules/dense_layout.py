@@ -18,7 +18,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from rewriter.ruletools import CheckResult, Match, OpPat, PatternBuilder, RewriteBuilder, Rule, fail, ok, producer, skip
-from rewriter.ruletools.layout import UNARY_OPS, claim, int_list, node_axes, rank_of, single_consumer
+from rewriter.ruletools.layout import UNARY_OPS, int_list, node_axes, rank_of, single_consumer
 
 __all__ = ["FlattenOfUnitAxes", "TransposeIntoGemmWeight", "TransposeIntoMatMulWeight", "RULES"]
 
@@ -117,7 +117,7 @@ class _TransposeIntoWeight(_DenseLayout):
         rows = int(w.shape[1]) if self.dense_op == "Gemm" and int(dense.attrs.get("transB", 0)) else int(w.shape[0])
         if rows != k:
             return fail(f"weight reads {rows} features, the Flatten gives {k}", dense)
-        claim(m, [tr, *found[1]])  # rebuilt by this rewrite: no other rule may use them this sweep
+        m.claim(tr, *found[1])  # rebuilt by this rewrite: no other rule may use them this sweep
         return ok()
 
     def rewrite(self, b: RewriteBuilder, m: Match) -> gs.Tensor:

@@ -54,7 +54,6 @@ from rewriter.ruletools.layout import (
     TF_CL,
     Chain,
     channel_vector,
-    claim,
     conv_matmul,
     first_failure,
     int_list,
@@ -127,10 +126,10 @@ class _Pointwise(Rule):
         return rebuild(b, m, chain) if chain is not None else self.transposed(b, y)
 
     def find_chain(self, m: Match, y: gs.Tensor) -> Chain | None:
-        """The channels-last chain ending in y; its nodes are claimed (see ``claim``)."""
+        """The channels-last chain ending in y; its nodes are claimed (see ``Match.claim``)."""
         chain = walk_back(y, m)
         if chain is not None:
-            claim(m, chain.nodes)
+            m.claim(*chain.nodes)
         return chain
 
 
@@ -250,7 +249,7 @@ class Tf2onnxInConv1x1ToMatMul(_Pointwise):
         if single_consumer(m["u"], m.graph) is m["conv"]:  # else the layout ops stay for their other readers
             u_in: gs.Tensor = u.inputs[0]
             feeder = producer(u_in) if kind == "cl" and single_consumer(u_in, m.graph) is u else None
-            claim(m, [u] + ([feeder] if feeder is not None else []))
+            m.claim(u, *([feeder] if feeder is not None else []))
         return ok()
 
     def rewrite(self, b: RewriteBuilder, m: Match) -> gs.Tensor:

@@ -48,7 +48,6 @@ __all__ = [
     "Chain",
     "walk_back",
     "rebuild",
-    "claim",
     "conv_matmul",
     "TF_CL",
     "TF_CF",
@@ -302,7 +301,11 @@ def transpose_below(t: gs.Tensor, m: Match) -> bool:
 
 @dataclass
 class Chain:
-    """``end`` == Transpose(source, perm) seen through ``steps`` (forward order)."""
+    """``end`` == Transpose(source, perm) seen through ``steps`` (forward order).
+
+    ``nodes`` are read by the chain alone, so they die once its end is replaced: a check that
+    rebuilds the chain claims them (``m.claim(*chain.nodes)``).
+    """
 
     source: gs.Tensor
     perm: list[int]
@@ -367,18 +370,6 @@ def walk_back(t: gs.Tensor, m: Match, *, perm: Sequence[int] | None = T1, convs:
 def _const_rank(model: ModelGraph, node: gs.Node) -> int:
     c = model.constant(node.inputs[1])
     return 0 if c is None else c.ndim
-
-
-def claim(m: Match, nodes: Sequence[gs.Node]) -> None:
-    """Count walked nodes as part of the match, so the driver treats them as consumed.
-
-    Only nodes whose outputs are read by the chain alone are walked (see :func:`walk_back`),
-    so they die with the rewrite; claiming them stops another rule of the same sweep from
-    rewriting what is about to become dead code.
-    """
-    for n in nodes:
-        if not any(n is k for k in m.matched):
-            m.matched.append(n)
 
 
 def conv_matmul(b: RewriteBuilder, m: Match, x: gs.Tensor, conv: gs.Node, extra_bias: np.ndarray | None = None) -> gs.Tensor:
