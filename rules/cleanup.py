@@ -54,6 +54,7 @@ __all__ = [
 
 
 class _Cleanup(Rule):
+    family = "cleanup"
     direction = "cleanup"
     default = True
 

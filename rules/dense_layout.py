@@ -24,6 +24,7 @@ __all__ = ["FlattenOfUnitAxes", "TransposeIntoGemmWeight", "TransposeIntoMatMulW
 
 
 class _DenseLayout(Rule):
+    family = "dense_layout"
     direction = "cleanup"
     default = True
 

@@ -39,6 +39,7 @@ __all__ = [
 
 
 class _Method1(ConvSpanRule):
+    family = "method1"
     rows_from_last = True
 
 

@@ -97,6 +97,7 @@ def _spatial(n: int):  # type: ignore[no-untyped-def]
 class _Pointwise(Rule):
     """Shared checks and builders of the pointwise family."""
 
+    family = "pointwise"
     direction = "to-matmul"
     rank = 3
 

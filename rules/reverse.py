@@ -24,6 +24,7 @@ _T1 = [0, 2, 1]
 
 
 class _Reverse(Rule):
+    family = "reverse"
     direction = "to-conv"
     default = False
 
