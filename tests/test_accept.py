@@ -42,17 +42,33 @@ def _registry(*classes: type) -> Registry:
 
 
 def _timing(ms: float) -> ModelTiming:
-    return ModelTiming(median_ms=ms, p90_ms=ms * 1.1, iqr_ms=ms * 0.05, runs=10, peak_rss_bytes=100 << 20,
-                       peak_device_bytes=None, baseline_rss_bytes=60 << 20)  # fmt: skip
+    return ModelTiming(
+        median_ms=ms,
+        p90_ms=ms * 1.1,
+        iqr_ms=ms * 0.05,
+        runs=10,
+        peak_rss_bytes=100 << 20,
+        peak_device_bytes=None,
+        baseline_rss_bytes=60 << 20,
+    )
 
 
 def _bench(speedup: float, verdict: str, provider: str = "cpu") -> ProviderBench:
     return ProviderBench(
-        provider=provider, status="measured", reason="", before=_timing(1.0), after=_timing(1.0 / speedup),
-        speedup=speedup, speedup_low=speedup * 0.95, speedup_high=speedup * 1.05,
-        significant=verdict != "no measurable change", verdict=verdict, threads=2, opt_level="all",
+        provider=provider,
+        status="measured",
+        reason="",
+        before=_timing(1.0),
+        after=_timing(1.0 / speedup),
+        speedup=speedup,
+        speedup_low=speedup * 0.95,
+        speedup_high=speedup * 1.05,
+        significant=verdict != "no measurable change",
+        verdict=verdict,
+        threads=2,
+        opt_level="all",
         shapes={"x": [4, 8]},
-    )  # fmt: skip
+    )
 
 
 class FakeBench:
@@ -85,14 +101,28 @@ def _run(fake, *, keep_slower=False, verify_options=None, rules=(GemmFamily, Rel
     out, dres = rewrite_model(loaded, selected)
     records = [RewriteRecord(s.rule, s.nodes, "applied") for s in dres.applied]
     return measure_and_accept(
-        loaded, selected, out, records, BenchOptions(runs=5, measure_memory=False),
-        keep_slower=keep_slower, verify_options=verify_options, bench_fn=fake,
-    )  # fmt: skip
+        loaded,
+        selected,
+        out,
+        records,
+        BenchOptions(runs=5, measure_memory=False),
+        keep_slower=keep_slower,
+        verify_options=verify_options,
+        bench_fn=fake,
+    )
 
 
-def test_family_is_the_rule_module():
+def test_family_is_the_declared_family():
     assert rule_family(GemmFamily()) == "gemmish"
     assert rule_family(ReluFamily()) == "relus"
+    # The module no longer decides: one that looks like a family module does not change it.
+    moved = type("Moved", (GemmFamily,), {"__module__": "rewriter.rules.pointwise"})
+    assert rule_family(moved()) == "gemmish"
+
+
+def test_rule_without_a_family_is_its_own_family():
+    assert rule_family(DoubleReluToRelu()) == "test-double-relu"
+    assert rule_family(MatMulBiasToGemmTest()) == "test-matmul-gemm"
 
 
 def test_slower_family_is_rejected_with_the_measured_reason():
@@ -175,9 +205,12 @@ def test_real_measurement_smoke(tmp_path):
     path = tmp_path / "m.onnx"
     onnx.save(_model(), path)
     result = rewriter.optimize(
-        str(path), registry=_registry(ReluFamily), verify_options=VerifyOptions(providers=("cpu",)),
-        bench=True, bench_options=BenchOptions(runs=5, warmup=1),
-    )  # fmt: skip
+        str(path),
+        registry=_registry(ReluFamily),
+        verify_options=VerifyOptions(providers=("cpu",)),
+        bench=True,
+        bench_options=BenchOptions(runs=5, warmup=1),
+    )
     report = result.report.to_json()
     assert set(report["benchmark"]) == {"cpu"}
     cpu = report["benchmark"]["cpu"]

@@ -163,9 +163,14 @@ def test_second_run_reads_the_cache_and_no_cache_measures_again(tmp_path):
     tuned(transposed_model(), stub(2.0, 1.0, calls), tmp_path, use_cache=False)
     assert len(calls) == 2
     # Other shapes are another key.
-    rewriter.optimize(transposed_model(), tune=True, verify_options=CPU, bench=False,
-                      bench_options=BenchOptions(runs=5, shapes={"x": (2, 6, 8)}),
-                      tune_options=TuneOptions(cache=tmp_path / "tuning.json", timer=stub(2.0, 1.0, calls)))  # fmt: skip
+    rewriter.optimize(
+        transposed_model(),
+        tune=True,
+        verify_options=CPU,
+        bench=False,
+        bench_options=BenchOptions(runs=5, shapes={"x": (2, 6, 8)}),
+        tune_options=TuneOptions(cache=tmp_path / "tuning.json", timer=stub(2.0, 1.0, calls)),
+    )
     assert len(calls) == 3
 
 
@@ -229,8 +234,22 @@ def test_cli_tune_on_a_tiny_model(tmp_path, capsys):
     model.graph.node[1].input[0] = "x_id"
     src, report = tmp_path / "m.onnx", tmp_path / "r.json"
     onnx.save(model, src)
-    code = run_app([str(src), "--tune", "--bench-runs", "5", "--providers", "cpu", "--cache", str(tmp_path / "c.json"),
-                    "--report", str(report), "-o", str(tmp_path / "o.onnx")])  # fmt: skip
+    code = run_app(
+        [
+            str(src),
+            "--tune",
+            "--bench-runs",
+            "5",
+            "--providers",
+            "cpu",
+            "--cache",
+            str(tmp_path / "c.json"),
+            "--report",
+            str(report),
+            "-o",
+            str(tmp_path / "o.onnx"),
+        ]
+    )
     out = capsys.readouterr()
     assert code == 0, out.err
     data = json.loads(report.read_text())
@@ -245,8 +264,9 @@ def test_cli_tune_on_a_tiny_model(tmp_path, capsys):
 
 @pytest.mark.parametrize("name", ["torch/pointnet_cl_ts.onnx", "torch/transpose_idiom_ts.onnx", "keras/method2_tf2onnx.onnx"])
 def test_real_timer_on_a_fixture_makes_a_verified_choice(tmp_path, name):
-    result = rewriter.optimize(FIXTURES / name, tune=True, verify_options=CPU, bench_options=FAST,
-                               tune_options=TuneOptions(cache=tmp_path / "c.json"))  # fmt: skip
+    result = rewriter.optimize(
+        FIXTURES / name, tune=True, verify_options=CPU, bench_options=FAST, tune_options=TuneOptions(cache=tmp_path / "c.json")
+    )
     for site in sites(result):
         assert site["choice"] in site["forms"] and len(site["forms"]) >= 2, site
     if result.report.rewrites:  # tune=True confirms on the whole model
