@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from rewriter.engine.rule import Rule
+from rewriter.ruletools import Rule
 
 __all__ = ["RULES"]
 

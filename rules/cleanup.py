@@ -18,12 +18,20 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from rewriter.engine.graph import static_shape
-from rewriter.engine.pattern import Match, OpPat, PatternBuilder
-from rewriter.engine.rule import CheckResult, RewriteBuilder, Rule, fail, ok, skip
-from rewriter.rules._layout import (
+from rewriter.ruletools import (
+    CheckResult,
+    Match,
+    OpPat,
+    PatternBuilder,
+    RewriteBuilder,
+    Rule,
+    fail,
+    ok,
+    skip,
+    static_shape,
+)
+from rewriter.ruletools.layout import (
     ELEMENTWISE_OPS,
-    claim,
     dtype_name,
     dtype_reason,
     int_list,
@@ -46,6 +54,7 @@ __all__ = [
 
 
 class _Cleanup(Rule):
+    family = "cleanup"
     direction = "cleanup"
     default = True
 
@@ -66,6 +75,7 @@ class TransposePairFold(_Cleanup):
 
     def rewrite(self, b: RewriteBuilder, m: Match) -> gs.Tensor:
         p, q = int_list(m.attr("inner", "perm")), int_list(m.attr("outer", "perm"))
+        assert p is not None and q is not None  # the pattern requires both perms
         perm = [p[i] for i in q]
         if perm == sorted(perm):
             return m["x"]
@@ -102,7 +112,7 @@ class TransposeFoldElementwise(_Cleanup):
         chain = walk_back(m["outer"].inputs[0], m, perm=None, convs=False)
         if chain is None:
             return skip("no Transpose above it through single-consumer elementwise ops", m["outer"])
-        claim(m, chain.nodes)
+        m.claim(*chain.nodes)  # dead once the chain is rebuilt
         return ok()
 
     def rewrite(self, b: RewriteBuilder, m: Match) -> gs.Tensor:
@@ -110,6 +120,7 @@ class TransposeFoldElementwise(_Cleanup):
         assert chain is not None
         y = rebuild(b, m, chain)
         q = int_list(m.attr("outer", "perm"))
+        assert q is not None  # the pattern requires the perm
         perm = [chain.perm[i] for i in q]
         return y if perm == sorted(perm) else b.transpose(y, perm, dtype=y.dtype)
 
@@ -127,6 +138,7 @@ class ReshapePairFold(_Cleanup):
 
     def check(self, m: Match) -> CheckResult:
         s2 = int_list(m.value("s2"))
+        assert s2 is not None  # s2 is a constant: a non-constant is a soft failure, checked first
         if int(m.attr("outer", "allowzero", 0)) == 1:
             return ok()
         s1 = int_list(m.model.constant(m["s1"]))

@@ -17,15 +17,14 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from rewriter.engine.graph import producer
-from rewriter.engine.pattern import Match, OpPat, PatternBuilder
-from rewriter.engine.rule import CheckResult, RewriteBuilder, Rule, fail, ok, skip
-from rewriter.rules._layout import UNARY_OPS, claim, int_list, node_axes, rank_of, single_consumer
+from rewriter.ruletools import CheckResult, Match, OpPat, PatternBuilder, RewriteBuilder, Rule, fail, ok, producer, skip
+from rewriter.ruletools.layout import UNARY_OPS, int_list, node_axes, rank_of, single_consumer
 
 __all__ = ["FlattenOfUnitAxes", "TransposeIntoGemmWeight", "TransposeIntoMatMulWeight", "RULES"]
 
 
 class _DenseLayout(Rule):
+    family = "dense_layout"
     direction = "cleanup"
     default = True
 
@@ -119,7 +118,7 @@ class _TransposeIntoWeight(_DenseLayout):
         rows = int(w.shape[1]) if self.dense_op == "Gemm" and int(dense.attrs.get("transB", 0)) else int(w.shape[0])
         if rows != k:
             return fail(f"weight reads {rows} features, the Flatten gives {k}", dense)
-        claim(m, [tr, *found[1]])  # rebuilt by this rewrite: no other rule may use them this sweep
+        m.claim(tr, *found[1])  # rebuilt by this rewrite: no other rule may use them this sweep
         return ok()
 
     def rewrite(self, b: RewriteBuilder, m: Match) -> gs.Tensor:

@@ -21,14 +21,14 @@ A kernel of size 1 on a spatial size of 1 is both pointwise and full span; this 
 leaves it to the pointwise rules (``spatial size 1`` near miss). Method 1 (rules/method1.py)
 is the same proof with every axis of X but the last as rows.
 
-The shared base :class:`ConvSpanRule` lives in rules/_span.py (method 1 uses it too). The
+The shared base :class:`ConvSpanRule` lives in rewriter/ruletools/span.py (method 1 uses it too). The
 bigger chain rules carry a higher benefit, and the driver applies the highest-benefit match
 of a sweep first, so a Conv -> Flatten chain becomes one Gemm, not a Gemm plus a Reshape.
 """
 
 from __future__ import annotations
 
-from rewriter.rules._span import ConvSpanRule
+from rewriter.ruletools.span import ConvSpanRule
 
 __all__ = [
     "FullSpanConvToGemm",
@@ -40,14 +40,18 @@ __all__ = [
 ]
 
 
-class FullSpanConvToGemm(ConvSpanRule):
+class _FullSpan(ConvSpanRule):
+    family = "fullspan"
+
+
+class FullSpanConvToGemm(_FullSpan):
     """Conv(kernel = spatial size) -> Reshape(Gemm(Flatten(X), W', b), conv output shape)"""
 
     id = "fullspan-conv-to-gemm"
     benefit = 15
 
 
-class FullSpanConvFlattenToGemm(ConvSpanRule):
+class FullSpanConvFlattenToGemm(_FullSpan):
     """Conv(kernel = spatial size) -> [Add] -> Flatten/Reshape(B, N)/Squeeze -> Gemm(Flatten(X), W', b)"""
 
     id = "fullspan-conv-flatten-to-gemm"
@@ -55,7 +59,7 @@ class FullSpanConvFlattenToGemm(ConvSpanRule):
     post = ("L",)
 
 
-class Tf2onnxFullSpanConv1dToGemm(ConvSpanRule):
+class Tf2onnxFullSpanConv1dToGemm(_FullSpan):
     """Unsqueeze -> Transpose -> Conv(k=[1, L]) -> Squeeze -> [Add] -> layout op -> Gemm(Flatten(X), W', b)"""
 
     id = "fullspan-tf2onnx-conv1d-to-gemm"
@@ -64,7 +68,7 @@ class Tf2onnxFullSpanConv1dToGemm(ConvSpanRule):
     post = ("L", "L")
 
 
-class Tf2onnxFullSpanConv1dBiasToGemm(ConvSpanRule):
+class Tf2onnxFullSpanConv1dBiasToGemm(_FullSpan):
     """Unsqueeze -> Transpose -> Conv(k=[1, L]) -> Squeeze -> Add(bias) -> Reshape(Gemm(Flatten(X), W', b))"""
 
     id = "fullspan-tf2onnx-conv1d-bias-to-gemm"
@@ -73,7 +77,7 @@ class Tf2onnxFullSpanConv1dBiasToGemm(ConvSpanRule):
     post = ("L", "+")
 
 
-class Tf2onnxFullSpanConv1dSqueezeToGemm(ConvSpanRule):
+class Tf2onnxFullSpanConv1dSqueezeToGemm(_FullSpan):
     """Unsqueeze -> Transpose -> Conv(k=[1, L]) -> Squeeze -> Reshape(Gemm(Flatten(X), W', b))"""
 
     id = "fullspan-tf2onnx-conv1d-squeeze-to-gemm"

@@ -18,14 +18,14 @@ static shapes from shape inference count as proof too. Anything else is a near m
 "inner Reshape does not flatten X's leading dims ..." or "outer Reshape target not
 provably (B, F, N)" (e.g. a (B*F, N) target or swapped dims).
 
-Conv conditions are those of rules/_span.py (group 1, float dtype, no padding, dilation
+Conv conditions are those of rewriter/ruletools/span.py (group 1, float dtype, no padding, dilation
 1, constant weight/bias, static frame length). L = 1 is handled here too (a dense layer on
 an axis of size 1); a pointwise rule anchored at the Conv may reach it first.
 """
 
 from __future__ import annotations
 
-from rewriter.rules._span import ConvSpanRule
+from rewriter.ruletools.span import ConvSpanRule
 
 __all__ = [
     "ReshapeConvReshapeToMatMul",
@@ -39,6 +39,7 @@ __all__ = [
 
 
 class _Method1(ConvSpanRule):
+    family = "method1"
     rows_from_last = True
 
 

@@ -35,16 +35,25 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from rewriter.engine.graph import producer
-from rewriter.engine.pattern import Match, OpPat, Pattern, PatternBuilder
-from rewriter.engine.rule import CheckResult, RewriteBuilder, Rule, fail, ok, skip
-from rewriter.rules._layout import (
+from rewriter.ruletools import (
+    CheckResult,
+    Match,
+    OpPat,
+    Pattern,
+    PatternBuilder,
+    RewriteBuilder,
+    Rule,
+    fail,
+    ok,
+    producer,
+    skip,
+)
+from rewriter.ruletools.layout import (
     T1,
     TF_CF,
     TF_CL,
     Chain,
     channel_vector,
-    claim,
     conv_matmul,
     first_failure,
     int_list,
@@ -88,6 +97,7 @@ def _spatial(n: int):  # type: ignore[no-untyped-def]
 class _Pointwise(Rule):
     """Shared checks and builders of the pointwise family."""
 
+    family = "pointwise"
     direction = "to-matmul"
     rank = 3
 
@@ -117,10 +127,10 @@ class _Pointwise(Rule):
         return rebuild(b, m, chain) if chain is not None else self.transposed(b, y)
 
     def find_chain(self, m: Match, y: gs.Tensor) -> Chain | None:
-        """The channels-last chain ending in y; its nodes are claimed (see ``claim``)."""
+        """The channels-last chain ending in y; its nodes are claimed (see ``Match.claim``)."""
         chain = walk_back(y, m)
         if chain is not None:
-            claim(m, chain.nodes)
+            m.claim(*chain.nodes)
         return chain
 
 
@@ -131,8 +141,9 @@ def _tf_axes_check(m: Match, wanted: tuple) -> CheckResult:
         return fail("Unsqueeze does not add exactly one known axis", m["unsq"])
     a = axes[0] + 4 if axes[0] < 0 else axes[0]
     labels = [0, 1, 2][:a] + ["n"] + [0, 1, 2][a:]
-    if "t_in" in m.nodes:
-        labels = [labels[i] for i in int_list(m.attr("t_in", "perm"))]
+    perm = int_list(m.attr("t_in", "perm")) if "t_in" in m.nodes else None
+    if perm is not None:  # the pattern requires a perm on t_in
+        labels = [labels[i] for i in perm]
     if labels not in [list(w) for w in wanted]:
         return fail("Conv input is not (B, C, 1, L) built from a rank-3 tensor", m["conv"])
     s_axes = node_axes(m.model, m["sq"])
@@ -237,8 +248,9 @@ class Tf2onnxInConv1x1ToMatMul(_Pointwise):
         u = producer(m["u"])
         assert u is not None  # the pattern matched an op there
         if single_consumer(m["u"], m.graph) is m["conv"]:  # else the layout ops stay for their other readers
-            feeder = producer(u.inputs[0]) if kind == "cl" and single_consumer(u.inputs[0], m.graph) is u else None
-            claim(m, [u] + ([feeder] if feeder is not None else []))
+            u_in: gs.Tensor = u.inputs[0]
+            feeder = producer(u_in) if kind == "cl" and single_consumer(u_in, m.graph) is u else None
+            m.claim(u, *([feeder] if feeder is not None else []))
         return ok()
 
     def rewrite(self, b: RewriteBuilder, m: Match) -> gs.Tensor:

@@ -15,9 +15,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from rewriter.engine.pattern import Match, OpPat, PatternBuilder
-from rewriter.engine.rule import CheckResult, RewriteBuilder, Rule, fail, ok, skip
-from rewriter.rules._layout import applies, channel_vector, dtype_reason, rank_of, squeeze, unsqueeze
+from rewriter.ruletools import CheckResult, Match, OpPat, PatternBuilder, RewriteBuilder, Rule, fail, ok, skip
+from rewriter.ruletools.layout import applies, channel_vector, dtype_reason, rank_of, squeeze, unsqueeze
 
 __all__ = ["MatMulAddToConv1x1", "MatMulToConv1x1", "GemmToConv1x1", "RULES"]
 
@@ -25,6 +24,7 @@ _T1 = [0, 2, 1]
 
 
 class _Reverse(Rule):
+    family = "reverse"
     direction = "to-conv"
     default = False
 
@@ -84,6 +84,7 @@ class MatMulAddToConv1x1(_Reverse):
         if not res:
             return res
         rank, n = rank_of(m["x"]), int(m["w"].shape[1])
+        assert rank is not None  # site_check refused an unknown rank
         if channel_vector(m.value("b"), n, rank, rank - 1) is None:
             return fail(f"bias of shape {list(np.asarray(m.value('b')).shape)} is not a per-output-channel vector", m["add"])
         return ok()
@@ -91,6 +92,7 @@ class MatMulAddToConv1x1(_Reverse):
     def rewrite(self, b: RewriteBuilder, m: Match) -> gs.Tensor:
         w = np.asarray(m.value("w"))
         rank = rank_of(m["x"])
+        assert rank is not None  # check() refused an unknown rank
         bias = channel_vector(m.value("b"), w.shape[1], rank, rank - 1)
         return self.conv(b, m, m["x"], w.T, bias, m["add"].outputs[0])
 
@@ -153,6 +155,7 @@ class GemmToConv1x1(_Reverse):
         bias = None
         if "c" in m:
             bias = channel_vector(m.value("c"), w_nk.shape[0], 2, 1)
+            assert bias is not None  # check() refused a C that is not a per-column vector
             if beta != 1.0:
                 bias = (bias * beta).astype(w.dtype)
         return self.conv(b, m, m["x"], w_nk, bias, gemm.outputs[0])

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from onnx import helper
 
 from helpers import init, make_model, op_counts, vi
+from rewriter.errors import InputError
 from rewriter.engine.graph import ModelGraph
 from rewriter.engine.driver import run_rules
 from rewriter.engine.registry import discover
@@ -235,7 +236,11 @@ def _check(model: onnx.ModelProto, direction: str) -> None:
         assert op_counts(out) == op_counts(model)
         return
     event(f"rewritten ({direction})")
-    verdict = verify_models(model, out, VERIFY)
+    try:
+        verdict = verify_models(model, out, VERIFY)
+    except InputError as exc:  # no input shape runs on the original (e.g. a kernel larger than a static input)
+        assume("no input shape" not in str(exc))
+        raise
     if not verdict.passed and all(p.status == "skipped" for p in verdict.providers.values()):
         assume(False)  # no input shape ran on the original
     assert verdict.passed, (

@@ -207,6 +207,7 @@ def test_restricted_rule_keeps_id_and_family():
     rule = discover().select(["conv1x1-to-matmul"])[0]
     wrapped = restrict(rule, ["conv"])
     assert (wrapped.id, wrapped.benefit, rule_family(wrapped)) == (rule.id, rule.benefit, rule_family(rule))
+    assert type(wrapped).family == rule_family(wrapped) == "pointwise"  # declared, not the id default
 
 
 def test_report_with_tuning_validates_and_the_schema_catches_breaks(tmp_path):

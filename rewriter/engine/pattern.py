@@ -143,6 +143,21 @@ class Match:
     def node_names(self) -> list[str]:
         return [n.name for n in self.matched]
 
+    def claim(self, *nodes: gs.Node) -> None:
+        """Add nodes a rule's ``check`` found beyond its pattern to the match (each at most once).
+
+        The sanctioned way for a check to widen its match, e.g. with the nodes of a chain it
+        walked. Claim only nodes whose outputs the match alone reads: they die with the
+        rewrite. Claimed nodes count as matched, so another rule of the same sweep cannot take
+        them (it would rewrite what is about to become dead code), and they are listed in the
+        report with the site's nodes.
+        """
+        for node in nodes:
+            if not isinstance(node, gs.Node):
+                raise TypeError(f"Match.claim takes nodes, got {type(node).__name__}")
+            if not _in(node, self.matched):
+                self.matched.append(node)
+
 
 def _attr_ok(node: gs.Node, key: str, pred: AttrPred) -> bool:
     value = node.attrs.get(key)

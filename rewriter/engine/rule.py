@@ -70,9 +70,15 @@ class Rule:
         opsets: inclusive range of default-domain opsets the rule handles.
         default: part of the default policy (what runs with no ``--rules``).
         direction: ``to-matmul``, ``to-conv`` or ``cleanup``; selects rules for ``--direction``.
+        family: the rule family, e.g. ``pointwise``: the unit the acceptance step rolls back
+            when a rewritten model measures slower, and the name the report and its notes
+            show. Inherited like any class attribute, so a family's base class declares it
+            once. A rule that declares none (empty) is a family of its own, named by its
+            ``id``; :meth:`family_name` is the one place that applies this default.
     """
 
     id: ClassVar[str] = ""
+    family: ClassVar[str] = ""
     description: ClassVar[str] = ""
     benefit: ClassVar[int] = 10
     opsets: ClassVar[tuple[int, int]] = (1, 10_000)
@@ -90,6 +96,11 @@ class Rule:
 
     def __init__(self) -> None:
         self._compiled: OpPat | None = None
+
+    @classmethod
+    def family_name(cls) -> str:
+        """The rule's family: ``family`` when declared, else the rule's own ``id``."""
+        return cls.family or cls.id
 
     @property
     def compiled_pattern(self) -> OpPat:

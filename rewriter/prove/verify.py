@@ -28,6 +28,8 @@ from rewriter.prove.result import ProviderResult, VerificationResult, format_sha
 __all__ = ["VerifyOptions", "verify_models", "resolve_providers"]
 
 ModelLike = onnx.ModelProto | str | Path
+# What running the original at a candidate shape may raise: onnxruntime's refusal, or ours (too large).
+_PROBE_ERRORS: tuple[type[BaseException], ...] = (InputError, *ORT_ERRORS)
 
 
 @dataclass(frozen=True)
@@ -262,7 +264,7 @@ def _feed_sets(
     def probe(shapes: dict[str, tuple[int, ...]]) -> str | None:
         try:
             run_original(feeds_at(shapes))
-        except (*ORT_ERRORS, InputError) as exc:
+        except _PROBE_ERRORS as exc:
             return first_line(exc)
         return None
 

@@ -66,13 +66,13 @@ _RESTRICTED_CLASSES: dict[type, type] = {}
 def restrict(rule: Rule, cores: Iterable[str]) -> Rule:
     """``rule`` limited to matches whose Conv/MatMul/Gemm nodes are all in ``cores``.
 
-    The wrapper class keeps the rule's id, benefit, opsets, direction and module (the
-    acceptance step groups rules into families by module)."""
+    The wrapper class keeps the rule's id, family, benefit, opsets and direction (the
+    acceptance step groups rules into families by ``Rule.family_name``)."""
     cls = type(rule)
     wrapper = _RESTRICTED_CLASSES.get(cls)
     if wrapper is None:
-        attrs = {k: getattr(cls, k) for k in ("id", "description", "benefit", "opsets", "default", "direction")}
-        wrapper = type(f"Tuned{cls.__name__}", (_Restricted,), {**attrs, "__module__": cls.__module__})
+        attrs = {k: getattr(cls, k) for k in ("id", "family", "description", "benefit", "opsets", "default", "direction")}
+        wrapper = type(f"Tuned{cls.__name__}", (_Restricted,), attrs)
         _RESTRICTED_CLASSES[cls] = wrapper
     return wrapper(rule, frozenset(cores))
 

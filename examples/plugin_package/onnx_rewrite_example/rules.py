@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rewriter import Match, PatternBuilder, RewriteBuilder, Rule
+from rewriter.ruletools import Match, PatternBuilder, RewriteBuilder, Rule
 
 __all__ = ["DoubleReluToRelu", "RULES"]
 

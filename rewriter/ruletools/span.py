@@ -1,7 +1,8 @@
 """Shared base of the span rule families (rules/fullspan.py, rules/method1.py): a Conv whose
 kernel spans its whole input, reached from X and left to the root through layout ops.
 
-Private to the built-in rules (like rules/_layout.py); the proof is :class:`rewriter.shapes.Layout`:
+Part of the public rule toolkit (a new span family subclasses :class:`ConvSpanRule` and lists
+its chain slots); the proof is :class:`rewriter.engine.shapes.Layout`:
 X is followed through every layout op to the Conv (and from the Conv to the root) as a
 (rows, features) matrix, so the rule knows which feature of X each kernel tap reads.
 """

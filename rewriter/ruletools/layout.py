@@ -1,4 +1,5 @@
-"""Helpers shared by the pointwise, reverse and cleanup families (private: exports no rules).
+"""Layout tracking shared by the pointwise, reverse, dense_layout and cleanup families (part of
+the public rule toolkit; it exports no rules).
 
 The layout chains: a channels-first tensor (B, C, L) that is ``Transpose(0,2,1)`` of a
 channels-last one, seen through elementwise ops and pointwise convs, can be rebuilt on the
@@ -23,6 +24,8 @@ from rewriter.engine.rule import CheckResult, RewriteBuilder, Rule, ok
 
 __all__ = [
     "FLOAT_DTYPES",
+    "UNARY_OPS",
+    "BINARY_OPS",
     "ELEMENTWISE_OPS",
     "T1",
     "dtype_name",
@@ -41,10 +44,10 @@ __all__ = [
     "single_consumer",
     "elementwise_reason",
     "tf_conv_unit",
+    "transpose_below",
     "Chain",
     "walk_back",
     "rebuild",
-    "claim",
     "conv_matmul",
     "TF_CL",
     "TF_CF",
@@ -298,7 +301,11 @@ def transpose_below(t: gs.Tensor, m: Match) -> bool:
 
 @dataclass
 class Chain:
-    """``end`` == Transpose(source, perm) seen through ``steps`` (forward order)."""
+    """``end`` == Transpose(source, perm) seen through ``steps`` (forward order).
+
+    ``nodes`` are read by the chain alone, so they die once its end is replaced: a check that
+    rebuilds the chain claims them (``m.claim(*chain.nodes)``).
+    """
 
     source: gs.Tensor
     perm: list[int]
@@ -319,62 +326,73 @@ def walk_back(t: gs.Tensor, m: Match, *, perm: Sequence[int] | None = T1, convs:
         p = producer(t)
         if p is None:
             return None
-        if p.op == "Transpose":
-            tp = int_list(p.attrs.get("perm"))
-            if tp is not None and (perm is None or tp == list(perm)):
-                if any(_const_rank(m.model, n) > len(tp) for kind, n in steps if n.op in BINARY_OPS):
-                    return None
-                return Chain(p.inputs[0], tp, steps[::-1], nodes)
+        tp = _end_perm(p, perm)
+        if tp is not None:
+            if any(_const_rank(m.model, n) > len(tp) for _, n in steps if n.op in BINARY_OPS):
+                return None
+            return Chain(p.inputs[0], tp, steps[::-1], nodes)
         if single_consumer(t, m.graph) is None:
             return None  # a value read elsewhere too must stay as it is
-        rank = len(perm) if perm is not None else (rank_of(t) or 64)  # unknown: checked at the Transpose
-        if elementwise_reason(p, p.inputs[0] if p.inputs else t, rank, m.model) is None:
-            steps.append(("ew", p))
-            nodes.append(p)
-            t = p.inputs[0]
-            continue
-        if not convs or list(perm or ()) != T1:
+        step = _step_up(p, t, m, perm, convs)
+        if step is None:
             return None
-        if p.op == "Conv" and len(p.inputs) >= 2 and _pointwise_ok(p, 3, m.model):
-            steps.append(("conv", p))
-            nodes.append(p)
-            t = p.inputs[0]
-            continue
-        unit = tf_conv_unit(p, m.model)
-        if unit is None or not _pointwise_ok(unit[0], 4, m.model):
-            return None
-        conv, kind, x = unit
-        u = producer(conv.inputs[0])
-        assert u is not None  # tf_conv_unit found the Unsqueeze [-> Transpose] feeding the conv
-        if single_consumer(conv.outputs[0], m.graph) is not p or single_consumer(conv.inputs[0], m.graph) is not conv:
-            return None
-        steps.append(("tfconv", p))
-        nodes += [p, conv, u]
-        if kind == "cl":
-            u_in: gs.Tensor = u.inputs[0]
-            feeder = producer(u_in) if single_consumer(u_in, m.graph) is u else None
-            if feeder is not None:
-                nodes.append(feeder)
-            return Chain(x, list(T1), steps[::-1], nodes)
-        t = x
+        kind, walked, t, at_source = step
+        steps.append((kind, p))
+        nodes += walked
+        if at_source:
+            return Chain(t, list(T1), steps[::-1], nodes)
     return None
+
+
+def _end_perm(p: gs.Node, perm: Sequence[int] | None) -> list[int] | None:
+    """The perm of ``p`` when it is a Transpose a chain may end at (``perm``; any when None), else None."""
+    if p.op != "Transpose":
+        return None
+    tp = int_list(p.attrs.get("perm"))
+    return tp if tp is not None and (perm is None or tp == list(perm)) else None
+
+
+_Step = tuple[str, list[gs.Node], gs.Tensor, bool]
+
+
+def _step_up(p: gs.Node, t: gs.Tensor, m: Match, perm: Sequence[int] | None, convs: bool) -> _Step | None:
+    """One step of :func:`walk_back` through ``p``, the producer of ``t``: (step kind, walked nodes,
+    the tensor to continue from, whether that tensor is already the channels-last source), or None."""
+    rank = len(perm) if perm is not None else (rank_of(t) or 64)  # unknown: checked at the Transpose
+    if elementwise_reason(p, p.inputs[0] if p.inputs else t, rank, m.model) is None:
+        return "ew", [p], p.inputs[0], False
+    if not convs or list(perm or ()) != T1:
+        return None
+    if p.op == "Conv" and len(p.inputs) >= 2 and _pointwise_ok(p, 3, m.model):
+        return "conv", [p], p.inputs[0], False
+    return _tf_step(p, m)
+
+
+def _tf_step(sq: gs.Node, m: Match) -> _Step | None:
+    """A tf2onnx Conv1D unit ending at ``sq`` (see :func:`tf_conv_unit`) as a walk_back step.
+
+    Its Unsqueeze [-> Transpose] is walked too, and, for a channels-last unit, the node feeding
+    the Unsqueeze when the unit alone reads it; a channels-last unit ends the walk at its X."""
+    unit = tf_conv_unit(sq, m.model)
+    if unit is None or not _pointwise_ok(unit[0], 4, m.model):
+        return None
+    conv, kind, x = unit
+    u = producer(conv.inputs[0])
+    assert u is not None  # tf_conv_unit found the Unsqueeze [-> Transpose] feeding the conv
+    if single_consumer(conv.outputs[0], m.graph) is not sq or single_consumer(conv.inputs[0], m.graph) is not conv:
+        return None
+    walked = [sq, conv, u]
+    if kind == "cl":
+        u_in: gs.Tensor = u.inputs[0]
+        feeder = producer(u_in) if single_consumer(u_in, m.graph) is u else None
+        if feeder is not None:
+            walked.append(feeder)
+    return "tfconv", walked, x, kind == "cl"
 
 
 def _const_rank(model: ModelGraph, node: gs.Node) -> int:
     c = model.constant(node.inputs[1])
     return 0 if c is None else c.ndim
-
-
-def claim(m: Match, nodes: Sequence[gs.Node]) -> None:
-    """Count walked nodes as part of the match, so the driver treats them as consumed.
-
-    Only nodes whose outputs are read by the chain alone are walked (see :func:`walk_back`),
-    so they die with the rewrite; claiming them stops another rule of the same sweep from
-    rewriting what is about to become dead code.
-    """
-    for n in nodes:
-        if not any(n is k for k in m.matched):
-            m.matched.append(n)
 
 
 def conv_matmul(b: RewriteBuilder, m: Match, x: gs.Tensor, conv: gs.Node, extra_bias: np.ndarray | None = None) -> gs.Tensor:
