@@ -428,3 +428,142 @@ def test_atomic_write_text_and_file_sha256(tmp_path: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600
+
+
+# --- tensor data validated at load --------------------------------------------------------
+
+
+def _with_initializer(tensor: onnx.TensorProto) -> onnx.ModelProto:
+    """make_model() with its weight 'W' replaced by `tensor`."""
+    model = make_model()
+    model.graph.initializer[0].CopyFrom(tensor)
+    return model
+
+
+def _load_error(model: onnx.ModelProto, tmp_path: Path, *phrases: str) -> None:
+    path = tmp_path / "bad.onnx"
+    onnx.save(model, path)
+    for src in (path, model):  # from a file and in memory: the same check
+        with pytest.raises(InputError) as exc:
+            load_model(src)
+        assert_input_error(exc, *phrases)
+
+
+def test_short_raw_data_is_refused(tmp_path: Path) -> None:
+    w = numpy_helper.from_array(W, "W")
+    w.raw_data = w.raw_data[:768]
+    _load_error(_with_initializer(w), tmp_path, "initializer 'W' holds 768 bytes, dims [64,32] need 8192")
+    w.raw_data = numpy_helper.from_array(W).raw_data + b"\0" * 4  # too long is as wrong
+    _load_error(_with_initializer(w), tmp_path, "initializer 'W' holds 8196 bytes, dims [64,32] need 8192")
+
+
+def test_huge_dims_without_data_are_refused(tmp_path: Path) -> None:
+    w = onnx.TensorProto(name="W", data_type=TensorProto.FLOAT, dims=[2**40, 16, 1])
+    _load_error(_with_initializer(w), tmp_path, "initializer 'W' holds 0 bytes, dims [1099511627776,16,1] need 70368744177664")
+
+
+def test_typed_data_count_is_checked(tmp_path: Path) -> None:
+    w = helper.make_tensor("W", TensorProto.FLOAT, [64, 32], W.flatten().tolist())
+    del w.float_data[-3:]
+    _load_error(_with_initializer(w), tmp_path, "initializer 'W' holds 2045 values, dims [64,32] need 2048")
+    b = helper.make_tensor("B", TensorProto.INT64, [3], [1, 2, 3])
+    b.int64_data.append(4)
+    model = make_model()
+    model.graph.initializer.append(b)
+    _load_error(model, tmp_path, "initializer 'B' holds 4 values, dims [3] need 3")
+
+
+def test_negative_dim_is_refused(tmp_path: Path) -> None:
+    w = onnx.TensorProto(name="W", data_type=TensorProto.FLOAT, dims=[-1, 32])
+    _load_error(_with_initializer(w), tmp_path, "initializer 'W' has a negative dim in [-1,32]")
+
+
+def test_valid_tensors_of_every_storage_kind_load(tmp_path: Path) -> None:
+    """Typed and raw, packed sub-byte, complex, strings (no byte count), empty tensors, in a
+    Constant node, a sparse initializer, a subgraph and a function: all consistent, all load."""
+    model = make_model()
+    extra = [
+        helper.make_tensor("i4", TensorProto.INT4, [5], [1, -2, 3, -4, 5]),  # packed typed: 3 int32 entries
+        numpy_helper.from_array(np.arange(7, dtype=np.uint8), "u8"),
+        helper.make_tensor("c64", TensorProto.COMPLEX64, [2], [1 + 2j, 3 - 1j]),  # 4 float entries
+        helper.make_tensor("f16", TensorProto.FLOAT16, [3], np.array([1, 2, 3], np.float16)),
+        helper.make_tensor("s", TensorProto.STRING, [2], [b"a", b"bcd"]),
+        numpy_helper.from_array(np.zeros((0, 4), np.float32), "empty"),
+    ]
+    if hasattr(TensorProto, "INT2"):
+        extra.append(helper.make_tensor("i2", TensorProto.INT2, [5], [1, -2, 1, 0, -1]))
+    model.graph.initializer.extend(extra)
+    const = helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(np.ones(3, np.float32)))
+    model.graph.node.append(const)
+    sparse = helper.make_sparse_tensor(
+        numpy_helper.from_array(np.array([1.0, 2.0], np.float32), "sp"), numpy_helper.from_array(np.array([0, 3], np.int64)), [4]
+    )
+    model.graph.sparse_initializer.append(sparse)
+    for src in (model, model.SerializeToString()):
+        load_model(src)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    assert load_model(path).model.graph.initializer[-1].name == extra[-1].name
+
+
+@pytest.mark.parametrize("where", ["constant", "sparse", "subgraph", "function"])
+def test_bad_tensor_anywhere_is_found(tmp_path: Path, where: str) -> None:
+    bad = numpy_helper.from_array(np.ones(8, np.float32), "t")
+    bad.raw_data = bad.raw_data[:-4]
+    model = make_model()
+    if where == "constant":
+        model.graph.node.append(helper.make_node("Constant", [], ["k"], name="c", value=bad))
+        phrase = "tensor attribute 'value' of node 'c' holds 28 bytes, dims [8] need 32"
+    elif where == "sparse":
+        model.graph.sparse_initializer.append(helper.make_sparse_tensor(bad, numpy_helper.from_array(np.arange(8, dtype=np.int64)), [9]))
+        phrase = "sparse initializer 't' (values) holds 28 bytes"
+    elif where == "subgraph":
+        body = helper.make_graph([helper.make_node("Identity", ["t"], ["o"])], "then", [], [helper.make_tensor_value_info("o", TensorProto.FLOAT, [8])], [bad])
+        model.graph.node.append(helper.make_node("If", ["cond"], ["r"], name="if", then_branch=body, else_branch=body))
+        phrase = "initializer 't' holds 28 bytes"
+    else:
+        fn = helper.make_function("local", "f", [], ["o"], [helper.make_node("Constant", [], ["o"], name="fc", value=bad)], [helper.make_opsetid("", 17)])
+        model.functions.append(fn)
+        phrase = "tensor attribute 'value' of node 'fc' holds 28 bytes"
+    _load_error(model, tmp_path, phrase)
+
+
+def test_external_length_and_size_are_checked_without_reading_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = save_external(make_model(), tmp_path)
+    model = onnx.load(path, load_external_data=False)
+    for entry in model.graph.initializer[0].external_data:
+        if entry.key == "length":
+            entry.value = "768"
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(InputError) as exc:
+        load_model(path)
+    assert_input_error(exc, "initializer 'W' stores 768 bytes externally, dims [64,32] need 8192")
+
+    # Huge dims and no length: the data file must cover them; only its size is looked at.
+    path = save_external(make_model(), tmp_path / "huge")
+    model = onnx.load(path, load_external_data=False)
+    del model.graph.initializer[0].dims[:]
+    model.graph.initializer[0].dims.extend([2**40, 16, 1])
+    del model.graph.initializer[0].external_data[:]
+    model.graph.initializer[0].external_data.add(key="location", value="m.data")
+    path.write_bytes(model.SerializeToString())
+    real_open = open
+
+    def no_data_reads(file: object, mode: str = "r", *args: object, **kwargs: object) -> object:
+        handle = real_open(file, mode, *args, **kwargs)  # type: ignore[call-overload]
+        if Path(str(file)).name == "m.data":
+            handle.read = None  # opening for fstat is fine; reading is not
+        return handle
+
+    monkeypatch.setattr(model_io, "open", no_data_reads, raising=False)
+    with pytest.raises(InputError) as exc:
+        load_model(path)
+    assert_input_error(exc, "initializer 'W' needs bytes 0..70368744177664 of 'm.data'", "truncated data file?")
+
+
+def test_every_fixture_loads() -> None:
+    """No false alarm on real exporter output (tf2onnx, keras, torch TorchScript and dynamo)."""
+    fixtures = sorted((Path(__file__).parent / "fixtures").rglob("*.onnx"))
+    assert fixtures
+    for path in fixtures:
+        load_model(path)

@@ -1,8 +1,10 @@
 """Load and save ONNX models: IR-version compatibility, external data, atomic writes.
 
-- ``load_model`` never reads external weights; it validates every external reference
-  (location inside the model's folder, file present and readable, byte range in bounds),
-  in subgraphs and functions too, and turns every bad input into one ``InputError`` line.
+- ``load_model`` never reads external weights. Before any rule runs it validates every
+  tensor (main graph, subgraphs, functions): inline data holds what the dims and type need
+  (raw bytes or typed values), every external reference stays inside the model's folder and
+  its file covers the declared byte range (only file sizes are read). Every bad input
+  becomes one ``InputError`` line.
 - ``read_tensor`` reads one tensor, touching only its own byte range.
 - ``save_model`` stages every file under a temporary name in its target folder and renames
   them into place only once all of them are written: a failure leaves nothing behind.
@@ -77,34 +79,56 @@ class LoadedModel:
     """sha256 of the .onnx file bytes, or of the serialized proto for in-memory models."""
 
 
-def _iter_tensors(model: onnx.ModelProto, *, initializers_only: bool = False) -> Iterator[onnx.TensorProto]:
-    """Every tensor stored in the model: initializers, sparse initializers and tensor
-    attributes, in the main graph, all subgraphs (If/Loop/Scan bodies) and functions."""
+def _sparse_parts(label: str, sparse: onnx.SparseTensorProto) -> Iterator[tuple[str, onnx.TensorProto]]:
+    yield f"{label} '{sparse.values.name}' (values)", sparse.values
+    yield f"{label} '{sparse.values.name}' (indices)", sparse.indices
+
+
+def _attr_tensors(attr: onnx.AttributeProto, node: onnx.NodeProto) -> Iterator[tuple[str, onnx.TensorProto]]:
+    A = onnx.AttributeProto
+    label = f"tensor attribute '{attr.name}' of node '{node.name or node.op_type}'"
+    if attr.type == A.TENSOR:
+        yield label, attr.t
+    elif attr.type == A.TENSORS:
+        yield from ((label, t) for t in attr.tensors)
+    elif attr.type == A.SPARSE_TENSOR:
+        yield from _sparse_parts(label, attr.sparse_tensor)
+    elif attr.type == A.SPARSE_TENSORS:
+        for sparse in attr.sparse_tensors:
+            yield from _sparse_parts(label, sparse)
+
+
+def _attr_graphs(attr: onnx.AttributeProto) -> list[onnx.GraphProto]:
+    if attr.type == onnx.AttributeProto.GRAPH:
+        return [attr.g]
+    return list(attr.graphs) if attr.type == onnx.AttributeProto.GRAPHS else []
+
+
+def _iter_labelled(model: onnx.ModelProto, *, initializers_only: bool = False) -> Iterator[tuple[str, onnx.TensorProto]]:
+    """(what to call it in a message, tensor) for every tensor stored in the model:
+    initializers, sparse initializers and tensor attributes, in the main graph, all
+    subgraphs (If/Loop/Scan bodies) and functions."""
     graphs: list[onnx.GraphProto] = [model.graph]
     nodes: list[onnx.NodeProto] = [n for f in model.functions for n in f.node]
     while graphs or nodes:
         if graphs:
             graph = graphs.pop()
-            yield from graph.initializer
+            yield from ((f"initializer '{t.name}'", t) for t in graph.initializer)
             if not initializers_only:
                 for sparse in graph.sparse_initializer:
-                    yield from (sparse.values, sparse.indices)
+                    yield from _sparse_parts("sparse initializer", sparse)
             nodes.extend(graph.node)
             continue
-        for attr in nodes.pop().attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                graphs.append(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                graphs.extend(attr.graphs)
-            elif initializers_only:
-                continue
-            elif attr.type == onnx.AttributeProto.TENSOR:
-                yield attr.t
-            elif attr.type == onnx.AttributeProto.TENSORS:
-                yield from attr.tensors
-            elif attr.type in (onnx.AttributeProto.SPARSE_TENSOR, onnx.AttributeProto.SPARSE_TENSORS):
-                for sparse in [attr.sparse_tensor] if attr.type == onnx.AttributeProto.SPARSE_TENSOR else attr.sparse_tensors:
-                    yield from (sparse.values, sparse.indices)
+        node = nodes.pop()
+        for attr in node.attribute:
+            graphs.extend(_attr_graphs(attr))
+            if not initializers_only:
+                yield from _attr_tensors(attr, node)
+
+
+def _iter_tensors(model: onnx.ModelProto, *, initializers_only: bool = False) -> Iterator[onnx.TensorProto]:
+    """Every tensor stored in the model (see ``_iter_labelled``)."""
+    return (t for _, t in _iter_labelled(model, initializers_only=initializers_only))
 
 
 def _is_external(tensor: onnx.TensorProto) -> bool:
@@ -196,29 +220,84 @@ def _data_file_size(file: Path, location: str, tensor_name: str, where: str, siz
     return sizes[file]
 
 
-def _check_range(tensor: onnx.TensorProto, ref: _ExternalRef, size: int, where: str) -> int | None:
+def _dims_text(tensor: onnx.TensorProto) -> str:
+    return "[" + ",".join(str(d) for d in tensor.dims) + "]"
+
+
+def _check_range(tensor: onnx.TensorProto, ref: _ExternalRef, size: int, where: str, label: str | None = None) -> int | None:
     """Check the tensor's byte range against its file size; return the byte count to read."""
     expected = _expected_nbytes(tensor)
-    what = f"{where}: external data of tensor '{tensor.name}'"
+    what = f"{where}: {label or f'tensor {tensor.name!r}'}"
     if ref.length is not None and expected is not None and ref.length != expected:
-        raise InputError(f"{what} is {ref.length} bytes but its shape and type need {expected}")
+        raise InputError(f"{what} stores {ref.length} bytes externally, dims {_dims_text(tensor)} need {expected}")
     length = ref.length if ref.length is not None else expected
     if (end := ref.offset + (length or 0)) > size:
         raise InputError(f"{what} needs bytes {ref.offset}..{end} of '{ref.location}', which has only {size} (truncated data file?)")
     return length
 
 
-def _check_external_data(model: onnx.ModelProto, base_dir: Path | None, where: str) -> None:
+def _typed_count(tensor: onnx.TensorProto, numel: int) -> tuple[int, int] | None:
+    """(values held in the tensor's typed field, values its dims need), or None for types
+    without a typed field. Sub-byte types keep one packed byte per int32 entry (6-bit: one
+    value per entry); complex numbers take two entries each."""
+    try:
+        field = helper.tensor_dtype_to_field(tensor.data_type)
+    except (KeyError, ValueError, TypeError):
+        return None
+    bits = _PACKED_BITS.get(tensor.data_type)
+    if bits is not None and bits != 6:
+        need = (numel * bits + 7) // 8
+    elif tensor.data_type in (_TP.COMPLEX64, _TP.COMPLEX128):
+        need = 2 * numel
+    else:
+        need = numel
+    return len(getattr(tensor, field)), need
+
+
+def _check_inline(tensor: onnx.TensorProto, label: str, where: str) -> None:
+    """Inline data must hold exactly what the dims and type need: raw bytes (strings are
+    exempt from byte counts) or, without raw data, as many typed values as elements."""
+    if tensor.HasField("segment"):
+        return  # a slice of a larger tensor: onnx cannot load these anyway
+    numel = math.prod(tensor.dims)
+    if tensor.HasField("raw_data"):
+        expected = _expected_nbytes(tensor)
+        if expected is None:
+            return
+        # Reading raw_data copies it (one tensor at a time); ByteSize() would be no cheaper:
+        # the upb backend serializes the whole message to size it.
+        if (held := len(tensor.raw_data)) != expected:
+            raise InputError(f"{where}: {label} holds {held} bytes, dims {_dims_text(tensor)} need {expected}")
+        return
+    counts = _typed_count(tensor, numel)
+    if counts is None or counts[0] == counts[1]:
+        return
+    held, need = counts
+    expected = _expected_nbytes(tensor)
+    if held == 0 and expected is not None:  # no data at all: say it in bytes, like raw data
+        raise InputError(f"{where}: {label} holds 0 bytes, dims {_dims_text(tensor)} need {expected}")
+    raise InputError(f"{where}: {label} holds {held} values, dims {_dims_text(tensor)} need {need}")
+
+
+def _check_tensors(model: onnx.ModelProto, base_dir: Path | None, where: str) -> None:
+    """Validate every tensor's data against its dims and type, reading only file sizes."""
     sizes: dict[Path, int] = {}
-    for tensor in _iter_tensors(model):
+    for label, tensor in _iter_labelled(model):
+        if any(d < 0 for d in tensor.dims):
+            raise InputError(f"{where}: {label} has a negative dim in {_dims_text(tensor)}")
         if not _is_external(tensor):
+            _check_inline(tensor, label, where)
             continue
         ref = _external_ref(tensor, where)
         if base_dir is None:
             raise InputError(f"{where}: tensor '{tensor.name}' references external data '{ref.location}'; load it from its file")
         file = _resolve_location(ref.location, base_dir, tensor.name, where)
         size = _data_file_size(file, ref.location, tensor.name, where, sizes)
-        _check_range(tensor, ref, size, where)
+        _check_range(tensor, ref, size, where, label)
+
+
+def _check_model(model: onnx.ModelProto, base_dir: Path | None, where: str) -> None:
+    _check_tensors(model, base_dir, where)
 
 
 def _proto_sha256(model: onnx.ModelProto) -> str:
@@ -261,14 +340,14 @@ def _load_path(src: str | os.PathLike[str]) -> LoadedModel:
     if not data:
         raise InputError(f"{where}: file is empty")
     model = _parse(data, where)
-    _check_external_data(model, path.parent, where)
+    _check_model(model, path.parent, where)
     return LoadedModel(model=model, path=path, base_dir=path.parent, sha256=hashlib.sha256(data).hexdigest())
 
 
 def _in_memory(model: onnx.ModelProto, where: str, sha256: str | None = None) -> LoadedModel:
     if not model.HasField("graph"):
         raise InputError(f"{where}: not an ONNX model (no graph)")
-    _check_external_data(model, None, where)
+    _check_model(model, None, where)
     return LoadedModel(model=model, path=None, base_dir=None, sha256=sha256 or _proto_sha256(model))
 
 
@@ -277,7 +356,8 @@ def load_model(src: str | os.PathLike[str] | bytes | onnx.ModelProto | object) -
     ``model_proto`` attribute (torch dynamo ``ONNXProgram``), without reading external data.
 
     A ``ModelProto`` is used as is, not copied. Raises ``InputError`` (one line) for a
-    missing, unreadable, empty or corrupt file and for any bad external data reference.
+    missing, unreadable, empty or corrupt file, tensor data that does not match its dims,
+    and any bad external data reference.
     """
     if isinstance(src, onnx.ModelProto):
         return _in_memory(src, "cannot use in-memory model")
