@@ -5,6 +5,8 @@ initializers that are also graph inputs (``keep_initializers_as_inputs=True``), 
 metadata and the original ``value_info`` set. :class:`ModelGraph` records them on import
 and restores them on export. It also makes external-data initializers lazy *and* correct:
 gs would read them relative to the current directory; we read them from the model's folder.
+gs's own logger (``[W]``/``[E]``/``[C]`` lines on stdout) is silenced once a ModelGraph is
+built: problems reach the user as exceptions, reported by this tool as one line each.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
+from onnx_graphsurgeon.logger import G_LOGGER
 
 __all__ = [
     "ModelGraph",
@@ -43,6 +46,13 @@ class _ExternalLazyValues(LazyValues):  # type: ignore[misc]
         from rewriter.engine.model_io import read_tensor
 
         return read_tensor(self.tensor, self.base_dir)
+
+
+def _silence_graphsurgeon() -> None:
+    """Turn off onnx-graphsurgeon's logger (process-wide): it prints warnings and errors on
+    stdout, the report's stream; what matters surfaces as its exceptions, reported as one line."""
+    if G_LOGGER.severity <= G_LOGGER.CRITICAL:
+        G_LOGGER.severity = G_LOGGER.CRITICAL + 1
 
 
 def iter_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
@@ -171,6 +181,7 @@ class ModelGraph:
         self._node_meta = {
             n.name: list(n.metadata_props) for g in _iter_onnx_graphs(model.graph) for n in g.node if n.metadata_props
         }
+        _silence_graphsurgeon()
         working = model
         if infer:
             working = _infer_shapes(model)

@@ -3,8 +3,8 @@
 - ``load_model`` never reads external weights. Before any rule runs it validates every
   tensor (main graph, subgraphs, functions): inline data holds what the dims and type need
   (raw bytes or typed values), every external reference stays inside the model's folder and
-  its file covers the declared byte range (only file sizes are read). Every bad input
-  becomes one ``InputError`` line.
+  its file covers the declared byte range (only file sizes are read); and no graph has a
+  cycle. Every bad input becomes one ``InputError`` line.
 - ``read_tensor`` reads one tensor, touching only its own byte range.
 - ``save_model`` stages every file under a temporary name in its target folder and renames
   them into place only once all of them are written: a failure leaves nothing behind.
@@ -25,7 +25,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -296,8 +296,66 @@ def _check_tensors(model: onnx.ModelProto, base_dir: Path | None, where: str) ->
         _check_range(tensor, ref, size, where, label)
 
 
+def _names_read(node: onnx.NodeProto) -> Iterator[str]:
+    """Names a node reads: its inputs, and every input of a node in its subgraphs (the
+    names a subgraph captures from outer scopes are among them)."""
+    yield from node.input
+    for attr in node.attribute:
+        for sub in _attr_graphs(attr):
+            for inner in sub.node:
+                yield from _names_read(inner)
+
+
+def _find_cycle(nodes: Sequence[onnx.NodeProto]) -> list[int] | None:
+    """Indices of nodes forming a cycle, in data-flow order, or None if there is none."""
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+    deps = [sorted({producer[n] for n in _names_read(node) if n in producer}) for node in nodes]
+    state = [0] * len(nodes)  # 0 unseen, 1 on the current path, 2 done
+    for start in range(len(nodes)):
+        if state[start]:
+            continue
+        state[start] = 1
+        stack = [(start, iter(deps[start]))]
+        while stack:
+            i, pending = stack[-1]
+            nxt = next(pending, None)
+            if nxt is None:
+                state[i] = 2
+                stack.pop()
+            elif state[nxt] == 1:  # back to a node on the path: the path from it is a cycle
+                path = [j for j, _ in stack]
+                return path[path.index(nxt):][::-1]
+            elif state[nxt] == 0:
+                state[nxt] = 1
+                stack.append((nxt, iter(deps[nxt])))
+    return None
+
+
+def _cycle_message(what: str, nodes: Sequence[onnx.NodeProto], cycle: list[int]) -> str:
+    names = [nodes[i].name or f"{nodes[i].op_type} #{i}" for i in cycle]
+    shown = names if len(names) <= 6 else [*names[:5], "..."]
+    return f"{what} has a cycle through node '{names[0]}' ({' -> '.join([*shown, names[0]])})"
+
+
+def _check_acyclic(model: onnx.ModelProto, where: str) -> None:
+    """Refuse a graph (or subgraph, or function body) whose nodes form a cycle: nothing
+    could run it, and onnx-graphsurgeon would fail sorting it."""
+    todo: list[tuple[str, Sequence[onnx.NodeProto]]] = [("graph", model.graph.node)]
+    todo += [(f"function '{f.name}'", f.node) for f in model.functions]
+    while todo:
+        what, nodes = todo.pop()
+        cycle = _find_cycle(nodes)
+        if cycle is not None:
+            raise InputError(f"{where}: {_cycle_message(what, nodes, cycle)}")
+        for node in nodes:
+            for attr in node.attribute:
+                label = f"subgraph '{attr.name}' of node '{node.name or node.op_type}'"
+                todo += [(label, sub.node) for sub in _attr_graphs(attr)]
+
+
 def _check_model(model: onnx.ModelProto, base_dir: Path | None, where: str) -> None:
     _check_tensors(model, base_dir, where)
+    _check_acyclic(model, where)
 
 
 def _proto_sha256(model: onnx.ModelProto) -> str:
@@ -357,7 +415,7 @@ def load_model(src: str | os.PathLike[str] | bytes | onnx.ModelProto | object) -
 
     A ``ModelProto`` is used as is, not copied. Raises ``InputError`` (one line) for a
     missing, unreadable, empty or corrupt file, tensor data that does not match its dims,
-    and any bad external data reference.
+    any bad external data reference, and a graph with a cycle.
     """
     if isinstance(src, onnx.ModelProto):
         return _in_memory(src, "cannot use in-memory model")
