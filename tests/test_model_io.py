@@ -620,3 +620,33 @@ def test_graphsurgeon_prints_nothing(capfd: pytest.CaptureFixture[str]) -> None:
         graph.cleanup()
     out, err = capfd.readouterr()
     assert out == "" and err == ""
+
+
+# --- IR version at load -------------------------------------------------------------------
+
+
+def test_newer_ir_version_is_lowered_at_load(tmp_path: Path) -> None:
+    supported = max_supported_ir_version()
+    model = make_model(ir_version=supported + 1)
+    path = tmp_path / "new.onnx"
+    onnx.save(model, path)
+    before = path.read_bytes()
+    loaded = load_model(path)
+    assert loaded.model.ir_version == supported
+    assert loaded.sha256 == hashlib.sha256(before).hexdigest()  # of the file as it is
+    from_proto = load_model(model)
+    assert from_proto.model.ir_version == supported and model.ir_version == supported + 1  # caller's proto untouched
+    out = save_model(loaded.model, tmp_path / "out.onnx", source=loaded)
+    assert onnx.load(out).ir_version == supported
+    np.testing.assert_allclose(run(out), expected(), rtol=1e-5, atol=1e-5)
+    assert path.read_bytes() == before
+
+
+def test_ir_version_is_kept_when_an_opset_needs_it() -> None:
+    model = make_model(ir_version=max_supported_ir_version() + 1)
+    model.opset_import[0].version = 10_000  # newer than any onnx release knows
+    assert ensure_loadable_ir(model) is model
+    assert model_io._min_ir_for_opsets(make_model()) == 8  # opset 17: onnx 1.12, IR 8
+    custom = make_model()
+    custom.opset_import.append(helper.make_opsetid("com.example", 99))
+    assert model_io._min_ir_for_opsets(custom) == 8

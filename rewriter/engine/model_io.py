@@ -5,6 +5,8 @@
   (raw bytes or typed values), every external reference stays inside the model's folder and
   its file covers the declared byte range (only file sizes are read); and no graph has a
   cycle. Every bad input becomes one ``InputError`` line.
+- An IR version newer than the installed onnxruntime accepts is lowered in memory when the
+  opsets allow it (one rule, ``_loadable_ir``, used at load and at save).
 - ``read_tensor`` reads one tensor, touching only its own byte range.
 - ``save_model`` stages every file under a temporary name in its target folder and renames
   them into place only once all of them are written: a failure leaves nothing behind.
@@ -399,6 +401,7 @@ def _load_path(src: str | os.PathLike[str]) -> LoadedModel:
         raise InputError(f"{where}: file is empty")
     model = _parse(data, where)
     _check_model(model, path.parent, where)
+    model.ir_version = _loadable_ir(model)  # our own parsed copy: lowered in place
     return LoadedModel(model=model, path=path, base_dir=path.parent, sha256=hashlib.sha256(data).hexdigest())
 
 
@@ -406,16 +409,20 @@ def _in_memory(model: onnx.ModelProto, where: str, sha256: str | None = None) ->
     if not model.HasField("graph"):
         raise InputError(f"{where}: not an ONNX model (no graph)")
     _check_model(model, None, where)
-    return LoadedModel(model=model, path=None, base_dir=None, sha256=sha256 or _proto_sha256(model))
+    digest = sha256 or _proto_sha256(model)
+    # The caller's proto is never changed: a copy when the IR version must be lowered.
+    return LoadedModel(model=ensure_loadable_ir(model), path=None, base_dir=None, sha256=digest)
 
 
 def load_model(src: str | os.PathLike[str] | bytes | onnx.ModelProto | object) -> LoadedModel:
     """Load a model from a path, serialized bytes, a ``ModelProto``, or any object with a
     ``model_proto`` attribute (torch dynamo ``ONNXProgram``), without reading external data.
 
-    A ``ModelProto`` is used as is, not copied. Raises ``InputError`` (one line) for a
-    missing, unreadable, empty or corrupt file, tensor data that does not match its dims,
-    any bad external data reference, and a graph with a cycle.
+    A ``ModelProto`` is used as is, not copied (unless its IR version is newer than
+    onnxruntime accepts: ``LoadedModel.model`` is then a copy with it lowered, see
+    ``ensure_loadable_ir``). Raises ``InputError`` (one line) for a missing, unreadable,
+    empty or corrupt file, tensor data that does not match its dims, any bad external data
+    reference, and a graph with a cycle.
     """
     if isinstance(src, onnx.ModelProto):
         return _in_memory(src, "cannot use in-memory model")
@@ -485,13 +492,40 @@ def max_supported_ir_version() -> int:
     return onnx.IR_VERSION
 
 
+# Columns of onnx.helper.VERSION_TABLE rows (release, IR, ai.onnx, ai.onnx.ml, ai.onnx.training).
+_OPSET_COLUMN = {"": 2, "ai.onnx": 2, "ai.onnx.ml": 3, "ai.onnx.training": 4}
+
+
+def _min_ir_for_opsets(model: onnx.ModelProto) -> int | None:
+    """The lowest IR version whose onnx release knows every standard opset the model imports;
+    None when one of them is newer than this onnx knows."""
+    need = 3
+    for imp in model.opset_import:
+        column = _OPSET_COLUMN.get(imp.domain)
+        if column is None:
+            continue  # custom domains do not constrain the IR version
+        irs = [row[1] for row in helper.VERSION_TABLE if len(row) > column and row[column] is not None and row[column] >= imp.version]
+        if not irs:
+            return None
+        need = max(need, min(irs))
+    return need
+
+
 def _loadable_ir(model: onnx.ModelProto) -> int:
-    return min(model.ir_version, max_supported_ir_version())
+    """The IR version to give onnxruntime: the model's own when it accepts it, else the
+    highest it accepts when the model's opsets exist at that IR version (a newer opset
+    cannot be described at an older IR version: the model's own version is kept then)."""
+    supported = max_supported_ir_version()
+    if model.ir_version <= supported:
+        return model.ir_version
+    need = _min_ir_for_opsets(model)
+    return supported if need is not None and need <= supported else model.ir_version
 
 
 def ensure_loadable_ir(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model itself if onnxruntime accepts its IR version, else a copy with the IR
-    version lowered to the highest one it accepts (nothing else changes)."""
+    """The model itself if onnxruntime accepts its IR version (or it cannot be lowered),
+    else a copy with the IR version lowered to the highest one it accepts (nothing else
+    changes). ``load_model`` applies this; ``save_model`` writes that version too."""
     target = _loadable_ir(model)
     if target == model.ir_version:
         return model
