@@ -650,3 +650,45 @@ def test_ir_version_is_kept_when_an_opset_needs_it() -> None:
     custom = make_model()
     custom.opset_import.append(helper.make_opsetid("com.example", 99))
     assert model_io._min_ir_for_opsets(custom) == 8
+
+
+# --- nothing rewritten: the input comes back unchanged --------------------------------------
+
+
+def _dynamo_like_model() -> onnx.ModelProto:
+    """Graph and input metadata_props, value_info of initializers, initializer and value
+    metadata (what torch's dynamo export writes)."""
+    model = make_model()
+    g = model.graph
+    g.metadata_props.add(key="pkg.torch.export.ExportedProgram.graph_signature", value="# inputs\nX: USER_INPUT\n")
+    g.input[0].metadata_props.add(key="pkg.torch.onnx.original_node_name", value="x")
+    g.output[0].metadata_props.add(key="pkg.torch.onnx.original_node_name", value="y")
+    g.value_info.append(helper.make_tensor_value_info("W", TensorProto.FLOAT, [64, 32]))
+    g.value_info.append(helper.make_tensor_value_info("XW", TensorProto.FLOAT, [2, 32]))
+    g.value_info[-1].metadata_props.add(key="pkg.torch.onnx.stack_trace", value="model.py:3")
+    g.initializer[1].metadata_props.add(key="pkg.torch.onnx.original_node_name", value="bias")
+    return model
+
+
+def test_export_keeps_metadata_and_initializer_value_info() -> None:
+    from rewriter.engine.graph import ModelGraph
+
+    model = _dynamo_like_model()
+    out = ModelGraph(model).export()
+    g, h = model.graph, out.graph
+    assert list(h.metadata_props) == list(g.metadata_props)
+    assert list(h.input[0].metadata_props) == list(g.input[0].metadata_props)
+    assert list(h.output[0].metadata_props) == list(g.output[0].metadata_props)
+    infos = {vi.name: vi for vi in h.value_info}
+    assert infos["W"] == g.value_info[0] and infos["XW"] == g.value_info[1]
+    assert list(next(t for t in h.initializer if t.name == "B").metadata_props) == list(g.initializer[1].metadata_props)
+    onnx.checker.check_model(out)
+
+
+def test_saving_the_loaded_model_writes_the_input_bytes(tmp_path: Path) -> None:
+    """What the save path writes when nothing was rewritten: the loaded proto, byte for byte."""
+    src = tmp_path / "in.onnx"
+    onnx.save(_dynamo_like_model(), src)
+    loaded = load_model(src)
+    out = save_model(loaded.model, tmp_path / "out.onnx", source=loaded)
+    assert out.read_bytes() == src.read_bytes()
