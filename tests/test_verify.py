@@ -292,6 +292,7 @@ def test_compare_counts_compared_and_finite_elements() -> None:
     ref = np.array([[1.0, np.nan], [np.inf, 2.0]], np.float32)
     d = c.compare_arrays("y", ref, ref.copy(), tol)
     assert (d.passed, d.vacuous, d.compared, d.finite) == (True, False, 4, 2)
+    assert {k: d.to_json()[k] for k in ("compared", "finite", "vacuous", "passed")} == {"compared": 4, "finite": 2, "vacuous": False, "passed": True}
     ints = c.compare_arrays("i", np.arange(3), np.arange(3), Tolerance(0.0, 0.0))
     assert (ints.passed, ints.compared, ints.finite) == (True, 3, 3)
     text = c.compare_arrays("s", np.array(["a", "b"]), np.array(["a", "b"]), tol)
@@ -314,6 +315,7 @@ def test_agreement_without_finite_elements_is_vacuous_not_passed(ref: np.ndarray
     d = c.compare_arrays("y", ref, got, Tolerance(1e-4, 1e-3))
     assert d.vacuous and not d.passed
     assert d.finite == 0 and d.compared == ref.size and d.max_abs == 0.0
+    assert d.to_json()["vacuous"] is True and d.to_json()["passed"] is False
 
 
 def test_a_wrong_rewrite_on_nan_inputs_is_not_reported_as_passed() -> None:

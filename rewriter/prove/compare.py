@@ -108,6 +108,9 @@ class OutputDiff:
             "cosine": json_num(self.cosine),
             "tolerance": self.tolerance.to_json(),
             "passed": self.passed,
+            "compared": self.compared,
+            "finite": self.finite,
+            "vacuous": self.vacuous,
         }
 
 
