@@ -191,3 +191,47 @@ def test_distinct_dynamic_dims_get_distinct_values_above_one():
     assert runs[0] == {"x": (1, 1, 16), "y": (1, 1)}
     assert runs[1]["x"][:2] == (3, 4)  # batch and frames differ
     assert runs[1]["y"] == (3, 5)  # shared symbol keeps its value; the anonymous dim gets its own
+
+
+# --- memory needed by random inputs ---------------------------------------------------------
+
+
+def test_make_feeds_refuses_shapes_that_do_not_fit_before_allocating(monkeypatch: pytest.MonkeyPatch) -> None:
+    import rewriter.prove.inputs as inputs
+
+    specs = [InputSpec("x", F32, (1, None, 16)), InputSpec("ids", np.dtype(np.int64), ("batch",))]
+    with pytest.raises(InputError) as exc:
+        make_feeds(specs, {"x": (1, 99999999999, 16), "ids": (1,)})
+    message = str(exc.value)
+    assert message.startswith("input 'x' at [1,99999999999,16] would need 17.5 TiB for random float32 values; the limit is ")
+    assert "half the available memory" in message and "\n" not in message
+
+    # The limit is half the available memory; each input briefly holds its 8-byte draw too.
+    monkeypatch.setattr(inputs, "_available_memory", lambda: 2 * 1000)
+    make_feeds(specs[:1], {"x": (1, 5, 16)})  # 80 values * (4 + 8) bytes = 960 <= 1000
+    with pytest.raises(InputError, match=r"^input 'x' at \[1,6,16\] would need 1.12 KiB .* the limit is 1000 bytes "):
+        make_feeds(specs[:1], {"x": (1, 6, 16)})  # 96 * 12 = 1152
+    make_feeds(specs, {"x": (1, 5, 16), "ids": (5,)})  # 320 + 40 kept, 640 drawn at most: 1000
+    with pytest.raises(InputError, match=r"^inputs at x=\[1,5,16\], ids=\[10\] would need 1.02 KiB .* together"):
+        make_feeds(specs, {"x": (1, 5, 16), "ids": (10,)})  # 320 + 80 kept + 640 drawn = 1040
+    monkeypatch.setattr(inputs, "_available_memory", lambda: None)  # unknown: no limit
+    assert make_feeds(specs[:1], {"x": (1, 7, 16)})["x"].shape == (1, 7, 16)
+
+
+def test_available_memory_sources(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    import rewriter.prove.inputs as inputs
+
+    limit = inputs.feed_memory_limit()
+    assert limit is None or limit > 0
+    monkeypatch.setattr(inputs, "_meminfo_available", lambda: 5000)
+    monkeypatch.setattr(inputs, "_cgroup_available", lambda: None)
+    assert inputs._available_memory() == 5000 and inputs.feed_memory_limit() == 2500
+    monkeypatch.setattr(inputs, "_cgroup_available", lambda: 1000)  # a container's limit is lower
+    assert inputs._available_memory() == 1000
+    monkeypatch.setattr(inputs, "_meminfo_available", lambda: None)  # no /proc: psutil, else sysconf
+    monkeypatch.setitem(sys.modules, "psutil", None)
+    monkeypatch.setattr(inputs, "_cgroup_available", lambda: None)
+    monkeypatch.setattr(inputs.os, "sysconf", {"SC_AVPHYS_PAGES": 10, "SC_PAGE_SIZE": 4096}.__getitem__)
+    assert inputs._available_memory() == 40960

@@ -428,3 +428,267 @@ def test_atomic_write_text_and_file_sha256(tmp_path: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600
+
+
+# --- tensor data validated at load --------------------------------------------------------
+
+
+def _with_initializer(tensor: onnx.TensorProto) -> onnx.ModelProto:
+    """make_model() with its weight 'W' replaced by `tensor`."""
+    model = make_model()
+    model.graph.initializer[0].CopyFrom(tensor)
+    return model
+
+
+def _load_error(model: onnx.ModelProto, tmp_path: Path, *phrases: str) -> None:
+    path = tmp_path / "bad.onnx"
+    onnx.save(model, path)
+    for src in (path, model):  # from a file and in memory: the same check
+        with pytest.raises(InputError) as exc:
+            load_model(src)
+        assert_input_error(exc, *phrases)
+
+
+def test_short_raw_data_is_refused(tmp_path: Path) -> None:
+    w = numpy_helper.from_array(W, "W")
+    w.raw_data = w.raw_data[:768]
+    _load_error(_with_initializer(w), tmp_path, "initializer 'W' holds 768 bytes, dims [64,32] need 8192")
+    w.raw_data = numpy_helper.from_array(W).raw_data + b"\0" * 4  # too long is as wrong
+    _load_error(_with_initializer(w), tmp_path, "initializer 'W' holds 8196 bytes, dims [64,32] need 8192")
+
+
+def test_huge_dims_without_data_are_refused(tmp_path: Path) -> None:
+    w = onnx.TensorProto(name="W", data_type=TensorProto.FLOAT, dims=[2**40, 16, 1])
+    _load_error(_with_initializer(w), tmp_path, "initializer 'W' holds 0 bytes, dims [1099511627776,16,1] need 70368744177664")
+
+
+def test_typed_data_count_is_checked(tmp_path: Path) -> None:
+    w = helper.make_tensor("W", TensorProto.FLOAT, [64, 32], W.flatten().tolist())
+    del w.float_data[-3:]
+    _load_error(_with_initializer(w), tmp_path, "initializer 'W' holds 2045 values, dims [64,32] need 2048")
+    b = helper.make_tensor("B", TensorProto.INT64, [3], [1, 2, 3])
+    b.int64_data.append(4)
+    model = make_model()
+    model.graph.initializer.append(b)
+    _load_error(model, tmp_path, "initializer 'B' holds 4 values, dims [3] need 3")
+
+
+def test_negative_dim_is_refused(tmp_path: Path) -> None:
+    w = onnx.TensorProto(name="W", data_type=TensorProto.FLOAT, dims=[-1, 32])
+    _load_error(_with_initializer(w), tmp_path, "initializer 'W' has a negative dim in [-1,32]")
+
+
+def test_valid_tensors_of_every_storage_kind_load(tmp_path: Path) -> None:
+    """Typed and raw, packed sub-byte, complex, strings (no byte count), empty tensors, in a
+    Constant node, a sparse initializer, a subgraph and a function: all consistent, all load."""
+    model = make_model()
+    extra = [
+        helper.make_tensor("i4", TensorProto.INT4, [5], [1, -2, 3, -4, 5]),  # packed typed: 3 int32 entries
+        numpy_helper.from_array(np.arange(7, dtype=np.uint8), "u8"),
+        helper.make_tensor("c64", TensorProto.COMPLEX64, [2], [1 + 2j, 3 - 1j]),  # 4 float entries
+        helper.make_tensor("f16", TensorProto.FLOAT16, [3], np.array([1, 2, 3], np.float16)),
+        helper.make_tensor("s", TensorProto.STRING, [2], [b"a", b"bcd"]),
+        numpy_helper.from_array(np.zeros((0, 4), np.float32), "empty"),
+    ]
+    if hasattr(TensorProto, "INT2"):
+        extra.append(helper.make_tensor("i2", TensorProto.INT2, [5], [1, -2, 1, 0, -1]))
+    model.graph.initializer.extend(extra)
+    const = helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(np.ones(3, np.float32)))
+    model.graph.node.append(const)
+    sparse = helper.make_sparse_tensor(
+        numpy_helper.from_array(np.array([1.0, 2.0], np.float32), "sp"), numpy_helper.from_array(np.array([0, 3], np.int64)), [4]
+    )
+    model.graph.sparse_initializer.append(sparse)
+    for src in (model, model.SerializeToString()):
+        load_model(src)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    assert load_model(path).model.graph.initializer[-1].name == extra[-1].name
+
+
+@pytest.mark.parametrize("where", ["constant", "sparse", "subgraph", "function"])
+def test_bad_tensor_anywhere_is_found(tmp_path: Path, where: str) -> None:
+    bad = numpy_helper.from_array(np.ones(8, np.float32), "t")
+    bad.raw_data = bad.raw_data[:-4]
+    model = make_model()
+    if where == "constant":
+        model.graph.node.append(helper.make_node("Constant", [], ["k"], name="c", value=bad))
+        phrase = "tensor attribute 'value' of node 'c' holds 28 bytes, dims [8] need 32"
+    elif where == "sparse":
+        model.graph.sparse_initializer.append(helper.make_sparse_tensor(bad, numpy_helper.from_array(np.arange(8, dtype=np.int64)), [9]))
+        phrase = "sparse initializer 't' (values) holds 28 bytes"
+    elif where == "subgraph":
+        body = helper.make_graph([helper.make_node("Identity", ["t"], ["o"])], "then", [], [helper.make_tensor_value_info("o", TensorProto.FLOAT, [8])], [bad])
+        model.graph.node.append(helper.make_node("If", ["cond"], ["r"], name="if", then_branch=body, else_branch=body))
+        phrase = "initializer 't' holds 28 bytes"
+    else:
+        fn = helper.make_function("local", "f", [], ["o"], [helper.make_node("Constant", [], ["o"], name="fc", value=bad)], [helper.make_opsetid("", 17)])
+        model.functions.append(fn)
+        phrase = "tensor attribute 'value' of node 'fc' holds 28 bytes"
+    _load_error(model, tmp_path, phrase)
+
+
+def test_external_length_and_size_are_checked_without_reading_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = save_external(make_model(), tmp_path)
+    model = onnx.load(path, load_external_data=False)
+    for entry in model.graph.initializer[0].external_data:
+        if entry.key == "length":
+            entry.value = "768"
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(InputError) as exc:
+        load_model(path)
+    assert_input_error(exc, "initializer 'W' stores 768 bytes externally, dims [64,32] need 8192")
+
+    # Huge dims and no length: the data file must cover them; only its size is looked at.
+    path = save_external(make_model(), tmp_path / "huge")
+    model = onnx.load(path, load_external_data=False)
+    del model.graph.initializer[0].dims[:]
+    model.graph.initializer[0].dims.extend([2**40, 16, 1])
+    del model.graph.initializer[0].external_data[:]
+    model.graph.initializer[0].external_data.add(key="location", value="m.data")
+    path.write_bytes(model.SerializeToString())
+    real_open = open
+
+    def no_data_reads(file: object, mode: str = "r", *args: object, **kwargs: object) -> object:
+        handle = real_open(file, mode, *args, **kwargs)  # type: ignore[call-overload]
+        if Path(str(file)).name == "m.data":
+            handle.read = None  # opening for fstat is fine; reading is not
+        return handle
+
+    monkeypatch.setattr(model_io, "open", no_data_reads, raising=False)
+    with pytest.raises(InputError) as exc:
+        load_model(path)
+    assert_input_error(exc, "initializer 'W' needs bytes 0..70368744177664 of 'm.data'", "truncated data file?")
+
+
+def test_every_fixture_loads() -> None:
+    """No false alarm on real exporter output (tf2onnx, keras, torch TorchScript and dynamo)."""
+    fixtures = sorted((Path(__file__).parent / "fixtures").rglob("*.onnx"))
+    assert fixtures
+    for path in fixtures:
+        load_model(path)
+
+
+# --- cycles -------------------------------------------------------------------------------
+
+
+def _cyclic_model() -> onnx.ModelProto:
+    """x -> add(x, y) -> relu -> y, and y feeds add: a cycle add -> relu -> add."""
+    nodes = [helper.make_node("Add", ["X", "Y"], ["A"], name="add"), helper.make_node("Relu", ["A"], ["Y"], name="relu")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 4])], [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 4])]
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
+def test_cycle_is_refused_at_load(tmp_path: Path) -> None:
+    _load_error(_cyclic_model(), tmp_path, "graph has a cycle through node 'relu' (relu -> add -> relu)")
+
+
+def test_self_loop_and_unnamed_nodes(tmp_path: Path) -> None:
+    model = _cyclic_model()
+    del model.graph.node[:]
+    model.graph.node.extend([helper.make_node("Relu", ["X"], ["P"]), helper.make_node("Add", ["P", "Y"], ["Y"])])
+    _load_error(model, tmp_path, "graph has a cycle through node 'Add #1' (Add #1 -> Add #1)")
+
+
+def test_cycle_in_a_subgraph_and_through_a_captured_name(tmp_path: Path) -> None:
+    model = make_model()
+    inner = helper.make_graph(
+        [helper.make_node("Relu", ["b"], ["a"], name="r1"), helper.make_node("Relu", ["a"], ["b"], name="r2")],
+        "body", [], [helper.make_tensor_value_info("b", TensorProto.FLOAT, [2])],
+    )
+    model.graph.node.append(helper.make_node("If", ["cond"], ["r"], name="if", then_branch=inner, else_branch=inner))
+    _load_error(model, tmp_path, "subgraph 'then_branch' of node 'if' has a cycle through node")
+
+    # The If reads 'late' inside its branch; 'late' is computed from the If's own output.
+    model = make_model()
+    body = helper.make_graph([helper.make_node("Identity", ["late"], ["o"])], "body", [], [helper.make_tensor_value_info("o", TensorProto.FLOAT, [2])])
+    model.graph.node.extend([
+        helper.make_node("If", ["cond"], ["r"], name="if", then_branch=body, else_branch=body),
+        helper.make_node("Neg", ["r"], ["late"], name="neg"),
+    ])
+    _load_error(model, tmp_path, "graph has a cycle through node", "if", "neg")
+
+
+def test_graphsurgeon_prints_nothing(capfd: pytest.CaptureFixture[str]) -> None:
+    """Even on a graph it cannot sort (loading refuses those first), gs stays quiet."""
+    from rewriter.engine.graph import ModelGraph
+
+    graph = ModelGraph(_cyclic_model(), infer=False)
+    with pytest.raises(Exception, match="Cycle"):
+        graph.cleanup()
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+
+
+# --- IR version at load -------------------------------------------------------------------
+
+
+def test_newer_ir_version_is_lowered_at_load(tmp_path: Path) -> None:
+    supported = max_supported_ir_version()
+    model = make_model(ir_version=supported + 1)
+    path = tmp_path / "new.onnx"
+    onnx.save(model, path)
+    before = path.read_bytes()
+    loaded = load_model(path)
+    assert loaded.model.ir_version == supported
+    assert loaded.sha256 == hashlib.sha256(before).hexdigest()  # of the file as it is
+    from_proto = load_model(model)
+    assert from_proto.model.ir_version == supported and model.ir_version == supported + 1  # caller's proto untouched
+    out = save_model(loaded.model, tmp_path / "out.onnx", source=loaded)
+    assert onnx.load(out).ir_version == supported
+    np.testing.assert_allclose(run(out), expected(), rtol=1e-5, atol=1e-5)
+    assert path.read_bytes() == before
+
+
+def test_ir_version_is_kept_when_an_opset_needs_it() -> None:
+    model = make_model(ir_version=max_supported_ir_version() + 1)
+    model.opset_import[0].version = 10_000  # newer than any onnx release knows
+    assert ensure_loadable_ir(model) is model
+    assert model_io._min_ir_for_opsets(make_model()) == 8  # opset 17: onnx 1.12, IR 8
+    custom = make_model()
+    custom.opset_import.append(helper.make_opsetid("com.example", 99))
+    assert model_io._min_ir_for_opsets(custom) == 8
+
+
+# --- nothing rewritten: the input comes back unchanged --------------------------------------
+
+
+def _dynamo_like_model() -> onnx.ModelProto:
+    """Graph and input metadata_props, value_info of initializers, initializer and value
+    metadata (what torch's dynamo export writes)."""
+    model = make_model()
+    g = model.graph
+    g.metadata_props.add(key="pkg.torch.export.ExportedProgram.graph_signature", value="# inputs\nX: USER_INPUT\n")
+    g.input[0].metadata_props.add(key="pkg.torch.onnx.original_node_name", value="x")
+    g.output[0].metadata_props.add(key="pkg.torch.onnx.original_node_name", value="y")
+    g.value_info.append(helper.make_tensor_value_info("W", TensorProto.FLOAT, [64, 32]))
+    g.value_info.append(helper.make_tensor_value_info("XW", TensorProto.FLOAT, [2, 32]))
+    g.value_info[-1].metadata_props.add(key="pkg.torch.onnx.stack_trace", value="model.py:3")
+    g.initializer[1].metadata_props.add(key="pkg.torch.onnx.original_node_name", value="bias")
+    return model
+
+
+def test_export_keeps_metadata_and_initializer_value_info() -> None:
+    from rewriter.engine.graph import ModelGraph
+
+    model = _dynamo_like_model()
+    out = ModelGraph(model).export()
+    g, h = model.graph, out.graph
+    assert list(h.metadata_props) == list(g.metadata_props)
+    assert list(h.input[0].metadata_props) == list(g.input[0].metadata_props)
+    assert list(h.output[0].metadata_props) == list(g.output[0].metadata_props)
+    infos = {vi.name: vi for vi in h.value_info}
+    assert infos["W"] == g.value_info[0] and infos["XW"] == g.value_info[1]
+    assert list(next(t for t in h.initializer if t.name == "B").metadata_props) == list(g.initializer[1].metadata_props)
+    onnx.checker.check_model(out)
+
+
+def test_saving_the_loaded_model_writes_the_input_bytes(tmp_path: Path) -> None:
+    """What the save path writes when nothing was rewritten: the loaded proto, byte for byte."""
+    src = tmp_path / "in.onnx"
+    onnx.save(_dynamo_like_model(), src)
+    loaded = load_model(src)
+    out = save_model(loaded.model, tmp_path / "out.onnx", source=loaded)
+    assert out.read_bytes() == src.read_bytes()

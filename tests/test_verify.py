@@ -286,6 +286,77 @@ def test_compare_integers_exact() -> None:
     assert not compare_arrays("i", np.array([1, 2]), np.array([1, 3]), tol).passed
 
 
+# ----------------------------------------------------------------------------- vacuous evidence
+
+def _cmp():  # type: ignore[no-untyped-def]
+    from rewriter.prove import compare
+
+    return compare
+
+
+def test_compare_counts_compared_and_finite_elements() -> None:
+    c = _cmp()
+    tol = Tolerance(1e-4, 1e-3)
+    ref = np.array([[1.0, np.nan], [np.inf, 2.0]], np.float32)
+    d = c.compare_arrays("y", ref, ref.copy(), tol)
+    assert (d.passed, d.vacuous, d.compared, d.finite) == (True, False, 4, 2)
+    assert {k: d.to_json()[k] for k in ("compared", "finite", "vacuous", "passed")} == {"compared": 4, "finite": 2, "vacuous": False, "passed": True}
+    ints = c.compare_arrays("i", np.arange(3), np.arange(3), Tolerance(0.0, 0.0))
+    assert (ints.passed, ints.compared, ints.finite) == (True, 3, 3)
+    text = c.compare_arrays("s", np.array(["a", "b"]), np.array(["a", "b"]), tol)
+    assert (text.passed, text.vacuous, text.finite) == (True, False, 2)
+
+
+@pytest.mark.parametrize(
+    "ref, got",
+    [
+        (np.full((2, 3), np.nan, np.float32), np.full((2, 3), np.nan, np.float32)),  # all-NaN inputs
+        (np.zeros((0, 3), np.float32), np.zeros((0, 3), np.float32)),  # zero-size batch
+        (np.array([np.inf, -np.inf, np.nan], np.float32), np.array([np.inf, -np.inf, np.nan], np.float32)),
+        (np.array([], dtype=str), np.array([], dtype=str)),
+    ],
+    ids=["all-nan", "zero-size", "non-finite", "empty-strings"],
+)
+def test_agreement_without_finite_elements_is_vacuous_not_passed(ref: np.ndarray, got: np.ndarray) -> None:
+    c = _cmp()
+    assert c.MIN_FINITE_COMPARED >= 1
+    d = c.compare_arrays("y", ref, got, Tolerance(1e-4, 1e-3))
+    assert d.vacuous and not d.passed
+    assert d.finite == 0 and d.compared == ref.size and d.max_abs == 0.0
+    assert d.to_json()["vacuous"] is True and d.to_json()["passed"] is False
+
+
+def test_a_wrong_rewrite_on_nan_inputs_is_not_reported_as_passed() -> None:
+    """The symptom: NaN in, NaN out of both models, "passed, max abs 0" for a wrong weight."""
+    c = _cmp()
+    x = np.full((2, 4), np.nan, np.float32)
+    ref, wrong = x @ W, x @ (W * 1.5)
+    d = c.compare_arrays("y", ref, wrong, Tolerance(1e-4, 1e-3))
+    assert d.max_abs == 0.0 and d.vacuous and not d.passed
+
+
+def test_a_mismatch_without_finite_elements_is_a_failure_not_vacuous() -> None:
+    c = _cmp()
+    ref = np.full(3, np.nan, np.float32)
+    d = c.compare_arrays("y", ref, np.ones(3, np.float32), Tolerance(1e-4, 1e-3))
+    assert not d.passed and not d.vacuous and d.finite == 0
+    shape = c.compare_arrays("y", np.zeros((2, 3), np.float32), np.zeros((3, 2), np.float32), Tolerance(1e-4, 1e-3))
+    assert not shape.passed and not shape.vacuous
+
+
+def test_merge_sums_counts_and_a_vacuous_run_adds_no_evidence() -> None:
+    c = _cmp()
+    tol = Tolerance(1e-4, 1e-3)
+    good = c.compare_arrays("y", np.ones(4, np.float32), np.ones(4, np.float32), tol)
+    empty = c.compare_arrays("y", np.zeros(0, np.float32), np.zeros(0, np.float32), tol)
+    bad = c.compare_arrays("y", np.ones(4, np.float32), np.zeros(4, np.float32), tol)
+    both = c.merge(c.merge(None, empty), good)
+    assert (both.passed, both.vacuous, both.compared, both.finite) == (True, False, 4, 4)
+    assert c.merge(empty, empty).vacuous and not c.merge(empty, empty).passed
+    worst = c.merge(c.merge(good, empty), bad)
+    assert not worst.passed and not worst.vacuous and worst.compared == 8
+
+
 # ----------------------------------------------------------------------------- providers
 
 def test_cuda_status_is_truthful() -> None:

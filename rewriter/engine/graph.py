@@ -1,10 +1,14 @@
 """Thin helpers over onnx-graphsurgeon: import/export that keeps what gs forgets, constants, shapes.
 
-gs drops a few things a rewriter must keep: model metadata, the exact opset imports,
-initializers that are also graph inputs (``keep_initializers_as_inputs=True``), node
-metadata and the original ``value_info`` set. :class:`ModelGraph` records them on import
-and restores them on export. It also makes external-data initializers lazy *and* correct:
-gs would read them relative to the current directory; we read them from the model's folder.
+gs drops a few things a rewriter must keep: model and graph metadata, the exact opset
+imports, initializers that are also graph inputs (``keep_initializers_as_inputs=True``),
+node metadata, metadata and doc strings of inputs/outputs/value_info (torch's dynamo export
+puts its graph signature there), the original ``value_info`` set, and the ``value_info``
+entries of initializers. :class:`ModelGraph` records them on import and restores them on
+export. It also makes external-data initializers lazy *and* correct: gs would read them
+relative to the current directory; we read them from the model's folder. gs's own logger
+(``[W]``/``[E]``/``[C]`` lines on stdout) is silenced once a ModelGraph is built: problems
+reach the user as exceptions, reported by this tool as one line each.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
+from onnx_graphsurgeon.logger import G_LOGGER
 
 __all__ = [
     "ModelGraph",
@@ -43,6 +48,13 @@ class _ExternalLazyValues(LazyValues):  # type: ignore[misc]
         from rewriter.engine.model_io import read_tensor
 
         return read_tensor(self.tensor, self.base_dir)
+
+
+def _silence_graphsurgeon() -> None:
+    """Turn off onnx-graphsurgeon's logger (process-wide): it prints warnings and errors on
+    stdout, the report's stream; what matters surfaces as its exceptions, reported as one line."""
+    if G_LOGGER.severity <= G_LOGGER.CRITICAL:
+        G_LOGGER.severity = G_LOGGER.CRITICAL + 1
 
 
 def iter_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
@@ -171,6 +183,17 @@ class ModelGraph:
         self._node_meta = {
             n.name: list(n.metadata_props) for g in _iter_onnx_graphs(model.graph) for n in g.node if n.metadata_props
         }
+        self._value_extras: dict[str, onnx.ValueInfoProto] = {}  # name -> a value info with metadata or doc
+        self._initializer_infos: dict[str, onnx.ValueInfoProto] = {}  # value_info entries of initializers
+        self._initializer_meta: dict[str, list[onnx.StringStringEntryProto]] = {}
+        for g in _iter_onnx_graphs(model.graph):
+            for vi in (*g.input, *g.output, *g.value_info):
+                if vi.metadata_props or vi.doc_string:
+                    self._value_extras.setdefault(vi.name, vi)
+            inits = {t.name: t for t in g.initializer}
+            self._initializer_infos.update((vi.name, vi) for vi in g.value_info if vi.name in inits)
+            self._initializer_meta.update((t.name, list(t.metadata_props)) for t in inits.values() if t.metadata_props)
+        _silence_graphsurgeon()
         working = model
         if infer:
             working = _infer_shapes(model)
@@ -318,11 +341,14 @@ class ModelGraph:
             model.training_info.extend(orig.training_info)
         g = model.graph
         g.name, g.doc_string = orig.graph.name, orig.graph.doc_string
+        del g.metadata_props[:]
+        g.metadata_props.extend(orig.graph.metadata_props)
         self._restore_inputs(g)
         for sub in _iter_onnx_graphs(g):
             kept = [vi for vi in sub.value_info if vi.name in self._value_info_names]
             del sub.value_info[:]
             sub.value_info.extend(kept)
+            self._restore_value_extras(sub)
             for node in sub.node:
                 if node.name in self._node_meta and not node.metadata_props:
                     node.metadata_props.extend(self._node_meta[node.name])
@@ -331,6 +357,23 @@ class ModelGraph:
                     del node.metadata_props[:]
                     node.metadata_props.add(key=PROVENANCE_KEY, value=rule)
         return model
+
+    def _restore_value_extras(self, sub: onnx.GraphProto) -> None:
+        """Metadata and doc strings of values, initializers' value_info and metadata, by name."""
+        for vi in (*sub.input, *sub.output, *sub.value_info):
+            extra = self._value_extras.get(vi.name)
+            if extra is not None:
+                if not vi.metadata_props:
+                    vi.metadata_props.extend(extra.metadata_props)
+                if extra.doc_string and not vi.doc_string:
+                    vi.doc_string = extra.doc_string
+        described = {vi.name for vi in sub.value_info}
+        for t in sub.initializer:
+            info = self._initializer_infos.get(t.name)
+            if info is not None and t.name not in described and _describes(info, t):
+                sub.value_info.append(info)
+            if not t.metadata_props and t.name in self._initializer_meta:
+                t.metadata_props.extend(self._initializer_meta[t.name])
 
     def _restore_inputs(self, g: onnx.GraphProto) -> None:
         current = {vi.name: vi for vi in g.input}
@@ -347,6 +390,21 @@ class ModelGraph:
         ordered.extend(current.values())
         del g.input[:]
         g.input.extend(ordered)
+
+
+def _describes(info: onnx.ValueInfoProto, tensor: onnx.TensorProto) -> bool:
+    """Whether a value_info entry still fits an initializer of the same name (type and dims)."""
+    if info.type.WhichOneof("value") != "tensor_type":
+        return False
+    tt = info.type.tensor_type
+    if tt.elem_type and tt.elem_type != tensor.data_type:
+        return False
+    if not tt.HasField("shape"):
+        return True
+    dims = list(tt.shape.dim)
+    return len(dims) == len(tensor.dims) and all(
+        not d.HasField("dim_value") or d.dim_value == n for d, n in zip(dims, tensor.dims)
+    )
 
 
 def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -1,8 +1,12 @@
 """Load and save ONNX models: IR-version compatibility, external data, atomic writes.
 
-- ``load_model`` never reads external weights; it validates every external reference
-  (location inside the model's folder, file present and readable, byte range in bounds),
-  in subgraphs and functions too, and turns every bad input into one ``InputError`` line.
+- ``load_model`` never reads external weights. Before any rule runs it validates every
+  tensor (main graph, subgraphs, functions): inline data holds what the dims and type need
+  (raw bytes or typed values), every external reference stays inside the model's folder and
+  its file covers the declared byte range (only file sizes are read); and no graph has a
+  cycle. Every bad input becomes one ``InputError`` line.
+- An IR version newer than the installed onnxruntime accepts is lowered in memory when the
+  opsets allow it (one rule, ``_loadable_ir``, used at load and at save).
 - ``read_tensor`` reads one tensor, touching only its own byte range.
 - ``save_model`` stages every file under a temporary name in its target folder and renames
   them into place only once all of them are written: a failure leaves nothing behind.
@@ -23,7 +27,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -77,34 +81,56 @@ class LoadedModel:
     """sha256 of the .onnx file bytes, or of the serialized proto for in-memory models."""
 
 
-def _iter_tensors(model: onnx.ModelProto, *, initializers_only: bool = False) -> Iterator[onnx.TensorProto]:
-    """Every tensor stored in the model: initializers, sparse initializers and tensor
-    attributes, in the main graph, all subgraphs (If/Loop/Scan bodies) and functions."""
+def _sparse_parts(label: str, sparse: onnx.SparseTensorProto) -> Iterator[tuple[str, onnx.TensorProto]]:
+    yield f"{label} '{sparse.values.name}' (values)", sparse.values
+    yield f"{label} '{sparse.values.name}' (indices)", sparse.indices
+
+
+def _attr_tensors(attr: onnx.AttributeProto, node: onnx.NodeProto) -> Iterator[tuple[str, onnx.TensorProto]]:
+    A = onnx.AttributeProto
+    label = f"tensor attribute '{attr.name}' of node '{node.name or node.op_type}'"
+    if attr.type == A.TENSOR:
+        yield label, attr.t
+    elif attr.type == A.TENSORS:
+        yield from ((label, t) for t in attr.tensors)
+    elif attr.type == A.SPARSE_TENSOR:
+        yield from _sparse_parts(label, attr.sparse_tensor)
+    elif attr.type == A.SPARSE_TENSORS:
+        for sparse in attr.sparse_tensors:
+            yield from _sparse_parts(label, sparse)
+
+
+def _attr_graphs(attr: onnx.AttributeProto) -> list[onnx.GraphProto]:
+    if attr.type == onnx.AttributeProto.GRAPH:
+        return [attr.g]
+    return list(attr.graphs) if attr.type == onnx.AttributeProto.GRAPHS else []
+
+
+def _iter_labelled(model: onnx.ModelProto, *, initializers_only: bool = False) -> Iterator[tuple[str, onnx.TensorProto]]:
+    """(what to call it in a message, tensor) for every tensor stored in the model:
+    initializers, sparse initializers and tensor attributes, in the main graph, all
+    subgraphs (If/Loop/Scan bodies) and functions."""
     graphs: list[onnx.GraphProto] = [model.graph]
     nodes: list[onnx.NodeProto] = [n for f in model.functions for n in f.node]
     while graphs or nodes:
         if graphs:
             graph = graphs.pop()
-            yield from graph.initializer
+            yield from ((f"initializer '{t.name}'", t) for t in graph.initializer)
             if not initializers_only:
                 for sparse in graph.sparse_initializer:
-                    yield from (sparse.values, sparse.indices)
+                    yield from _sparse_parts("sparse initializer", sparse)
             nodes.extend(graph.node)
             continue
-        for attr in nodes.pop().attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                graphs.append(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                graphs.extend(attr.graphs)
-            elif initializers_only:
-                continue
-            elif attr.type == onnx.AttributeProto.TENSOR:
-                yield attr.t
-            elif attr.type == onnx.AttributeProto.TENSORS:
-                yield from attr.tensors
-            elif attr.type in (onnx.AttributeProto.SPARSE_TENSOR, onnx.AttributeProto.SPARSE_TENSORS):
-                for sparse in [attr.sparse_tensor] if attr.type == onnx.AttributeProto.SPARSE_TENSOR else attr.sparse_tensors:
-                    yield from (sparse.values, sparse.indices)
+        node = nodes.pop()
+        for attr in node.attribute:
+            graphs.extend(_attr_graphs(attr))
+            if not initializers_only:
+                yield from _attr_tensors(attr, node)
+
+
+def _iter_tensors(model: onnx.ModelProto, *, initializers_only: bool = False) -> Iterator[onnx.TensorProto]:
+    """Every tensor stored in the model (see ``_iter_labelled``)."""
+    return (t for _, t in _iter_labelled(model, initializers_only=initializers_only))
 
 
 def _is_external(tensor: onnx.TensorProto) -> bool:
@@ -196,29 +222,142 @@ def _data_file_size(file: Path, location: str, tensor_name: str, where: str, siz
     return sizes[file]
 
 
-def _check_range(tensor: onnx.TensorProto, ref: _ExternalRef, size: int, where: str) -> int | None:
+def _dims_text(tensor: onnx.TensorProto) -> str:
+    return "[" + ",".join(str(d) for d in tensor.dims) + "]"
+
+
+def _check_range(tensor: onnx.TensorProto, ref: _ExternalRef, size: int, where: str, label: str | None = None) -> int | None:
     """Check the tensor's byte range against its file size; return the byte count to read."""
     expected = _expected_nbytes(tensor)
-    what = f"{where}: external data of tensor '{tensor.name}'"
+    what = f"{where}: {label or f'tensor {tensor.name!r}'}"
     if ref.length is not None and expected is not None and ref.length != expected:
-        raise InputError(f"{what} is {ref.length} bytes but its shape and type need {expected}")
+        raise InputError(f"{what} stores {ref.length} bytes externally, dims {_dims_text(tensor)} need {expected}")
     length = ref.length if ref.length is not None else expected
     if (end := ref.offset + (length or 0)) > size:
         raise InputError(f"{what} needs bytes {ref.offset}..{end} of '{ref.location}', which has only {size} (truncated data file?)")
     return length
 
 
-def _check_external_data(model: onnx.ModelProto, base_dir: Path | None, where: str) -> None:
+def _typed_count(tensor: onnx.TensorProto, numel: int) -> tuple[int, int] | None:
+    """(values held in the tensor's typed field, values its dims need), or None for types
+    without a typed field. Sub-byte types keep one packed byte per int32 entry (6-bit: one
+    value per entry); complex numbers take two entries each."""
+    try:
+        field = helper.tensor_dtype_to_field(tensor.data_type)
+    except (KeyError, ValueError, TypeError):
+        return None
+    bits = _PACKED_BITS.get(tensor.data_type)
+    if bits is not None and bits != 6:
+        need = (numel * bits + 7) // 8
+    elif tensor.data_type in (_TP.COMPLEX64, _TP.COMPLEX128):
+        need = 2 * numel
+    else:
+        need = numel
+    return len(getattr(tensor, field)), need
+
+
+def _check_inline(tensor: onnx.TensorProto, label: str, where: str) -> None:
+    """Inline data must hold exactly what the dims and type need: raw bytes (strings are
+    exempt from byte counts) or, without raw data, as many typed values as elements."""
+    if tensor.HasField("segment"):
+        return  # a slice of a larger tensor: onnx cannot load these anyway
+    numel = math.prod(tensor.dims)
+    if tensor.HasField("raw_data"):
+        expected = _expected_nbytes(tensor)
+        if expected is None:
+            return
+        # Reading raw_data copies it (one tensor at a time); ByteSize() would be no cheaper:
+        # the upb backend serializes the whole message to size it.
+        if (held := len(tensor.raw_data)) != expected:
+            raise InputError(f"{where}: {label} holds {held} bytes, dims {_dims_text(tensor)} need {expected}")
+        return
+    counts = _typed_count(tensor, numel)
+    if counts is None or counts[0] == counts[1]:
+        return
+    held, need = counts
+    expected = _expected_nbytes(tensor)
+    if held == 0 and expected is not None:  # no data at all: say it in bytes, like raw data
+        raise InputError(f"{where}: {label} holds 0 bytes, dims {_dims_text(tensor)} need {expected}")
+    raise InputError(f"{where}: {label} holds {held} values, dims {_dims_text(tensor)} need {need}")
+
+
+def _check_tensors(model: onnx.ModelProto, base_dir: Path | None, where: str) -> None:
+    """Validate every tensor's data against its dims and type, reading only file sizes."""
     sizes: dict[Path, int] = {}
-    for tensor in _iter_tensors(model):
+    for label, tensor in _iter_labelled(model):
+        if any(d < 0 for d in tensor.dims):
+            raise InputError(f"{where}: {label} has a negative dim in {_dims_text(tensor)}")
         if not _is_external(tensor):
+            _check_inline(tensor, label, where)
             continue
         ref = _external_ref(tensor, where)
         if base_dir is None:
             raise InputError(f"{where}: tensor '{tensor.name}' references external data '{ref.location}'; load it from its file")
         file = _resolve_location(ref.location, base_dir, tensor.name, where)
         size = _data_file_size(file, ref.location, tensor.name, where, sizes)
-        _check_range(tensor, ref, size, where)
+        _check_range(tensor, ref, size, where, label)
+
+
+def _names_read(node: onnx.NodeProto) -> Iterator[str]:
+    """Names a node reads: its inputs, and every input of a node in its subgraphs (the
+    names a subgraph captures from outer scopes are among them)."""
+    yield from node.input
+    for attr in node.attribute:
+        for sub in _attr_graphs(attr):
+            for inner in sub.node:
+                yield from _names_read(inner)
+
+
+def _find_cycle(nodes: Sequence[onnx.NodeProto]) -> list[int] | None:
+    """Indices of nodes forming a cycle, in data-flow order, or None if there is none."""
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+    deps = [sorted({producer[n] for n in _names_read(node) if n in producer}) for node in nodes]
+    state = [0] * len(nodes)  # 0 unseen, 1 on the current path, 2 done
+    for start in range(len(nodes)):
+        if state[start]:
+            continue
+        state[start] = 1
+        stack = [(start, iter(deps[start]))]
+        while stack:
+            i, pending = stack[-1]
+            nxt = next(pending, None)
+            if nxt is None:
+                state[i] = 2
+                stack.pop()
+            elif state[nxt] == 1:  # back to a node on the path: the path from it is a cycle
+                path = [j for j, _ in stack]
+                return path[path.index(nxt):][::-1]
+            elif state[nxt] == 0:
+                state[nxt] = 1
+                stack.append((nxt, iter(deps[nxt])))
+    return None
+
+
+def _cycle_message(what: str, nodes: Sequence[onnx.NodeProto], cycle: list[int]) -> str:
+    names = [nodes[i].name or f"{nodes[i].op_type} #{i}" for i in cycle]
+    shown = names if len(names) <= 6 else [*names[:5], "..."]
+    return f"{what} has a cycle through node '{names[0]}' ({' -> '.join([*shown, names[0]])})"
+
+
+def _check_acyclic(model: onnx.ModelProto, where: str) -> None:
+    """Refuse a graph (or subgraph, or function body) whose nodes form a cycle: nothing
+    could run it, and onnx-graphsurgeon would fail sorting it."""
+    todo: list[tuple[str, Sequence[onnx.NodeProto]]] = [("graph", model.graph.node)]
+    todo += [(f"function '{f.name}'", f.node) for f in model.functions]
+    while todo:
+        what, nodes = todo.pop()
+        cycle = _find_cycle(nodes)
+        if cycle is not None:
+            raise InputError(f"{where}: {_cycle_message(what, nodes, cycle)}")
+        for node in nodes:
+            for attr in node.attribute:
+                label = f"subgraph '{attr.name}' of node '{node.name or node.op_type}'"
+                todo += [(label, sub.node) for sub in _attr_graphs(attr)]
+
+
+def _check_model(model: onnx.ModelProto, base_dir: Path | None, where: str) -> None:
+    _check_tensors(model, base_dir, where)
+    _check_acyclic(model, where)
 
 
 def _proto_sha256(model: onnx.ModelProto) -> str:
@@ -261,23 +400,29 @@ def _load_path(src: str | os.PathLike[str]) -> LoadedModel:
     if not data:
         raise InputError(f"{where}: file is empty")
     model = _parse(data, where)
-    _check_external_data(model, path.parent, where)
+    _check_model(model, path.parent, where)
+    model.ir_version = _loadable_ir(model)  # our own parsed copy: lowered in place
     return LoadedModel(model=model, path=path, base_dir=path.parent, sha256=hashlib.sha256(data).hexdigest())
 
 
 def _in_memory(model: onnx.ModelProto, where: str, sha256: str | None = None) -> LoadedModel:
     if not model.HasField("graph"):
         raise InputError(f"{where}: not an ONNX model (no graph)")
-    _check_external_data(model, None, where)
-    return LoadedModel(model=model, path=None, base_dir=None, sha256=sha256 or _proto_sha256(model))
+    _check_model(model, None, where)
+    digest = sha256 or _proto_sha256(model)
+    # The caller's proto is never changed: a copy when the IR version must be lowered.
+    return LoadedModel(model=ensure_loadable_ir(model), path=None, base_dir=None, sha256=digest)
 
 
 def load_model(src: str | os.PathLike[str] | bytes | onnx.ModelProto | object) -> LoadedModel:
     """Load a model from a path, serialized bytes, a ``ModelProto``, or any object with a
     ``model_proto`` attribute (torch dynamo ``ONNXProgram``), without reading external data.
 
-    A ``ModelProto`` is used as is, not copied. Raises ``InputError`` (one line) for a
-    missing, unreadable, empty or corrupt file and for any bad external data reference.
+    A ``ModelProto`` is used as is, not copied (unless its IR version is newer than
+    onnxruntime accepts: ``LoadedModel.model`` is then a copy with it lowered, see
+    ``ensure_loadable_ir``). Raises ``InputError`` (one line) for a missing, unreadable,
+    empty or corrupt file, tensor data that does not match its dims, any bad external data
+    reference, and a graph with a cycle.
     """
     if isinstance(src, onnx.ModelProto):
         return _in_memory(src, "cannot use in-memory model")
@@ -347,13 +492,40 @@ def max_supported_ir_version() -> int:
     return onnx.IR_VERSION
 
 
+# Columns of onnx.helper.VERSION_TABLE rows (release, IR, ai.onnx, ai.onnx.ml, ai.onnx.training).
+_OPSET_COLUMN = {"": 2, "ai.onnx": 2, "ai.onnx.ml": 3, "ai.onnx.training": 4}
+
+
+def _min_ir_for_opsets(model: onnx.ModelProto) -> int | None:
+    """The lowest IR version whose onnx release knows every standard opset the model imports;
+    None when one of them is newer than this onnx knows."""
+    need = 3
+    for imp in model.opset_import:
+        column = _OPSET_COLUMN.get(imp.domain)
+        if column is None:
+            continue  # custom domains do not constrain the IR version
+        irs = [row[1] for row in helper.VERSION_TABLE if len(row) > column and row[column] is not None and row[column] >= imp.version]
+        if not irs:
+            return None
+        need = max(need, min(irs))
+    return need
+
+
 def _loadable_ir(model: onnx.ModelProto) -> int:
-    return min(model.ir_version, max_supported_ir_version())
+    """The IR version to give onnxruntime: the model's own when it accepts it, else the
+    highest it accepts when the model's opsets exist at that IR version (a newer opset
+    cannot be described at an older IR version: the model's own version is kept then)."""
+    supported = max_supported_ir_version()
+    if model.ir_version <= supported:
+        return model.ir_version
+    need = _min_ir_for_opsets(model)
+    return supported if need is not None and need <= supported else model.ir_version
 
 
 def ensure_loadable_ir(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model itself if onnxruntime accepts its IR version, else a copy with the IR
-    version lowered to the highest one it accepts (nothing else changes)."""
+    """The model itself if onnxruntime accepts its IR version (or it cannot be lowered),
+    else a copy with the IR version lowered to the highest one it accepts (nothing else
+    changes). ``load_model`` applies this; ``save_model`` writes that version too."""
     target = _loadable_ir(model)
     if target == model.ir_version:
         return model

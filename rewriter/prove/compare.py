@@ -3,6 +3,14 @@
 Kept apart from the runners in rewriter/verify.py (which decide what runs where): this module
 only judges two arrays. An element passes when |got - ref| <= atol + max(rtol*|ref|, 2*noise),
 where ``noise`` is a provider's own measured disagreement (CUDA vs CPU on the original model).
+
+A comparison is *vacuous* when no element mismatched but fewer than ``MIN_FINITE_COMPARED``
+elements were compared with finite values on both sides: all-NaN inputs, a zero-size batch or
+outputs that are NaN/inf everywhere make both models agree whatever the rewrite did. A vacuous
+comparison is not passed (``passed`` False, ``vacuous`` True): it is no evidence either way,
+and the caller decides what to do (e.g. compare again on other inputs). A mismatch is never
+vacuous: it is evidence of a difference. ``compared`` and ``finite`` count the elements behind
+every verdict.
 """
 
 from __future__ import annotations
@@ -14,7 +22,23 @@ import numpy as np
 
 from rewriter.prove.inputs import BFLOAT16
 
-__all__ = ["Tolerance", "DEFAULT_TOLERANCES", "OutputDiff", "compare_arrays", "tolerance_for", "noise", "merge", "json_num"]
+__all__ = [
+    "Tolerance",
+    "DEFAULT_TOLERANCES",
+    "MIN_FINITE_COMPARED",
+    "OutputDiff",
+    "compare_arrays",
+    "tolerance_for",
+    "noise",
+    "merge",
+    "json_num",
+]
+
+MIN_FINITE_COMPARED = 1
+"""Fewest elements, finite in both outputs, that make a comparison evidence. One is the
+honest floor: a single finite element is compared like any other, while zero means nothing
+numeric was compared at all (strings and empty-vs-empty non-numeric outputs count every
+element they hold)."""
 
 # Floor for the relative-error denominator so a zero reference does not divide by zero. The pass
 # rule itself uses atol + rtol*|ref|, so max_rel near zero references is informative only.
@@ -57,7 +81,12 @@ def json_num(x: float | None) -> float | None:
 
 @dataclass(frozen=True)
 class OutputDiff:
-    """One output compared over all runs of a provider (worst case of each metric)."""
+    """One output compared over all runs of a provider (worst case of each metric; element
+    counts summed over the runs).
+
+    ``compared``: elements compared; ``finite``: those finite in both outputs (every element
+    of a non-numeric output); ``vacuous``: nothing mismatched but ``finite`` is below
+    ``MIN_FINITE_COMPARED`` (then ``passed`` is False too)."""
 
     name: str
     max_abs: float
@@ -66,6 +95,9 @@ class OutputDiff:
     cosine: float
     tolerance: Tolerance
     passed: bool
+    compared: int = 0
+    finite: int = 0
+    vacuous: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -76,23 +108,35 @@ class OutputDiff:
             "cosine": json_num(self.cosine),
             "tolerance": self.tolerance.to_json(),
             "passed": self.passed,
+            "compared": self.compared,
+            "finite": self.finite,
+            "vacuous": self.vacuous,
         }
+
+
+def _verdict(ok: bool, finite: int) -> tuple[bool, bool]:
+    """(passed, vacuous) of a comparison in which every element agreed iff ``ok``: without
+    enough finite elements an agreement passes nothing; a mismatch is never vacuous."""
+    vacuous = ok and finite < MIN_FINITE_COMPARED
+    return ok and not vacuous, vacuous
 
 
 def compare_arrays(name: str, ref: np.ndarray, got: np.ndarray, tol: Tolerance, noise: float = 0.0) -> OutputDiff:
     """Element i passes when |got-ref| <= atol + max(rtol*|ref|, 2*noise), or both are equal
     (same inf, both NaN). Any NaN/inf mismatch counts as an infinite error."""
-    if ref.shape != got.shape:
+    if ref.shape != got.shape:  # a failure, whatever the values: not vacuous
         return OutputDiff(name, float("inf"), float("inf"), 1.0, float("nan"), tol, False)
     if ref.dtype.kind in "OSUV" or got.dtype.kind in "OSUV":
         ok = np.asarray(ref == got, dtype=bool)
         frac = float(1.0 - ok.mean()) if ok.size else 0.0
         err = 0.0 if frac == 0 else float("inf")
-        return OutputDiff(name, err, err, frac, 1.0 if frac == 0 else float("nan"), tol, frac == 0)
+        passed, vacuous = _verdict(frac == 0, int(ok.size))
+        return OutputDiff(name, err, err, frac, 1.0 if frac == 0 else float("nan"), tol, passed, int(ok.size), int(ok.size), vacuous)
     b = ref.astype(np.float64)
     a = got.astype(np.float64)
     if a.size == 0:
-        return OutputDiff(name, 0.0, 0.0, 0.0, 1.0, tol, True)
+        passed, vacuous = _verdict(True, 0)
+        return OutputDiff(name, 0.0, 0.0, 0.0, 1.0, tol, passed, 0, 0, vacuous)
     with np.errstate(invalid="ignore", over="ignore"):
         equal = (a == b) | (np.isnan(a) & np.isnan(b))
         finite = np.isfinite(a) & np.isfinite(b)
@@ -108,7 +152,9 @@ def compare_arrays(name: str, ref: np.ndarray, got: np.ndarray, tol: Tolerance, 
     else:
         cosine = float(np.dot(af, bf) / (na * nb))
     frac = float(1.0 - ok.mean())
-    return OutputDiff(name, float(absdiff.max()), float(rel.max()), frac, cosine, tol, frac == 0.0)
+    n_finite = int(np.count_nonzero(finite))
+    passed, vacuous = _verdict(frac == 0.0, n_finite)
+    return OutputDiff(name, float(absdiff.max()), float(rel.max()), frac, cosine, tol, passed, int(a.size), n_finite, vacuous)
 
 
 def noise(ref: np.ndarray, other: np.ndarray) -> float:
@@ -121,9 +167,16 @@ def noise(ref: np.ndarray, other: np.ndarray) -> float:
 
 
 def merge(old: OutputDiff | None, new: OutputDiff) -> OutputDiff:
+    """Two runs of one output: the worst of each metric, element counts summed. Failed when
+    either run failed; else vacuous when the runs together compared fewer than
+    ``MIN_FINITE_COMPARED`` finite elements (a vacuous run adds no evidence but fails
+    nothing); else passed."""
     if old is None:
         return new
     cos = float("nan") if np.isnan(old.cosine) or np.isnan(new.cosine) else min(old.cosine, new.cosine)
+    finite = old.finite + new.finite
+    failed = any(not d.passed and not d.vacuous for d in (old, new))
+    passed, vacuous = _verdict(not failed, finite)
     return OutputDiff(
         new.name,
         max(old.max_abs, new.max_abs),
@@ -131,5 +184,8 @@ def merge(old: OutputDiff | None, new: OutputDiff) -> OutputDiff:
         max(old.mismatch_fraction, new.mismatch_fraction),
         cos,
         old.tolerance,  # same output, same dtype: the same tolerance on every run
-        old.passed and new.passed,
+        passed,
+        old.compared + new.compared,
+        finite,
+        vacuous,
     )

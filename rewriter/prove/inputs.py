@@ -3,10 +3,16 @@
 A model's real inputs become `InputSpec`s; `shape_sets` turns their dynamic dimensions into
 concrete shapes (every dynamic dim at >= 2 values, 1 among them); `make_feeds` fills them with
 deterministic random data; `load_npz_feeds` reads user-supplied inputs instead.
+
+`make_feeds` estimates the memory its arrays need before allocating any: above half of the
+memory available (``feed_memory_limit``) it refuses with an ``InputError`` naming the input and
+its shape, instead of failing part way with a MemoryError (or being killed).
 """
 
 from __future__ import annotations
 
+import math
+import os
 import re
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -26,6 +32,7 @@ __all__ = [
     "DimPlan",
     "dim_plan",
     "make_feeds",
+    "feed_memory_limit",
     "load_npz_feeds",
     "BFLOAT16",
 ]
@@ -236,6 +243,92 @@ def _layout(specs: Sequence[InputSpec], var_values: dict[Var, list[int]], defaul
     return layout
 
 
+# Random values are drawn as 8-byte numbers (float64 normals/uniforms, int64 integers) and then
+# cast: generating one input briefly holds both arrays.
+_DRAW_ITEMSIZE = 8
+
+
+def _meminfo_available() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _cgroup_available() -> int | None:
+    """Room left under a cgroup v2 memory limit (containers), if there is one."""
+    try:
+        with open("/sys/fs/cgroup/memory.max", encoding="ascii") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current", encoding="ascii") as f:
+            current = int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+    return None if limit == "max" or not limit.isdigit() else max(0, int(limit) - current)
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available now: MemAvailable (/proc/meminfo), else psutil, else
+    sysconf's free pages; capped by the cgroup's remaining room. None when unknown."""
+    found = _meminfo_available()
+    if found is None:
+        try:
+            import psutil
+
+            found = int(psutil.virtual_memory().available)
+        except Exception:  # not installed, or no answer on this platform
+            found = None
+    if found is None:
+        try:
+            found = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            found = None
+    room = _cgroup_available()
+    if room is not None:
+        found = room if found is None else min(found, room)
+    return found
+
+
+def feed_memory_limit() -> int | None:
+    """Most bytes ``make_feeds`` may allocate: half the memory available now (the models
+    still need room to run on these inputs). None when the available memory is unknown."""
+    available = _available_memory()
+    return None if available is None else available // 2
+
+
+def _format_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if value < 1024 or unit == "PiB":
+            return f"{n} bytes" if unit == "bytes" else f"{value:.3g} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _check_feed_memory(specs: Sequence[InputSpec], shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Refuse shapes whose random inputs would not fit in memory (before allocating any)."""
+    limit = feed_memory_limit()
+    if limit is None:
+        return
+    cap = f"the limit is {_format_bytes(limit)} (half the available memory): use smaller shapes"
+    kept, draw = 0, 0
+    for spec in specs:
+        count = math.prod(shapes[spec.name])
+        need = count * (spec.dtype.itemsize + _DRAW_ITEMSIZE)
+        if need > limit:
+            dims = ",".join(str(d) for d in shapes[spec.name])
+            raise InputError(f"input '{spec.name}' at [{dims}] would need {_format_bytes(need)} for random {spec.dtype} values; {cap}")
+        kept += count * spec.dtype.itemsize
+        draw = max(draw, count * _DRAW_ITEMSIZE)
+    if kept + draw > limit:
+        listed = ", ".join(f"{name}=[{','.join(str(d) for d in dims)}]" for name, dims in shapes.items())
+        raise InputError(f"inputs at {listed} would need {_format_bytes(kept + draw)} for random values together; {cap}")
+
+
 def make_feeds(
     specs: Sequence[InputSpec],
     shapes: Mapping[str, Sequence[int]],
@@ -244,13 +337,20 @@ def make_feeds(
     input_range: tuple[float, float] | None = None,
 ) -> dict[str, np.ndarray]:
     """Deterministic random inputs: floats N(0, 1) (or uniform in `input_range`), integers in
-    [0, 8) (or `input_range` rounded), bools fair coin flips."""
+    [0, 8) (or `input_range` rounded), bools fair coin flips. Raises ``InputError`` before
+    allocating anything when the arrays would not fit in half the available memory."""
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
+    concrete: dict[str, tuple[int, ...]] = {}
     for spec in specs:
         if spec.name not in shapes:
             raise InputError(f"no shape given for input {spec.name!r}")
-        shape = tuple(int(d) for d in shapes[spec.name])
+        concrete[spec.name] = tuple(int(d) for d in shapes[spec.name])
+        if any(d < 0 for d in concrete[spec.name]):
+            raise InputError(f"input {spec.name!r}: negative dim in shape {list(concrete[spec.name])}")
+    _check_feed_memory(specs, concrete)
+    for spec in specs:
+        shape = concrete[spec.name]
         dt = spec.dtype
         if dt == np.bool_:
             arr: np.ndarray = rng.integers(0, 2, size=shape).astype(np.bool_)
