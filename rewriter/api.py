@@ -64,7 +64,9 @@ class Result:
             verified = self.report.sections.get("verification")
             check_writable(self.model, self.source.model, self.source.base_dir,
                            loads=isinstance(verified, VerificationResult) and verified.passed)
-        written = save_model(self.model, out, source=self.source, overwrite_input=overwrite_input)
+        # Nothing rewritten (or every site rolled back or rejected): the input's own proto, so the
+        # written model is the input, byte for byte where the input's encoding allows.
+        written = save_model(self.model if self.modified else self.source.model, out, source=self.source, overwrite_input=overwrite_input)
         return self.report.with_output(summarize(self.model, written, file_sha256(written)))
 
 

@@ -104,7 +104,7 @@ def builtins() -> Registry:
 
 def test_cases_cover_every_conversion_family(builtins: Registry) -> None:
     families = {info.rule.__module__.rsplit(".", 1)[-1] for info in builtins.rules.values()
-                if info.source == "built-in" and info.rule.direction in ("to-matmul", "to-conv")}  # fmt: skip
+                if info.source == "built-in" and info.rule.direction in ("to-matmul", "to-conv")}
     assert families == {family for family, _, _ in CASES}
     for family, rule_id, _ in CASES:
         assert builtins.rules[rule_id].rule.__module__.endswith(f".{family}")
@@ -117,7 +117,7 @@ def test_a_broken_rewrite_is_rolled_back(builtins: Registry, family: str, rule_i
     registry = Registry()
     registry.add(rule, "test")
     try:
-        result = rewriter.optimize(str(FIXTURES / fixture), rules=[rule.id], registry=registry, verify_options=CPU, bench=False)
+        result = rewriter.optimize(str(FIXTURES / fixture), rules=[rule.id], registry=registry, verify=CPU, bench=False)
     except VerificationError:
         assert rule.broken_sites, "the rule did not fire"  # type: ignore[attr-defined]
         return
@@ -137,7 +137,7 @@ def test_controls_the_rule_fires_and_only_verification_stops_the_broken_variant(
     real = builtins.rules[rule_id].rule
     registry = Registry()
     registry.add(real, "built-in")
-    ok = rewriter.optimize(str(FIXTURES / fixture), rules=[rule_id], registry=registry, verify_options=CPU, bench=False)
+    ok = rewriter.optimize(str(FIXTURES / fixture), rules=[rule_id], registry=registry, verify=CPU, bench=False)
     assert ok.modified and {r.status for r in ok.report.rewrites} == {"applied"}
     rule = broken(real, "weight-scaled")
     registry.add(rule, "test")

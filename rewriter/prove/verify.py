@@ -253,10 +253,11 @@ def _feed_sets(
 ) -> tuple[list[dict[str, np.ndarray]], dict[str, str]]:
     """The inputs to verify with: the user's file, or random inputs at shapes that run on the
     original (searched for when the default shapes do not), and why any dim was changed."""
+    user: list[dict[str, np.ndarray]] = []
     if options.inputs_npz is not None:
         feeds = load_npz_feeds(options.inputs_npz)
         _check_feeds(specs, feeds)
-        return [feeds], {}
+        user = [feeds]
 
     def feeds_at(shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
         return make_feeds(specs, shapes, seed=options.seed, input_range=options.input_range)
@@ -269,6 +270,10 @@ def _feed_sets(
         return None
 
     search = find_runnable(dim_plan(specs, options.shape_overrides), probe)
+    if user:
+        # The user's inputs, and seeded random ones beside them: inputs that are all NaN, or an
+        # empty batch, agree whatever a rewrite did, so they alone would prove nothing.
+        return user + ([feeds_at(s) for s in search.runs] if search.error is None else []), search.reasons
     # Nothing ran although some dim was free to search: no shape to verify at. (When the user
     # set every dynamic dim, verification runs at their shapes and reports what the original refused.)
     if search.error is not None and any(v not in search.plan.given for v in search.plan.variables):
@@ -295,7 +300,7 @@ class _Tally:
             tol = tolerance_for(dtype, options.atol, options.rtol)
             d = compare_arrays(out, ref[out], got[out], tol, noise.get(out, 0.0))
             self.diffs[out] = merge(self.diffs.get(out), d)
-            if not d.passed:
+            if not d.passed and not d.vacuous:  # a vacuous run is no evidence either way
                 self.failures.append(_mismatch_reason(d, ref[out].shape, got[out].shape, text))
 
     def result(self, output_names: Sequence[str]) -> ProviderResult:
@@ -316,6 +321,10 @@ class _Tally:
         if not self.ran:
             first = self.rejected[0]["error"] if self.rejected else "no inputs"
             return ProviderResult(self.provider, "skipped", f"no input shape ran on the original: {first}", **metrics)
+        if empty := [d.name for d in outputs if d.vacuous]:
+            why = (f"no evidence: output(s) {', '.join(map(repr, empty))} had no finite element to compare at any input "
+                   f"(all NaN/inf or empty; the inputs ran: {'; '.join(format_shapes(r) for r in self.ran)})")
+            return ProviderResult(self.provider, "skipped", why, **metrics)
         return ProviderResult(self.provider, "passed", "", **metrics)
 
 
