@@ -143,7 +143,7 @@ def discover(plugins: Iterable[str] = (), *, strict: bool = False, entry_point_g
             if isinstance(exc, KeyboardInterrupt):
                 raise
             if strict:
-                raise PluginError(f"plugin {source} failed to load: {_short(exc)}") from exc
+                raise PluginError(f"{source} failed to load: {_short(exc)}") from exc
             reg.unavailable.append(Unavailable(source, _short(exc)))
             return
         for rule in found:
