@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import onnx
 from google.protobuf.message import Message
@@ -260,50 +260,98 @@ def _tensor_proto_bytes(t: TensorProto) -> int:
 
 def _node_cost(node: onnx.NodeProto, shapes: dict[str, _Shape]) -> tuple[int, int] | None:
     """(MACs, extra FLOPs) for one node, or None when it cannot be counted."""
-    op = node.op_type
     if node.domain not in ("", "ai.onnx"):
         return None
+    count = _COUNTERS.get(node.op_type)
+    if count is None:
+        return None
     out = _dims(shapes, node.output[0]) if node.output else None
-    if op in _FREE:
-        return (0, 0)
-    if op in ("Conv", "ConvInteger", "QLinearConv"):
-        w = _dims(shapes, node.input[3 if op == "QLinearConv" else 1])
-        if out is None or w is None or len(w) < 2:
-            return None
-        bias_index = 8 if op == "QLinearConv" else 2
-        bias = math.prod(out) if op == "Conv" and len(node.input) > bias_index and node.input[bias_index] else 0
-        return (math.prod(out) * w[1] * math.prod(w[2:]), bias)
-    if op == "ConvTranspose":
-        x = _dims(shapes, node.input[0])
-        w = _dims(shapes, node.input[1])
-        if out is None or x is None or w is None or len(w) < 2:
-            return None
-        bias = math.prod(out) if len(node.input) > 2 and node.input[2] else 0
-        return (math.prod(x) * w[1] * math.prod(w[2:]), bias)
-    if op in ("MatMul", "MatMulInteger", "QLinearMatMul"):
-        a = _dims(shapes, node.input[0])
-        if out is None or a is None or not a:
-            return None
-        return (math.prod(out) * a[-1], 0)
-    if op == "Gemm":
-        a = _dims(shapes, node.input[0])
-        if out is None or a is None or len(a) != 2:
-            return None
-        trans_a = next((attr.i for attr in node.attribute if attr.name == "transA"), 0)
-        k = a[0] if trans_a else a[1]
-        bias = math.prod(out) if len(node.input) > 2 and node.input[2] else 0
-        return (math.prod(out) * k, bias)
-    if op in _ELEMENTWISE:
-        return None if out is None else (0, math.prod(out))
-    if op in _REDUCTIONS:
-        x = _dims(shapes, node.input[0])
-        return None if x is None else (0, math.prod(x))
-    if op in _POOLS:
-        kernel = next((list(attr.ints) for attr in node.attribute if attr.name == "kernel_shape"), None)
-        if out is None or kernel is None:
-            return None
-        return (0, math.prod(out) * math.prod(kernel))
-    return None
+    return count(node, out, shapes)
+
+
+_Dims = tuple[int, ...] | None
+_Counter = Callable[[onnx.NodeProto, _Dims, dict[str, _Shape]], tuple[int, int] | None]
+"""(node, its output dims, shape table) -> (MACs, extra FLOPs), None when the dims needed are unknown."""
+
+
+def _bias_flops(node: onnx.NodeProto, index: int, out: tuple[int, ...]) -> int:
+    """One add per output element when the optional bias input ``index`` is given."""
+    return math.prod(out) if len(node.input) > index and node.input[index] else 0
+
+
+def _free_cost(node: onnx.NodeProto, out: _Dims, shapes: dict[str, _Shape]) -> tuple[int, int] | None:
+    """Data movement: no arithmetic."""
+    return (0, 0)
+
+
+def _conv_cost(node: onnx.NodeProto, out: _Dims, shapes: dict[str, _Shape]) -> tuple[int, int] | None:
+    """Conv / ConvInteger / QLinearConv: out elements * C_in/group * prod(kernel) MACs."""
+    op = node.op_type
+    w = _dims(shapes, node.input[3 if op == "QLinearConv" else 1])
+    if out is None or w is None or len(w) < 2:
+        return None
+    # Only the float Conv's bias is counted (QLinearConv's, input 8, is not; ConvInteger has none).
+    bias = _bias_flops(node, 2, out) if op == "Conv" else 0
+    return (math.prod(out) * w[1] * math.prod(w[2:]), bias)
+
+
+def _conv_transpose_cost(node: onnx.NodeProto, out: _Dims, shapes: dict[str, _Shape]) -> tuple[int, int] | None:
+    """ConvTranspose: in elements * C_out/group * prod(kernel) MACs, plus the bias."""
+    x = _dims(shapes, node.input[0])
+    w = _dims(shapes, node.input[1])
+    if out is None or x is None or w is None or len(w) < 2:
+        return None
+    return (math.prod(x) * w[1] * math.prod(w[2:]), _bias_flops(node, 2, out))
+
+
+def _matmul_cost(node: onnx.NodeProto, out: _Dims, shapes: dict[str, _Shape]) -> tuple[int, int] | None:
+    """MatMul / MatMulInteger / QLinearMatMul: out elements * K MACs."""
+    a = _dims(shapes, node.input[0])
+    if out is None or a is None or not a:
+        return None
+    return (math.prod(out) * a[-1], 0)
+
+
+def _gemm_cost(node: onnx.NodeProto, out: _Dims, shapes: dict[str, _Shape]) -> tuple[int, int] | None:
+    """Gemm: out elements * K MACs (K from A, transposed or not), plus the bias C."""
+    a = _dims(shapes, node.input[0])
+    if out is None or a is None or len(a) != 2:
+        return None
+    trans_a = next((attr.i for attr in node.attribute if attr.name == "transA"), 0)
+    k = a[0] if trans_a else a[1]
+    return (math.prod(out) * k, _bias_flops(node, 2, out))
+
+
+def _elementwise_cost(node: onnx.NodeProto, out: _Dims, shapes: dict[str, _Shape]) -> tuple[int, int] | None:
+    """One FLOP per output element."""
+    return None if out is None else (0, math.prod(out))
+
+
+def _reduction_cost(node: onnx.NodeProto, out: _Dims, shapes: dict[str, _Shape]) -> tuple[int, int] | None:
+    """One FLOP per input element."""
+    x = _dims(shapes, node.input[0])
+    return None if x is None else (0, math.prod(x))
+
+
+def _pool_cost(node: onnx.NodeProto, out: _Dims, shapes: dict[str, _Shape]) -> tuple[int, int] | None:
+    """out elements * prod(kernel) FLOPs."""
+    kernel = next((list(attr.ints) for attr in node.attribute if attr.name == "kernel_shape"), None)
+    if out is None or kernel is None:
+        return None
+    return (0, math.prod(out) * math.prod(kernel))
+
+
+# The counter of each op type costed (formulas in the module docstring); any other op is unknown.
+_COUNTERS: dict[str, _Counter] = {
+    **dict.fromkeys(_FREE, _free_cost),
+    **dict.fromkeys(("Conv", "ConvInteger", "QLinearConv"), _conv_cost),
+    "ConvTranspose": _conv_transpose_cost,
+    **dict.fromkeys(("MatMul", "MatMulInteger", "QLinearMatMul"), _matmul_cost),
+    "Gemm": _gemm_cost,
+    **dict.fromkeys(_ELEMENTWISE, _elementwise_cost),
+    **dict.fromkeys(_REDUCTIONS, _reduction_cost),
+    **dict.fromkeys(_POOLS, _pool_cost),
+}
 
 
 # --- liveness ----------------------------------------------------------------------------
