@@ -150,56 +150,64 @@ def _infer(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]], ini
 
     copy = _copy_without_initializers(model)
     g = copy.graph
-    kept = []
-    moved = []
-    for t in model.graph.initializer:
-        n = math.prod(t.dims)
-        if n <= _KEEP_INITIALIZER_ELEMENTS and t.data_location != TensorProto.EXTERNAL:
-            kept.append(t)
-        else:
-            moved.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    g.initializer.extend(kept)
-    # Inference walks nodes in file order; an unsorted (but valid) graph would lose shapes.
-    ordered = []
-    for node in _toposort(g):
-        ordered.append(onnx.NodeProto())
-        ordered[-1].CopyFrom(node)
-    del g.node[:]
-    g.node.extend(ordered)
-    existing_inputs = {vi.name for vi in g.input}
-    for vi in moved:
-        if vi.name in existing_inputs:
-            # keep_initializers_as_inputs: the input already exists; give it the weight's dims.
-            target = next(x for x in g.input if x.name == vi.name)
-            target.CopyFrom(vi)
-        else:
-            g.input.append(vi)
-
+    _big_initializers_as_inputs(model.graph, g)
+    _sort_nodes(g)
     for vi in g.input:
-        if vi.name not in known or not vi.type.HasField("tensor_type"):
-            continue
-        dims = vi.type.tensor_type.shape.dim
-        want = input_shapes.get(vi.name)
-        if want is not None:
-            if len(want) != len(dims):
-                raise InputError(
-                    f"input '{vi.name}' has rank {len(dims)}, shape {list(want)} given"
-                )
-            for d, v in zip(dims, want):
-                if d.HasField("dim_value") and d.dim_value != v:
-                    raise InputError(
-                        f"input '{vi.name}' has fixed dim {d.dim_value}, {v} given"
-                    )
-        for i, d in enumerate(dims):
-            if not d.HasField("dim_value"):
-                value = int(want[i]) if want is not None else 1
-                d.Clear()
-                d.dim_value = value
+        if vi.name in known and vi.type.HasField("tensor_type"):
+            _make_dims_concrete(vi, input_shapes.get(vi.name))
     try:
         return onnx.shape_inference.infer_shapes(copy, check_type=False, strict_mode=False, data_prop=True)
     except Exception as exc:  # onnx raises several types; the message is what matters
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"shape inference failed: {first}") from exc
+
+
+def _big_initializers_as_inputs(src: onnx.GraphProto, dst: onnx.GraphProto) -> None:
+    """Copy the small inline initializers of ``src`` into ``dst``; every other one becomes a graph
+    input of ``dst`` with the weight's type and dims, so its data is never read."""
+    moved = []
+    for t in src.initializer:
+        n = math.prod(t.dims)
+        if n <= _KEEP_INITIALIZER_ELEMENTS and t.data_location != TensorProto.EXTERNAL:
+            dst.initializer.append(t)
+        else:
+            moved.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    existing_inputs = {vi.name for vi in dst.input}
+    for vi in moved:
+        if vi.name in existing_inputs:
+            # keep_initializers_as_inputs: the input already exists; give it the weight's dims.
+            target = next(x for x in dst.input if x.name == vi.name)
+            target.CopyFrom(vi)
+        else:
+            dst.input.append(vi)
+
+
+def _sort_nodes(graph: onnx.GraphProto) -> None:
+    """Reorder ``graph``'s nodes topologically."""
+    # Inference walks nodes in file order; an unsorted (but valid) graph would lose shapes.
+    ordered = []
+    for node in _toposort(graph):
+        ordered.append(onnx.NodeProto())
+        ordered[-1].CopyFrom(node)
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def _make_dims_concrete(vi: onnx.ValueInfoProto, want: tuple[int, ...] | None) -> None:
+    """Give every dynamic dim of graph input ``vi`` its value in ``want`` (1 when no shape is given),
+    after checking ``want`` against the input's rank and fixed dims."""
+    dims = vi.type.tensor_type.shape.dim
+    if want is not None:
+        if len(want) != len(dims):
+            raise InputError(f"input '{vi.name}' has rank {len(dims)}, shape {list(want)} given")
+        for d, v in zip(dims, want):
+            if d.HasField("dim_value") and d.dim_value != v:
+                raise InputError(f"input '{vi.name}' has fixed dim {d.dim_value}, {v} given")
+    for i, d in enumerate(dims):
+        if not d.HasField("dim_value"):
+            value = int(want[i]) if want is not None else 1
+            d.Clear()
+            d.dim_value = value
 
 
 def _copy_without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
