@@ -78,6 +78,154 @@ def test_gemm(trans_a):
     assert c.flops == 2 * 120 + 24
 
 
+# --- per-op counting: every family of _node_cost, with typed (quantized) inputs where needed ---
+def _typed_model(nodes, inputs, out_type):
+    """Like _model, with (name, elem_type, shape) inputs and one output ``Y`` of ``out_type`` (a
+    wrong declared type would keep inference from giving Y a shape)."""
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(n, t, s) for n, t, s in inputs],
+        [helper.make_tensor_value_info("Y", out_type, None)],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
+U8, I32 = TensorProto.UINT8, TensorProto.INT32
+
+
+def _scalars(*names_and_types):
+    return [(n, t, []) for n, t in names_and_types]
+
+
+def test_quantized_and_integer_convs_read_the_weight_at_their_own_index_and_add_no_bias():
+    # out [1, 8, 8]: 64 elements * C_in 4 * k 3, as for the float Conv; no bias FLOPs counted.
+    qconv = _typed_model(
+        [helper.make_node("QLinearConv", ["X", "xs", "xz", "W", "ws", "wz", "ys", "yz", "B"], ["Y"])],
+        [("X", U8, [1, 4, 10]), ("W", U8, [8, 4, 3]), ("B", I32, [8]),
+         *_scalars(("xs", F), ("xz", U8), ("ws", F), ("wz", U8), ("ys", F), ("yz", U8))],
+        U8,
+    )
+    c = static_costs(qconv)
+    assert (c.macs, c.flops, c.unknown_ops) == (768, 2 * 768, ())
+    iconv = _typed_model(
+        [helper.make_node("ConvInteger", ["X", "W", "xz", "wz"], ["Y"])],
+        [("X", U8, [1, 4, 10]), ("W", U8, [8, 4, 3]), *_scalars(("xz", U8), ("wz", U8))],
+        I32,
+    )
+    c = static_costs(iconv)
+    assert (c.macs, c.flops, c.unknown_ops) == (768, 2 * 768, ())
+
+
+def test_conv_with_an_omitted_bias_adds_nothing():
+    m = _model([helper.make_node("Conv", ["X", "W", ""], ["Y"])], [("X", [1, 4, 10])], ["Y"], [("W", [8, 4, 3])])
+    c = static_costs(m)
+    assert (c.macs, c.flops) == (768, 2 * 768)
+
+
+def test_conv_transpose_bias_adds_one_flop_per_output():
+    # out [1, 6, 7] = 42 elements; MACs 20 inputs * 6 * 3 as in test_conv_transpose.
+    m = _model(
+        [helper.make_node("ConvTranspose", ["X", "W", "B"], ["Y"])], [("X", [1, 4, 5])], ["Y"], [("W", [4, 6, 3]), ("B", [6])]
+    )
+    c = static_costs(m)
+    assert (c.macs, c.flops) == (360, 2 * 360 + 42)
+
+
+def test_integer_and_quantized_matmuls_count_like_matmul():
+    imm = _typed_model(
+        [helper.make_node("MatMulInteger", ["A", "B"], ["Y"])], [("A", U8, [3, 4, 5]), ("B", U8, [5, 6])], I32
+    )
+    assert static_costs(imm).macs == 3 * 4 * 6 * 5
+    qmm = _typed_model(
+        [helper.make_node("QLinearMatMul", ["A", "as", "az", "B", "bs", "bz", "ys", "yz"], ["Y"])],
+        [("A", U8, [3, 4, 5]), ("B", U8, [5, 6]), *_scalars(("as", F), ("az", U8), ("bs", F), ("bz", U8), ("ys", F), ("yz", U8))],
+        U8,
+    )
+    c = static_costs(qmm)
+    assert (c.macs, c.flops, c.unknown_ops) == (3 * 4 * 6 * 5, 2 * 3 * 4 * 6 * 5, ())
+
+
+def test_gemm_without_c_adds_no_bias():
+    m = _model([helper.make_node("Gemm", ["A", "B"], ["Y"])], [("A", [4, 5])], ["Y"], [("B", [5, 6])])
+    c = static_costs(m)
+    assert (c.macs, c.flops) == (120, 240)
+
+
+def test_reductions_and_global_pools_count_input_elements():
+    m = _model(
+        [
+            helper.make_node("ReduceSum", ["X", "axes"], ["R"], keepdims=0),
+            helper.make_node("GlobalAveragePool", ["X"], ["Y"]),
+        ],
+        [("X", [1, 4, 5, 5])],
+        ["R", "Y"],
+    )
+    m.graph.initializer.append(numpy_helper.from_array(np.array([2, 3], np.int64), "axes"))
+    c = static_costs(m)
+    assert (c.macs, c.flops, c.unknown_ops) == (0, 100 + 100, ())
+
+
+def test_pools_count_kernel_reads_per_output():
+    m = _model(
+        [
+            helper.make_node("MaxPool", ["X"], ["A"], kernel_shape=[2, 2]),  # out [1, 1, 3, 3]
+            helper.make_node("AveragePool", ["X"], ["B"], kernel_shape=[2, 2], strides=[2, 2]),  # out [1, 1, 2, 2]
+            helper.make_node("LpPool", ["X"], ["C"], kernel_shape=[3, 3]),  # out [1, 1, 2, 2]
+        ],
+        [("X", [1, 1, 4, 4])],
+        ["A", "B", "C"],
+    )
+    c = static_costs(m)
+    assert (c.macs, c.flops, c.unknown_ops) == (0, 9 * 4 + 4 * 4 + 4 * 9, ())
+
+
+def test_data_movement_is_free_and_known():
+    m = _model(
+        [helper.make_node("Transpose", ["X"], ["T"], perm=[1, 0]), helper.make_node("Identity", ["T"], ["Y"])],
+        [("X", [2, 3])],
+        ["Y"],
+    )
+    c = static_costs(m)
+    assert (c.macs, c.flops, c.unknown_ops) == (0, 0, ())
+
+
+def test_every_counted_family_is_unknown_without_shapes():
+    """A model input of unknown rank leaves each counted op without the dims it needs."""
+    nodes = [
+        helper.make_node("Conv", ["X", "W4"], ["c"]),
+        helper.make_node("ConvTranspose", ["X", "W4"], ["ct"]),
+        helper.make_node("MatMul", ["X", "W2"], ["mm"]),
+        helper.make_node("Gemm", ["X", "W2"], ["gemm"]),
+        helper.make_node("Relu", ["X"], ["relu"]),
+        helper.make_node("ReduceMax", ["X"], ["red"]),
+        helper.make_node("MaxPool", ["X"], ["pool"], kernel_shape=[2]),
+        helper.make_node("Transpose", ["X"], ["Y"]),
+    ]
+    m = _model(nodes, [("X", None)], ["c", "ct", "mm", "gemm", "relu", "red", "pool", "Y"], [("W4", [4, 4, 3]), ("W2", [4, 4])])
+    c = static_costs(m)
+    assert c.unknown_ops == ("Conv", "ConvTranspose", "Gemm", "MatMul", "MaxPool", "ReduceMax", "Relu")
+    assert (c.macs, c.flops) == (0, 0)
+
+
+def test_large_initializer_listed_as_input_takes_the_weights_dims():
+    # keep_initializers_as_inputs: W (over the size kept inline) is both an initializer and a graph
+    # input declared without dims; inference must see the weight's [100, 20] to size Y.
+    m = _model([helper.make_node("MatMul", ["X", "W"], ["Y"])], [("X", [2, 100]), ("W", ["a", "b"])], ["Y"], [("W", [100, 20])])
+    c = static_costs(m)
+    assert (c.macs, c.unknown_ops) == (2 * 20 * 100, ())
+
+
+def test_shape_inference_failure_is_an_input_error(monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("[ShapeInferenceError] bad graph\nsecond line")
+
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes", fail)
+    m = _model([helper.make_node("Relu", ["X"], ["Y"])], [("X", [2])], ["Y"])
+    with pytest.raises(InputError, match=r"^shape inference failed: \[ShapeInferenceError\] bad graph$"):
+        static_costs(m)
+
+
 def test_dynamic_dims_default_to_one_and_take_given_shapes():
     m = _model([helper.make_node("MatMul", ["A", "B"], ["Y"])], [("A", ["N", 4, 5])], ["Y"], [("B", [5, 6])])
     assert static_costs(m).macs == 1 * 4 * 6 * 5

@@ -12,6 +12,8 @@ from helpers import assert_equivalent, init, make_model, op_counts, rewrite, vi
 from rewriter.errors import NonConvergenceError
 from rewriter.engine.graph import PROVENANCE_KEY, ModelGraph
 from rewriter.engine.driver import run_rules
+from rewriter.engine.pattern import PatternBuilder, match_at
+from rewriter.engine.rule import fail, ok, skip
 
 RNG = np.random.default_rng(0)
 
@@ -272,3 +274,179 @@ def test_quiet_refusal_is_recorded_but_not_reported():
     assert not res.applied
     assert res.near_misses == ()
     assert [(q.rule, q.node, q.reason) for q in res.quiet] == [("test-quiet-add-zero", "add", "not a candidate")]
+
+
+# -- the sweep: candidates ranked, matched again before applying, refusals reported once -----------
+class _ReluToMax(DoubleReluToRelu):
+    """Relu(x) -> Max(x, 0), only at the node named ``r0`` (higher benefit than DoubleReluToRelu)."""
+
+    id = "test-relu-to-max"
+    benefit = 10
+
+    def pattern(self, p):
+        return p.op("Relu", p.var("x"), name="relu")
+
+    def check(self, m):
+        return ok() if m["relu"].name == "r0" else skip("not r0", m["relu"])
+
+    def rewrite(self, b, m):
+        return b.op("Max", [m["x"], b.const(np.zeros((), np.float32), "zero")])
+
+
+def test_a_candidate_is_matched_again_after_an_earlier_rewrite_of_the_sweep():
+    # Both rules pass on the original chain; the Max rule (higher benefit) goes first and replaces
+    # r0, so Relu(Relu(x)) at r1 no longer exists and must not be applied from its stale match.
+    model = relu_chain(2)
+    out, res = rewrite(model, [DoubleReluToRelu(), _ReluToMax()])
+    assert [(s.rule, s.anchor, s.iteration) for s in res.applied] == [("test-relu-to-max", "r0", 1)]
+    assert op_counts(out) == {"Max": 1, "Relu": 1}
+    assert_equivalent(model, out, [{"x": RNG.standard_normal((3, 4)).astype(np.float32)}])
+
+
+def test_a_candidate_whose_anchor_an_earlier_rewrite_consumed_is_left():
+    # Relu(Relu(x)) at r1 (benefit 5) consumes r0 and r1; the Max rule (benefit 1 here) is then
+    # not applied at r0 in that sweep, and finds no r0 afterwards.
+    class LowMax(_ReluToMax):
+        id = "test-low-relu-to-max"
+        benefit = 1
+
+    _, res = rewrite(relu_chain(2), [LowMax(), DoubleReluToRelu()])
+    assert [(s.rule, s.anchor) for s in res.applied] == [("test-double-relu", "r1")]
+
+
+def test_a_refusal_is_reported_once_per_rule_and_node_name():
+    """Two If branches with equally named nodes: one near miss each for check and rewrite errors."""
+
+    def branch(name: str) -> onnx.GraphProto:
+        nodes = [helper.make_node("Relu", ["x"], [f"{name}_a"], name="inner"),
+                 helper.make_node("Relu", [f"{name}_a"], [f"{name}_b"], name="outer"),
+                 helper.make_node("Neg", [f"{name}_b"], [f"{name}_out"], name="neg")]
+        return helper.make_graph(nodes, name, [], [vi(f"{name}_out", [3])])
+
+    node = helper.make_node("If", ["cond"], ["y"], then_branch=branch("then"), else_branch=branch("else"), name="if")
+    model = make_model([node], [vi("cond", [], TensorProto.BOOL), vi("x", [3])], [vi("y", [3])])
+
+    class Refuses(DoubleReluToRelu):
+        id = "test-refuses"
+
+        def check(self, m):
+            return fail("never", m["outer"])
+
+    res = run_rules(ModelGraph(model), [Refuses(), Raises()])
+    assert not res.applied
+    assert sorted((n.rule, n.node, n.reason) for n in res.near_misses) == [
+        ("test-raises", "neg", "rule error in rewrite: ValueError: boom"),
+        ("test-refuses", "outer", "never"),
+    ]
+
+
+# -- the matcher, one pattern kind at a time --------------------------------------------------------
+def _match(pattern_of, nodes, inputs, inits=(), outputs=("y",), root="root"):
+    """``match_at`` of ``pattern_of(PatternBuilder())`` at the node named ``root``."""
+    mg = ModelGraph(make_model(nodes, inputs, [vi(o, None) for o in outputs], inits))
+    node = next(n for n in mg.graph.nodes if n.name == root)
+    return match_at(pattern_of(PatternBuilder()), node, mg.graph, mg)
+
+
+def _conv(bias: str) -> tuple[list, list, list]:
+    nodes = [helper.make_node("Conv", ["x", "W", bias] if bias != "absent" else ["x", "W"], ["y"], name="root")]
+    inits = [init("W", RNG.standard_normal((2, 3, 1)).astype(np.float32)), init("B", np.zeros(2, np.float32))]
+    return nodes, [vi("x", [1, 3, 4])], inits
+
+
+def _conv_pattern(bias: str):
+    def pattern(p):
+        return p.op("Conv", p.var("x"), p.const("w"), getattr(p, bias)("b"), name="root")
+
+    return pattern
+
+
+def test_var_and_const_need_a_tensor_opt_const_binds_a_missing_one_to_none():
+    assert _match(_conv_pattern("var"), *_conv("")) is None  # an omitted input ("") is no value
+    assert _match(_conv_pattern("const"), *_conv("")) is None
+    for bias in ("", "absent"):
+        m = _match(_conv_pattern("opt_const"), *_conv(bias))
+        assert m is not None and m.tensors["b"] is None and "b" not in m and not m.soft_failures
+    m = _match(_conv_pattern("opt_const"), *_conv("B"))
+    assert m is not None and m["b"].name == "B" and m.value("b") is not None
+
+
+def test_a_const_bound_to_a_computed_value_is_a_soft_failure_undone_on_backtrack():
+    nodes = [helper.make_node("Relu", ["w_in"], ["w"], name="relu"), helper.make_node("MatMul", ["x", "w"], ["y"], name="root")]
+    m = _match(lambda p: p.op("MatMul", p.var("x"), p.const("w"), name="root"), nodes, [vi("x", [2, 3]), vi("w_in", [3, 3])])
+    assert m is not None and m["w"].name == "w"
+    assert len(m.soft_failures) == 1 and m.soft_failures[0].startswith("w is not a constant: ")
+    # Commutative: the order that binds the constant is preferred; the failed try leaves nothing behind.
+    nodes = [helper.make_node("Add", ["x", "c"], ["y"], name="root")]
+    m = _match(lambda p: p.op("Add", p.const("c"), p.var("x"), commutative=True, name="root"), nodes, [vi("x", [2])],
+               [init("c", np.zeros(2, np.float32))])
+    assert m is not None and (m["c"].name, m["x"].name) == ("c", "x") and m.soft_failures == []
+
+
+def test_a_var_name_used_twice_must_bind_the_same_tensor():
+    def same(p):
+        return p.op("Mul", p.var("x"), p.var("x"), name="root")
+
+    assert _match(same, [helper.make_node("Mul", ["a", "a"], ["y"], name="root")], [vi("a", [2])]) is not None
+    assert _match(same, [helper.make_node("Mul", ["a", "b"], ["y"], name="root")], [vi("a", [2]), vi("b", [2])]) is None
+
+
+def test_an_op_pattern_matches_the_producer_output_it_names():
+    nodes = [helper.make_node("Split", ["x"], ["s0", "s1"], name="split", axis=0),
+             helper.make_node("Relu", ["s1"], ["y"], name="root"), helper.make_node("Relu", ["s0"], ["z"], name="other")]
+
+    def of_split(i):
+        return lambda p: p.op("Relu", p.op("Split", p.var("x"), name="split", output_index=i), name="root")
+
+    inputs = [vi("x", [4])]
+    assert _match(of_split(1), nodes, inputs, outputs=("y", "z")) is not None
+    assert _match(of_split(0), nodes, inputs, outputs=("y", "z")) is None
+    assert _match(of_split(0), nodes, inputs, outputs=("y", "z"), root="other") is not None
+    assert _match(of_split(0), [helper.make_node("Relu", ["x"], ["y"], name="root")], inputs) is None  # no producer
+
+
+def _dense(add: list[str] | None, name_maybe: str | None = "add"):
+    """Relu(Add(MatMul(x, W), b)) (operands in ``add`` order), or Relu(MatMul(x, W)) when ``add`` is None."""
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["mm"], name="mm")]
+    if add is not None:
+        nodes.append(helper.make_node("Add", add, ["s"], name="add"))
+    nodes.append(helper.make_node("Relu", ["s" if add is not None else "mm"], ["y"], name="root"))
+    inits = [init("W", RNG.standard_normal((3, 3)).astype(np.float32)), init("B", np.zeros(3, np.float32))]
+
+    def pattern(p):
+        inner = p.op("MatMul", p.var("x"), p.const("w"), name="mm")
+        return p.op("Relu", p.maybe("Add", inner, p.const("b"), name=name_maybe), name="root")
+
+    return pattern, nodes, [vi("x", [2, 3]), vi("v", [3])], inits
+
+
+def test_maybe_matches_the_op_in_either_operand_order_or_just_its_inner_pattern():
+    for add in (["mm", "B"], ["B", "mm"]):
+        m = _match(*_dense(add))
+        assert m is not None and m["add"].name == "add" and m["b"].name == "B" and not m.soft_failures
+        assert m.node_names == ["root", "add", "mm"]
+    m = _match(*_dense(None))
+    assert m is not None and "add" not in m and "b" not in m and m.node_names == ["root", "mm"]
+    m = _match(*_dense(["mm", "B"], name_maybe=None))
+    assert m is not None and "add" not in m.nodes and m["b"].name == "B" and m.node_names == ["root", "add", "mm"]
+
+
+def test_maybe_with_a_non_constant_other_operand_is_a_near_miss():
+    for name in ("add", None):  # unnamed, the maybe leaves no binding behind when it backtracks
+        m = _match(*_dense(["mm", "v"], name_maybe=name))
+        assert m is not None and m.soft_failures[0].startswith("b is not a constant: ") and m.node_names == ["root", "add", "mm"]
+        assert ("add" in m.nodes) is (name == "add")
+    # Another op in the maybe's place: neither the op nor the inner pattern alone matches.
+    pattern, nodes, inputs, inits = _dense(["mm", "B"])
+    nodes[1] = helper.make_node("Sub", ["mm", "B"], ["s"], name="add")
+    assert _match(pattern, nodes, inputs, inits) is None
+
+
+def test_maybe_that_backtracks_to_its_inner_pattern_unbinds_the_op():
+    # Add(u, v) of two computed values: taking the Add leaves b non-constant (a soft failure), so the
+    # match without the Add, x bound to the sum, is preferred and holds no binding of the Add.
+    nodes = [helper.make_node("Add", ["u", "v"], ["s"], name="add"), helper.make_node("Relu", ["s"], ["y"], name="root")]
+    m = _match(lambda p: p.op("Relu", p.maybe("Add", p.var("x"), p.const("b"), name="add"), name="root"), nodes,
+               [vi("u", [3]), vi("v", [3])])
+    assert m is not None and not m.soft_failures and m["x"].name == "s"
+    assert "add" not in m.nodes and m.node_names == ["root"]

@@ -6,11 +6,13 @@ import os
 import subprocess
 import sys
 import textwrap
+from importlib.metadata import EntryPoint
 from pathlib import Path
 
 import pytest
 
 from rewriter.errors import InputError, PluginError
+from rewriter.engine import registry
 from rewriter.engine.registry import discover
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,6 +75,48 @@ def test_duplicate_ids_name_both_sources(tmp_path):
     b.write_text(PLUGIN)
     with pytest.raises(PluginError, match=r"duplicate rule id 'plugin-neg-neg': defined by plugin file .*a\.py and by plugin file .*b\.py"):
         discover([str(a), str(b)])
+
+
+def test_plugin_path_that_is_not_a_file_is_an_error(tmp_path):
+    with pytest.raises(PluginError, match="plugin file not found: .*missing_rules.py"):
+        discover([str(tmp_path / "missing_rules.py")])
+    with pytest.raises(PluginError, match="plugin file not found"):
+        discover([str(tmp_path)])  # an existing folder is a path too, not a module name
+
+
+def test_plugin_raising_plugin_error_or_interrupt_is_not_swallowed(tmp_path):
+    f = tmp_path / "refuses.py"
+    f.write_text("from rewriter.errors import PluginError\nraise PluginError('this plugin needs a newer onnx-rewrite')\n")
+    with pytest.raises(PluginError, match="^this plugin needs a newer onnx-rewrite$"):
+        discover([str(f)])
+    f.write_text("raise KeyboardInterrupt\n")
+    with pytest.raises(KeyboardInterrupt):
+        discover([str(f)])
+    f.write_text("raise SystemExit(3)\n")  # any other BaseException: the plugin is unavailable
+    assert [(u.source, u.error) for u in discover([str(f)]).unavailable] == [(f"plugin file {f}", "SystemExit: 3")]
+
+
+def test_entry_points_may_name_a_rule_class_a_list_or_a_module_built_in_first(tmp_path, monkeypatch):
+    (tmp_path / "ep_rules_mod.py").write_text(PLUGIN + "\nALL = [NegNegToIdentity]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    group = "onnx_rewrite.rules.test"
+    found = [
+        EntryPoint("listed", "ep_rules_mod:ALL", group),
+        EntryPoint("builtin", "rewriter.rules", group),
+        EntryPoint("a_class", "ep_rules_mod:NegNegToIdentity", group),
+        EntryPoint("module", "ep_rules_mod", group),
+    ]
+    monkeypatch.setattr(registry, "entry_points", lambda group: [ep for ep in found if ep.group == group])
+    reg = discover(entry_point_group=group)
+    # One rule from three plugins (the same class: no duplicate); the built-ins load first.
+    first = next(iter(reg.rules.values()))
+    assert first.source == "built-in"
+    assert reg.rules["plugin-neg-neg"].source == "plugin ? (a_class)"
+    assert not reg.unavailable
+    found[2] = EntryPoint("a_class", "ep_rules_mod:NoSuchName", group)
+    reg = discover(entry_point_group=group)
+    assert [u.source for u in reg.unavailable] == ["plugin ? (a_class)"]
+    assert reg.rules["plugin-neg-neg"].source == "plugin ? (listed)"
 
 
 def test_unknown_rule_id_is_input_error():

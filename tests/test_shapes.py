@@ -132,6 +132,127 @@ def test_dims_follow_shape_preserving_ops_and_overridable_constants_are_unknown(
     assert symbolic_value(mg.graph.tensors()["t"], mg) == [4, 5]
 
 
+# -- symbolic_value: one test per op the evaluator knows, accepted and refused forms -------------
+# A refused node leaves only what the tensor's inferred shape says (unknown entries of a known
+# length), so "refused" reads as all-None below and "evaluated" as the dims themselves.
+def shape_ops(*nodes, inputs=(), inits=(), x_shape=("b", "f", 16), opset: int = 17) -> ModelGraph:
+    """``s = Shape(x)`` followed by ``nodes``; the graph output is another tensor, so each value
+    checked has its inferred shape."""
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), *nodes, helper.make_node("Identity", ["s"], ["out"])]
+    return graph_of(nodes, [vi("x", list(x_shape)), *inputs], inits, opset)
+
+
+def test_shape_of_unknown_rank_is_unknown():
+    mg = graph_of([helper.make_node("Shape", ["x"], ["s"])], [vi("x", None)])
+    assert value(mg, "s") is None
+
+
+def test_identity_and_integer_cast_pass_values_through_float_cast_does_not():
+    mg = shape_ops(helper.make_node("Identity", ["s"], ["same"]),
+                   helper.make_node("Cast", ["s"], ["s32"], to=TensorProto.INT32),
+                   helper.make_node("Cast", ["s"], ["sf"], to=TensorProto.FLOAT))
+    assert value(mg, "same") == [B, F, 16]
+    assert value(mg, "s32") == [B, F, 16]
+    assert value(mg, "sf") == [None, None, None]
+
+
+def test_gather_picks_negative_and_vector_indices_refuses_out_of_range_and_scalar_data():
+    mg = shape_ops(helper.make_node("Gather", ["s", "last"], ["g_last"], axis=0),
+                   helper.make_node("Gather", ["s", "pair"], ["g_pair"], axis=0),
+                   helper.make_node("Gather", ["s", "far"], ["g_far"], axis=0),
+                   helper.make_node("Gather", ["g_last", "zero"], ["g_of_scalar"], axis=0),
+                   inits=[init("last", np.array(-1, np.int64)), init("pair", i64(2, 0)), init("far", i64(3)),
+                          init("zero", np.array(0, np.int64))])
+    assert value(mg, "g_last") == [16]
+    assert value(mg, "g_pair") == [16, B]
+    assert value(mg, "g_far") == [None]
+    assert value(mg, "g_of_scalar") is None  # gathering from a scalar
+
+
+def test_unsqueeze_takes_a_scalar_to_one_item_only_on_axis_zero():
+    mg = shape_ops(helper.make_node("Gather", ["s", "one"], ["f"], axis=0),
+                   helper.make_node("Unsqueeze", ["f", "ax0"], ["u0"]),
+                   helper.make_node("Unsqueeze", ["f", "axm1"], ["um1"]),
+                   helper.make_node("Unsqueeze", ["s", "ax0"], ["u_vec"]),
+                   inits=[init("one", np.array(1, np.int64)), init("ax0", i64(0)), init("axm1", i64(-1))])
+    assert value(mg, "u0") == [F]
+    assert value(mg, "um1") == [F]
+    assert value(mg, "u_vec") is None  # a 1-D input gives a 2-D tensor: not a shape value
+
+
+def test_squeeze_makes_a_scalar_of_one_item():
+    """Squeeze then Unsqueeze round-trips only when Squeeze marks its result as a scalar."""
+    mg = shape_ops(helper.make_node("Slice", ["s", "st", "en"], ["first"]),
+                   helper.make_node("Squeeze", ["first", "ax0"], ["sq"]),
+                   helper.make_node("Unsqueeze", ["sq", "ax0"], ["back"]),
+                   helper.make_node("Squeeze", ["first"], ["sq_all"]),
+                   helper.make_node("Unsqueeze", ["sq_all", "ax0"], ["back_all"]),
+                   helper.make_node("Squeeze", ["s", "ax0"], ["sq_three"]),
+                   inits=[init("st", i64(0)), init("en", i64(1)), init("ax0", i64(0))])
+    assert value(mg, "sq") == [B]
+    assert value(mg, "back") == [B]
+    assert value(mg, "back_all") == [B]
+    assert value(mg, "sq_three") is None  # three items do not squeeze to a scalar
+
+
+def test_reshape_to_scalar_and_to_flat_only_keeps_the_item_count():
+    mg = shape_ops(helper.make_node("Slice", ["s", "st", "en"], ["first"]),
+                   helper.make_node("Reshape", ["first", "scalar"], ["r_scalar"]),
+                   helper.make_node("Unsqueeze", ["r_scalar", "ax0"], ["r_back"]),
+                   helper.make_node("Reshape", ["s", "three"], ["r_three"]),
+                   helper.make_node("Reshape", ["s", "m1"], ["r_flat"]),
+                   helper.make_node("Reshape", ["s", "two_by"], ["r_2d"]),
+                   helper.make_node("Reshape", ["s", "target"], ["r_dynamic"]),
+                   inputs=[vi("target", [1], TensorProto.INT64)],
+                   inits=[init("st", i64(0)), init("en", i64(1)), init("ax0", i64(0)), init("scalar", np.zeros(0, np.int64)),
+                          init("three", i64(3)), init("m1", i64(-1)), init("two_by", i64(3, 1))])
+    assert value(mg, "r_back") == [B]
+    assert value(mg, "r_three") == [B, F, 16]
+    assert value(mg, "r_flat") == [B, F, 16]
+    assert value(mg, "r_2d") is None
+    assert value(mg, "r_dynamic") is None  # a target that is not a constant is not followed
+
+
+def test_concat_joins_vectors_on_axis_zero_only():
+    mg = shape_ops(helper.make_node("Concat", ["s", "n"], ["c0"], axis=0),
+                   helper.make_node("Concat", ["s", "n"], ["cm1"], axis=-1),
+                   helper.make_node("Concat", ["s", "unknown_len"], ["c_unknown"], axis=0),
+                   inputs=[vi("unknown_len", ["k"], TensorProto.INT64)], inits=[init("n", i64(12))])
+    assert value(mg, "c0") == [B, F, 16, 12]
+    assert value(mg, "cm1") == [B, F, 16, 12]
+    assert value(mg, "c_unknown") is None  # a part of unknown length: even the length is unknown
+
+
+def test_concat_on_another_axis_is_refused():
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Unsqueeze", ["s", "ax0"], ["row"]),
+             helper.make_node("Concat", ["row", "row"], ["c1"], axis=1)]
+    mg = graph_of(nodes, [vi("x", ["b", "f", 16])], [init("ax0", i64(0))])
+    assert value(mg, "c1") is None
+
+
+def test_arithmetic_broadcasts_one_item_and_refuses_other_lengths():
+    mg = shape_ops(helper.make_node("Mul", ["s", "two"], ["doubled"]),
+                   helper.make_node("Div", ["minus_seven", "two"], ["trunc"]),
+                   helper.make_node("Div", ["seven", "zero"], ["by_zero"]),
+                   helper.make_node("Div", ["s", "two"], ["halves"]),
+                   helper.make_node("Sub", ["s", "pair"], ["mismatch"]),
+                   helper.make_node("Add", ["s", "r"], ["with_input"]),
+                   inputs=[vi("r", None, TensorProto.INT64)],
+                   inits=[init("two", np.array(2, np.int64)), init("minus_seven", np.array(-7, np.int64)),
+                          init("seven", np.array(7, np.int64)), init("zero", np.array(0, np.int64)), init("pair", i64(1, 2))])
+    assert value(mg, "doubled") == [dim_mul(B, 2), dim_mul(F, 2), 32]
+    assert value(mg, "trunc") == [-3]  # ONNX integer Div truncates toward zero
+    assert value(mg, "by_zero") == [None]
+    assert value(mg, "halves") == [None, None, 8]  # b/2 is not exact
+    assert value(mg, "mismatch") is None  # 3 items against 2
+    assert value(mg, "with_input") is None  # an operand of unknown length
+
+
+def test_an_op_the_evaluator_does_not_know_is_unknown():
+    mg = shape_ops(helper.make_node("Max", ["s", "n"], ["m"]), inits=[init("n", i64(12))])
+    assert value(mg, "m") == [None, None, None]
+
+
 # -- Layout -------------------------------------------------------------------------------------
 def test_layout_reshape_resolves_minus_one_zero_and_allowzero():
     lay = Layout.start([B, F, 16], 2)

@@ -17,12 +17,13 @@ from helpers import init, make_model, op_counts, rewrite, vi
 from rewriter.measure.accept import rule_family
 from rewriter.measure.bench import BenchOptions
 from rewriter.cli.app import run_app
+from rewriter.engine.graph import ModelGraph
 from rewriter.engine.registry import discover
 from rewriter.options import Options
 from rewriter.tune.cache import default_cache_path
 from rewriter.tune.decide import ORIGINAL, decide
 from rewriter.tune.plan import TuneOptions
-from rewriter.tune.sites import restrict
+from rewriter.tune.sites import Site, _add_layout_neighbours, restrict
 from rewriter.prove.verify import VerifyOptions
 
 SCHEMA = json.loads((Path(rewriter.__file__).parent / "schemas" / "report.schema.json").read_text())
@@ -293,3 +294,108 @@ def test_sites_with_external_weights_are_measured(tmp_path):
     assert "transposed-conv1x1-to-matmul" in site["forms"], site["reason"]
     assert site["choice"] == "transposed-conv1x1-to-matmul"
     assert "Conv" not in op_counts(result.model)
+
+
+# -- a site's layout neighbours ------------------------------------------------------------------
+def _neighbours(nodes, outputs=("y",), x_shape=(2, 4, 4), inits=()) -> list[str]:
+    """Names the site of core MatMul ``mm`` (x-side input ``a``, weight ``W``) takes, in graph order."""
+    model = make_model(nodes, [vi("x", list(x_shape))], [vi(o, None) for o in outputs], [init("W", _w(4, 4)), *inits])
+    mg = ModelGraph(model)
+    core = next(n for n in mg.graph.nodes if n.name == "mm")
+    site = Site([core], [core])
+    _add_layout_neighbours(mg, site)
+    order = {id(n): i for i, n in enumerate(mg.graph.nodes)}
+    return [n.name for n in sorted(site.nodes, key=lambda n: order[id(n)])]
+
+
+def _node(op, ins, outs, name=None, **attrs):
+    return helper.make_node(op, ins, outs, name=name or outs[0], **attrs)
+
+
+MM = _node("MatMul", ["a", "W"], ["m"], "mm")
+T021 = {"perm": [0, 2, 1]}
+
+
+def test_layout_ops_feeding_or_reading_the_site_are_taken_through_elementwise_ops():
+    nodes = [_node("Transpose", ["x"], ["t"], **T021), _node("Mul", ["t", "two"], ["s"]), _node("Relu", ["s"], ["a"]), MM,
+             _node("Relu", ["m"], ["r"]), _node("Transpose", ["r"], ["y"], **T021)]
+    assert _neighbours(nodes, inits=[init("two", np.float32(2))]) == ["t", "s", "a", "mm", "r", "y"]
+
+
+def test_a_path_without_a_layout_op_adds_nothing():
+    nodes = [_node("Relu", ["x"], ["a"]), MM, _node("Sigmoid", ["m"], ["y"])]
+    assert _neighbours(nodes) == ["mm"]
+
+
+def test_layout_ops_are_found_again_from_the_grown_site_until_none_is_new():
+    # The Transpose next to the core is taken in one round, the Reshape behind it in the next.
+    nodes = [_node("Reshape", ["x", "shape"], ["r"]), _node("Transpose", ["r"], ["a"], **T021), MM, _node("Identity", ["m"], ["y"])]
+    assert _neighbours(nodes, inits=[init("shape", np.array([2, 4, 4], np.int64))]) == ["r", "a", "mm"]
+
+
+def test_an_elementwise_value_read_outside_the_path_stops_the_walk():
+    up = [_node("Transpose", ["x"], ["t"], **T021), _node("Relu", ["t"], ["a"]), MM, _node("Add", ["m", "a"], ["y"])]
+    assert _neighbours(up) == ["mm"]  # a is read by the Add too
+    down = [_node("Relu", ["x"], ["a"]), MM, _node("Relu", ["m"], ["r"]), _node("Transpose", ["r"], ["y"], **T021)]
+    assert _neighbours(down, outputs=("y", "r")) == ["mm"]  # r is a graph output
+    both = [_node("Relu", ["x"], ["a"]), MM, _node("Relu", ["m"], ["r"]), _node("Transpose", ["r"], ["y"], **T021),
+            _node("Neg", ["r"], ["z"])]
+    assert _neighbours(both, outputs=("y", "z")) == ["mm"]  # r has two readers
+    at_output = [_node("Transpose", ["x"], ["t"], **T021), _node("Relu", ["t"], ["a"]), MM]
+    assert _neighbours(at_output, outputs=("m", "a")) == ["mm"]  # a is a graph output
+
+
+def test_only_single_input_elementwise_ops_are_walked_through():
+    up = [_node("Transpose", ["x"], ["t"], **T021), _node("Add", ["t", "x"], ["a"]), MM, _node("Identity", ["m"], ["y"])]
+    assert _neighbours(up) == ["mm"]  # the Add reads x too
+    down = [_node("Relu", ["x"], ["a"]), MM, _node("Add", ["m", "x"], ["s"]), _node("Transpose", ["s"], ["y"], **T021)]
+    assert _neighbours(down) == ["mm"]
+    not_elementwise = [_node("Transpose", ["x"], ["t"], **T021), _node("Softmax", ["t"], ["a"]), MM]
+    assert _neighbours(not_elementwise, outputs=("m",)) == ["mm"]
+
+
+def test_a_layout_op_read_elsewhere_is_still_taken():
+    nodes = [_node("Transpose", ["x"], ["a"], **T021), MM, _node("Add", ["m", "a"], ["y"])]
+    assert _neighbours(nodes) == ["a", "mm"]
+
+
+def test_multi_output_producers_and_constant_only_chains_end_the_walk():
+    split = [_node("Split", ["x"], ["a", "b"], axis=1), _node("MatMul", ["a", "W"], ["m"], "mm"), _node("Add", ["m", "b"], ["y"])]
+    assert _neighbours(split, x_shape=(2, 8, 4)) == ["mm"]
+    # Relu(W) has no non-constant input to follow once the Relu is on the path.
+    weights = [_node("Relu", ["W2"], ["w"]), _node("MatMul", ["x", "w"], ["m"], "mm"), _node("Identity", ["m"], ["y"])]
+    assert _neighbours(weights, inits=[init("W2", _w(4, 4))]) == ["mm"]
+    reader = [_node("Relu", ["x"], ["a"]), MM, _node("Split", ["m"], ["p", "q"], axis=1)]
+    assert _neighbours(reader, outputs=("p", "q")) == ["mm"]  # a multi-output reader is no path
+
+
+@pytest.mark.parametrize("relus,taken", [(14, True), (15, False)])
+def test_a_walk_takes_at_most_sixteen_hops(relus, taken):
+    # Identity, the Relus, then the Transpose: found at hop relus + 2.
+    nodes = [_node("Transpose", ["x"], ["r0"], **T021)]
+    nodes += [_node("Relu", [f"r{i}"], [f"r{i + 1}"]) for i in range(relus)]
+    nodes += [_node("Identity", [f"r{relus}"], ["a"]), MM, _node("Sigmoid", ["m"], ["y"])]
+    assert len(_neighbours(nodes)) == (relus + 3 if taken else 1)
+
+
+@pytest.mark.parametrize("relus,taken", [(15, True), (16, False)])
+def test_a_walk_down_takes_at_most_sixteen_hops(relus, taken):
+    # The Relus, then the Transpose: found at hop relus + 1.
+    nodes = [_node("Relu", ["x"], ["a"]), MM]
+    nodes += [_node("Relu", ["m" if i == 0 else f"r{i}"], [f"r{i + 1}"]) for i in range(relus)]
+    nodes += [_node("Transpose", [f"r{relus}"], ["y"], **T021)]
+    assert len(_neighbours(nodes)) == (relus + 2 if taken else 1)
+
+
+def test_a_layout_op_reached_from_two_inputs_is_taken_once():
+    nodes = [_node("Transpose", ["x"], ["t"], **T021), _node("Relu", ["t"], ["a"]), _node("Neg", ["t"], ["b"]),
+             _node("MatMul", ["a", "b"], ["m"], "mm"), _node("Identity", ["m"], ["y"])]
+    assert _neighbours(nodes) == ["t", "a", "b", "mm"]
+
+
+def test_growing_a_site_stops_after_sixteen_rounds():
+    # One Reshape per round: a chain of 20 above the core gives the 16 nearest.
+    nodes = [_node("Reshape", ["x" if i == 0 else f"r{i - 1}", "shape"], [f"r{i}" if i < 19 else "a"]) for i in range(20)]
+    nodes += [MM, _node("Sigmoid", ["m"], ["y"])]
+    names = _neighbours(nodes, inits=[init("shape", np.array([2, 4, 4], np.int64))])
+    assert names == [f"r{i}" for i in range(4, 19)] + ["a", "mm"]

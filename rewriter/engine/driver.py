@@ -72,6 +72,15 @@ class _Sweep:
     skipped: list[AppliedSite] = field(default_factory=list)
     near: list[NearMiss] = field(default_factory=list)
     quiet: list[NearMiss] = field(default_factory=list)
+    refused_at: set[tuple[str, str]] = field(default_factory=set)
+
+    def refuse(self, rule: Rule, node: gs.Node, reason: str, quiet: bool = False) -> None:
+        """Record why ``rule`` was not applied at ``node``, once per rule and node name in a sweep
+        (nested graphs may repeat node names)."""
+        if (rule.id, node.name) in self.refused_at:
+            return
+        self.refused_at.add((rule.id, node.name))
+        (self.quiet if quiet else self.near).append(NearMiss(rule.id, node.name, reason))
 
 
 def run_rules(
@@ -119,43 +128,53 @@ def _sweep(model: ModelGraph, by_op: dict[str, list[Rule]], skip: set[SiteKey], 
     applied, so it never acts on connections that an earlier rewrite of this sweep changed.
     """
     out = _Sweep()
-    seen_near: set[tuple[str, str]] = set()
     for graph in list(iter_graphs(model.graph)):
-        candidates: list[tuple[int, int, Rule, gs.Node]] = []
-        for order, node in enumerate(list(graph.nodes)):
-            for rule in by_op.get(node.op, ()):
-                m = match_at(rule.compiled_pattern, node, graph, model)
-                if m is None:
-                    continue
-                reason, quiet = _refusal(rule, m)
-                if reason is not None:
-                    if (rule.id, node.name) not in seen_near:
-                        seen_near.add((rule.id, node.name))
-                        (out.quiet if quiet else out.near).append(NearMiss(rule.id, node.name, reason))
-                    continue
-                candidates.append((-rule.benefit, order, rule, node))
-        candidates.sort(key=lambda c: (c[0], c[1], c[2].id))
-        consumed: set[int] = set()
-        for _, _, rule, node in candidates:
-            if id(node) in consumed:
-                continue
-            m = match_at(rule.compiled_pattern, node, graph, model)
-            if m is None or any(id(n) in consumed for n in m.matched) or _refusal(rule, m)[0] is not None:
-                continue
-            site = AppliedSite(rule.id, node.name, tuple(m.node_names), (), iteration)
-            if site.key in skip:
-                out.skipped.append(site)
-                continue
-            try:
-                created = _apply(model, graph, rule, m)
-            except _RewriteFailed as exc:
-                if (rule.id, node.name) not in seen_near:
-                    seen_near.add((rule.id, node.name))
-                    out.near.append(NearMiss(rule.id, node.name, str(exc)))
-                continue
-            consumed.update(id(n) for n in m.matched)
-            out.applied.append(AppliedSite(rule.id, node.name, site.nodes, created, iteration))
+        candidates = _candidates(model, graph, by_op, out)
+        _apply_candidates(model, graph, candidates, skip, iteration, out)
     return out
+
+
+def _candidates(model: ModelGraph, graph: gs.Graph, by_op: dict[str, list[Rule]], out: _Sweep) -> list[tuple[Rule, gs.Node]]:
+    """(rule, anchor) of every passing match in ``graph``: highest benefit first, then graph order,
+    then rule id. Matches that are refused are recorded in ``out``."""
+    found: list[tuple[int, int, Rule, gs.Node]] = []
+    for order, node in enumerate(list(graph.nodes)):
+        for rule in by_op.get(node.op, ()):
+            m = match_at(rule.compiled_pattern, node, graph, model)
+            if m is None:
+                continue
+            reason, quiet = _refusal(rule, m)
+            if reason is not None:
+                out.refuse(rule, node, reason, quiet)
+                continue
+            found.append((-rule.benefit, order, rule, node))
+    found.sort(key=lambda c: (c[0], c[1], c[2].id))
+    return [(rule, node) for _, _, rule, node in found]
+
+
+def _apply_candidates(
+    model: ModelGraph, graph: gs.Graph, candidates: list[tuple[Rule, gs.Node]], skip: set[SiteKey], iteration: int, out: _Sweep
+) -> None:
+    """Apply ``candidates`` in order, each matched again first; none touches a node an earlier one
+    replaced. Sites in ``skip`` are recorded as skipped, failed rewrites as refused."""
+    consumed: set[int] = set()
+    for rule, node in candidates:
+        if id(node) in consumed:
+            continue
+        m = match_at(rule.compiled_pattern, node, graph, model)
+        if m is None or any(id(n) in consumed for n in m.matched) or _refusal(rule, m)[0] is not None:
+            continue
+        site = AppliedSite(rule.id, node.name, tuple(m.node_names), (), iteration)
+        if site.key in skip:
+            out.skipped.append(site)
+            continue
+        try:
+            created = _apply(model, graph, rule, m)
+        except _RewriteFailed as exc:
+            out.refuse(rule, node, str(exc))
+            continue
+        consumed.update(id(n) for n in m.matched)
+        out.applied.append(AppliedSite(rule.id, node.name, site.nodes, created, iteration))
 
 
 def _refusal(rule: Rule, m: Match) -> tuple[str | None, bool]:

@@ -178,39 +178,56 @@ class _Matcher:
     def match_tensor(self, pat: Pattern, tensor: gs.Tensor | None, m: Match) -> Iterator[None]:
         """Generator over ways ``tensor`` matches ``pat`` (bindings are undone on backtrack)."""
         if isinstance(pat, VarPat):
-            if tensor is None or tensor.is_empty():
-                return
-            yield from self._bind_tensor(pat.name, tensor, m)
+            yield from self._match_var(pat, tensor, m)
         elif isinstance(pat, ConstPat):
-            if tensor is None or tensor.is_empty():
-                if pat.optional:
-                    yield from self._bind_tensor(pat.name, None, m)
-                return
-            marker = len(m.soft_failures)
-            if not self.model.is_constant(tensor):
-                m.soft_failures.append(f"{pat.name} is not a constant: {self.model.why_not_constant(tensor)}")
-            yield from self._bind_tensor(pat.name, tensor, m)
-            del m.soft_failures[marker:]
+            yield from self._match_const(pat, tensor, m)
         elif isinstance(pat, OpPat):
-            node = producer(tensor)
-            if node is None or tensor is None or node.outputs.index(tensor) != pat.output_index:
-                return
-            yield from self.match_node(pat, node, m)
+            yield from self._match_producer(pat, tensor, m)
         elif isinstance(pat, MaybeOpPat):
-            node = producer(tensor)
-            if node is not None and node.op == pat.op and len(node.inputs) == 2 and not _in(node, m.matched):
-                for a, b in ((0, 1), (1, 0)):
-                    m.matched.append(node)
-                    if pat.name:
-                        m.nodes[pat.name] = node
-                    for _ in self.match_tensor(pat.inner, node.inputs[a], m):
-                        yield from self.match_tensor(pat.other, node.inputs[b], m)
-                    if pat.name:
-                        m.nodes.pop(pat.name, None)
-                    m.matched.pop()
-            yield from self.match_tensor(pat.inner, tensor, m)
+            yield from self._match_maybe(pat, tensor, m)
         else:  # pragma: no cover - a programming error in a rule
             raise TypeError(f"unknown pattern node {pat!r}")
+
+    def _match_var(self, pat: VarPat, tensor: gs.Tensor | None, m: Match) -> Iterator[None]:
+        """Any tensor that is there (an omitted optional input is not)."""
+        if tensor is None or tensor.is_empty():
+            return
+        yield from self._bind_tensor(pat.name, tensor, m)
+
+    def _match_const(self, pat: ConstPat, tensor: gs.Tensor | None, m: Match) -> Iterator[None]:
+        """A constant; any other value matches with a soft failure, which backtracking removes. A
+        missing input matches only an optional const, bound to None."""
+        if tensor is None or tensor.is_empty():
+            if pat.optional:
+                yield from self._bind_tensor(pat.name, None, m)
+            return
+        marker = len(m.soft_failures)
+        if not self.model.is_constant(tensor):
+            m.soft_failures.append(f"{pat.name} is not a constant: {self.model.why_not_constant(tensor)}")
+        yield from self._bind_tensor(pat.name, tensor, m)
+        del m.soft_failures[marker:]
+
+    def _match_producer(self, pat: OpPat, tensor: gs.Tensor | None, m: Match) -> Iterator[None]:
+        """The node computing ``tensor``, when ``tensor`` is its output number ``pat.output_index``."""
+        node = producer(tensor)
+        if node is None or tensor is None or node.outputs.index(tensor) != pat.output_index:
+            return
+        yield from self.match_node(pat, node, m)
+
+    def _match_maybe(self, pat: MaybeOpPat, tensor: gs.Tensor | None, m: Match) -> Iterator[None]:
+        """``pat.op(inner, other)`` in either operand order, then ``inner`` alone (the op left out)."""
+        node = producer(tensor)
+        if node is not None and node.op == pat.op and len(node.inputs) == 2 and not _in(node, m.matched):
+            for a, b in ((0, 1), (1, 0)):
+                m.matched.append(node)
+                if pat.name:
+                    m.nodes[pat.name] = node
+                for _ in self.match_tensor(pat.inner, node.inputs[a], m):
+                    yield from self.match_tensor(pat.other, node.inputs[b], m)
+                if pat.name:
+                    m.nodes.pop(pat.name, None)
+                m.matched.pop()
+        yield from self.match_tensor(pat.inner, tensor, m)
 
     def _bind_tensor(self, name: str | None, tensor: gs.Tensor | None, m: Match) -> Iterator[None]:
         if name is None:

@@ -10,6 +10,7 @@ error (fatal only when ``strict``); two rules with one id is always an error nam
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
 from types import ModuleType
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from rewriter.errors import InputError, PluginError
 from rewriter.engine.rule import Rule
@@ -127,38 +128,60 @@ def _short(exc: BaseException) -> str:
 def discover(plugins: Iterable[str] = (), *, strict: bool = False, entry_point_group: str = ENTRY_POINT_GROUP) -> Registry:
     """Load every rule source; see the module docstring for the order and error policy."""
     reg = Registry()
+    for source, loader in _entry_point_sources(entry_point_group):
+        _load(reg, source, loader, strict)
+    for spec in plugins:
+        source, loader = _plugin_source(spec)
+        _load(reg, source, loader, strict)
+    return reg
 
-    def load(source: str, loader: object) -> None:
-        try:
-            module_or_obj = loader() if callable(loader) else loader
-            if inspect.isclass(module_or_obj) and issubclass(module_or_obj, Rule):
-                found = [module_or_obj]
-            elif isinstance(module_or_obj, (list, tuple)):
-                found = list(module_or_obj)
-            else:
-                found = _rules_in(module_or_obj)  # type: ignore[arg-type]
-        except PluginError:
-            raise
-        except BaseException as exc:  # a broken plugin must not take the tool down
-            if isinstance(exc, KeyboardInterrupt):
-                raise
-            if strict:
-                raise PluginError(f"{source} failed to load: {_short(exc)}") from exc
-            reg.unavailable.append(Unavailable(source, _short(exc)))
-            return
-        for rule in found:
-            reg.add(rule, source)
 
-    for ep in sorted(entry_points(group=entry_point_group), key=lambda e: (e.value != "rewriter.rules", e.name)):
+_Loader = Callable[[], object]
+"""Imports a rule source; returns a Rule class, a list of them, or a module."""
+
+
+def _entry_point_sources(group: str) -> list[tuple[str, _Loader]]:
+    """(source, loader) of each entry point in ``group``: the built-in family first, then by name."""
+    sources: list[tuple[str, _Loader]] = []
+    for ep in sorted(entry_points(group=group), key=lambda e: (e.value != "rewriter.rules", e.name)):
         dist = ep.dist.name if ep.dist is not None else "?"
         source = "built-in" if ep.value == "rewriter.rules" else f"plugin {dist} ({ep.name})"
-        load(source, ep.load)
-    for spec in plugins:
-        path = Path(spec)
-        if spec.endswith(".py") or path.exists():
-            if not path.is_file():
-                raise PluginError(f"plugin file not found: {spec}")
-            load(f"plugin file {spec}", lambda p=path: _import_file(p))
-        else:
-            load(f"plugin module {spec}", lambda s=spec: importlib.import_module(s))
-    return reg
+        sources.append((source, ep.load))
+    return sources
+
+
+def _plugin_source(spec: str) -> tuple[str, _Loader]:
+    """(source, loader) of one ``--plugin``: a file path (``*.py``, or any existing path) or a module name."""
+    path = Path(spec)
+    if spec.endswith(".py") or path.exists():
+        if not path.is_file():
+            raise PluginError(f"plugin file not found: {spec}")
+        return f"plugin file {spec}", functools.partial(_import_file, path)
+    return f"plugin module {spec}", functools.partial(importlib.import_module, spec)
+
+
+def _load(reg: Registry, source: str, loader: _Loader, strict: bool) -> None:
+    """Add the rules of one source to ``reg``; a source that fails to load is listed as unavailable
+    (a PluginError when ``strict``)."""
+    try:
+        found = _rules_from(loader())
+    except PluginError:
+        raise
+    except BaseException as exc:  # a broken plugin must not take the tool down
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        if strict:
+            raise PluginError(f"{source} failed to load: {_short(exc)}") from exc
+        reg.unavailable.append(Unavailable(source, _short(exc)))
+        return
+    for rule in found:
+        reg.add(rule, source)
+
+
+def _rules_from(loaded: object) -> list[type[Rule]]:
+    """The rules a source gave: a Rule class, a list of them, or those of a module (see :func:`_rules_in`)."""
+    if inspect.isclass(loaded) and issubclass(loaded, Rule):
+        return [loaded]
+    if isinstance(loaded, (list, tuple)):
+        return list(loaded)
+    return _rules_in(loaded)  # type: ignore[arg-type]

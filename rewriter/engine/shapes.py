@@ -21,7 +21,7 @@ followed upwards), so ``Shape`` of a tensor and of its activation agree.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Callable, Sequence, Union
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -223,80 +223,108 @@ def _attr_or_input(node: gs.Node, model: ModelGraph, name: str, index: int) -> l
 
 
 def _eval_node(node: gs.Node, model: ModelGraph, depth: int) -> _Val | None:
-    op = node.op
-    if op == "Shape":
-        shape = symbolic_shape(node.inputs[0])
-        if shape is None:
-            return None
-        n = len(shape)
-        start = int(node.attrs.get("start", 0))
-        end = int(node.attrs.get("end", n))
-        start, end = (min(max(s + n if s < 0 else s, 0), n) for s in (start, end))
-        return _Val(tuple(shape[start:end]), False)
-    if op in ("Identity", "Cast"):
-        if op == "Cast" and int(node.attrs.get("to", 0)) not in _INT_TYPES:
-            return None
-        return _eval(node.inputs[0], model, depth)
-    if op == "Gather":
-        data = _eval(node.inputs[0], model, depth)
-        idx = _const_ints(node.inputs[1], model) if len(node.inputs) > 1 else None
-        if data is None or data.scalar or idx is None or int(node.attrs.get("axis", 0)) != 0:
-            return None
-        n = len(data.items)
-        picked = []
-        for i in idx.reshape(-1):
-            i = int(i) + (n if i < 0 else 0)
-            if not 0 <= i < n:
-                return None
-            picked.append(data.items[i])
-        return _Val(tuple(picked), idx.ndim == 0)
-    if op == "Unsqueeze":
-        data = _eval(node.inputs[0], model, depth)
-        axes = _attr_or_input(node, model, "axes", 1)
-        if data is None or not data.scalar or axes not in ([0], [-1]):
-            return None
-        return _Val(data.items, False)
-    if op == "Squeeze":
-        data = _eval(node.inputs[0], model, depth)
-        axes = _attr_or_input(node, model, "axes", 1)
-        if data is None or data.scalar or len(data.items) != 1 or axes not in (None, [0], [-1]):
-            return None
-        return _Val(data.items, True)
-    if op == "Reshape":
-        data = _eval(node.inputs[0], model, depth)
-        target = _const_ints(node.inputs[1], model) if len(node.inputs) > 1 else None
-        if data is None or target is None:
-            return None
-        t = [int(x) for x in target.reshape(-1)]
-        if t == [] and len(data.items) == 1:
-            return _Val(data.items, True)
-        if len(t) == 1 and t[0] in (-1, len(data.items)):
-            return _Val(data.items, False)
+    """The value of ``node``'s output, by the evaluator of its op type (None for any other op)."""
+    evaluate = _EVALUATORS.get(node.op)
+    return None if evaluate is None else evaluate(node, model, depth)
+
+
+def _eval_shape(node: gs.Node, model: ModelGraph, depth: int) -> _Val | None:
+    """``Shape``: the symbolic dims of the input, ``start``/``end`` clamped to the rank as ONNX does."""
+    shape = symbolic_shape(node.inputs[0])
+    if shape is None:
         return None
-    if op == "Concat":
-        if int(node.attrs.get("axis", 0)) not in (0, -1):
+    n = len(shape)
+    start = int(node.attrs.get("start", 0))
+    end = int(node.attrs.get("end", n))
+    start, end = (min(max(s + n if s < 0 else s, 0), n) for s in (start, end))
+    return _Val(tuple(shape[start:end]), False)
+
+
+def _eval_identity(node: gs.Node, model: ModelGraph, depth: int) -> _Val | None:
+    """``Identity``: the value of its input."""
+    return _eval(node.inputs[0], model, depth)
+
+
+def _eval_cast(node: gs.Node, model: ModelGraph, depth: int) -> _Val | None:
+    """``Cast`` to an integer type keeps the value; a cast to a float type is not shape arithmetic."""
+    if int(node.attrs.get("to", 0)) not in _INT_TYPES:
+        return None
+    return _eval(node.inputs[0], model, depth)
+
+
+def _eval_gather(node: gs.Node, model: ModelGraph, depth: int) -> _Val | None:
+    """``Gather`` on axis 0 with constant indices: the picked items (a scalar index gives a scalar)."""
+    data = _eval(node.inputs[0], model, depth)
+    idx = _const_ints(node.inputs[1], model) if len(node.inputs) > 1 else None
+    if data is None or data.scalar or idx is None or int(node.attrs.get("axis", 0)) != 0:
+        return None
+    n = len(data.items)
+    picked = []
+    for i in idx.reshape(-1):
+        i = int(i) + (n if i < 0 else 0)
+        if not 0 <= i < n:
             return None
-        items: list = []
-        for inp in node.inputs:
-            part = _eval(inp, model, depth)
-            if part is None or part.scalar:
-                return None
-            items.extend(part.items)
-        return _Val(tuple(items), False)
-    if op == "Slice":
-        return _eval_slice(node, model, depth)
-    if op in ("Mul", "Div", "Add", "Sub"):
-        a = _eval(node.inputs[0], model, depth)
-        b = _eval(node.inputs[1], model, depth)
-        if a is None or b is None:
-            return None
-        n = max(len(a.items), len(b.items))
-        if {len(a.items), len(b.items)} - {1, n}:
-            return None
-        xs = a.items * n if len(a.items) == 1 else a.items
-        ys = b.items * n if len(b.items) == 1 else b.items
-        return _Val(tuple(_arith(op, x, y) for x, y in zip(xs, ys)), a.scalar and b.scalar)
+        picked.append(data.items[i])
+    return _Val(tuple(picked), idx.ndim == 0)
+
+
+def _eval_unsqueeze(node: gs.Node, model: ModelGraph, depth: int) -> _Val | None:
+    """``Unsqueeze`` of a scalar into a one-item vector."""
+    data = _eval(node.inputs[0], model, depth)
+    axes = _attr_or_input(node, model, "axes", 1)
+    if data is None or not data.scalar or axes not in ([0], [-1]):
+        return None
+    return _Val(data.items, False)
+
+
+def _eval_squeeze(node: gs.Node, model: ModelGraph, depth: int) -> _Val | None:
+    """``Squeeze`` of a one-item vector into a scalar."""
+    data = _eval(node.inputs[0], model, depth)
+    axes = _attr_or_input(node, model, "axes", 1)
+    if data is None or data.scalar or len(data.items) != 1 or axes not in (None, [0], [-1]):
+        return None
+    return _Val(data.items, True)
+
+
+def _eval_reshape(node: gs.Node, model: ModelGraph, depth: int) -> _Val | None:
+    """``Reshape`` to a constant target that keeps the items: a scalar (``[]``) or a flat vector."""
+    data = _eval(node.inputs[0], model, depth)
+    target = _const_ints(node.inputs[1], model) if len(node.inputs) > 1 else None
+    if data is None or target is None:
+        return None
+    t = [int(x) for x in target.reshape(-1)]
+    if t == [] and len(data.items) == 1:
+        return _Val(data.items, True)
+    if len(t) == 1 and t[0] in (-1, len(data.items)):
+        return _Val(data.items, False)
     return None
+
+
+def _eval_concat(node: gs.Node, model: ModelGraph, depth: int) -> _Val | None:
+    """``Concat`` of vectors on axis 0: their items in order (None when a part is unknown or a scalar)."""
+    if int(node.attrs.get("axis", 0)) not in (0, -1):
+        return None
+    items: list = []
+    for inp in node.inputs:
+        part = _eval(inp, model, depth)
+        if part is None or part.scalar:
+            return None
+        items.extend(part.items)
+    return _Val(tuple(items), False)
+
+
+def _eval_arith(node: gs.Node, model: ModelGraph, depth: int) -> _Val | None:
+    """``Mul``/``Div``/``Add``/``Sub`` item by item, a one-item operand broadcast to the other's length."""
+    a = _eval(node.inputs[0], model, depth)
+    b = _eval(node.inputs[1], model, depth)
+    if a is None or b is None:
+        return None
+    n = max(len(a.items), len(b.items))
+    if {len(a.items), len(b.items)} - {1, n}:
+        return None
+    xs = a.items * n if len(a.items) == 1 else a.items
+    ys = b.items * n if len(b.items) == 1 else b.items
+    return _Val(tuple(_arith(node.op, x, y) for x, y in zip(xs, ys)), a.scalar and b.scalar)
 
 
 def _arith(op: str, a: Dim | None, b: Dim | None) -> Dim | None:
@@ -335,6 +363,21 @@ def _eval_slice(node: gs.Node, model: ModelGraph, depth: int) -> _Val | None:
     else:
         start, end = min(max(start, 0), n - 1), min(max(end, -1), n - 1)
     return _Val(tuple(data.items[i] for i in range(start, end, step)), False)
+
+
+# The ops shape computations are built from, one evaluator each; any other op's value is unknown.
+_EVALUATORS: dict[str, Callable[[gs.Node, ModelGraph, int], _Val | None]] = {
+    "Shape": _eval_shape,
+    "Identity": _eval_identity,
+    "Cast": _eval_cast,
+    "Gather": _eval_gather,
+    "Unsqueeze": _eval_unsqueeze,
+    "Squeeze": _eval_squeeze,
+    "Reshape": _eval_reshape,
+    "Concat": _eval_concat,
+    "Slice": _eval_slice,
+    **dict.fromkeys(("Mul", "Div", "Add", "Sub"), _eval_arith),
+}
 
 
 # -- layout tracking --------------------------------------------------------------------------

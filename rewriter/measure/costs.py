@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import onnx
 from google.protobuf.message import Message
@@ -150,56 +150,64 @@ def _infer(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]], ini
 
     copy = _copy_without_initializers(model)
     g = copy.graph
-    kept = []
-    moved = []
-    for t in model.graph.initializer:
-        n = math.prod(t.dims)
-        if n <= _KEEP_INITIALIZER_ELEMENTS and t.data_location != TensorProto.EXTERNAL:
-            kept.append(t)
-        else:
-            moved.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    g.initializer.extend(kept)
-    # Inference walks nodes in file order; an unsorted (but valid) graph would lose shapes.
-    ordered = []
-    for node in _toposort(g):
-        ordered.append(onnx.NodeProto())
-        ordered[-1].CopyFrom(node)
-    del g.node[:]
-    g.node.extend(ordered)
-    existing_inputs = {vi.name for vi in g.input}
-    for vi in moved:
-        if vi.name in existing_inputs:
-            # keep_initializers_as_inputs: the input already exists; give it the weight's dims.
-            target = next(x for x in g.input if x.name == vi.name)
-            target.CopyFrom(vi)
-        else:
-            g.input.append(vi)
-
+    _big_initializers_as_inputs(model.graph, g)
+    _sort_nodes(g)
     for vi in g.input:
-        if vi.name not in known or not vi.type.HasField("tensor_type"):
-            continue
-        dims = vi.type.tensor_type.shape.dim
-        want = input_shapes.get(vi.name)
-        if want is not None:
-            if len(want) != len(dims):
-                raise InputError(
-                    f"input '{vi.name}' has rank {len(dims)}, shape {list(want)} given"
-                )
-            for d, v in zip(dims, want):
-                if d.HasField("dim_value") and d.dim_value != v:
-                    raise InputError(
-                        f"input '{vi.name}' has fixed dim {d.dim_value}, {v} given"
-                    )
-        for i, d in enumerate(dims):
-            if not d.HasField("dim_value"):
-                value = int(want[i]) if want is not None else 1
-                d.Clear()
-                d.dim_value = value
+        if vi.name in known and vi.type.HasField("tensor_type"):
+            _make_dims_concrete(vi, input_shapes.get(vi.name))
     try:
         return onnx.shape_inference.infer_shapes(copy, check_type=False, strict_mode=False, data_prop=True)
     except Exception as exc:  # onnx raises several types; the message is what matters
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"shape inference failed: {first}") from exc
+
+
+def _big_initializers_as_inputs(src: onnx.GraphProto, dst: onnx.GraphProto) -> None:
+    """Copy the small inline initializers of ``src`` into ``dst``; every other one becomes a graph
+    input of ``dst`` with the weight's type and dims, so its data is never read."""
+    moved = []
+    for t in src.initializer:
+        n = math.prod(t.dims)
+        if n <= _KEEP_INITIALIZER_ELEMENTS and t.data_location != TensorProto.EXTERNAL:
+            dst.initializer.append(t)
+        else:
+            moved.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    existing_inputs = {vi.name for vi in dst.input}
+    for vi in moved:
+        if vi.name in existing_inputs:
+            # keep_initializers_as_inputs: the input already exists; give it the weight's dims.
+            target = next(x for x in dst.input if x.name == vi.name)
+            target.CopyFrom(vi)
+        else:
+            dst.input.append(vi)
+
+
+def _sort_nodes(graph: onnx.GraphProto) -> None:
+    """Reorder ``graph``'s nodes topologically."""
+    # Inference walks nodes in file order; an unsorted (but valid) graph would lose shapes.
+    ordered = []
+    for node in _toposort(graph):
+        ordered.append(onnx.NodeProto())
+        ordered[-1].CopyFrom(node)
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def _make_dims_concrete(vi: onnx.ValueInfoProto, want: tuple[int, ...] | None) -> None:
+    """Give every dynamic dim of graph input ``vi`` its value in ``want`` (1 when no shape is given),
+    after checking ``want`` against the input's rank and fixed dims."""
+    dims = vi.type.tensor_type.shape.dim
+    if want is not None:
+        if len(want) != len(dims):
+            raise InputError(f"input '{vi.name}' has rank {len(dims)}, shape {list(want)} given")
+        for d, v in zip(dims, want):
+            if d.HasField("dim_value") and d.dim_value != v:
+                raise InputError(f"input '{vi.name}' has fixed dim {d.dim_value}, {v} given")
+    for i, d in enumerate(dims):
+        if not d.HasField("dim_value"):
+            value = int(want[i]) if want is not None else 1
+            d.Clear()
+            d.dim_value = value
 
 
 def _copy_without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -260,50 +268,98 @@ def _tensor_proto_bytes(t: TensorProto) -> int:
 
 def _node_cost(node: onnx.NodeProto, shapes: dict[str, _Shape]) -> tuple[int, int] | None:
     """(MACs, extra FLOPs) for one node, or None when it cannot be counted."""
-    op = node.op_type
     if node.domain not in ("", "ai.onnx"):
         return None
+    count = _COUNTERS.get(node.op_type)
+    if count is None:
+        return None
     out = _dims(shapes, node.output[0]) if node.output else None
-    if op in _FREE:
-        return (0, 0)
-    if op in ("Conv", "ConvInteger", "QLinearConv"):
-        w = _dims(shapes, node.input[3 if op == "QLinearConv" else 1])
-        if out is None or w is None or len(w) < 2:
-            return None
-        bias_index = 8 if op == "QLinearConv" else 2
-        bias = math.prod(out) if op == "Conv" and len(node.input) > bias_index and node.input[bias_index] else 0
-        return (math.prod(out) * w[1] * math.prod(w[2:]), bias)
-    if op == "ConvTranspose":
-        x = _dims(shapes, node.input[0])
-        w = _dims(shapes, node.input[1])
-        if out is None or x is None or w is None or len(w) < 2:
-            return None
-        bias = math.prod(out) if len(node.input) > 2 and node.input[2] else 0
-        return (math.prod(x) * w[1] * math.prod(w[2:]), bias)
-    if op in ("MatMul", "MatMulInteger", "QLinearMatMul"):
-        a = _dims(shapes, node.input[0])
-        if out is None or a is None or not a:
-            return None
-        return (math.prod(out) * a[-1], 0)
-    if op == "Gemm":
-        a = _dims(shapes, node.input[0])
-        if out is None or a is None or len(a) != 2:
-            return None
-        trans_a = next((attr.i for attr in node.attribute if attr.name == "transA"), 0)
-        k = a[0] if trans_a else a[1]
-        bias = math.prod(out) if len(node.input) > 2 and node.input[2] else 0
-        return (math.prod(out) * k, bias)
-    if op in _ELEMENTWISE:
-        return None if out is None else (0, math.prod(out))
-    if op in _REDUCTIONS:
-        x = _dims(shapes, node.input[0])
-        return None if x is None else (0, math.prod(x))
-    if op in _POOLS:
-        kernel = next((list(attr.ints) for attr in node.attribute if attr.name == "kernel_shape"), None)
-        if out is None or kernel is None:
-            return None
-        return (0, math.prod(out) * math.prod(kernel))
-    return None
+    return count(node, out, shapes)
+
+
+_Dims = tuple[int, ...] | None
+_Counter = Callable[[onnx.NodeProto, _Dims, dict[str, _Shape]], tuple[int, int] | None]
+"""(node, its output dims, shape table) -> (MACs, extra FLOPs), None when the dims needed are unknown."""
+
+
+def _bias_flops(node: onnx.NodeProto, index: int, out: tuple[int, ...]) -> int:
+    """One add per output element when the optional bias input ``index`` is given."""
+    return math.prod(out) if len(node.input) > index and node.input[index] else 0
+
+
+def _free_cost(node: onnx.NodeProto, out: _Dims, shapes: dict[str, _Shape]) -> tuple[int, int] | None:
+    """Data movement: no arithmetic."""
+    return (0, 0)
+
+
+def _conv_cost(node: onnx.NodeProto, out: _Dims, shapes: dict[str, _Shape]) -> tuple[int, int] | None:
+    """Conv / ConvInteger / QLinearConv: out elements * C_in/group * prod(kernel) MACs."""
+    op = node.op_type
+    w = _dims(shapes, node.input[3 if op == "QLinearConv" else 1])
+    if out is None or w is None or len(w) < 2:
+        return None
+    # Only the float Conv's bias is counted (QLinearConv's, input 8, is not; ConvInteger has none).
+    bias = _bias_flops(node, 2, out) if op == "Conv" else 0
+    return (math.prod(out) * w[1] * math.prod(w[2:]), bias)
+
+
+def _conv_transpose_cost(node: onnx.NodeProto, out: _Dims, shapes: dict[str, _Shape]) -> tuple[int, int] | None:
+    """ConvTranspose: in elements * C_out/group * prod(kernel) MACs, plus the bias."""
+    x = _dims(shapes, node.input[0])
+    w = _dims(shapes, node.input[1])
+    if out is None or x is None or w is None or len(w) < 2:
+        return None
+    return (math.prod(x) * w[1] * math.prod(w[2:]), _bias_flops(node, 2, out))
+
+
+def _matmul_cost(node: onnx.NodeProto, out: _Dims, shapes: dict[str, _Shape]) -> tuple[int, int] | None:
+    """MatMul / MatMulInteger / QLinearMatMul: out elements * K MACs."""
+    a = _dims(shapes, node.input[0])
+    if out is None or a is None or not a:
+        return None
+    return (math.prod(out) * a[-1], 0)
+
+
+def _gemm_cost(node: onnx.NodeProto, out: _Dims, shapes: dict[str, _Shape]) -> tuple[int, int] | None:
+    """Gemm: out elements * K MACs (K from A, transposed or not), plus the bias C."""
+    a = _dims(shapes, node.input[0])
+    if out is None or a is None or len(a) != 2:
+        return None
+    trans_a = next((attr.i for attr in node.attribute if attr.name == "transA"), 0)
+    k = a[0] if trans_a else a[1]
+    return (math.prod(out) * k, _bias_flops(node, 2, out))
+
+
+def _elementwise_cost(node: onnx.NodeProto, out: _Dims, shapes: dict[str, _Shape]) -> tuple[int, int] | None:
+    """One FLOP per output element."""
+    return None if out is None else (0, math.prod(out))
+
+
+def _reduction_cost(node: onnx.NodeProto, out: _Dims, shapes: dict[str, _Shape]) -> tuple[int, int] | None:
+    """One FLOP per input element."""
+    x = _dims(shapes, node.input[0])
+    return None if x is None else (0, math.prod(x))
+
+
+def _pool_cost(node: onnx.NodeProto, out: _Dims, shapes: dict[str, _Shape]) -> tuple[int, int] | None:
+    """out elements * prod(kernel) FLOPs."""
+    kernel = next((list(attr.ints) for attr in node.attribute if attr.name == "kernel_shape"), None)
+    if out is None or kernel is None:
+        return None
+    return (0, math.prod(out) * math.prod(kernel))
+
+
+# The counter of each op type costed (formulas in the module docstring); any other op is unknown.
+_COUNTERS: dict[str, _Counter] = {
+    **dict.fromkeys(_FREE, _free_cost),
+    **dict.fromkeys(("Conv", "ConvInteger", "QLinearConv"), _conv_cost),
+    "ConvTranspose": _conv_transpose_cost,
+    **dict.fromkeys(("MatMul", "MatMulInteger", "QLinearMatMul"), _matmul_cost),
+    "Gemm": _gemm_cost,
+    **dict.fromkeys(_ELEMENTWISE, _elementwise_cost),
+    **dict.fromkeys(_REDUCTIONS, _reduction_cost),
+    **dict.fromkeys(_POOLS, _pool_cost),
+}
 
 
 # --- liveness ----------------------------------------------------------------------------

@@ -167,43 +167,12 @@ def _only_reader(t: gs.Tensor, graph: gs.Graph) -> gs.Node | None:
 
 def _add_layout_neighbours(model: ModelGraph, site: Site) -> None:
     """Add the layout ops that feed the site or read it, through single-use elementwise ops."""
-    graph = model.graph
     inside = {id(n) for n in site.nodes}
+    # Each round walks out from the site as grown so far: a layout op behind a taken one is found next round.
     for _ in range(_MAX_HOPS):
-        added: list[gs.Node] = []
-        ins, outs = boundary(site, graph)
-        for t in ins:
-            path: list[gs.Node] = []
-            cur = t
-            for _ in range(_MAX_HOPS):
-                p = producer(cur)
-                if p is None or id(p) in inside or model.is_constant(cur) or len(p.outputs) != 1:
-                    break
-                if p.op in _LAYOUT_OPS:
-                    # Kept even when read elsewhere: that value is then a subgraph output, so
-                    # every form keeps computing it (as the whole model would).
-                    added += path + [p]
-                    break
-                single = all(id(c) in inside or any(c is q for q in path) for c in cur.outputs)
-                if not single or any(cur is o for o in graph.outputs) or not _elementwise(model, p, p.inputs[0]):
-                    break
-                path.append(p)
-                cur = next((x for x in p.inputs if not model.is_constant(x)), None)
-                if cur is None:
-                    break
-        for t in outs:
-            path, cur = [], t
-            for _ in range(_MAX_HOPS):
-                c = _only_reader(cur, graph)
-                if c is None or id(c) in inside or len(c.outputs) != 1:
-                    break
-                path.append(c)
-                if c.op in _LAYOUT_OPS:
-                    added += path
-                    break
-                if not _elementwise(model, c, cur):
-                    break
-                cur = c.outputs[0]
+        ins, outs = boundary(site, model.graph)
+        added = [n for t in ins for n in _layout_path_up(model, t, inside)]
+        added += [n for t in outs for n in _layout_path_down(model, t, inside)]
         fresh = False
         for n in added:
             if id(n) not in inside:
@@ -212,6 +181,47 @@ def _add_layout_neighbours(model: ModelGraph, site: Site) -> None:
                 fresh = True
         if not fresh:
             return
+
+
+def _layout_path_up(model: ModelGraph, t: gs.Tensor, inside: set[int]) -> list[gs.Node]:
+    """The layout op that produces ``t`` through elementwise ops (each read only by this path or the
+    site), with those ops; [] when the walk up meets no layout op."""
+    path: list[gs.Node] = []
+    cur = t
+    for _ in range(_MAX_HOPS):
+        p = producer(cur)
+        if p is None or id(p) in inside or model.is_constant(cur) or len(p.outputs) != 1:
+            return []
+        if p.op in _LAYOUT_OPS:
+            # Kept even when read elsewhere: that value is then a subgraph output, so
+            # every form keeps computing it (as the whole model would).
+            return path + [p]
+        single = all(id(c) in inside or any(c is q for q in path) for c in cur.outputs)
+        if not single or any(cur is o for o in model.graph.outputs) or not _elementwise(model, p, p.inputs[0]):
+            return []
+        path.append(p)
+        cur = next((x for x in p.inputs if not model.is_constant(x)), None)
+        if cur is None:
+            return []
+    return []
+
+
+def _layout_path_down(model: ModelGraph, t: gs.Tensor, inside: set[int]) -> list[gs.Node]:
+    """The layout op that reads ``t`` through elementwise ops (each value read once), with those ops;
+    [] when the walk down meets no layout op."""
+    path: list[gs.Node] = []
+    cur = t
+    for _ in range(_MAX_HOPS):
+        c = _only_reader(cur, model.graph)
+        if c is None or id(c) in inside or len(c.outputs) != 1:
+            return []
+        path.append(c)
+        if c.op in _LAYOUT_OPS:
+            return path
+        if not _elementwise(model, c, cur):
+            return []
+        cur = c.outputs[0]
+    return []
 
 
 def boundary(site: Site, graph: gs.Graph) -> tuple[list[gs.Tensor], list[gs.Tensor]]:
