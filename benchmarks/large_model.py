@@ -108,7 +108,8 @@ def step_rewrite(src: str, out: str, rules: list[str] | None, verify: bool) -> d
         optimize = rewriter.optimize
     except (AttributeError, ImportError):
         optimize = None
-    from rewriter.engine.model_io import load_model, save_model
+    from rewriter.engine.model_io import load_model
+    from rewriter.engine.save import save_model
 
     imported = time.perf_counter()
     if optimize is not None:

@@ -21,7 +21,8 @@ from typing import Any, Callable, Sequence
 import onnx
 
 from rewriter import __version__
-from rewriter.engine.model_io import LoadedModel, check_output_path, file_sha256, load_model, save_model
+from rewriter.engine.model_io import LoadedModel, load_model
+from rewriter.engine.save import check_output_path, file_sha256, save_model
 from rewriter.engine.registry import Registry, discover
 from rewriter.engine.rewrite import rewrite
 from rewriter.engine.rule import Rule

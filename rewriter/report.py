@@ -16,7 +16,7 @@ from typing import Any, Iterable, Protocol, runtime_checkable
 
 import onnx
 
-from rewriter.engine.model_io import atomic_write_text
+from rewriter.engine.save import atomic_write_text
 
 __all__ = ["Section", "ModelSummary", "RewriteRecord", "NearMissRecord", "Report", "summarize", "op_counts"]
 

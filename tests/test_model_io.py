@@ -13,18 +13,11 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from rewriter.engine import model_io
+from rewriter.engine import model_io, save as save_io, tensors
 from rewriter.errors import InputError
-from rewriter.engine.model_io import (
-    LoadedModel,
-    check_output_path,
-    ensure_loadable_ir,
-    has_external_data,
-    load_model,
-    max_supported_ir_version,
-    read_tensor,
-    save_model,
-)
+from rewriter.engine.model_io import LoadedModel, ensure_loadable_ir, load_model, max_supported_ir_version
+from rewriter.engine.save import check_output_path, save_model
+from rewriter.engine.tensors import has_external_data, read_tensor
 
 RNG = np.random.default_rng(0)
 W = RNG.standard_normal((64, 32)).astype(np.float32)
@@ -186,7 +179,7 @@ def test_missing_and_unreadable_external_data(tmp_path: Path, monkeypatch: pytes
                 raise PermissionError(errno.EACCES, "Permission denied")
             return real_open(file, *args, **kwargs)  # type: ignore[call-overload]
 
-        monkeypatch.setattr(model_io, "open", refuse, raising=False)
+        monkeypatch.setattr(tensors, "open", refuse, raising=False)
     with pytest.raises(InputError) as exc:
         load_model(path)
     assert_input_error(exc, "m.data", "not readable")
@@ -315,8 +308,8 @@ def test_save_external_other_folder_copies_data(tmp_path: Path) -> None:
 
 
 def test_large_new_tensors_go_to_a_new_data_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(model_io, "_INLINE_LIMIT_BYTES", 1000)
-    monkeypatch.setattr(model_io, "_OFFLOAD_MIN_BYTES", 1000)
+    monkeypatch.setattr(save_io, "_INLINE_LIMIT_BYTES", 1000)
+    monkeypatch.setattr(save_io, "_OFFLOAD_MIN_BYTES", 1000)
     src = save_external(make_model(), tmp_path)  # source data is m.data
     loaded = load_model(src)
     loaded.model.graph.initializer[0].CopyFrom(numpy_helper.from_array(W, "W"))  # a "new" inline W
@@ -353,7 +346,7 @@ def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
         os.write(fd, data[: len(data) // 2])
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(model_io, "_write_all", half_then_fail)
+    monkeypatch.setattr(save_io, "_write_all", half_then_fail)
     with pytest.raises(InputError) as exc:
         save_model(loaded.model, dst / "old.onnx", source=loaded)
     assert_input_error(exc, "No space left on device")
@@ -371,7 +364,7 @@ def test_failed_copy_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         Path(b).write_bytes(Path(a).read_bytes()[:10])
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(model_io.shutil, "copyfile", partial_copy)
+    monkeypatch.setattr(save_io.shutil, "copyfile", partial_copy)
     with pytest.raises(InputError):
         save_model(loaded.model, dst / "out.onnx", source=loaded)
     assert list(dst.iterdir()) == []
@@ -415,16 +408,16 @@ def test_check_output_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         with pytest.raises(InputError) as exc:
             check_output_path(out, input_path=src)
         assert_input_error(exc, phrase)
-    monkeypatch.setattr(model_io.os, "access", lambda *args, **kwargs: False)
+    monkeypatch.setattr(save_io.os, "access", lambda *args, **kwargs: False)
     with pytest.raises(InputError) as exc:
         check_output_path(tmp_path / "o.onnx", input_path=src)
     assert_input_error(exc, "not writable")
 
 
 def test_atomic_write_text_and_file_sha256(tmp_path: Path) -> None:
-    out = model_io.atomic_write_text(tmp_path / "report.md", "hello\n")
+    out = save_io.atomic_write_text(tmp_path / "report.md", "hello\n")
     assert out.read_text() == "hello\n" and [p.name for p in tmp_path.iterdir()] == ["report.md"]
-    assert model_io.file_sha256(out) == hashlib.sha256(b"hello\n").hexdigest()
+    assert save_io.file_sha256(out) == hashlib.sha256(b"hello\n").hexdigest()
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600
@@ -555,7 +548,7 @@ def test_external_length_and_size_are_checked_without_reading_data(tmp_path: Pat
             handle.read = None  # opening for fstat is fine; reading is not
         return handle
 
-    monkeypatch.setattr(model_io, "open", no_data_reads, raising=False)
+    monkeypatch.setattr(tensors, "open", no_data_reads, raising=False)
     with pytest.raises(InputError) as exc:
         load_model(path)
     assert_input_error(exc, "initializer 'W' needs bytes 0..70368744177664 of 'm.data'", "truncated data file?")

@@ -13,7 +13,7 @@ from rewriter.api import verify
 from rewriter.cli import params as p
 from rewriter.cli.app import app
 from rewriter.cli.progress import StepProgress
-from rewriter.engine.model_io import atomic_write_text, check_output_path
+from rewriter.engine.save import atomic_write_text, check_output_path
 from rewriter.errors import VerificationError
 
 

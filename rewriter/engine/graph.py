@@ -23,6 +23,8 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx_graphsurgeon.logger import G_LOGGER
 
+from rewriter.engine.tensors import read_tensor
+
 __all__ = [
     "ModelGraph",
     "PROVENANCE_KEY",
@@ -45,8 +47,6 @@ class _ExternalLazyValues(LazyValues):  # type: ignore[misc]
         self.base_dir = base_dir
 
     def load(self) -> np.ndarray:
-        from rewriter.engine.model_io import read_tensor
-
         return read_tensor(self.tensor, self.base_dir)
 
 

@@ -23,7 +23,7 @@ import onnxruntime
 from onnx import numpy_helper
 
 from rewriter import __version__
-from rewriter.engine.model_io import atomic_write_text
+from rewriter.engine.save import atomic_write_text
 
 __all__ = ["CACHE_FORMAT", "DecisionCache", "cache_key", "default_cache_path", "site_signature"]
 

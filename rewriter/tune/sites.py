@@ -20,7 +20,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from rewriter.engine.graph import ModelGraph, const_value, iter_graphs, producer
-from rewriter.engine.model_io import LoadedModel, ensure_loadable_ir, has_external_data
+from rewriter.engine.model_io import LoadedModel, ensure_loadable_ir
+from rewriter.engine.tensors import has_external_data
 from rewriter.engine.pattern import Match, match_at
 from rewriter.engine.rule import CheckResult, Rule, skip
 from rewriter.ort import make_session, model_source
