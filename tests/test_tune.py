@@ -399,3 +399,54 @@ def test_growing_a_site_stops_after_sixteen_rounds():
     nodes += [MM, _node("Sigmoid", ["m"], ["y"])]
     names = _neighbours(nodes, inits=[init("shape", np.array([2, 4, 4], np.int64))])
     assert names == [f"r{i}" for i in range(4, 19)] + ["a", "mm"]
+
+
+def _blocks_model(blocks: int, distinct: bool = False) -> onnx.ModelProto:
+    """``blocks`` residual pointwise sites (Transpose -> Conv(k=1) -> Transpose -> Relu -> Add),
+    structurally identical unless ``distinct`` (then each Conv has its own channel count... kept
+    equal here: distinct weights do not change the structure, so ``distinct`` varies a kernel dim)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import scale  # the benchmark's own model builder
+
+    model = scale.build(blocks, channels=4)
+    if distinct:  # a different group count per site is another structure; a different bias is not
+        for i, node in enumerate(n for n in model.graph.node if n.op_type == "Conv"):
+            node.attribute.append(helper.make_attribute("dilations", [1 + i % 7]))
+    return model
+
+
+def test_identical_sites_are_measured_once_per_run(tmp_path):
+    """2,000 structurally identical sites: one measurement, every other site takes its decision,
+    whether or not the file cache is on."""
+    calls: list = []
+    result = tuned(_blocks_model(2000), stub(conv_ms=2.0, other_ms=1.0, calls=calls), tmp_path, use_cache=False, verify=None)
+    decisions = sites(result)
+    assert len(decisions) == 2000 and len(calls) == 1
+    assert result.report.to_json()["tuning"]["cache"]["repeats"] == 1999
+    assert {d["choice"] for d in decisions} == {"transposed-conv1x1-to-matmul"}
+
+
+def test_tuning_budget_stops_measuring_and_says_so(tmp_path):
+    import time as _time
+
+    calls: list = []
+    slow = stub(conv_ms=2.0, other_ms=1.0, calls=calls)
+
+    def timer(models, feeds, provider):
+        _time.sleep(0.05)
+        return slow(models, feeds, provider)
+
+    opts = TuneOptions(cache=tmp_path / "t.json", use_cache=False, timer=timer, timing=FAST, budget_s=0.01)
+    result = rewriter.optimize(_blocks_model(5, distinct=True), Options(tune=opts, verify=None))
+    decisions = sites(result)
+    assert len(calls) == 1 and len(decisions) == 5  # the first site used the budget up
+    assert all("tuning budget is spent" in d["reason"] for d in decisions[1:])
+    assert any("budget of 0.01 s was spent after 1 of 5 site(s)" in n for n in result.report.notes)
+    assert result.report.to_json()["tuning"]["budget_s"] == 0.01
+
+
+def test_tune_budget_must_be_positive():
+    with pytest.raises(rewriter.InputError, match="--tune-budget must be > 0"):
+        TuneOptions(budget_s=0)

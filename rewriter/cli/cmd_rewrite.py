@@ -63,6 +63,7 @@ def rewrite_cmd(
     tune: p.Tune = False,
     cache: p.Cache = None,
     no_cache: p.NoCache = False,
+    tune_budget: p.TuneBudget = None,
 ) -> None:
     """Rewrite Conv <-> MatMul/Gemm sites of MODEL, verify the result on onnxruntime, write it."""
     if not model.exists():
@@ -77,6 +78,7 @@ def rewrite_cmd(
         verify=None if no_verify else p.verify_options(providers, seed, atol, rtol, shape, inputs, input_range),
         no_bench=no_bench, dry_run=dry_run, keep_slower=keep_slower,
         bench=p.bench_options(bench_providers or providers, bench_runs, bench_shape), cache=cache, no_cache=no_cache,
+        tune_budget=tune_budget,
     )
     out, err = Console(), Console(stderr=True)
     with StepProgress(err, "rewriting") as say:

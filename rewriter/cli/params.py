@@ -13,7 +13,7 @@ from rewriter.measure.bench import BenchOptions
 from rewriter.options import DIRECTIONS, MEASURED, PROVEN, Options
 from rewriter.prove.inputs import parse_shape_overrides
 from rewriter.prove.verify import VerifyOptions
-from rewriter.tune.plan import TuneOptions
+from rewriter.tune.plan import DEFAULT_BUDGET_S, TuneOptions
 
 __all__ = ["split_ids", "verify_options", "bench_options", "parse_bench_shapes", "rewrite_options"]
 
@@ -47,6 +47,7 @@ BenchProviders = Annotated[Optional[str], typer.Option("--bench-providers", help
 Tune = Annotated[bool, typer.Option("--tune", help="Same as --direction auto.", rich_help_panel=_T)]
 Cache = Annotated[Optional[Path], typer.Option("--cache", help="Tuning decision cache \\[default: $XDG_CACHE_HOME/onnx-rewrite/tuning.json].", rich_help_panel=_T)]
 NoCache = Annotated[bool, typer.Option("--no-cache", help="Measure every site again; neither read nor write the tuning cache.", rich_help_panel=_T)]
+TuneBudget = Annotated[Optional[float], typer.Option("--tune-budget", help="Seconds of per-site measuring; later sites keep the fixed policy \\[default: 120].", rich_help_panel=_T)]
 
 
 def split_ids(values: Sequence[str] | None) -> list[str]:
@@ -110,7 +111,7 @@ def bench_options(providers: str | None, runs: int | None, shapes: Sequence[str]
 def rewrite_options(
     *, rules: Sequence[str] | None, exclude: Sequence[str] | None, direction: str | None, tune: bool,
     plugins: Sequence[str] | None, strict_plugins: bool, verify: VerifyOptions | None, no_bench: bool, dry_run: bool,
-    keep_slower: bool, bench: BenchOptions, cache: Path | None, no_cache: bool,
+    keep_slower: bool, bench: BenchOptions, cache: Path | None, no_cache: bool, tune_budget: float | None = None,
 ) -> Options:
     """The rewrite command's Options: the library's MEASURED preset, or PROVEN when the run does
     not measure (``--no-bench``, ``--dry-run``), adjusted by the flags."""
@@ -129,6 +130,7 @@ def rewrite_options(
         strict_plugins=strict_plugins,
         verify=None if dry_run else verify,
         bench=None if preset.bench is None else bench,
-        tune=TuneOptions(cache=cache, use_cache=not no_cache, read_only_cache=dry_run, timing=bench) if tuning else None,
+        tune=TuneOptions(cache=cache, use_cache=not no_cache, read_only_cache=dry_run, timing=bench,
+                         budget_s=DEFAULT_BUDGET_S if tune_budget is None else tune_budget) if tuning else None,
         keep_slower=keep_slower,
     )

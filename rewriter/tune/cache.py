@@ -83,8 +83,11 @@ class DecisionCache:
         self.enabled = enabled and path is not None
         self.read_only = read_only  # --dry-run: use what is cached, write nothing
         self.notes: list[str] = []
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.repeats = 0
         self._new: dict[str, dict[str, Any]] = {}
+        # Decisions of this run, kept whether or not the file cache is on: structurally identical
+        # sites (same key) are measured once per run (``repeats`` counts the others).
+        self._run: dict[str, dict[str, Any]] = {}
         self._entries = self._read() if self.enabled else {}
 
     def _read(self) -> dict[str, Any]:
@@ -101,6 +104,9 @@ class DecisionCache:
             return {}
 
     def get(self, key: str, forms: Iterable[str]) -> dict[str, Any] | None:
+        if key in self._run:
+            self.repeats += 1
+            return self._run[key]
         entry = self._entries.get(key) if self.enabled else None
         valid = (
             isinstance(entry, dict)
@@ -114,11 +120,13 @@ class DecisionCache:
         )
         if valid:
             self.hits += 1
+            self._run[key] = entry  # type: ignore[assignment]
             return entry  # type: ignore[return-value]
         self.misses += 1
         return None
 
     def put(self, key: str, entry: dict[str, Any]) -> None:
+        self._run[key] = entry
         if self.enabled:
             self._new[key] = entry
 

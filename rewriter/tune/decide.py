@@ -138,6 +138,7 @@ class SiteContext:
     timer: Timer
     cache: DecisionCache
     why_not: str | None = None
+    measure: bool = True  # False once the tuning budget is spent: cached/repeated decisions only
 
 
 def _entry(site: Site, choice: str, reason: str, forms: Mapping[str, Any] | None = None, cached: bool = False) -> dict[str, Any]:
@@ -166,6 +167,8 @@ def decide_site(site: Site, ctx: SiteContext) -> dict[str, Any]:
     if hit is not None:
         forms = {f: {k: v[k] for k in _FORM_KEYS if k in v} for f, v in hit["forms"].items()}
         return _entry(site, hit["choice"], hit["reason"], forms, cached=True)
+    if not ctx.measure:
+        return _fallback(site, "the tuning budget is spent (--tune-budget)")
     try:
         models, dropped = _form_models(sub, site, ctx.cleanups)
         why_dropped = "; ".join(f"{f} {why}" for f, why in dropped.items())

@@ -24,7 +24,8 @@ Decisions are cached (``rewriter.tune.cache``), so a second run measures nothing
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -36,16 +37,19 @@ from rewriter.engine.graph import ModelGraph
 from rewriter.engine.model_io import LoadedModel
 from rewriter.engine.rule import Rule
 from rewriter.measure.bench import BenchOptions
+from rewriter.errors import InputError
 from rewriter.ort import cuda_status
 from rewriter.prove.inputs import input_specs, make_feeds, shape_sets
 from rewriter.tune.cache import DecisionCache, default_cache_path
 from rewriter.tune.decide import ORIGINAL, OrtTimer, SiteContext, Timer, decide_site
 from rewriter.tune.section import TuningSection
-from rewriter.tune.sites import boundary, find_sites, observe, restrict
+from rewriter.tune.sites import Site, boundary, find_sites, observe, restrict
 
 __all__ = ["TuneOptions", "TunePlan", "tune_sites", "tuning_shapes"]
 
 Progress = Callable[[str], None]
+#: Seconds of per-site measuring before the remaining sites keep the fixed policy.
+DEFAULT_BUDGET_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,11 @@ class TuneOptions:
     runs: int | None = None
     read_only_cache: bool = False  # --dry-run writes nothing, the cache included
     timing: BenchOptions | None = None
+    budget_s: float | None = DEFAULT_BUDGET_S  # measuring stops after this; later sites keep the fixed policy
+
+    def __post_init__(self) -> None:
+        if self.budget_s is not None and not self.budget_s > 0:
+            raise InputError(f"--tune-budget must be > 0 seconds, got {self.budget_s:g}")
 
 
 @dataclass(frozen=True)
@@ -138,10 +147,7 @@ def tune_sites(
             why_not = f"the original could not be run at {shapes}: {str(exc).splitlines()[0][:200]}"
 
     ctx = SiteContext(model, loaded.model, observed, cleanups, provider or "", bopts.threads, timer, cache, why_not)
-    decisions: list[dict[str, Any]] = []
-    for i, site in enumerate(sites, 1):
-        say(f"tuning site {i}/{len(sites)}: {site.core_names[0]}")
-        decisions.append(decide_site(site, ctx))
+    decisions = _decide_all(sites, ctx, opts.budget_s, notes, say)
     cache.save()
     notes += cache.notes
 
@@ -156,7 +162,24 @@ def tune_sites(
         shapes={k: list(v) for k, v in shapes.items()},
         runs=runs,
         threads=bopts.threads,
-        cache={"path": str(cache_path) if cache_path else None, "enabled": cache.enabled, "hits": cache.hits, "misses": cache.misses},
+        cache={"path": str(cache_path) if cache_path else None, "enabled": cache.enabled, "hits": cache.hits, "misses": cache.misses,
+               "repeats": cache.repeats},
+        budget_s=opts.budget_s,
         sites=decisions,
     )
     return TunePlan(tuple(rules), section, tuple(notes))
+
+
+def _decide_all(sites: Sequence[Site], ctx: SiteContext, budget_s: float | None, notes: list[str], say: Progress) -> list[dict[str, Any]]:
+    """One decision per site, in order. A site structurally identical to one decided before takes
+    that decision; once ``budget_s`` is spent nothing more is measured."""
+    start = time.perf_counter()
+    decisions: list[dict[str, Any]] = []
+    for i, site in enumerate(sites, 1):
+        say(f"tuning site {i}/{len(sites)}: {site.core_names[0]}")
+        if ctx.measure and budget_s is not None and time.perf_counter() - start > budget_s:
+            ctx = replace(ctx, measure=False)
+            notes.append(f"tuning: the budget of {budget_s:g} s was spent after {i - 1} of {len(sites)} site(s); sites not measured "
+                         "keep the fixed policy (--tune-budget)")
+        decisions.append(decide_site(site, ctx))
+    return decisions

@@ -33,7 +33,8 @@ def tuning_markdown(section: Mapping[str, Any]) -> str:
     shapes = ", ".join(f"{k}={v}" for k, v in section.get("shapes", {}).items())
     cache = section.get("cache", {})
     head = (f"provider {section.get('provider')}, {section.get('threads')} threads, {shapes}, "
-            f"{section.get('runs')} rounds; cache: {cache.get('hits', 0)} hit(s), {cache.get('misses', 0)} miss(es)")
+            f"{section.get('runs')} rounds; cache: {cache.get('hits', 0)} hit(s), {cache.get('misses', 0)} miss(es), "
+            f"{cache.get('repeats', 0)} repeat(s) of a site measured in this run")
     lines = [head, "", "| site | choice | forms (median ms) | cached | reason |", "|---|---|---|---|---|"]
     for s in section.get("sites", []):
         lines.append(f"| {', '.join(s['nodes'])} | {s['choice']} | {_forms_cell(s['forms'])} | "
@@ -67,5 +68,6 @@ def render_tuning(section: Mapping[str, Any], console: Any) -> None:
             table.add_row(site if j == 0 else "", f"{mark}{f}" + ("[/]" if f == s["choice"] else ""), med, sp,
                           end_section=j == len(order) - 1 and i < len(sites) - 1)
     where = cache.get("path") if cache.get("enabled") else "off"
-    table.caption = f"✓ = kept; cache {where}: {cache.get('hits', 0)} hit(s), {cache.get('misses', 0)} miss(es)"
+    table.caption = (f"✓ = kept; cache {where}: {cache.get('hits', 0)} hit(s), {cache.get('misses', 0)} miss(es); "
+                     f"{cache.get('repeats', 0)} site(s) identical to one measured before")
     console.print(table)

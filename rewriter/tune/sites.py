@@ -264,7 +264,11 @@ def isolate(
 ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """The site as a model of its own (see the module docstring) and its feeds."""
     ins, outs = boundary(site, model.graph)
-    sub = model.graph.copy()
+    # Copy the site's nodes only (a wrapper graph over them): copying the whole graph per site
+    # made tuning quadratic in the model's size.
+    whole = model.graph
+    sub = gs.Graph(nodes=list(site.nodes), opset=whole.opset, import_domains=whole.import_domains,
+                   functions=whole.functions, ir_version=whole.ir_version).copy()
     tensors = sub.tensors()
     inputs: list[gs.Tensor] = []
     feeds: dict[str, np.ndarray] = {}
