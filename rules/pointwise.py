@@ -366,7 +366,14 @@ class Conv2d1x1ToMatMul(_Native):
 
     id = "conv2d-1x1-to-matmul"
     rank = 4
-    opsets = (10, 10_000)
+    opsets = (5, 10_000)  # Reshape with a shape input; a dynamic H/W also needs Slice-10 (see check)
+
+    def check(self, m: Match) -> CheckResult:
+        res = super().check(m)
+        opset = m.model.opset("")
+        if res and opset < 10 and not _static_hw(m["x"]):
+            return fail(f"model opset {opset} < 10 needed for {self.id} on a dynamic H/W (Slice with inputs)", m["conv"])
+        return res
 
     def rewrite(self, b: RewriteBuilder, m: Match) -> gs.Tensor:
         w = np.asarray(m.value("w"))
@@ -376,14 +383,18 @@ class Conv2d1x1ToMatMul(_Native):
         flat = b.reshape(x, [0, c, -1], dtype=dtype)
         y = b.matmul(b.const(np.ascontiguousarray(w.reshape(n, c)), "weight"), flat, dtype=dtype)
         y = b.add(y, self.bias_column(b, m, n, w.dtype), dtype=dtype)
-        dims = list(x.shape[2:]) if x.shape is not None else []
-        if len(dims) == 2 and all(isinstance(d, (int, np.integer)) and d >= 0 for d in dims):
-            target: gs.Tensor = b.ints([0, n, int(dims[0]), int(dims[1])], "shape")
+        if _static_hw(x):
+            target: gs.Tensor = b.ints([0, n, int(x.shape[2]), int(x.shape[3])], "shape")
         else:
             # Dynamic H/W: the spatial dims come from the input's shape at run time.
             hw = b.op("Slice", [b.op("Shape", [x]), b.ints([2], "start"), b.ints([4], "end")])
             target = b.op("Concat", [b.ints([0, n], "head"), hw], {"axis": 0})
         return b.op("Reshape", [y, target], dtype=dtype, shape=m["conv"].outputs[0].shape)
+
+
+def _static_hw(x: gs.Tensor) -> bool:
+    dims = list(x.shape[2:]) if x.shape is not None else []
+    return len(dims) == 2 and all(isinstance(d, (int, np.integer)) and d >= 0 for d in dims)
 
 
 class GroupedConv1x1ToMatMul(_Native):
