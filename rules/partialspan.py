@@ -90,6 +90,15 @@ class PartialSpanConvToMatMul(ConvSpanRule):
     benefit = 7
     default = False  # the bare Conv(1, L) measures faster than MatMul plus the Transpose back
 
+    def plan(self, m: Match) -> "SpanPlan | CheckResult":
+        w, xs = m.value("w"), symbolic_shape(m["x"])
+        if w is not None and xs is not None and not any(
+            isinstance(s, int) and k == s and k > 1 for k, s in zip(w.shape[2:], xs[2:])
+        ):
+            # No kernel axis > 1 spans its input: an ordinary conv, not a candidate (no near miss).
+            return skip("no kernel axis > 1 spans its input axis", m["conv"])
+        return super().plan(m)
+
     def _plan_layouts(self, m: Match, conv: gs.Node, w: np.ndarray, kernel: list[int]) -> "SpanPlan | CheckResult":
         axes = self._axes(m, conv, w, kernel)
         if not isinstance(axes, SpanAxes):
@@ -108,9 +117,7 @@ class PartialSpanConvToMatMul(ConvSpanRule):
             return fail(f"conv input {format_dims(xs)} does not have the weight's {w.shape[1]} channels", conv)
         axes = span_axes(conv, kernel, xs[2:])
         if isinstance(axes, str):
-            # A kernel that spans no axis of size > 1 is an ordinary conv: not a candidate (no near miss).
-            spans = any(isinstance(s, int) and k == s and k > 1 for k, s in zip(kernel, xs[2:]))
-            return fail(axes, conv) if spans else skip(axes, conv)
+            return fail(axes, conv)
         if not axes.unit:
             return skip("the kernel spans every spatial axis: full span, left to the full-span rules", conv)
         return axes
