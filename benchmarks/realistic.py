@@ -19,6 +19,13 @@ layout each exporter writes:
                     BN, SiLU, pw Conv1d(C, C), transposes on one side only), TorchScript export (needs torch)
 - keras-head:       Keras Conv1D(k=1) -> ReLU -> full-span Conv1D(k=--span) as tf2onnx's optimizer
                     writes it, x[B, span, C] (a Transpose is left in front of the head: dense-layout folds it)
+- partialspan-keras: Keras Reshape((F, L, 1)) -> Conv2D(N, (1, L)) -> Reshape((F, N)) as the issue writes the
+                    chain, x[B, frames, frame_len] -> Reshape -> Transpose(0,3,1,2) -> Conv(k=[1, L]) -> Transpose(0,2,3,1)
+                    -> Reshape[B, frames, N]   (frames = length, frame_len = C, N = C)
+- partialspan-tf2onnx: the same as tf2onnx writes it (Reshape straight to (B, 1, F, L), no Transpose in front)
+- partialspan-torch: x.unsqueeze(1) -> Conv2d(1, N, (1, L)) -> squeeze(3) -> transpose(1, 2)
+- partialspan-native: the bare Conv(k=[1, L]) on x[B, 1, frames, frame_len] (not default: run it with
+                    --rules partialspan-conv-to-matmul to measure MatMul plus the Transpose back)
 - pointnet-cl:      torch PointNet stack of 3 pointwise Conv1d+BN+ReLU on x[B, L, C/8] behind
                     Transpose(0,2,1) in and out, TorchScript export (needs torch)
 
@@ -143,6 +150,50 @@ def keras_head(b: int, length: int, c: int, rng: np.random.Generator, span: int)
     return _model(nodes, [b, span, c], inits, 15, "keras_head")
 
 
+def _partialspan(b: int, length: int, c: int, rng: np.random.Generator, pre: list, post: list, x_shape: Sequence[int],
+                 name: str) -> onnx.ModelProto:
+    """Layout ops ``pre`` -> Conv(N, k=[1, c]) with bias -> layout ops ``post``, reading "x", writing "y"."""
+    n = c
+    nodes = [_shape_const("frames_shape", [b, length, c, 1]), _shape_const("frames_1fl", [b, 1, length, c]),
+             _shape_const("out_shape", [b, length, n]), _shape_const("ax1", [1]), _shape_const("ax3", [3])]
+    t = "x"
+    for i, (op, kw) in enumerate(pre):
+        nodes.append(helper.make_node(op, [t] + kw.pop("inputs", []), [f"pre{i}"], name=f"pre{i}", **kw))
+        t = f"pre{i}"
+    nodes.append(helper.make_node("Conv", [t, "conv.weight", "conv.bias"], ["conv_out"], name="/conv/Conv",
+                                  kernel_shape=[1, c], pads=[0, 0, 0, 0], strides=[1, 1], dilations=[1, 1], group=1))
+    t = "conv_out"
+    for i, (op, kw) in enumerate(post):
+        out = "y" if i == len(post) - 1 else f"post{i}"
+        nodes.append(helper.make_node(op, [t] + kw.pop("inputs", []), [out], name=f"post{i}", **kw))
+        t = out
+    inits = [_w(rng, [n, 1, 1, c], "conv.weight"), _w(rng, [n], "conv.bias")]
+    return _model(nodes, x_shape, inits, 15, name)
+
+
+def partialspan_keras(b: int, length: int, c: int, rng: np.random.Generator, span: int) -> onnx.ModelProto:
+    pre = [("Reshape", {"inputs": ["frames_shape"]}), ("Transpose", {"perm": [0, 3, 1, 2]})]
+    post = [("Transpose", {"perm": [0, 2, 3, 1]}), ("Reshape", {"inputs": ["out_shape"]})]
+    return _partialspan(b, length, c, rng, pre, post, [b, length, c], "partialspan_keras")
+
+
+def partialspan_tf2onnx(b: int, length: int, c: int, rng: np.random.Generator, span: int) -> onnx.ModelProto:
+    pre = [("Reshape", {"inputs": ["frames_1fl"]})]
+    post = [("Transpose", {"perm": [0, 2, 3, 1]}), ("Reshape", {"inputs": ["out_shape"]})]
+    return _partialspan(b, length, c, rng, pre, post, [b, length, c], "partialspan_tf2onnx")
+
+
+def partialspan_torch(b: int, length: int, c: int, rng: np.random.Generator, span: int) -> onnx.ModelProto:
+    pre = [("Unsqueeze", {"inputs": ["ax1"]})]
+    post = [("Squeeze", {"inputs": ["ax3"]}), ("Transpose", {"perm": [0, 2, 1]})]
+    return _partialspan(b, length, c, rng, pre, post, [b, length, c], "partialspan_torch")
+
+
+def partialspan_native(b: int, length: int, c: int, rng: np.random.Generator, span: int) -> onnx.ModelProto:
+    model = _partialspan(b, length, c, rng, [], [("Identity", {})], [b, 1, length, c], "partialspan_native")
+    return model
+
+
 def _shape_init(name: str, values: Sequence[int]) -> onnx.TensorProto:
     return numpy_helper.from_array(np.asarray(values, dtype=np.int64), name)
 
@@ -190,6 +241,10 @@ PATTERNS: dict[str, Callable[..., onnx.ModelProto]] = {
     "conformer": conformer,
     "pointnet-cl": pointnet_cl,
     "keras-head": keras_head,
+    "partialspan-keras": partialspan_keras,
+    "partialspan-tf2onnx": partialspan_tf2onnx,
+    "partialspan-torch": partialspan_torch,
+    "partialspan-native": partialspan_native,
 }
 COLUMNS = ("input", "Conv", "Transpose", "MatMul/Gemm", "rewrites", "median ms", "speedup", "verdict", "peak RSS")
 
