@@ -198,3 +198,31 @@ def test_ordinary_conv_is_no_candidate():
     model = native(kernel=(3, 3), spatial=(8, 8))
     _, res = rewrite(model, rules())
     assert not res.applied and not [nm for nm in res.near_misses if nm.rule == "partialspan-conv-to-matmul"]
+
+
+def test_size_reader_is_rebuilt():
+    model = keras_chain()
+    model.graph.node.append(helper.make_node("Size", ["t_out"], ["n"], name="size_of_t_out"))
+    model.graph.output.append(vi("n", None, TensorProto.INT64))
+    out, res = rewrite(model, rules())
+    assert [s.rule for s in res.applied] == ["partialspan-transposed-to-matmul"]
+    for f in feeds(1, 3):
+        assert int(run(out, f)[1]) == int(run(model, f)[1]) == f["x"].shape[0] * F * N
+
+
+def test_shape_reader_with_an_unknown_shape_is_a_near_miss():
+    # The pointwise rule proves no shapes: the dynamic dims of its Conv output are known only
+    # as that (dying) tensor's own dims, so the Shape reader cannot be rebuilt.
+    w = RNG.standard_normal((N, L, 1)).astype(np.float32)
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["t"], perm=[0, 2, 1], name="t_in"),
+        helper.make_node("Conv", ["t", "w"], ["c"], kernel_shape=[1], name="conv"),
+        helper.make_node("Transpose", ["c"], ["y"], perm=[0, 2, 1], name="t_out"),
+        helper.make_node("Shape", ["c"], ["sh"], name="shape_of_conv"),
+    ]
+    model = make_model(nodes, [vi("x", ["B", "T", L])], [vi("y", None), vi("sh", None, TensorProto.INT64)], [init("w", w)])
+    out, res = rewrite(model, ["transposed-conv1x1-to-matmul"])
+    assert not res.applied
+    (nm,) = [nm for nm in res.near_misses if nm.rule == "transposed-conv1x1-to-matmul"]
+    assert nm.reason.startswith("interior value 'c' is also read by Shape 'shape_of_conv' and its shape [c[0], 12, c[2]]")
+    assert nm.reason.endswith("is not known from outside the match")
