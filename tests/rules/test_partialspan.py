@@ -226,3 +226,20 @@ def test_shape_reader_with_an_unknown_shape_is_a_near_miss():
     (nm,) = [nm for nm in res.near_misses if nm.rule == "transposed-conv1x1-to-matmul"]
     assert nm.reason.startswith("interior value 'c' is also read by Shape 'shape_of_conv' and its shape [c[0], 12, c[2]]")
     assert nm.reason.endswith("is not known from outside the match")
+
+
+def test_tuning_builds_the_chain_form_of_a_keras_site_with_a_shape_reader():
+    # The Keras export's Shape(conv output) belongs to the site, so the conv output stays interior
+    # in the isolated subgraph and the chain rule's form is built next to the native one.
+    import rewriter
+
+    def timer(models, feeds, provider):
+        return {form: [1.0 if form == "original" else 0.5] * 10 for form in models}
+
+    path = FIXTURES / "keras/partialspan2d_tf2onnx_dynamic.onnx"
+    result = rewriter.optimize(str(path), verify=rewriter.VerifyOptions(providers=("cpu",)),
+                               tune=rewriter.TuneOptions(use_cache=False, timer=timer))
+    (site,) = result.report.to_json()["tuning"]["sites"]
+    assert set(site["forms"]) == {"original", "partialspan-reshaped-to-matmul", "partialspan-conv-to-matmul"}
+    assert site["choice"] == "partialspan-reshaped-to-matmul"
+    assert "Conv" not in op_counts(result.model)
