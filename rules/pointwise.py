@@ -366,14 +366,7 @@ class Conv2d1x1ToMatMul(_Native):
 
     id = "conv2d-1x1-to-matmul"
     rank = 4
-    opsets = (5, 10_000)  # Reshape with a shape input; a dynamic H/W also needs Slice-10 (see check)
-
-    def check(self, m: Match) -> CheckResult:
-        res = super().check(m)
-        opset = m.model.opset("")
-        if res and opset < 10 and not _static_hw(m["x"]):
-            return fail(f"model opset {opset} < 10 needed for {self.id} on a dynamic H/W (Slice with inputs)", m["conv"])
-        return res
+    opsets = (5, 10_000)  # Reshape takes its target as an input from opset 5
 
     def rewrite(self, b: RewriteBuilder, m: Match) -> gs.Tensor:
         w = np.asarray(m.value("w"))
@@ -387,7 +380,11 @@ class Conv2d1x1ToMatMul(_Native):
             target: gs.Tensor = b.ints([0, n, int(x.shape[2]), int(x.shape[3])], "shape")
         else:
             # Dynamic H/W: the spatial dims come from the input's shape at run time.
-            hw = b.op("Slice", [b.op("Shape", [x]), b.ints([2], "start"), b.ints([4], "end")])
+            shape = b.op("Shape", [x])
+            if b.model.opset("") >= 10:
+                hw = b.op("Slice", [shape, b.ints([2], "start"), b.ints([4], "end")])
+            else:  # Slice takes its bounds as inputs only from opset 10; Gather does the same in every opset
+                hw = b.op("Gather", [shape, b.ints([2, 3], "hw")], {"axis": 0})
             target = b.op("Concat", [b.ints([0, n], "head"), hw], {"axis": 0})
         return b.op("Reshape", [y, target], dtype=dtype, shape=m["conv"].outputs[0].shape)
 

@@ -1,9 +1,10 @@
 """Older opsets: rules build the form the model's opset allows or say why not; --upgrade-opset.
 
 An opset-9 CNN with 1x1 convs (a SqueezeNet-like fire module built with onnx.helper) under
-``--direction to-matmul``: static H/W are rewritten (a constant Reshape target, no Slice);
-dynamic H/W are near misses naming the opset; ``upgrade_opset`` converts the model with onnx's
-version converter, verifies it against the original, and then the rule fires.
+``--direction to-matmul``: static H/W are rewritten with a constant Reshape target, dynamic ones
+read H/W with Gather (Slice takes inputs only from opset 10); below opset 5 every candidate is a
+near miss naming the opset; ``upgrade_opset`` converts the model with onnx's version converter,
+verifies it against the original, and the rule builds its newer form.
 """
 
 from __future__ import annotations
@@ -56,12 +57,22 @@ def test_static_hw_at_opset_9_is_rewritten_without_slice():
     assert_equivalent(model, out, feeds((1, 8, 6, 5), (3, 8, 6, 5)))
 
 
-def test_dynamic_hw_at_opset_9_is_a_near_miss_naming_the_opset():
-    _, res = rewrite(fire("H", "W"), discover().select(direction="to-matmul"))
+def test_dynamic_hw_at_opset_9_reads_hw_with_gather():
+    model = fire("H", "W")
+    out, res = rewrite(model, discover().select(direction="to-matmul"))
+    assert sorted(s.anchor for s in res.applied) == ["expand1x1", "squeeze"]
+    assert "Slice" not in op_counts(out) and default_opset(out) == 9
+    assert_equivalent(model, out, feeds((1, 8, 6, 5), (2, 8, 3, 7)))
+
+
+def test_below_the_opset_a_rule_needs_every_candidate_is_a_near_miss():
+    model = fire()
+    model.opset_import[0].version = 4
+    _, res = rewrite(model, discover().select(direction="to-matmul"))
     assert not res.applied
-    reasons = {nm.node: nm.reason for nm in res.near_misses if nm.rule == "conv2d-1x1-to-matmul"}
-    needed = "model opset 9 < 10 needed for conv2d-1x1-to-matmul on a dynamic H/W (Slice with inputs)"
-    assert reasons["squeeze"] == reasons["expand1x1"] == needed
+    reasons = {nm.node: nm.reason for nm in res.near_misses if nm.rule == "conv2d-1x1-to-matmul" and "opset" in nm.reason}
+    assert reasons == {"squeeze": "model opset 4 < 5 needed for conv2d-1x1-to-matmul",
+                       "expand1x1": "model opset 4 < 5 needed for conv2d-1x1-to-matmul"}
 
 
 def test_upgrade_opset_is_verified_then_rewritten():
@@ -69,6 +80,7 @@ def test_upgrade_opset_is_verified_then_rewritten():
     result = rewriter.optimize(model, rules=["conv2d-1x1-to-matmul"], verify=CPU, upgrade_opset=13)
     assert default_opset(result.model) == 13
     assert [r.status for r in result.report.rewrites] == ["applied", "applied"]
+    assert "Slice" in op_counts(result.model)  # the opset-10+ form
     assert any("opset upgraded 9 -> 13" in n and "verified" in n for n in result.report.notes)
     assert_equivalent(model, result.model, feeds((1, 8, 6, 5), (2, 8, 3, 7)))
 
