@@ -19,6 +19,14 @@ layout each exporter writes:
                     BN, SiLU, pw Conv1d(C, C), transposes on one side only), TorchScript export (needs torch)
 - keras-head:       Keras Conv1D(k=1) -> ReLU -> full-span Conv1D(k=--span) as tf2onnx's optimizer
                     writes it, x[B, span, C] (a Transpose is left in front of the head: dense-layout folds it)
+- partialspan-keras: Keras Reshape((F, L, 1)) -> Conv2D(N, (1, L)) -> Reshape((F, N)) as the issue writes the
+                    chain, x[B, frames, frame_len] -> Reshape -> Transpose(0,3,1,2) -> Conv(k=[1, L]) -> Transpose(0,2,3,1)
+                    -> Reshape[B, frames, N]   (frames = length, frame_len = C, N = C)
+- partialspan-tf2onnx: the same as tf2onnx writes it (Reshape straight to (B, 1, F, L), no Transpose in front)
+- partialspan-torch: x.unsqueeze(1) -> Conv2d(1, N, (1, L)) -> squeeze(3) -> transpose(1, 2)
+- partialspan-native: the bare Conv(k=[1, L]) on x[B, 1, frames, frame_len] (not default: run it with
+                    --rules partialspan-conv-to-matmul --keep-slower to measure MatMul plus the Transpose back)
+  (--filters sets N of the partial-span convs; default --channels)
 - pointnet-cl:      torch PointNet stack of 3 pointwise Conv1d+BN+ReLU on x[B, L, C/8] behind
                     Transpose(0,2,1) in and out, TorchScript export (needs torch)
 
@@ -143,6 +151,49 @@ def keras_head(b: int, length: int, c: int, rng: np.random.Generator, span: int)
     return _model(nodes, [b, span, c], inits, 15, "keras_head")
 
 
+def _partialspan(b: int, length: int, c: int, rng: np.random.Generator, pre: list, post: list, x_shape: Sequence[int],
+                 name: str, n: int | None) -> onnx.ModelProto:
+    """Layout ops ``pre`` -> Conv(n, k=[1, c]) with bias -> layout ops ``post``, reading "x", writing "y"."""
+    n = n or c
+    nodes = [_shape_const("frames_shape", [b, length, c, 1]), _shape_const("frames_1fl", [b, 1, length, c]),
+             _shape_const("out_shape", [b, length, n]), _shape_const("ax1", [1]), _shape_const("ax3", [3])]
+    t = "x"
+    for i, (op, kw) in enumerate(pre):
+        nodes.append(helper.make_node(op, [t] + kw.pop("inputs", []), [f"pre{i}"], name=f"pre{i}", **kw))
+        t = f"pre{i}"
+    nodes.append(helper.make_node("Conv", [t, "conv.weight", "conv.bias"], ["conv_out"], name="/conv/Conv",
+                                  kernel_shape=[1, c], pads=[0, 0, 0, 0], strides=[1, 1], dilations=[1, 1], group=1))
+    t = "conv_out"
+    for i, (op, kw) in enumerate(post):
+        out = "y" if i == len(post) - 1 else f"post{i}"
+        nodes.append(helper.make_node(op, [t] + kw.pop("inputs", []), [out], name=f"post{i}", **kw))
+        t = out
+    inits = [_w(rng, [n, 1, 1, c], "conv.weight"), _w(rng, [n], "conv.bias")]
+    return _model(nodes, x_shape, inits, 15, name)
+
+
+def partialspan_keras(b: int, length: int, c: int, rng: np.random.Generator, span: int, n: int | None = None) -> onnx.ModelProto:
+    pre = [("Reshape", {"inputs": ["frames_shape"]}), ("Transpose", {"perm": [0, 3, 1, 2]})]
+    post = [("Transpose", {"perm": [0, 2, 3, 1]}), ("Reshape", {"inputs": ["out_shape"]})]
+    return _partialspan(b, length, c, rng, pre, post, [b, length, c], "partialspan_keras", n)
+
+
+def partialspan_tf2onnx(b: int, length: int, c: int, rng: np.random.Generator, span: int, n: int | None = None) -> onnx.ModelProto:
+    pre = [("Reshape", {"inputs": ["frames_1fl"]})]
+    post = [("Transpose", {"perm": [0, 2, 3, 1]}), ("Reshape", {"inputs": ["out_shape"]})]
+    return _partialspan(b, length, c, rng, pre, post, [b, length, c], "partialspan_tf2onnx", n)
+
+
+def partialspan_torch(b: int, length: int, c: int, rng: np.random.Generator, span: int, n: int | None = None) -> onnx.ModelProto:
+    pre = [("Unsqueeze", {"inputs": ["ax1"]})]
+    post = [("Squeeze", {"inputs": ["ax3"]}), ("Transpose", {"perm": [0, 2, 1]})]
+    return _partialspan(b, length, c, rng, pre, post, [b, length, c], "partialspan_torch", n)
+
+
+def partialspan_native(b: int, length: int, c: int, rng: np.random.Generator, span: int, n: int | None = None) -> onnx.ModelProto:
+    return _partialspan(b, length, c, rng, [], [("Identity", {})], [b, 1, length, c], "partialspan_native", n)
+
+
 def _shape_init(name: str, values: Sequence[int]) -> onnx.TensorProto:
     return numpy_helper.from_array(np.asarray(values, dtype=np.int64), name)
 
@@ -190,6 +241,10 @@ PATTERNS: dict[str, Callable[..., onnx.ModelProto]] = {
     "conformer": conformer,
     "pointnet-cl": pointnet_cl,
     "keras-head": keras_head,
+    "partialspan-keras": partialspan_keras,
+    "partialspan-tf2onnx": partialspan_tf2onnx,
+    "partialspan-torch": partialspan_torch,
+    "partialspan-native": partialspan_native,
 }
 COLUMNS = ("input", "Conv", "Transpose", "MatMul/Gemm", "rewrites", "median ms", "speedup", "verdict", "peak RSS")
 
@@ -202,6 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--channels", type=int, default=512)
+    parser.add_argument("--filters", type=int, default=None, help="N of the partial-span convs [--channels]")
+    parser.add_argument("--keep-slower", action="store_true", help="keep rewrites that measure slower (to see their speedup)")
     parser.add_argument("--span", type=int, default=64, help="kernel (= input length) of the full-span conv")
     parser.add_argument("--only", default="", help=f"comma-separated subset of {', '.join(PATTERNS)}")
     parser.add_argument("--plugin", action="append", default=[], help="extra rule plugin (file or module)")
@@ -229,10 +286,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if only and name not in only:
             continue
         print(f"{name} ...", file=sys.stderr, flush=True)
-        model = build(args.batch, args.length, args.channels, np.random.default_rng(0), args.span)
+        extra = {"n": args.filters} if name.startswith("partialspan") and args.filters else {}
+        model = build(args.batch, args.length, args.channels, np.random.default_rng(0), args.span, **extra)
         shape = "×".join(str(d.dim_value) for d in model.graph.input[0].type.tensor_type.shape.dim)
         try:
-            result = rewriter.optimize(model, rules=rules, plugins=args.plugin, verify=VerifyOptions(providers=("cpu",)), bench=options)
+            result = rewriter.optimize(model, rules=rules, plugins=args.plugin, verify=VerifyOptions(providers=("cpu",)), bench=options,
+                                       keep_slower=args.keep_slower)
             cells = result_cells(result.report.to_json())
         except RewriterError as exc:
             cells = {"verdict": f"error: {exc}"}

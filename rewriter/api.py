@@ -22,6 +22,7 @@ import onnx
 
 from rewriter import __version__
 from rewriter.engine.model_io import LoadedModel, load_model
+from rewriter.engine.opset import default_opset, upgrade_opset
 from rewriter.engine.save import check_output_path, file_sha256, save_model
 from rewriter.engine.registry import Registry, discover
 from rewriter.engine.rewrite import rewrite
@@ -101,6 +102,7 @@ def optimize(
     reg = registry or discover(opts.plugins, strict=opts.strict_plugins)
     timing = _timing(opts, loaded.model)
     notes: list[str] = [f"plugin unavailable: {u.source}: {u.error}" for u in reg.unavailable]
+    loaded = _upgrade_opset(loaded, opts, notes)
     sections: dict[str, Section] = {}
 
     chosen = _select(loaded, reg, opts, timing, say)
@@ -146,6 +148,24 @@ def optimize(
         notes=tuple(notes),
     )
     return Result(out_model, report, loaded)
+
+
+def _upgrade_opset(loaded: LoadedModel, opts: Options, notes: list[str]) -> LoadedModel:
+    """``loaded`` at ``opts.upgrade_opset`` (onnx's version converter), proven equal to the original."""
+    if opts.upgrade_opset is None:
+        return loaded
+    before = default_opset(loaded.model)
+    upgraded = upgrade_opset(loaded.model, opts.upgrade_opset)
+    if upgraded is loaded.model:
+        notes.append(f"opset upgrade: the model is already at opset {before} (>= {opts.upgrade_opset})")
+        return loaded
+    if opts.verify is None:
+        notes.append(f"opset upgraded {before} -> {opts.upgrade_opset}: NOT verified (verification is off)")
+    elif not verify_models(loaded.model, upgraded, opts.verify, base_dir=loaded.base_dir):
+        raise VerificationError(f"the opset upgrade {before} -> {opts.upgrade_opset} changed the model's outputs")
+    else:
+        notes.append(f"opset upgraded {before} -> {opts.upgrade_opset} (onnx version converter), verified equal to the original")
+    return replace(loaded, model=upgraded)
 
 
 def _timing(opts: Options, model: onnx.ModelProto) -> BenchOptions:

@@ -34,7 +34,8 @@ class Options:
     ``rules`` names rule ids (any direction) instead of a policy; ``direction`` None means
     ``auto`` when ``tune`` is set and no ``rules`` are named, else ``default``. ``verify``,
     ``bench`` and ``tune`` are each step's options, or None to skip the step. Tuning times sites
-    with ``bench``'s settings (or the defaults when the whole-model benchmark is off)."""
+    with ``bench``'s settings (or the defaults when the whole-model benchmark is off).
+    ``upgrade_opset`` converts an older model to that opset first (verified like a rewrite)."""
 
     rules: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
@@ -45,6 +46,7 @@ class Options:
     bench: BenchOptions | None = None
     tune: TuneOptions | None = None
     keep_slower: bool = False
+    upgrade_opset: int | None = None
 
     def __post_init__(self) -> None:
         if self.direction is not None and self.direction not in DIRECTIONS:

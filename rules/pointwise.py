@@ -366,7 +366,7 @@ class Conv2d1x1ToMatMul(_Native):
 
     id = "conv2d-1x1-to-matmul"
     rank = 4
-    opsets = (10, 10_000)
+    opsets = (5, 10_000)  # Reshape takes its target as an input from opset 5
 
     def rewrite(self, b: RewriteBuilder, m: Match) -> gs.Tensor:
         w = np.asarray(m.value("w"))
@@ -376,14 +376,22 @@ class Conv2d1x1ToMatMul(_Native):
         flat = b.reshape(x, [0, c, -1], dtype=dtype)
         y = b.matmul(b.const(np.ascontiguousarray(w.reshape(n, c)), "weight"), flat, dtype=dtype)
         y = b.add(y, self.bias_column(b, m, n, w.dtype), dtype=dtype)
-        dims = list(x.shape[2:]) if x.shape is not None else []
-        if len(dims) == 2 and all(isinstance(d, (int, np.integer)) and d >= 0 for d in dims):
-            target: gs.Tensor = b.ints([0, n, int(dims[0]), int(dims[1])], "shape")
+        if _static_hw(x):
+            target: gs.Tensor = b.ints([0, n, int(x.shape[2]), int(x.shape[3])], "shape")
         else:
             # Dynamic H/W: the spatial dims come from the input's shape at run time.
-            hw = b.op("Slice", [b.op("Shape", [x]), b.ints([2], "start"), b.ints([4], "end")])
+            shape = b.op("Shape", [x])
+            if b.model.opset("") >= 10:
+                hw = b.op("Slice", [shape, b.ints([2], "start"), b.ints([4], "end")])
+            else:  # Slice takes its bounds as inputs only from opset 10; Gather does the same in every opset
+                hw = b.op("Gather", [shape, b.ints([2, 3], "hw")], {"axis": 0})
             target = b.op("Concat", [b.ints([0, n], "head"), hw], {"axis": 0})
         return b.op("Reshape", [y, target], dtype=dtype, shape=m["conv"].outputs[0].shape)
+
+
+def _static_hw(x: gs.Tensor) -> bool:
+    dims = list(x.shape[2:]) if x.shape is not None else []
+    return len(dims) == 2 and all(isinstance(d, (int, np.integer)) and d >= 0 for d in dims)
 
 
 class GroupedConv1x1ToMatMul(_Native):

@@ -259,6 +259,8 @@ def test_opset_range_excludes_rule():
 
     _, res = rewrite(relu_chain(2), [Old()])
     assert not res.applied
+    # Every candidate it skips is a near miss naming the opset.
+    assert res.near_misses and all("> 12, the newest test-old-only handles" in nm.reason for nm in res.near_misses)
 
 
 def test_quiet_refusal_is_recorded_but_not_reported():

@@ -24,7 +24,7 @@ MANIFEST = FIXTURES / "manifest.json"
 ORT_MAX_IR = 13
 ORT_FALLBACK_IR = 10
 CATEGORIES = {"method1", "fullspan", "pointwise-scaffolded", "pointwise-native",
-              "grouped-pointwise", "distractor"}
+              "grouped-pointwise", "partialspan", "distractor"}
 REQUIRED = {"file", "source", "exporter", "family", "inputs", "dynamic_dims", "op_counts",
             "ir_version", "opset", "conv_sites", "expect", "test_dims"}
 
@@ -89,7 +89,7 @@ def test_fixture(entry):
     assert [n.name for n in convs] == [s["node"] for s in sites]
     for s in sites:
         assert s["category"] in CATEGORIES, s
-    rewrite_cats = {"method1", "fullspan", "pointwise-scaffolded"}
+    rewrite_cats = {"method1", "fullspan", "pointwise-scaffolded", "partialspan"}
     expected = "rewrite" if any(s["category"] in rewrite_cats for s in sites) else "untouched"
     assert entry["expect"] == expected
     if entry["family"] == "distractor":

@@ -23,7 +23,7 @@ from rewriter.measure.accept import rule_family
 from rewriter.ruletools import Match, PatternBuilder, RewriteBuilder, Rule, ok, producer, skip
 
 REPO = Path(__file__).resolve().parents[1]
-FAMILIES = {"cleanup", "dense_layout", "fullspan", "method1", "pointwise", "reverse"}
+FAMILIES = {"cleanup", "dense_layout", "fullspan", "method1", "partialspan", "pointwise", "reverse"}
 TOOLKIT = ["rewriter.ruletools", "rewriter.ruletools.layout", "rewriter.ruletools.span"]
 
 

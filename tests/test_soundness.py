@@ -34,6 +34,9 @@ CASES = [
     ("fullspan", "fullspan-tf2onnx-conv1d-bias-to-gemm", "keras/method1_tf2onnx.onnx"),
     ("method1", "method1-conv-to-matmul", "torch/method1_ts.onnx"),
     ("method1", "method1-tf2onnx-to-matmul", "keras/method1_tf2onnx.onnx"),
+    ("partialspan", "partialspan-unsqueezed-to-matmul", "torch/partialspan2d_ts_dynamic.onnx"),
+    ("partialspan", "partialspan-reshaped-to-matmul", "keras/partialspan2d_tf2onnx_dynamic.onnx"),
+    ("partialspan", "partialspan-conv-to-matmul", "torch/partialspan2d_ts.onnx"),
     ("reverse", "matmul-add-to-conv1x1", "torch/dense_ref_ts.onnx"),
     ("reverse", "gemm-to-conv1x1", "torch/dense_ref_flat_ts.onnx"),
 ]

@@ -163,7 +163,8 @@ def test_second_run_reads_the_cache_and_no_cache_measures_again(tmp_path):
     second = tuned(transposed_model(), stub(2.0, 1.0, calls), tmp_path)
     assert len(calls) == 1, "the cached decision was measured again"
     assert sites(second)[0]["cached"] is True and sites(second)[0]["choice"] == sites(first)[0]["choice"]
-    assert second.report.to_json()["tuning"]["cache"] == {"path": str(tmp_path / "tuning.json"), "enabled": True, "hits": 1, "misses": 0}
+    assert second.report.to_json()["tuning"]["cache"] == {"path": str(tmp_path / "tuning.json"), "enabled": True, "hits": 1, "misses": 0,
+                                                             "repeats": 0}
     assert op_counts(second.model) == op_counts(first.model)
     tuned(transposed_model(), stub(2.0, 1.0, calls), tmp_path, use_cache=False)
     assert len(calls) == 2

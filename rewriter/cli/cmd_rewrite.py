@@ -45,6 +45,7 @@ def rewrite_cmd(
     rules: p.RuleIds = None,
     exclude: p.Exclude = None,
     direction: p.Direction = None,
+    upgrade_opset: p.UpgradeOpset = None,
     plugin: p.Plugins = None,
     strict_plugins: p.StrictPlugins = False,
     no_verify: p.NoVerify = False,
@@ -79,6 +80,7 @@ def rewrite_cmd(
         no_bench=no_bench, dry_run=dry_run, keep_slower=keep_slower,
         bench=p.bench_options(bench_providers or providers, bench_runs, bench_shape), cache=cache, no_cache=no_cache,
         tune_budget=tune_budget,
+        upgrade_opset=upgrade_opset,
     )
     out, err = Console(), Console(stderr=True)
     with StepProgress(err, "rewriting") as say:

@@ -24,6 +24,7 @@ Plugins = Annotated[Optional[List[str]], typer.Option("--plugin", help="Rule plu
 StrictPlugins = Annotated[bool, typer.Option("--strict-plugins", help="A plugin that fails to load is an error (exit 3).", rich_help_panel=_R)]
 RuleIds = Annotated[Optional[List[str]], typer.Option("--rules", help="Only these rule ids (comma-separated, repeatable).", rich_help_panel=_R)]
 Exclude = Annotated[Optional[List[str]], typer.Option("--exclude", help="Leave out these rule ids.", rich_help_panel=_R)]
+UpgradeOpset = Annotated[Optional[int], typer.Option("--upgrade-opset", help="Convert an older model to this opset first (onnx version converter; verified like a rewrite).", rich_help_panel=_R)]
 Direction = Annotated[Optional[str], typer.Option("--direction", help=f"{' | '.join(DIRECTIONS)} (auto: measure each site, keep the fastest form) \\[default: auto when measuring and no --rules, else default].", rich_help_panel=_R)]
 
 # --- verification
@@ -112,6 +113,7 @@ def rewrite_options(
     *, rules: Sequence[str] | None, exclude: Sequence[str] | None, direction: str | None, tune: bool,
     plugins: Sequence[str] | None, strict_plugins: bool, verify: VerifyOptions | None, no_bench: bool, dry_run: bool,
     keep_slower: bool, bench: BenchOptions, cache: Path | None, no_cache: bool, tune_budget: float | None = None,
+    upgrade_opset: int | None = None,
 ) -> Options:
     """The rewrite command's Options: the library's MEASURED preset, or PROVEN when the run does
     not measure (``--no-bench``, ``--dry-run``), adjusted by the flags."""
@@ -133,4 +135,5 @@ def rewrite_options(
         tune=TuneOptions(cache=cache, use_cache=not no_cache, read_only_cache=dry_run, timing=bench,
                          budget_s=DEFAULT_BUDGET_S if tune_budget is None else tune_budget) if tuning else None,
         keep_slower=keep_slower,
+        upgrade_opset=upgrade_opset,
     )

@@ -21,8 +21,9 @@ from rewriter.errors import NonConvergenceError
 from rewriter.engine.graph import ModelGraph, iter_graphs
 from rewriter.engine.pattern import Match, match_at
 from rewriter.engine.rule import RewriteBuilder, Rule
+from rewriter.engine.shape_readers import reader_problem, rebuild
 
-__all__ = ["SiteKey", "AppliedSite", "NearMiss", "DriverResult", "run_rules", "DEFAULT_MAX_ITERATIONS"]
+__all__ = ["SiteKey", "AppliedSite", "NearMiss", "DriverResult", "run_rules", "opset_problem", "DEFAULT_MAX_ITERATIONS"]
 
 DEFAULT_MAX_ITERATIONS = 16
 
@@ -95,10 +96,10 @@ def run_rules(
     ``skip`` lists sites that must not be applied (rollback re-runs use it); a skipped site
     is reported in ``DriverResult.skipped`` instead.
     """
-    opset = model.opset("")
-    active = [r for r in rules if r.opsets[0] <= opset <= r.opsets[1]]
+    # Rules outside their opset range still match: each candidate they skip is a near miss
+    # naming the opset (a user who sees "no rewrite" learns why; --upgrade-opset helps).
     by_op: dict[str, list[Rule]] = {}
-    for rule in sorted(active, key=lambda r: (-r.benefit, r.id)):
+    for rule in sorted(rules, key=lambda r: (-r.benefit, r.id)):
         for op in rule.anchor_ops:
             by_op.setdefault(op, []).append(rule)
 
@@ -162,7 +163,7 @@ def _apply_candidates(
         if id(node) in consumed:
             continue
         m = match_at(rule.compiled_pattern, node, graph, model)
-        if m is None or any(id(n) in consumed for n in m.matched) or _refusal(rule, m)[0] is not None:
+        if m is None or any(id(n) in consumed for n in m.matched + m.shape_readers) or _refusal(rule, m)[0] is not None:
             continue
         site = AppliedSite(rule.id, node.name, tuple(m.node_names), (), iteration)
         if site.key in skip:
@@ -173,8 +174,18 @@ def _apply_candidates(
         except _RewriteFailed as exc:
             out.refuse(rule, node, str(exc))
             continue
-        consumed.update(id(n) for n in m.matched)
+        consumed.update(id(n) for n in m.matched + m.shape_readers)
         out.applied.append(AppliedSite(rule.id, node.name, site.nodes, created, iteration))
+
+
+def opset_problem(rule: Rule, opset: int) -> str | None:
+    """Why ``rule`` may not rewrite a model of default-domain ``opset``, or None."""
+    lo, hi = rule.opsets
+    if opset < lo:
+        return f"model opset {opset} < {lo} needed for {rule.id}"
+    if opset > hi:
+        return f"model opset {opset} > {hi}, the newest {rule.id} handles"
+    return None
 
 
 def _refusal(rule: Rule, m: Match) -> tuple[str | None, bool]:
@@ -185,7 +196,12 @@ def _refusal(rule: Rule, m: Match) -> tuple[str | None, bool]:
         result = rule.check(m)
     except Exception as exc:  # a broken rule (plugin or built-in) costs its own sites, not the run
         return f"rule error in check: {_one_line(exc)}", False
-    return (None, False) if result else (result.reason, result.quiet)
+    if not result:
+        return result.reason, result.quiet
+    reader = reader_problem(m, m.graph)
+    if reader is not None:
+        return reader, False
+    return opset_problem(rule, m.model.opset("")), False
 
 
 def _one_line(exc: BaseException) -> str:
@@ -206,10 +222,12 @@ def _apply(model: ModelGraph, graph: gs.Graph, rule: Rule, m: Match) -> tuple[st
         old_outs = list(m.root.outputs)
         if len(new_outs) != len(old_outs):
             raise ValueError(f"rule {rule.id} replaced {len(old_outs)} outputs with {len(new_outs)}")
+        # Shape/Size readers of interior values get the same value computed from outside the match.
+        readers = rebuild(builder, m, graph)
     except Exception as exc:
         builder.discard()
         raise _RewriteFailed(f"rule error in rewrite: {_one_line(exc)}") from exc
-    for old, new in zip(old_outs, new_outs):
+    for old, new in list(zip(old_outs, new_outs)) + readers:
         _replace_uses(model, graph, old, new)
     graph.nodes.extend(builder.nodes)
     for node in builder.nodes:

@@ -12,6 +12,11 @@ Two conditions are *soft*: a ``const`` bound to something that is not a constant
 interior value (a matched node's output other than the root's) that is read outside the
 match or is a graph output. They make the match a near miss with a reason, so the report
 can say why a Conv that looks rewritable was left alone.
+
+A ``Shape`` or ``Size`` node reading an interior value is not a use of its data: it is kept
+in :attr:`Match.shape_readers` instead, and the driver replaces its output with the same
+value computed from outside the match (rewriter/engine/shape_readers.py), or refuses the
+match when that shape is not known.
 """
 
 from __future__ import annotations
@@ -120,6 +125,8 @@ class Match:
     tensors: dict[str, gs.Tensor | None] = field(default_factory=dict)
     matched: list[gs.Node] = field(default_factory=list)
     soft_failures: list[str] = field(default_factory=list)
+    shape_readers: list[gs.Node] = field(default_factory=list)
+    proven_shapes: dict[str, list] = field(default_factory=dict)
     _values: dict[str, np.ndarray | None] = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> Any:
@@ -142,6 +149,14 @@ class Match:
     @property
     def node_names(self) -> list[str]:
         return [n.name for n in self.matched]
+
+    def prove_shape(self, tensor: gs.Tensor, dims: Sequence[Any]) -> None:
+        """Record the shape a rule proved for a value inside the match (a list of ``Dim``).
+
+        A ``Shape``/``Size`` reader of that value (see :attr:`shape_readers`) is rebuilt
+        from these dims, which name tensors outside the match (e.g. the match's input).
+        """
+        self.proven_shapes[tensor.name] = list(dims)
 
     def claim(self, *nodes: gs.Node) -> None:
         """Add nodes a rule's ``check`` found beyond its pattern to the match (each at most once).
@@ -276,9 +291,14 @@ def _in(node: gs.Node, nodes: list[gs.Node]) -> bool:
     return any(node is n for n in nodes)
 
 
-def _interior_failures(m: Match, graph_outputs: Sequence[gs.Tensor]) -> list[str]:
-    """Interior values must be read only inside the match and must not be graph outputs."""
+SHAPE_READERS = ("Shape", "Size")
+
+
+def _interior_failures(m: Match, graph_outputs: Sequence[gs.Tensor]) -> tuple[list[str], list[gs.Node]]:
+    """Interior values must be read only inside the match and must not be graph outputs;
+    ``Shape``/``Size`` readers are collected instead (second item)."""
     out: list[str] = []
+    readers: list[gs.Node] = []
     for node in m.matched:
         if node is m.root:
             continue
@@ -287,10 +307,15 @@ def _interior_failures(m: Match, graph_outputs: Sequence[gs.Tensor]) -> list[str
                 out.append(f"interior value '{t.name}' is a graph output")
                 continue
             for c in t.outputs:
-                if not _in(c, m.matched):
-                    out.append(f"interior value '{t.name}' is also read by {c.op} '{c.name}'")
-                    break
-    return out
+                if _in(c, m.matched):
+                    continue
+                if c.op in SHAPE_READERS and c.domain in (None, "", "ai.onnx") and len(c.inputs) == 1:
+                    if not _in(c, readers):
+                        readers.append(c)
+                    continue
+                out.append(f"interior value '{t.name}' is also read by {c.op} '{c.name}'")
+                break
+    return out, readers
 
 
 def match_at(pattern: OpPat, node: gs.Node, graph: gs.Graph, model: ModelGraph) -> Match | None:
@@ -302,7 +327,8 @@ def match_at(pattern: OpPat, node: gs.Node, graph: gs.Graph, model: ModelGraph) 
     m = Match(graph=graph, model=model, root=node)
     first: Match | None = None
     for _ in matcher.match_node(pattern, node, m):
-        soft = list(m.soft_failures) + _interior_failures(m, graph.outputs)
+        interior, readers = _interior_failures(m, graph.outputs)
+        soft = list(m.soft_failures) + interior
         snapshot = Match(
             graph=graph,
             model=model,
@@ -311,6 +337,7 @@ def match_at(pattern: OpPat, node: gs.Node, graph: gs.Graph, model: ModelGraph) 
             tensors=dict(m.tensors),
             matched=list(m.matched),
             soft_failures=soft,
+            shape_readers=readers,
         )
         if not soft:
             return snapshot

@@ -20,8 +20,10 @@ followed upwards), so ``Shape`` of a tensor and of its activation agree.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Callable, Sequence, Union
+from typing import Callable, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -41,6 +43,7 @@ __all__ = [
     "symbolic_value",
     "Layout",
     "apply_layout_node",
+    "assume_shapes",
     "LAYOUT_OPS",
 ]
 
@@ -159,8 +162,29 @@ def symbolic_dim(tensor: gs.Tensor, axis: int) -> Dim | None:
     return ("dim", root.name, axis)
 
 
+# Shapes a rule has proven for tensors inside its match (see :func:`assume_shapes`).
+_ASSUMED: ContextVar[Mapping[str, Sequence[Dim]]] = ContextVar("assumed_shapes", default={})
+
+
+@contextmanager
+def assume_shapes(shapes: Mapping[str, Sequence[Dim]]) -> Iterator[None]:
+    """Within the block, :func:`symbolic_shape` of a tensor named in ``shapes`` is that shape.
+
+    A rule that has proven the shape of a value inside its match (in terms of its input's
+    dims) uses this so a ``Shape`` of that value, read by a Reshape target further down the
+    chain, evaluates to dims it can compare.
+    """
+    token = _ASSUMED.set({**_ASSUMED.get(), **shapes})
+    try:
+        yield
+    finally:
+        _ASSUMED.reset(token)
+
+
 def symbolic_shape(tensor: gs.Tensor | None) -> list[Dim] | None:
     """The shape as a list of :data:`Dim` (None when the rank is unknown)."""
+    if tensor is not None and tensor.name in _ASSUMED.get():
+        return list(_ASSUMED.get()[tensor.name])
     if tensor is None or tensor.shape is None:
         return None
     return [symbolic_dim(tensor, i) for i in range(len(tensor.shape))]  # type: ignore[misc]

@@ -24,7 +24,8 @@ re-exported here, so their names cannot collide with each other or with the core
   convs (``walk_back``, ``Chain``, ``rebuild``, ``conv_matmul``, ``tf_conv_unit``, ...), Conv
   condition helpers (``pointwise_reason``, ``dtype_reason``) and small graph utilities;
 - :mod:`rewriter.ruletools.span`: :class:`~rewriter.ruletools.span.ConvSpanRule`, the base of
-  the rules whose Conv kernel spans its whole input (the fullspan and method1 families).
+  the rules whose Conv kernel spans its input (the fullspan and method1 families; with
+  ``partial``, some axes spanned and the others 1: the partialspan family), and ``span_axes``.
 """
 
 from __future__ import annotations

@@ -139,7 +139,7 @@ def find_sites(model: ModelGraph, rules: Sequence[Rule]) -> tuple[list[Site], in
     for rule, m in matches:
         cores = [n for n in m.matched if n.op in CORE_OPS]
         site = by_root.setdefault(find(cores[0].name), Site([], []))
-        for n in m.matched:
+        for n in m.matched + m.shape_readers:  # a Shape of a site value stays with it: the value is interior
             if not any(n is k for k in site.nodes):
                 site.nodes.append(n)
                 if n.op in CORE_OPS:

@@ -485,11 +485,28 @@ def test_pointnet_chain_with_native_rules_selected():
     assert_equivalent(model, out, feeds((2, 5, 3)))
 
 
-def test_conv2d_rule_outside_its_opset_range_is_inactive():
+@pytest.mark.parametrize("static", [False, True])
+def test_conv2d_rule_at_opset_9(static):
+    # Opset 9 has no Slice with inputs: a dynamic H/W is read with Gather, a static one is a constant.
     model = native_conv(rank=4)
     model.opset_import[0].version = 9
+    if static:
+        model.graph.input[0].CopyFrom(vi("x", [2, 8, 5, 4]))
+    out, res = rewrite(model, ["conv2d-1x1-to-matmul"])
+    assert applied(res) == ["conv2d-1x1-to-matmul"]
+    assert "Slice" not in op_counts(out) and ("Gather" in op_counts(out)) is not static
+    shapes = [(2, 8, 5, 4)] if static else [(1, 8, 5, 4), (3, 8, 2, 7)]
+    assert_equivalent(model, out, feeds(*shapes))
+    assert_idempotent(out, ["conv2d-1x1-to-matmul"])
+
+
+def test_rule_below_its_opset_range_is_a_near_miss():
+    model = native_conv(rank=4)
+    model.graph.input[0].CopyFrom(vi("x", [2, 8, 5, 4]))
+    model.opset_import[0].version = 4
     _, res = rewrite(model, ["conv2d-1x1-to-matmul"])
-    assert not res.applied and not res.near_misses
+    assert not res.applied
+    assert [nm.reason for nm in res.near_misses] == ["model opset 4 < 5 needed for conv2d-1x1-to-matmul"]
 
 
 @pytest.mark.parametrize(
