@@ -461,3 +461,34 @@ def test_markdown_table_per_provider():
     assert md[0] == "**equivalent**"
     assert md[4] == "| cpu | passed | x=[1,4]; x=[3,4] | 0 | 0 | atol=0.0001 rtol=0.001 |  |"
     assert md[5] == "| cuda | skipped | - | - | - | - | CUDA unavailable: no \\| driver |"
+
+
+def wav2vec_front_end(channels: int = 8) -> onnx.ModelProto:
+    """A wav2vec2-style feature extractor on raw audio x[batch, samples]: Conv1d k=10 s=5, then
+    k=3 s=2 (x4) and k=2 s=2 (x2), GELU-free. It needs at least 400 samples (its receptive field)."""
+    rng = np.random.default_rng(3)
+    nodes = [h.make_node("Unsqueeze", ["x", "axes"], ["a0"], name="unsqueeze")]
+    inits = [nh.from_array(np.array([1], np.int64), "axes")]
+    specs = [(10, 5)] + [(3, 2)] * 4 + [(2, 2)] * 2
+    cin = 1
+    for i, (k, s) in enumerate(specs):
+        inits.append(nh.from_array((rng.standard_normal((channels, cin, k)) / np.sqrt(cin * k)).astype(np.float32), f"w{i}"))
+        nodes.append(h.make_node("Conv", [f"a{i}", f"w{i}"], [f"c{i}"], kernel_shape=[k], strides=[s], name=f"conv{i}"))
+        nodes.append(h.make_node("Relu", [f"c{i}"], [f"a{i + 1}"], name=f"relu{i}"))
+        cin = channels
+    nodes.append(h.make_node("Transpose", [f"a{len(specs)}"], ["y"], perm=[0, 2, 1], name="frames"))
+    graph = h.make_graph(nodes, "front_end", [h.make_tensor_value_info("x", TP.FLOAT, ["batch", "samples"])],
+                         [h.make_tensor_value_info("y", TP.FLOAT, ["batch", None, channels])], inits)
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=9)
+
+
+def test_conv_front_end_is_verified_at_the_least_length_that_runs() -> None:
+    """Defaults (1 and 3+k samples) do not run; the search finds 400 samples, the receptive field,
+    and 800 for the second run; the batch keeps its defaults."""
+    model = wav2vec_front_end()
+    result = verify_models(model, model, CPU)
+    assert result.passed, result.providers["cpu"].reason
+    assert result.providers["cpu"].shapes == [{"x": [1, 400]}, {"x": [3, 800]}]
+    (dim,) = result.shape_search
+    assert dim == "samples (x:1)" and result.shape_search[dim].startswith("minimum that runs: 400 (the default shapes failed: ")
+    assert "node 'conv0'" in result.shape_search[dim]  # the Conv that refused the defaults

@@ -63,6 +63,10 @@ def find_runnable(plan: DimPlan, probe: Probe, *, max_dim: int = MAX_DIM) -> Sha
     reasons: dict[str, str] = {}
     taken: set[int] = set()
     for var in free:
+        if minimum[var] == plan.values[var][0] and all(probe(plan.shapes({**minimum, var: v})) is None for v in plan.values[var][1:]):
+            values[var] = list(plan.values[var])  # this dim was never the problem: it keeps its defaults
+            taken.update(values[var][1:])
+            continue
         second = _second_value(plan, probe, minimum, var, taken, max_dim)
         values[var] = [minimum[var]] + ([second] if second is not None else [])
         taken.add(second if second is not None else minimum[var])
