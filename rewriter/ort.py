@@ -44,9 +44,6 @@ _ALIASES = {**{k: k for k in PROVIDERS}, **{v.lower(): k for k, v in PROVIDERS.i
 # Lets a session built from bytes find weights stored next to the original model file.
 _EXTERNAL_DIR_KEY = "session.model_external_initializers_file_folder_path"
 
-# Our own sessions report through exceptions; onnxruntime's logger would print the same text
-# again (coloured, on fd 2) before our one-line error.
-ort.set_default_logger_severity(3)
 RUN_OPTIONS = ort.RunOptions()
 # A shape the model rejects raises with the same text that ORT would also log; log nothing.
 RUN_OPTIONS.log_severity_level = 4
@@ -243,7 +240,9 @@ def make_session(src: ModelSource, provider: str = "cpu", *, threads: int = 2) -
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    so.log_severity_level = 3
+    # Failures reach the user as exceptions, one line each; onnxruntime's logger would print the
+    # same text first (coloured, on fd 2).
+    so.log_severity_level = 4
     # Two sessions compared in one process each keep intra-op threads spinning after a run; on a
     # few cores they steal from each other and skewed A/B ratios of identical models to 0.8x with
     # a 0.3-1.7x spread. Without spinning the same check gives 1.00x (0.9-1.1).
