@@ -31,7 +31,9 @@ from rewriter.errors import InputError, VerificationError
 from rewriter.measure.accept import accept
 from rewriter.measure.bench import BenchOptions, bench_models
 from rewriter.measure.section import BenchmarkSection, BenchReport, static_section
+from rewriter.measure.workload import choose_workload
 from rewriter.options import PROVEN, Options
+from rewriter.ort import cuda_status
 from rewriter.prove.gate import check_writable
 from rewriter.prove.result import VerificationResult
 from rewriter.prove.rollback import prove
@@ -100,7 +102,7 @@ def optimize(
     say = progress or (lambda _msg: None)
     loaded = load_model(model)
     reg = registry or discover(opts.plugins, strict=opts.strict_plugins)
-    timing = _timing(opts, loaded.model)
+    timing = _timing(opts, loaded, say)
     notes: list[str] = [f"plugin unavailable: {u.source}: {u.error}" for u in reg.unavailable]
     loaded = _upgrade_opset(loaded, opts, notes)
     sections: dict[str, Section] = {}
@@ -124,7 +126,7 @@ def optimize(
 
     out_model = rewritten.model
     if opts.bench is not None and any(r.status == "applied" for r in records):
-        acc = accept(loaded, chosen.rules, out_model, records, replace(opts.bench, shapes=timing.shapes),
+        acc = accept(loaded, chosen.rules, out_model, records, replace(opts.bench, shapes=timing.shapes, shape_source=timing.shape_source),
                      keep_slower=opts.keep_slower, progress=say)
         out_model, records = acc.model, acc.records
         sections["benchmark"] = acc.benchmark
@@ -168,15 +170,22 @@ def _upgrade_opset(loaded: LoadedModel, opts: Options, notes: list[str]) -> Load
     return replace(loaded, model=upgraded)
 
 
-def _timing(opts: Options, model: onnx.ModelProto) -> BenchOptions:
-    """Measurement settings: shapes from ``bench``, else the largest verification shapes the user
-    chose (``--shape`` / ``--inputs``), so the benchmark measures what was proven."""
+def _timing(opts: Options, loaded: LoadedModel, say: Progress) -> BenchOptions:
+    """Measurement settings, their shapes included: ``--bench-shape``; else the largest
+    verification shapes the user chose (``--shape`` / ``--inputs``), so the benchmark measures what
+    was proven; else, when the run measures, the workload shape (:mod:`rewriter.measure.workload`)."""
     timing = opts.timing
-    if timing.shapes is None and opts.verify is not None:
-        chosen = opts.verify.largest_shapes(model)
-        if chosen is not None:
-            timing = replace(timing, shapes=chosen)
-    return timing
+    if timing.shapes is not None:
+        return replace(timing, shape_source=timing.shape_source or "--bench-shape")
+    chosen = opts.verify.largest_shapes(loaded.model) if opts.verify is not None else None
+    if chosen is not None:
+        return replace(timing, shapes=chosen, shape_source="the verification shapes given (--shape / --inputs)")
+    if opts.bench is None and not opts.tuning:
+        return timing
+    provider = timing.providers[0] if timing.providers[0] == "cpu" or cuda_status()[0] else "cpu"
+    say(f"choosing the workload shape on {provider}")
+    workload = choose_workload(loaded, provider, seed=timing.seed, threads=timing.threads, target_ms=timing.target_ms)
+    return replace(timing, shapes=workload.shapes, shape_source=workload.source)
 
 
 def _select(loaded: LoadedModel, reg: Registry, opts: Options, timing: BenchOptions, say: Progress) -> _Selection:

@@ -73,6 +73,7 @@ class ProviderBench:
     opt_level: str
     shapes: dict[str, list[int]]
     notes: tuple[str, ...] = ()
+    shape_source: str | None = None
 
     def __bool__(self) -> bool:
         return self.status == "measured"
@@ -92,6 +93,7 @@ class ProviderBench:
             "threads": self.threads,
             "opt_level": self.opt_level,
             "shapes": {k: list(v) for k, v in self.shapes.items()},
+            "shape_source": self.shape_source,
             "notes": list(self.notes),
         }
 
@@ -108,6 +110,8 @@ class BenchOptions:
     shapes: dict[str, tuple[int, ...]] | None = None
     seed: int = 0
     measure_memory: bool = True
+    shape_source: str | None = None  # how ``shapes`` were chosen, for the report
+    target_ms: float | None = None  # workload shape: the original's latency to grow to (None: per provider)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "providers", parse_providers(self.providers, default=()))
@@ -238,6 +242,7 @@ def _bench_provider(
             provider=provider, status="measured", reason="", before=None, after=None, speedup=None,
             speedup_low=None, speedup_high=None, significant=False, verdict="not compared",
             threads=options.threads, opt_level=OPT_LEVEL, shapes={k: list(v) for k, v in shapes.items()},
+            shape_source=options.shape_source or ("--shape" if options.shapes else "the largest default verification shape"),
         )
         base.update(kw)
         return ProviderBench(**base)

@@ -130,7 +130,8 @@ def _bench_rows(r: Mapping[str, Any], headline: str) -> list[tuple[str, str, str
 
 def _title(name: str, r: Mapping[str, Any]) -> str:
     shapes = ", ".join(f"{k}={v}" for k, v in r.get("shapes", {}).items())
-    return f"{name}: {r.get('threads')} threads, optimizations {r.get('opt_level')}, {shapes}"
+    source = f" ({r['shape_source']})" if r.get("shape_source") else ""
+    return f"{name}: {r.get('threads')} threads, optimizations {r.get('opt_level')}, {shapes}{source}"
 
 
 def _caption(r: Mapping[str, Any]) -> str:

@@ -160,6 +160,7 @@ def tune_sites(
     section = TuningSection(
         provider=provider,
         shapes={k: list(v) for k, v in shapes.items()},
+        shape_source=bopts.shape_source,
         runs=runs,
         threads=bopts.threads,
         cache={"path": str(cache_path) if cache_path else None, "enabled": cache.enabled, "hits": cache.hits, "misses": cache.misses,
