@@ -126,7 +126,8 @@ def optimize(
 
     out_model = rewritten.model
     if opts.bench is not None and any(r.status == "applied" for r in records):
-        acc = accept(loaded, chosen.rules, out_model, records, replace(opts.bench, shapes=timing.shapes, shape_source=timing.shape_source),
+        acc = accept(loaded, chosen.rules, out_model, records,
+                     replace(opts.bench, shapes=timing.shapes, shape_source=timing.shape_source, small_shapes=timing.small_shapes),
                      keep_slower=opts.keep_slower, progress=say)
         out_model, records = acc.model, acc.records
         sections["benchmark"] = acc.benchmark
@@ -185,7 +186,7 @@ def _timing(opts: Options, loaded: LoadedModel, say: Progress) -> BenchOptions:
     provider = timing.providers[0] if timing.providers[0] == "cpu" or cuda_status()[0] else "cpu"
     say(f"choosing the workload shape on {provider}")
     workload = choose_workload(loaded, provider, seed=timing.seed, threads=timing.threads, target_ms=timing.target_ms)
-    return replace(timing, shapes=workload.shapes, shape_source=workload.source)
+    return replace(timing, shapes=workload.shapes, shape_source=workload.source, small_shapes=workload.small)
 
 
 def _select(loaded: LoadedModel, reg: Registry, opts: Options, timing: BenchOptions, say: Progress) -> _Selection:

@@ -9,6 +9,7 @@ from onnx import helper
 import rewriter
 from engine_rules import DoubleReluToRelu, MatMulBiasToGemmTest
 from helpers import init, make_model, op_counts, vi
+from dataclasses import replace
 from functools import partial
 
 import rewriter.api
@@ -219,3 +220,44 @@ def test_real_measurement_smoke(tmp_path):
     md = result.report.to_markdown()
     assert "## Benchmark" in md and "| median latency |" in md and "| FLOPs |" in md
 
+
+
+class TwoSizeBench(FakeBench):
+    """The Gemm form is faster at the workload shape and slower at the small one."""
+
+    SMALL = {"x": (1, 8)}
+
+    def __call__(self, before, after, options, *, base_dir=None, progress=None):
+        small = dict(options.shapes or {}) == self.SMALL
+        counts = op_counts(after)
+        self.calls.append({**counts, "small": int(small)})
+        if counts.get("Gemm"):
+            result = _bench(0.5, "slower") if small else _bench(1.5, "faster")
+        else:
+            result = _bench(1.0, "no measurable change")
+        return {p: replace(result, shapes={k: list(v) for k, v in (options.shapes or {}).items()}) for p in options.providers}
+
+
+def test_a_family_slower_at_the_small_shape_only_is_rejected_and_both_sizes_are_reported():
+    from dataclasses import replace as dc_replace
+
+    fake = TwoSizeBench()
+    loaded = load_model(_model())
+    selected = _registry(GemmFamily, ReluFamily).select()
+    rewritten = rewrite(loaded, selected)
+    records = [RewriteRecord(s.rule, s.nodes, "applied") for s in rewritten.result.applied]
+    options = BenchOptions(runs=5, measure_memory=False, shapes={"x": (4, 8)}, small_shapes=TwoSizeBench.SMALL)
+    acc = accept(loaded, selected, rewritten.model, records, options, bench_fn=fake)
+    status = {r.rule: r.status for r in acc.records}
+    assert status == {"test-matmul-gemm": "rejected", "test-double-relu": "applied"}
+    rejected = next(r for r in acc.records if r.status == "rejected")
+    assert rejected.reason == "slower at x=[1, 8]: 1.000 ms -> 2.000 ms (0.50x)"
+    assert any(c["small"] for c in fake.calls) and any(not c["small"] for c in fake.calls)
+    # the report keeps both sizes: the workload comparison, and the small one beside it
+    first = acc.benchmark["cpu"]
+    assert first["shapes"] == {"x": [4, 8]} and first["small"]["shapes"] == {"x": [1, 8]}
+    md = acc.benchmark.to_markdown()
+    assert "at x=[1, 8]" in md
+    # measured at the workload shape alone, the same rewrite is kept: the small size decided
+    alone = accept(loaded, selected, rewritten.model, records, dc_replace(options, small_shapes=None), bench_fn=TwoSizeBench())
+    assert {r.status for r in alone.records} == {"applied"}

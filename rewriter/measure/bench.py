@@ -74,6 +74,7 @@ class ProviderBench:
     shapes: dict[str, list[int]]
     notes: tuple[str, ...] = ()
     shape_source: str | None = None
+    small: "ProviderBench | None" = None  # the same comparison at the small shapes, when measured
 
     def __bool__(self) -> bool:
         return self.status == "measured"
@@ -95,6 +96,7 @@ class ProviderBench:
             "shapes": {k: list(v) for k, v in self.shapes.items()},
             "shape_source": self.shape_source,
             "notes": list(self.notes),
+            **({"small": self.small.to_json()} if self.small is not None else {}),
         }
 
 
@@ -112,6 +114,7 @@ class BenchOptions:
     measure_memory: bool = True
     shape_source: str | None = None  # how ``shapes`` were chosen, for the report
     target_ms: float | None = None  # workload shape: the original's latency to grow to (None: per provider)
+    small_shapes: dict[str, tuple[int, ...]] | None = None  # acceptance also measures here (batch 1, short)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "providers", parse_providers(self.providers, default=()))

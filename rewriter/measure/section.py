@@ -128,6 +128,15 @@ def _bench_rows(r: Mapping[str, Any], headline: str) -> list[tuple[str, str, str
     return rows
 
 
+def _small_note(r: Mapping[str, Any]) -> str:
+    """``; 1.90x at x=[1, 16, 512]`` when acceptance also measured the small shapes."""
+    small = r.get("small")
+    if not small or small.get("speedup") is None:
+        return ""
+    shapes = ", ".join(f"{k}={v}" for k, v in small.get("shapes", {}).items())
+    return f"; {small['speedup']:.2f}x {small['verdict']} at {shapes}"
+
+
 def _title(name: str, r: Mapping[str, Any]) -> str:
     shapes = ", ".join(f"{k}={v}" for k, v in r.get("shapes", {}).items())
     source = f" ({r['shape_source']})" if r.get("shape_source") else ""
@@ -147,7 +156,7 @@ def benchmark_markdown(section: Mapping[str, Any]) -> str:
             continue
         verdict = ""
         if r.get("speedup") is not None:
-            verdict = f"{r['speedup']:.2f}x {r['verdict']} ({r['speedup_low']:.2f}-{r['speedup_high']:.2f}x)"
+            verdict = f"{r['speedup']:.2f}x {r['verdict']} ({r['speedup_low']:.2f}-{r['speedup_high']:.2f}x)" + _small_note(r)
         out += [f"**{_title(name, r)}**", "", "| metric | before | after | change |", "|---|---:|---:|---:|"]
         out += [f"| {label} | {vb} | {va} | {ch} |" for label, vb, va, ch in _bench_rows(r, verdict)]
         out += ["", _caption(r), ""]
@@ -172,7 +181,7 @@ def render_bench(section: Mapping[str, Any], console: Any) -> None:
         headline = ""
         if r.get("speedup") is not None:
             colour = {"faster": "green", "slower": "red"}.get(r["verdict"], "dim")
-            headline = f"[{colour}]{r['speedup']:.2f}× {r['verdict']}[/] ({r['speedup_low']:.2f}–{r['speedup_high']:.2f}×)"
+            headline = f"[{colour}]{r['speedup']:.2f}× {r['verdict']}[/] ({r['speedup_low']:.2f}–{r['speedup_high']:.2f}×)" + _small_note(r)
         for row in _bench_rows(r, headline):
             table.add_row(*(row if compared else row[:2]))
         console.print(table)

@@ -43,6 +43,18 @@ class Workload:
     shapes: dict[str, tuple[int, ...]]
     source: str
     median_ms: float | None = None
+    small: dict[str, tuple[int, ...]] | None = None  # batch 1, a short input: what acceptance also measures
+
+
+#: The other dynamic dims of the small shapes: this long, or the least that runs when more.
+SHORT = 16
+
+
+def _small(plan: DimPlan, start: Mapping[Var, int], grown: Mapping[Var, int]) -> dict[str, tuple[int, ...]] | None:
+    batch = _batch_vars(plan)
+    small = {v: 1 if v in batch and v not in plan.given else min(grown[v], max(start[v], SHORT)) for v in plan.variables}
+    shapes = plan.shapes(small)
+    return None if shapes == plan.shapes(grown) else shapes
 
 
 def _input_bytes(specs: list[InputSpec], shapes: Mapping[str, tuple[int, ...]]) -> int:
@@ -93,7 +105,7 @@ def grow_workload(
             why = f"auto: the largest shape the original runs ({ms:.1f} ms, target {target_ms:g} ms)"
             break
         current, ms = nxt, nxt_ms
-    return Workload(plan.shapes(current), why or f"auto: {ms:.1f} ms after {_MAX_STEPS} doublings", ms)
+    return Workload(plan.shapes(current), why or f"auto: {ms:.1f} ms after {_MAX_STEPS} doublings", ms, _small(plan, start, current))
 
 
 def choose_workload(model: LoadedModel, provider: str, *, seed: int = 0, threads: int = 2, target_ms: float | None = None) -> Workload:
