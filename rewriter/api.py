@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 import onnx
 
-from rewriter import __version__
+from rewriter.version import __version__
 from rewriter.engine.model_io import LoadedModel, load_model
 from rewriter.engine.opset import default_opset, upgrade_opset
 from rewriter.engine.save import check_output_path, file_sha256, save_model

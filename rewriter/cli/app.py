@@ -10,7 +10,7 @@ from typing import Sequence
 import typer
 from typer.exceptions import Abort, Exit, TyperException
 
-from rewriter import __version__
+from rewriter.version import __version__
 from rewriter.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, RewriterError
 
 app = typer.Typer(

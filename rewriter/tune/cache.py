@@ -22,7 +22,7 @@ import onnx
 import onnxruntime
 from onnx import numpy_helper
 
-from rewriter import __version__
+from rewriter.version import __version__
 from rewriter.engine.save import atomic_write_text
 
 __all__ = ["CACHE_FORMAT", "DecisionCache", "cache_key", "default_cache_path", "site_signature"]
