@@ -22,6 +22,7 @@ from rewriter.errors import InputError
 from rewriter.measure.memprobe import measure_memory, save_feeds
 from rewriter.ort import ModelSource, SessionError, cuda_status, make_session, model_source, parse_providers
 from rewriter.prove.inputs import input_specs, make_feeds, shape_sets
+from rewriter.prove.windows import window_check
 
 if TYPE_CHECKING:
     import onnx
@@ -188,6 +189,10 @@ def _feeds_and_shapes(
             len(want) != len(s.shape) or any(isinstance(d, int) and d != w for d, w in zip(s.shape, want))
         ):
             raise InputError(f"shape {list(want)} does not fit input '{s.name}' {list(s.shape)}")
+    fits = window_check(before.proto)
+    if fits is not None and (why := fits(shapes)) is not None:
+        given_by = "the default shapes" if missing else "the shapes given"
+        raise InputError(f"{given_by} ({', '.join(f'{k}={list(v)}' for k, v in shapes.items())}): {why}; give larger ones with --shape")
     return make_feeds(specs, shapes, seed=options.seed), shapes
 
 

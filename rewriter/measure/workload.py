@@ -20,6 +20,7 @@ from rewriter.measure.bench import time_interleaved
 from rewriter.ort import ORT_ERRORS, RUN_OPTIONS, first_line, make_session, model_source
 from rewriter.prove.inputs import DimPlan, InputSpec, Var, dim_plan, input_specs, make_feeds
 from rewriter.prove.search import MAX_DIM, find_runnable
+from rewriter.prove.windows import window_check
 
 __all__ = ["Workload", "grow_workload", "choose_workload", "TARGET_MS", "MAX_BATCH", "MAX_INPUT_BYTES"]
 
@@ -116,8 +117,11 @@ def choose_workload(model: LoadedModel, provider: str, *, seed: int = 0, threads
     plan = dim_plan(specs)
     src = model_source(model.path or model.model, "original", model.base_dir)
     cpu = make_session(src, "cpu", threads=threads)
+    fits = window_check(model.model)  # shapes some onnxruntime kernels would crash the process on
 
     def probe(shapes: dict[str, tuple[int, ...]]) -> str | None:
+        if fits is not None and (why := fits(shapes)) is not None:
+            return why
         try:
             cpu.run(None, make_feeds(specs, shapes, seed=seed), RUN_OPTIONS)
         except _RUN_ERRORS as exc:
@@ -129,6 +133,8 @@ def choose_workload(model: LoadedModel, provider: str, *, seed: int = 0, threads
     sess = cpu if provider == "cpu" else make_session(src, provider, threads=threads)
 
     def time_at(shapes: dict[str, tuple[int, ...]]) -> float | None:
+        if fits is not None and fits(shapes) is not None:
+            return None
         try:
             feeds = make_feeds(specs, shapes, seed=seed)
             samples = time_interleaved([sess], feeds, runs=5, warmup=1)[0]

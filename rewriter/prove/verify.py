@@ -24,6 +24,7 @@ from rewriter.prove.compare import OutputDiff, compare_arrays, merge, noise as m
 from rewriter.prove.inputs import BFLOAT16, InputSpec, dim_plan, input_specs, load_npz_feeds, make_feeds, shape_sets
 from rewriter.prove.search import MAX_DIM, find_runnable
 from rewriter.prove.result import ProviderResult, VerificationResult, format_shapes
+from rewriter.prove.windows import window_check
 
 __all__ = ["VerifyOptions", "verify_models", "resolve_providers"]
 
@@ -226,10 +227,17 @@ def verify_models(
     cpu_sess = cpu_orig.get()
     if cpu_sess is None:
         raise InputError(f"the original model does not load on onnxruntime: {cpu_orig.error}")
-    feed_sets, shape_notes = _feed_sets(specs, options, lambda feeds: _run(cpu_sess, orig, feeds))
+    fits = window_check(orig.proto)  # shapes some onnxruntime kernels would crash the process on
+
+    def refused(shapes: Mapping[str, Sequence[int]]) -> str | None:
+        return fits(shapes) if fits is not None else None
+
+    feed_sets, shape_notes = _feed_sets(specs, options, lambda feeds: _run(cpu_sess, orig, feeds), refused)
     reference: dict[int, dict[str, np.ndarray] | str] = {}  # original on CPU, per run; str = error
 
     def ref_outputs(i: int) -> dict[str, np.ndarray] | str:
+        if i not in reference and (why := refused({k: v.shape for k, v in feed_sets[i].items()})) is not None:
+            reference[i] = why
         if i not in reference:
             try:
                 reference[i] = _run(cpu_orig.get(), orig, feed_sets[i])  # type: ignore[arg-type]
@@ -249,10 +257,12 @@ def verify_models(
 
 
 def _feed_sets(
-    specs: Sequence[InputSpec], options: VerifyOptions, run_original: Callable[[dict[str, np.ndarray]], object]
+    specs: Sequence[InputSpec], options: VerifyOptions, run_original: Callable[[dict[str, np.ndarray]], object],
+    refused: Callable[[Mapping[str, Sequence[int]]], str | None],
 ) -> tuple[list[dict[str, np.ndarray]], dict[str, str]]:
     """The inputs to verify with: the user's file, or random inputs at shapes that run on the
-    original (searched for when the default shapes do not), and why any dim was changed."""
+    original (searched for when the default shapes do not), and why any dim was changed. Shapes
+    ``refused`` names a reason for are never run (:mod:`rewriter.prove.windows`)."""
     user: list[dict[str, np.ndarray]] = []
     if options.inputs_npz is not None:
         feeds = load_npz_feeds(options.inputs_npz)
@@ -263,6 +273,8 @@ def _feed_sets(
         return make_feeds(specs, shapes, seed=options.seed, input_range=options.input_range)
 
     def probe(shapes: dict[str, tuple[int, ...]]) -> str | None:
+        if (why := refused(shapes)) is not None:
+            return why
         try:
             run_original(feeds_at(shapes))
         except _PROBE_ERRORS as exc:
