@@ -20,7 +20,7 @@ from rewriter.engine.registry import discover
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 MANIFEST = FIXTURES / "manifest.json"
 FAMILIES = ("transpose_idiom", "method2", "shared_bias", "pointnet", "conformer_conv", "mobilenet_ir",
-            "grouped_pointwise", "distractor")
+            "grouped_pointwise", "distractor", "wav2vec2_front_end")
 
 # model -> ((Conv, Transpose) after the default policy, (Conv, Transpose) after to-matmul); None = untouched
 EXPECT = {
@@ -36,6 +36,8 @@ EXPECT = {
     "conformer_conv": {"torch": (None, (1, 2)), "keras": ((1, 2), (1, 2))},
     "mobilenet_ir": (None, (1, 0)),
     "grouped_pointwise": (None, (0, 0)),
+    # keras: 7 strided convs stay (distractors); the LayerNorm -> Conv1D(k=1) projection goes
+    "wav2vec2_front_end": ((7, 1), (7, 1)),
 }
 
 
