@@ -183,7 +183,7 @@ def _timing(opts: Options, loaded: LoadedModel, say: Progress) -> BenchOptions:
         return replace(timing, shapes=chosen, shape_source="the verification shapes given (--shape / --inputs)")
     if opts.bench is None and not opts.tuning:
         return timing
-    provider = timing.providers[0] if timing.providers[0] == "cpu" or cuda_status()[0] else "cpu"
+    provider = timing.providers[0] if timing.providers[0] == "cpu" or cuda_status().usable else "cpu"
     say(f"choosing the workload shape on {provider}")
     workload = choose_workload(loaded, provider, seed=timing.seed, threads=timing.threads, target_ms=timing.target_ms)
     return replace(timing, shapes=workload.shapes, shape_source=workload.source, small_shapes=workload.small)

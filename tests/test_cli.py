@@ -267,16 +267,18 @@ def test_no_verify_is_said_loudly(capsys, model_path, tmp_path):
 
 
 def _cuda_works() -> bool:
-    from rewriter.prove.verify import cuda_status
+    from rewriter.ort import cuda_status
 
-    return cuda_status()[0]
+    return cuda_status().usable
 
 
 @pytest.mark.skipif(_cuda_works(), reason="CUDA works here: would check the message when the only requested provider cannot run")
 def test_no_runnable_provider_is_a_usage_error_not_a_failed_rewrite(capsys, model_path, tmp_path):
     out = tmp_path / "o.onnx"
     code, _, err = cli(capsys, model_path, "--plugin", ENGINE_RULES, "--rules", "test-double-relu", "--providers", "cuda", "--no-bench", "-o", out)
-    assert_one_line_error(code, err, 2, "cannot verify: no provider could run (cuda: CUDA unavailable")
+    from rewriter.ort import cuda_status
+
+    assert_one_line_error(code, err, 2, f"cannot verify: no provider could run (cuda: {cuda_status().reason}")
     assert not out.exists()
     code, _, err = cli(capsys, "verify", model_path, model_path, "--providers", "cuda")
     assert_one_line_error(code, err, 2, "cannot verify: no provider could run")

@@ -53,6 +53,7 @@ def rewrite_cmd(
     seed: p.Seed = 0,
     atol: p.Atol = None,
     rtol: p.Rtol = None,
+    cuda_tf32: p.CudaTf32 = False,
     shape: p.DimValues = None,
     inputs: p.Inputs = None,
     input_range: p.InputRange = None,
@@ -76,7 +77,7 @@ def rewrite_cmd(
             check_output_path(extra, input_path=model.resolve())
     options = p.rewrite_options(
         rules=rules, exclude=exclude, direction=direction, tune=tune, plugins=plugin, strict_plugins=strict_plugins,
-        verify=None if no_verify else p.verify_options(providers, seed, atol, rtol, shape, inputs, input_range),
+        verify=None if no_verify else p.verify_options(providers, seed, atol, rtol, shape, inputs, input_range, cuda_tf32),
         no_bench=no_bench, dry_run=dry_run, keep_slower=keep_slower,
         bench=p.bench_options(bench_providers or providers, bench_runs, bench_shape), cache=cache, no_cache=no_cache,
         tune_budget=tune_budget,

@@ -26,6 +26,7 @@ def verify_cmd(
     seed: p.Seed = 0,
     atol: p.Atol = None,
     rtol: p.Rtol = None,
+    cuda_tf32: p.CudaTf32 = False,
     shape: p.DimValues = None,
     inputs: p.Inputs = None,
     input_range: p.InputRange = None,
@@ -33,7 +34,7 @@ def verify_cmd(
     """Compare ORIGINAL and CANDIDATE on onnxruntime (exit 0 equivalent, 1 not)."""
     if report is not None:
         check_output_path(report, input_path=None)
-    options = p.verify_options(providers, seed, atol, rtol, shape, inputs, input_range)
+    options = p.verify_options(providers, seed, atol, rtol, shape, inputs, input_range, cuda_tf32)
     with StepProgress(Console(stderr=True), "verifying") as say:
         result = verify(original, candidate, options, progress=say)
     result.render(Console())
