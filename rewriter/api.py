@@ -40,6 +40,7 @@ from rewriter.prove.rollback import prove
 from rewriter.prove.verify import VerifyOptions, verify_models
 from rewriter.report import NearMissRecord, Report, RewriteRecord, Section, summarize
 from rewriter.tune.plan import TunePlan, tune_sites
+from rewriter.tune.sites import restrict
 
 __all__ = ["optimize", "verify", "bench", "list_rules", "Result"]
 
@@ -201,7 +202,11 @@ def _select(loaded: LoadedModel, reg: Registry, opts: Options, timing: BenchOpti
     candidates = [r for r in unique if r.direction != "cleanup"]
     cleanups = [r for r in unique if r.direction == "cleanup" and (opts.rules or r.default)]
     plan = tune_sites(loaded, candidates, cleanups, bench_options=timing, options=opts.tune_options, progress=say)
-    return _Selection(plan.rules, plan)
+    # A tuned rule fires only at its sites, so the fixed policy's rules that tuning left out still
+    # run, limited to no site: their refusals stay in the report (why a Conv was not rewritten).
+    tuned = {r.id for r in plan.rules}
+    watch = [restrict(r, ()) for r in reg.select(opts.rules, opts.exclude, "default") if r.direction != "cleanup" and r.id not in tuned]
+    return _Selection(plan.rules + tuple(watch), plan)
 
 
 def _prove_accepted(loaded: LoadedModel, model: onnx.ModelProto, options: VerifyOptions, say: Progress) -> VerificationResult:
