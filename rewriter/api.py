@@ -123,7 +123,8 @@ def optimize(
     elif opts.verify is not None:
         notes.append("verification: nothing was rewritten, nothing to verify")
     else:
-        notes.append("verification skipped (--no-verify / verify=False): the output is NOT proven equivalent")
+        # No flag named: a dry run skips verification too, and the library has no flags.
+        notes.append("verification skipped: the output is NOT proven equivalent")
 
     out_model = rewritten.model
     if opts.bench is not None and any(r.status == "applied" for r in records):
@@ -140,13 +141,14 @@ def optimize(
     elif opts.bench is not None:
         notes.append("benchmark: nothing was rewritten, nothing to measure")
     else:
-        notes.append("benchmark skipped (--no-bench / bench=False): speed and memory not measured, no acceptance check")
+        notes.append("benchmark skipped: speed and memory not measured, no acceptance check")
 
+    family_of = {rule.id: rule.family_name() for rule in chosen.rules}
     report = Report(
         tool_version=__version__,
         input=summarize(loaded.model, loaded.path, loaded.sha256),
         output=summarize(out_model),
-        rewrites=records,
+        rewrites=tuple(replace(r, family=family_of.get(r.rule, r.rule)) for r in records),
         near_misses=tuple(NearMissRecord(n.rule, n.node, n.reason) for n in rewritten.result.near_misses),
         sections=_pipeline_order(sections),
         notes=tuple(notes),
