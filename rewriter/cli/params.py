@@ -19,6 +19,11 @@ __all__ = ["split_ids", "verify_options", "bench_options", "parse_bench_shapes",
 
 _V, _M, _T, _R = "Verification", "Measurement", "Tuning", "Rules"
 
+# --- output
+Verbose = Annotated[bool, typer.Option("-v", "--verbose", help="Every detail: the tuning table, each site, the verification, benchmark and static-cost tables, every near miss and note.")]
+Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="Print only the summary line (errors still go to stderr).")]
+Json = Annotated[bool, typer.Option("--json", help="Print the JSON report on stdout and nothing else (combines with --report).")]
+
 # --- rules and plugins
 Plugins = Annotated[Optional[List[str]], typer.Option("--plugin", help="Rule plugin: a .py file or an importable module (repeatable).", rich_help_panel=_R)]
 StrictPlugins = Annotated[bool, typer.Option("--strict-plugins", help="A plugin that fails to load is an error (exit 3).", rich_help_panel=_R)]

@@ -3,19 +3,14 @@ terminal table (the report's ``verification`` section)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from rewriter.ort import NO_CUDA_DEVICE
 from rewriter.prove.compare import OutputDiff, Tolerance, json_num as _num
+from rewriter.report import format_shapes
 
 __all__ = ["ProviderResult", "VerificationResult", "format_shapes"]
-
-
-def format_shapes(shapes: Mapping[str, Sequence[int]]) -> str:
-    """``{"x": [1, 16]}`` -> ``x=[1,16]``."""
-    return ", ".join(f"{k}=[{','.join(str(d) for d in v)}]" for k, v in shapes.items())
 
 
 @dataclass(frozen=True)
