@@ -346,7 +346,11 @@ def _verification_lines(verification: Mapping[str, Any], _applied: bool) -> list
         lines = [line + (f"; max abs {max(worst):.3g}" if worst else "")]
     else:
         lines = ["verification: NOT equivalent"]
-    lines += [f"  {name}: {p.get('status')}: {p.get('reason') or '-'}" for name, p in providers.items() if p.get("status") != "passed"]
+    # "cuda: not used (no NVIDIA GPU/driver ...)" reads calm; other skips and failures keep their status word.
+    lines += [
+        f"  {name}: {p.get('reason')}" if p.get("reason", "").startswith("not used") else f"  {name}: {p.get('status')}: {p.get('reason') or '-'}"
+        for name, p in providers.items() if p.get("status") != "passed"
+    ]
     return lines
 
 

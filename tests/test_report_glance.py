@@ -183,3 +183,14 @@ def test_restated_notes_are_what_the_library_writes():
     for note in skipped + nothing:
         assert note.startswith(RESTATED_NOTES) and "--" not in note, note
     assert "note:" not in text_of(report(notes=skipped)) + text_of(report(notes=nothing))
+
+
+def test_no_gpu_reads_calm_in_the_verdict_lines():
+    """A machine without an NVIDIA GPU is the usual case: its line has no 'skipped:' status word."""
+    from rewriter.ort import NO_CUDA_DEVICE
+
+    section = verification()
+    section.data["providers"]["cuda"]["reason"] = NO_CUDA_DEVICE
+    lines = text_of(report(applied(1), sections=[section])).splitlines()
+    assert f"  cuda: {NO_CUDA_DEVICE}" in lines
+    assert not any("skipped" in line for line in lines)
