@@ -40,6 +40,7 @@ from rewriter.prove.rollback import prove
 from rewriter.prove.verify import VerifyOptions, verify_models
 from rewriter.report import NearMissRecord, Report, RewriteRecord, Section, summarize
 from rewriter.tune.plan import TunePlan, tune_sites
+from rewriter.tune.sites import restrict
 
 __all__ = ["optimize", "verify", "bench", "list_rules", "Result"]
 
@@ -122,7 +123,8 @@ def optimize(
     elif opts.verify is not None:
         notes.append("verification: nothing was rewritten, nothing to verify")
     else:
-        notes.append("verification skipped (--no-verify / verify=False): the output is NOT proven equivalent")
+        # No flag named: a dry run skips verification too, and the library has no flags.
+        notes.append("verification skipped: the output is NOT proven equivalent")
 
     out_model = rewritten.model
     if opts.bench is not None and any(r.status == "applied" for r in records):
@@ -139,13 +141,14 @@ def optimize(
     elif opts.bench is not None:
         notes.append("benchmark: nothing was rewritten, nothing to measure")
     else:
-        notes.append("benchmark skipped (--no-bench / bench=False): speed and memory not measured, no acceptance check")
+        notes.append("benchmark skipped: speed and memory not measured, no acceptance check")
 
+    family_of = {rule.id: rule.family_name() for rule in chosen.rules}
     report = Report(
         tool_version=__version__,
         input=summarize(loaded.model, loaded.path, loaded.sha256),
         output=summarize(out_model),
-        rewrites=records,
+        rewrites=tuple(replace(r, family=family_of.get(r.rule, r.rule)) for r in records),
         near_misses=tuple(NearMissRecord(n.rule, n.node, n.reason) for n in rewritten.result.near_misses),
         sections=_pipeline_order(sections),
         notes=tuple(notes),
@@ -183,7 +186,7 @@ def _timing(opts: Options, loaded: LoadedModel, say: Progress) -> BenchOptions:
         return replace(timing, shapes=chosen, shape_source="the verification shapes given (--shape / --inputs)")
     if opts.bench is None and not opts.tuning:
         return timing
-    provider = timing.providers[0] if timing.providers[0] == "cpu" or cuda_status()[0] else "cpu"
+    provider = timing.providers[0] if timing.providers[0] == "cpu" or cuda_status().usable else "cpu"
     say(f"choosing the workload shape on {provider}")
     workload = choose_workload(loaded, provider, seed=timing.seed, threads=timing.threads, target_ms=timing.target_ms)
     return replace(timing, shapes=workload.shapes, shape_source=workload.source, small_shapes=workload.small)
@@ -201,7 +204,11 @@ def _select(loaded: LoadedModel, reg: Registry, opts: Options, timing: BenchOpti
     candidates = [r for r in unique if r.direction != "cleanup"]
     cleanups = [r for r in unique if r.direction == "cleanup" and (opts.rules or r.default)]
     plan = tune_sites(loaded, candidates, cleanups, bench_options=timing, options=opts.tune_options, progress=say)
-    return _Selection(plan.rules, plan)
+    # A tuned rule fires only at its sites, so the fixed policy's rules that tuning left out still
+    # run, limited to no site: their refusals stay in the report (why a Conv was not rewritten).
+    tuned = {r.id for r in plan.rules}
+    watch = [restrict(r, ()) for r in reg.select(opts.rules, opts.exclude, "default") if r.direction != "cleanup" and r.id not in tuned]
+    return _Selection(plan.rules + tuple(watch), plan)
 
 
 def _prove_accepted(loaded: LoadedModel, model: onnx.ModelProto, options: VerifyOptions, say: Progress) -> VerificationResult:

@@ -4,18 +4,27 @@ Every step that runs a model (prove, measure, tune) opens it through :func:`mode
 :func:`make_session`, names providers through :data:`PROVIDERS` / :func:`parse_providers`, asks
 :func:`cuda_status` whether CUDA really works, and turns an onnxruntime exception into one
 readable line with :func:`first_line`. Nothing here knows about rewrites.
+
+CUDA from pip alone: onnxruntime-gpu's CUDA provider library links libcublas/libcudart/... by
+name and has no RUNPATH, so CUDA libraries installed as nvidia-* wheels (``onnx-rewrite[cuda]``)
+are found only once :func:`preload_cuda_libraries` has loaded them, before the first CUDA session.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
+import importlib.util
+import io
 import os
 import re
+import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -30,10 +39,18 @@ __all__ = [
     "RUN_OPTIONS",
     "ModelSource",
     "SessionError",
+    "CudaStatus",
+    "CudaOptions",
+    "CUDA_INSTALL_HINT",
+    "NO_CUDA_DEVICE",
     "model_source",
     "make_session",
     "parse_providers",
     "cuda_status",
+    "classify_cuda_failure",
+    "preload_cuda_libraries",
+    "bound_run",
+    "timing_call",
     "first_line",
     "captured_stderr",
 ]
@@ -135,35 +152,143 @@ def _tiny_model() -> bytes:
     return h.make_model(graph, ir_version=8, opset_imports=[h.make_opsetid("", 13)]).SerializeToString()
 
 
-@functools.lru_cache(maxsize=1)
-def cuda_status() -> tuple[bool, str]:
-    """(True, "") when a session really runs on CUDA, else (False, "CUDA unavailable: <why>").
+#: The install that brings CUDA 13 and cuDNN 9 as pip wheels.
+CUDA_INSTALL_HINT = "pip install 'onnx-rewrite[cuda]'"
+#: The reason on a machine without an NVIDIA driver or GPU: a note, not a failure.
+NO_CUDA_DEVICE = "not used (no NVIDIA GPU/driver on this machine)"
 
-    `get_available_providers()` lists CUDA whenever the GPU package is installed, even when
-    libcudart/cuDNN are missing, so the probe builds a session and asks what it got. The one
-    answer every step uses (verification, benchmark, tuning)."""
+_MISSING_LIB = re.compile(r"(lib[\w+-]+\.so[\d.]*): cannot open shared object file")
+# What CUDA says when a driver is installed but sees no GPU (cudaErrorNoDevice, CUDA_ERROR_NO_DEVICE).
+_NO_DEVICE_TEXT = re.compile(r"no CUDA-capable device|cudaErrorNoDevice|CUDA_ERROR_NO_DEVICE", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class CudaStatus:
+    """Whether sessions really run on CUDA (true as a bool), and if not, why.
+
+    ``cause``: "ok"; "no-device" (no NVIDIA driver or GPU: expected on most machines, reported
+    as a calm note); "missing-libraries" (a CUDA/cuDNN library is not found: the fix is
+    :data:`CUDA_INSTALL_HINT`); "no-provider" (an onnxruntime without CUDA); "error" (anything
+    else). ``reason``: one line for the report, "" when usable."""
+
+    usable: bool
+    cause: Literal["ok", "no-device", "missing-libraries", "no-provider", "error"]
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.usable
+
+
+_CUDA_OK = CudaStatus(True, "ok")
+
+
+@dataclass(frozen=True)
+class CudaOptions:
+    """The CUDA execution provider options this tool sets on purpose.
+
+    ``tf32``: fp32 MatMul/Conv on TF32 tensor cores (onnxruntime's default; about 1e-3 relative
+    error on Ampere and later). ``conv_algo_search``: how cuDNN picks a convolution algorithm per
+    shape: EXHAUSTIVE (onnxruntime's default: tries them all on a shape's first run, then keeps
+    the fastest), HEURISTIC (cuDNN's guess, no search) or DEFAULT."""
+
+    tf32: bool = True
+    conv_algo_search: str = "EXHAUSTIVE"
+
+    def provider_options(self) -> dict[str, str]:
+        return {"use_tf32": "1" if self.tf32 else "0", "cudnn_conv_algo_search": self.conv_algo_search}
+
+
+def _pip_cuda_installed() -> bool:
+    """nvidia-* wheels (CUDA, cuDNN) are installed: a shared library lies in ``nvidia/*/lib``
+    (an uninstall can leave the empty folders behind)."""
+    try:
+        spec = importlib.util.find_spec("nvidia")
+    except (ImportError, ValueError):
+        return False
+    folders = (spec.submodule_search_locations or []) if spec is not None else []
+    return any(next(Path(folder).glob("*/lib/lib*.so*"), None) is not None for folder in folders)
+
+
+@functools.lru_cache(maxsize=1)
+def preload_cuda_libraries() -> bool:
+    """Load the CUDA and cuDNN libraries of pip's nvidia-* wheels into this process, once, so that
+    onnxruntime's CUDA provider finds them (it has no RUNPATH to look in site-packages). True
+    when onnxruntime's ``preload_dlls`` ran; False (quietly) when there is nothing to preload or
+    it failed: the session's own error then says what is missing."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None or not _pip_cuda_installed():
+        return False
+    # preload_dlls prints what it cannot load (stdout) and may warn; the CUDA probe reports that.
+    with captured_stderr(), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            preload(cuda=True, cudnn=True, directory=None)
+        except Exception:  # noqa: BLE001 - never fatal: the session's error says what is missing
+            return False
+    return True
+
+
+def _driver_present() -> bool:
+    """An NVIDIA driver is installed: its user-space library loads. (Elsewhere than Linux the
+    probe session alone decides.)"""
+    if not sys.platform.startswith("linux"):
+        return True
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+def _probe_session() -> tuple[bool, str]:
+    """Build and run a tiny model on CUDA: (True, "") when it really ran there, else (False,
+    onnxruntime's error text or log)."""
     cuda, cpu = PROVIDERS["cuda"], PROVIDERS["cpu"]
-    if cuda not in ort.get_available_providers():
-        return False, "CUDA unavailable: this onnxruntime build has no CUDAExecutionProvider (install onnxruntime-gpu)"
     so = ort.SessionOptions()
     so.log_severity_level = 4
     with captured_stderr() as captured:
         try:
             sess = ort.InferenceSession(_tiny_model(), so, providers=[cuda, cpu])
-            ok = cuda in sess.get_providers()
-            if ok:
+            if cuda in sess.get_providers():
                 sess.run(None, {"x": np.ones(2, np.float32)})
+                return True, ""
         except ORT_ERRORS as exc:
-            return False, f"CUDA unavailable: {first_line(exc)}"
-    if ok:
-        return True, ""
-    log = _ANSI.sub("", "".join(captured))
-    m = re.search(r"with error: ([^\n]+)", log)
-    reason = m.group(1).strip() if m else "the session fell back to CPUExecutionProvider"
-    need = re.search(r"Require (cuDNN [\d.*]+ and CUDA [\d.*]+)", log)
-    if need:
-        reason += f" (needs {need.group(1).rstrip('.')})"
-    return False, f"CUDA unavailable: {reason}"
+            return False, str(exc)
+    return False, _ANSI.sub("", "".join(captured))
+
+
+def classify_cuda_failure(text: str) -> CudaStatus:
+    """The status for onnxruntime's text about a CUDA session that did not come up: no driver or
+    GPU (calm), a missing CUDA/cuDNN library (with the install that fixes it), or another error."""
+    missing = _MISSING_LIB.search(text)
+    if (missing and missing.group(1).startswith("libcuda.so")) or _NO_DEVICE_TEXT.search(text):
+        return CudaStatus(False, "no-device", NO_CUDA_DEVICE)
+    need = re.search(r"Require (cuDNN [\d.*]+ and CUDA [\d.*]+)", text)
+    needs = f"; onnxruntime needs {need.group(1).rstrip('.')}" if need else ""
+    if missing:
+        return CudaStatus(False, "missing-libraries",
+                          f"CUDA unavailable: {missing.group(1)} not found{needs}: {CUDA_INSTALL_HINT}")
+    m = re.search(r"with error: ([^\n]+)", text)
+    reason = first_line(m.group(1)) if m else (first_line(text) if text.strip() else "the session fell back to CPUExecutionProvider")
+    return CudaStatus(False, "error", f"CUDA unavailable: {reason}{needs}")
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_status() -> CudaStatus:
+    """Whether a session really runs on CUDA here; the one answer every step uses (verification,
+    benchmark, tuning).
+
+    `get_available_providers()` lists CUDA whenever the GPU package is installed, even when the
+    driver or libcudart/cuDNN are missing, so after checking for a driver the probe preloads pip's
+    CUDA libraries, builds a session and asks what it got."""
+    if PROVIDERS["cuda"] not in ort.get_available_providers():
+        return CudaStatus(False, "no-provider", "CUDA unavailable: this onnxruntime has no CUDAExecutionProvider "
+                          f"(on Linux x86-64: {CUDA_INSTALL_HINT})")
+    if not _driver_present():
+        return CudaStatus(False, "no-device", NO_CUDA_DEVICE)
+    preload_cuda_libraries()
+    ran, text = _probe_session()
+    return _CUDA_OK if ran else classify_cuda_failure(text)
 
 
 @dataclass(frozen=True)
@@ -233,9 +358,12 @@ class SessionError(InputError):
         self.detail = detail
 
 
-def make_session(src: ModelSource, provider: str = "cpu", *, threads: int = 2) -> ort.InferenceSession:
+def make_session(
+    src: ModelSource, provider: str = "cpu", *, threads: int = 2, cuda: CudaOptions = CudaOptions()
+) -> ort.InferenceSession:
     """The one session factory: all graph optimizations, ``threads`` intra-op threads without
-    spinning, quiet logging. A CUDA session that falls back to CPU is an error, not a CPU run."""
+    spinning, quiet logging; on CUDA the provider options ``cuda`` (default: onnxruntime's own,
+    as a deployment runs). A CUDA session that falls back to CPU is an error, not a CPU run."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = threads
@@ -250,7 +378,10 @@ def make_session(src: ModelSource, provider: str = "cpu", *, threads: int = 2) -
     if src.external_dir is not None:
         so.add_session_config_entry(_EXTERNAL_DIR_KEY, str(src.external_dir))
     ep = PROVIDERS[provider]
-    providers = [ep] if provider == "cpu" else [ep, PROVIDERS["cpu"]]
+    providers: list[str | tuple[str, dict[str, str]]] = [ep]
+    if provider == "cuda":
+        preload_cuda_libraries()
+        providers = [(ep, cuda.provider_options()), PROVIDERS["cpu"]]
     payload = str(src.path) if src.path is not None else src.data
     try:
         sess = ort.InferenceSession(payload, so, providers=providers)
@@ -261,3 +392,32 @@ def make_session(src: ModelSource, provider: str = "cpu", *, threads: int = 2) -
         detail = f"the session fell back to {sess.get_providers()[0]}"
         raise SessionError(f"{provider} unavailable: {detail}", detail)
     return sess
+
+
+def bound_run(
+    sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray], device: str = "cuda", device_id: int = 0
+) -> Callable[[], None]:
+    """A zero-argument run of ``sess`` with its inputs and outputs bound on ``device`` (IOBinding).
+
+    The inputs are copied to the device now, once; each call runs the model and waits until its
+    outputs are complete (they stay on the device). Timing such calls measures the model, not
+    host<->device copies nor an asynchronous launch."""
+    binding = sess.io_binding()
+    for name, arr in feeds.items():
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr), device, device_id))
+    for out in sess.get_outputs():
+        binding.bind_output(out.name, device, device_id)
+
+    def call() -> None:
+        sess.run_with_iobinding(binding, RUN_OPTIONS)
+        binding.synchronize_outputs()
+
+    return call
+
+
+def timing_call(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> Callable[[], object]:
+    """How measurements call ``sess`` once: on CUDA through :func:`bound_run` (data on the
+    device); on CPU a plain run, numpy in and out."""
+    if sess.get_providers()[0] == PROVIDERS["cuda"]:
+        return bound_run(sess, feeds, "cuda")
+    return functools.partial(sess.run, None, dict(feeds))

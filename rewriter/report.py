@@ -1,9 +1,14 @@
-"""One report object -> JSON (the stable contract), terminal tables (rich) and Markdown.
+"""One report object -> JSON (the stable contract), Markdown (every detail) and the terminal
+(at a glance by default, every detail with ``verbose``).
 
-JSON top level (documented in the README; later sections are added, never renamed):
+JSON top level (documented in the README; later keys are added, never renamed):
 ``tool_version``, ``input`` / ``output`` ({path, sha256, nodes, op_counts}), ``rewrites``
-([{rule, nodes, status, reason}]), ``near_misses`` ([{rule, node, reason}]), and when
-they ran: ``verification``, ``benchmark``, ``static``, ``tuning``.
+([{rule, family, nodes, status, reason}]), ``near_misses`` ([{rule, node, reason}]), ``summary``
+(:meth:`Report.summary_line`), and when they ran: ``verification``, ``benchmark``, ``static``,
+``tuning``.
+
+The at-a-glance lines and the summary line read the sections' JSON (the documented contract), so
+this module needs none of the steps that made them.
 """
 
 from __future__ import annotations
@@ -12,13 +17,13 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Protocol, runtime_checkable
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
 import onnx
 
 from rewriter.engine.save import atomic_write_text
 
-__all__ = ["Section", "ModelSummary", "RewriteRecord", "NearMissRecord", "Report", "summarize", "op_counts"]
+__all__ = ["Section", "ModelSummary", "RewriteRecord", "NearMissRecord", "Report", "summarize", "op_counts", "format_shapes"]
 
 
 @runtime_checkable
@@ -33,6 +38,11 @@ class Section(Protocol):
     def render(self, console: Any, *, verbose: bool = False) -> None: ...
 
 STATUSES = ("applied", "rolled_back", "rejected")
+
+
+def format_shapes(shapes: Mapping[str, Sequence[int]]) -> str:
+    """``{"x": [1, 16]}`` -> ``x=[1,16]``."""
+    return ", ".join(f"{k}=[{','.join(str(d) for d in v)}]" for k, v in shapes.items())
 
 
 def op_counts(model: onnx.ModelProto) -> dict[str, int]:
@@ -76,9 +86,12 @@ class RewriteRecord:
     status: str
     reason: str = ""
     detail: dict[str, Any] | None = None
+    family: str = ""  # the rule's family (acceptance rolls families back as one); "" when unknown
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"rule": self.rule, "nodes": list(self.nodes), "status": self.status, "reason": self.reason}
+        if self.family:
+            out["family"] = self.family
         if self.detail:
             out["detail"] = self.detail
         return out
@@ -108,6 +121,11 @@ class Report:
     def applied(self) -> list[RewriteRecord]:
         return [r for r in self.rewrites if r.status == "applied"]
 
+    @property
+    def written(self) -> bool:
+        """Whether the output model was saved (``Result.save``); not in a dry run."""
+        return self.output is not None and self.output.path is not None
+
     def with_output(self, output: ModelSummary) -> "Report":
         return replace(self, output=output)
 
@@ -121,6 +139,7 @@ class Report:
             "output": self.output.to_json() if self.output else None,
             "rewrites": [r.to_json() for r in self.rewrites],
             "near_misses": [n.to_json() for n in self.near_misses],
+            "summary": self.summary_line(),
         }
         for name, value in self.sections.items():
             out[name] = value.to_json()
@@ -131,8 +150,55 @@ class Report:
     def write_json(self, path: str | Path) -> None:
         atomic_write_text(Path(path), json.dumps(self.to_json(), indent=2) + "\n")
 
+    # --- the summary line ---------------------------------------------------------------------
+
+    def summary_line(self, output_name: str | None = None) -> str:
+        """What the run did, in one line:
+
+            model.rewritten.onnx: 3 sites rewritten, verified on cpu at 2 shapes, 1.31× faster (1.20–1.44) at x=[8,1024,512], peak RSS -12%
+
+        ``output_name`` is the line's subject (default: the written model's file name, or
+        "not written" when the model was not saved, e.g. a dry run). Every outcome of a
+        successful run has its wording: nothing rewritten, sites rolled back or rejected,
+        verification or measurement skipped."""
+        subject = output_name or (Path(self.output.path).name if self.output and self.output.path else "not written")
+        return f"{subject}: " + ", ".join(self._summary_parts())
+
+    def _summary_parts(self) -> list[str]:
+        n = len(self.applied)
+        parts = [f"{_count(n, 'site')} {'rewritten' if self.written else 'would be rewritten'}" if n
+                 else "nothing rewritten" + (" (written unchanged)" if self.written else "")]
+        for status, how in (("rolled_back", "rolled back as not equivalent"), ("rejected", "rejected as slower")):
+            k = sum(r.status == status for r in self.rewrites)
+            if k:
+                parts.append(f"{k} {how}")
+        if not n:
+            kept = _kept_by_tuning(self._json_of("tuning"))
+            if kept:
+                parts.append(f"{_count(kept, 'site')} kept as {'it was' if kept == 1 else 'they were'} (measured)")
+            if self.near_misses:
+                parts.append(_count(len(self.near_misses), "near miss", "near misses"))
+            return parts
+        verification = self._json_of("verification")
+        if verification is not None:
+            parts.append(_verified_phrase(verification))
+        elif self.written:
+            parts.append("NOT verified")
+        bench = _target_bench(self._json_of("benchmark"))
+        if bench is not None:
+            parts.append(f"{_speed(bench)} at {format_shapes(bench.get('shapes', {}))}" + _rss_change(bench))
+        elif self.written:
+            parts.append("not measured")
+        return parts
+
+    def _json_of(self, name: str) -> Any:
+        section = self.sections.get(name)
+        return None if section is None else section.to_json()
+
+    # --- Markdown: every detail -----------------------------------------------------------------
+
     def to_markdown(self) -> str:
-        lines = [f"# onnx-rewrite report (v{self.tool_version})", ""]
+        lines = [f"# onnx-rewrite report (v{self.tool_version})", "", f"**{self.summary_line()}**", ""]
         lines += ["| | input | output |", "|---|---|---|"]
         outp = self.output
         lines.append(f"| path | {self.input.path or '(memory)'} | {(outp.path if outp else None) or '(not written)'} |")
@@ -141,8 +207,8 @@ class Report:
             lines.append(f"| {op} | {self.input.op_counts.get(op, 0)} | {(outp.op_counts.get(op, 0) if outp else '-')} |")
         lines += ["", "## Rewrites", ""]
         if self.rewrites:
-            lines += ["| rule | status | nodes | reason |", "|---|---|---|---|"]
-            lines += [f"| {r.rule} | {r.status} | {', '.join(r.nodes)} | {r.reason} |" for r in self.rewrites]
+            lines += ["| rule | family | status | nodes | reason |", "|---|---|---|---|---|"]
+            lines += [f"| {r.rule} | {r.family or '-'} | {r.status} | {', '.join(r.nodes)} | {r.reason} |" for r in self.rewrites]
         else:
             lines.append("No rewrite applied.")
         if self.near_misses:
@@ -154,46 +220,195 @@ class Report:
             lines += ["", "## Notes", ""] + [f"- {n}" for n in self.notes]
         return "\n".join(lines) + "\n"
 
-    def render(self, console: Any, *, verbose: bool = False) -> None:
-        """A compact terminal summary with rich tables."""
+    # --- the terminal -----------------------------------------------------------------------------
+
+    def render(self, console: Any, *, verbose: bool = False, list_all: bool = False) -> None:
+        """The report on a rich Console, in pipeline order; the caller prints
+        :meth:`summary_line` after it.
+
+        At a glance (default): the op counts before and after, one line per rule family and
+        status, the verification and the measurement in one line each, the near misses (listed
+        when nothing was rewritten, else counted) and the notes the summary does not restate.
+        ``verbose``: every section's full tables (tuning first: it ran first), each site, every
+        near miss and note. ``list_all`` (a dry run): each site and every near miss."""
+        if verbose and "tuning" in self.sections:
+            self.sections["tuning"].render(console, verbose=True)
+        self._render_ops(console)
+        self._render_rewrites(console, sites=verbose or list_all)
+        for name, section in self.sections.items():
+            if verbose:
+                if name != "tuning":
+                    section.render(console, verbose=True)
+            elif name not in _GLANCE:
+                section.render(console, verbose=False)
+            else:
+                for line in _GLANCE[name](section.to_json(), bool(self.applied)):
+                    console.print(line, markup=False, highlight=False)
+        self._render_near_misses(console, every=verbose or list_all)
+        for note in self.notes:
+            if verbose or not note.startswith(RESTATED_NOTES):
+                console.print(f"note: {note}", markup=False, highlight=False)
+
+    def _render_ops(self, console: Any) -> None:
         from rich.table import Table
 
         outp = self.output
-        t = Table(title="onnx-rewrite", show_edge=False)
-        t.add_column("")
-        t.add_column("before", justify="right")
-        t.add_column("after", justify="right")
-        t.add_row("nodes", str(self.input.nodes), str(outp.nodes) if outp else "-")
-        for op in _interesting_ops(self.input.op_counts, outp.op_counts if outp else {}):
-            t.add_row(op, str(self.input.op_counts.get(op, 0)), str(outp.op_counts.get(op, 0)) if outp else "-")
-        console.print(t)
-        by_rule: Counter[tuple[str, str]] = Counter((r.rule, r.status) for r in self.rewrites)
-        if by_rule:
-            rt = Table(title="rewrites", show_edge=False)
-            rt.add_column("rule")
-            rt.add_column("status")
-            rt.add_column("sites", justify="right")
-            for (rule, status), n in sorted(by_rule.items()):
-                rt.add_row(rule, status, str(n))
-            console.print(rt)
-        else:
-            console.print("no rewrite applied")
-        for r in self.rewrites:
-            if r.status != "applied" and r.reason:
-                console.print(f"  {r.status}: {r.rule} at {r.nodes[0] if r.nodes else '?'}: {r.reason}")
-        if self.near_misses:
-            shown = self.near_misses if verbose else self.near_misses[:10]
-            console.print(f"near misses: {len(self.near_misses)}")
-            for miss in shown:
-                console.print(f"  {miss.rule} at {miss.node}: {miss.reason}", markup=False)
-            if len(shown) < len(self.near_misses):
-                console.print(f"  ... {len(self.near_misses) - len(shown)} more (see --report)")
-        for section in self.sections.values():  # in pipeline order
-            section.render(console, verbose=verbose)
-        for note in self.notes:
-            console.print(f"note: {note}", markup=False)
+        rows = [("nodes", self.input.nodes, outp.nodes if outp else None)]
+        rows += [(op, self.input.op_counts.get(op, 0), outp.op_counts.get(op, 0) if outp else None)
+                 for op in _interesting_ops(self.input.op_counts, outp.op_counts if outp else {})]
+        if all(before == after for _, before, after in rows):
+            ops = ", ".join(f"{op} {before}" for op, before, _ in rows[1:])
+            console.print(f"ops unchanged: {_count(self.input.nodes, 'node')}" + (f" ({ops})" if ops else ""), highlight=False)
+            return
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column()
+        grid.add_column(justify="right")
+        grid.add_column(justify="right")
+        grid.add_row("ops", "before", "after", style="bold")
+        for op, before, after in rows:
+            grid.add_row(op, str(before), "-" if after is None else str(after))
+        console.print(grid)
+
+    def _render_rewrites(self, console: Any, *, sites: bool) -> None:
+        """One line per (status, family): sites, rules, and for sites not kept the first reason;
+        with ``sites``, a line per site under it."""
+        groups: dict[tuple[str, str], list[RewriteRecord]] = {}
+        for r in sorted(self.rewrites, key=lambda r: STATUSES.index(r.status) if r.status in STATUSES else len(STATUSES)):
+            groups.setdefault((r.status, r.family or r.rule), []).append(r)
+        rows = [(status.replace("_", " "), family, _count(len(recs), "site"), recs) for (status, family), recs in groups.items()]
+        widths = [max((len(row[k]) for row in rows), default=0) for k in range(3)]
+        for *cells, recs in rows:
+            rules = ", ".join(dict.fromkeys(r.rule for r in recs))
+            detail = rules if recs[0].status == "applied" else f"{rules}: {recs[0].reason}"
+            console.print("  ".join(c.ljust(w) for c, w in zip(cells, widths)) + "  " + detail, markup=False, highlight=False)
+            for r in recs if sites else ():
+                console.print(f"    {r.rule}: {', '.join(r.nodes)}", markup=False, highlight=False)
+
+    def _render_near_misses(self, console: Any, *, every: bool) -> None:
+        """Listed (the first few, at a glance) when nothing was rewritten or ``every``; else counted."""
+        n = len(self.near_misses)
+        if not n:
+            return
+        if not every and self.applied:
+            console.print(f"{_count(n, 'candidate')} not rewritten (near misses): run with -v or --dry-run to see why",
+                          highlight=False)
+            return
+        shown = self.near_misses if every else self.near_misses[:_NEAR_MISSES_AT_A_GLANCE]
+        console.print(f"{_count(n, 'near miss', 'near misses')} (candidates not rewritten, and why):", highlight=False)
+        for miss in shown:
+            console.print(f"  {miss.rule} at {miss.node}: {miss.reason}", markup=False, highlight=False)
+        if len(shown) < n:
+            console.print(f"  ... {n - len(shown)} more: run with -v or --dry-run", highlight=False)
+
+
+#: Notes the summary line already says (the terminal shows them only with ``verbose``; JSON and
+#: Markdown keep every note).
+RESTATED_NOTES = (
+    "verification skipped", "verification: nothing was rewritten", "benchmark skipped", "benchmark: nothing was rewritten",
+    "acceptance: no measurable change",
+)
+_NEAR_MISSES_AT_A_GLANCE = 5
 
 
 def _interesting_ops(a: dict[str, int], b: dict[str, int]) -> Iterable[str]:
     key = {"Conv", "MatMul", "Gemm", "Transpose", "Reshape"}
     return sorted(op for op in set(a) | set(b) if op in key or a.get(op, 0) != b.get(op, 0))
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else (many or one + 's')}"
+
+
+# --- at a glance, from the sections' JSON ----------------------------------------------------------
+
+def _passed_shapes(verification: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """(providers that passed, distinct input shapes they ran)."""
+    passed = [name for name, p in verification.get("providers", {}).items() if p.get("status") == "passed"]
+    shapes = [format_shapes(s) for name in passed for s in verification["providers"][name].get("shapes", [])]
+    return passed, list(dict.fromkeys(shapes))
+
+
+def _verified_phrase(verification: Mapping[str, Any]) -> str:
+    passed, shapes = _passed_shapes(verification)
+    if not verification.get("passed"):
+        return "verification FAILED"
+    return f"verified on {', '.join(passed)} at {_count(len(shapes), 'shape')}"
+
+
+def _verification_lines(verification: Mapping[str, Any], _applied: bool) -> list[str]:
+    """``verified: equivalent on cpu at 2 shapes (x=[1,8], x=[3,8]); max abs 2.4e-07`` and a line
+    per provider that did not pass."""
+    passed, shapes = _passed_shapes(verification)
+    providers = verification.get("providers", {})
+    if verification.get("passed"):
+        worst = [providers[n]["max_abs"] for n in passed if providers[n].get("max_abs") is not None]
+        line = f"verified: equivalent on {', '.join(passed)} at {_count(len(shapes), 'shape')} ({'; '.join(shapes)})"
+        lines = [line + (f"; max abs {max(worst):.3g}" if worst else "")]
+    else:
+        lines = ["verification: NOT equivalent"]
+    # "cuda: not used (no NVIDIA GPU/driver ...)" reads calm; other skips and failures keep their status word.
+    lines += [
+        f"  {name}: {p.get('reason')}" if p.get("reason", "").startswith("not used") else f"  {name}: {p.get('status')}: {p.get('reason') or '-'}"
+        for name, p in providers.items() if p.get("status") != "passed"
+    ]
+    return lines
+
+
+def _target_bench(benchmark: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    """The provider that decided acceptance: the first one measured."""
+    return next((r for r in (benchmark or {}).values() if r.get("status") == "measured"), None)
+
+
+def _speed(r: Mapping[str, Any]) -> str:
+    """``1.31× faster (1.20–1.44)``, ``0.91× slower (...)``, ``no measurable change (1.01×, 0.97–1.05)``."""
+    if r.get("speedup") is None:
+        return str(r.get("verdict", "not compared"))
+    spread = f"{r['speedup_low']:.2f}–{r['speedup_high']:.2f}"
+    if r.get("verdict") in ("faster", "slower"):
+        return f"{r['speedup']:.2f}× {r['verdict']} ({spread})"
+    return f"{r.get('verdict')} ({r['speedup']:.2f}×, {spread})"
+
+
+def _rss_change(r: Mapping[str, Any]) -> str:
+    before = (r.get("before") or {}).get("peak_rss_bytes")
+    after = (r.get("after") or {}).get("peak_rss_bytes")
+    # Rounded first, so a change under half a percent reads +0%, not -0%.
+    return f", peak RSS {round((after - before) / before * 100):+d}%" if before and after is not None else ""
+
+
+def _benchmark_lines(benchmark: Mapping[str, Any], applied: bool) -> list[str]:
+    """``measured on cpu at x=[8,1024,512] (auto: ...): 1.31× faster (1.20–1.44), peak RSS -12%``
+    (and the small shape's figure), and a line per provider not measured."""
+    lines = []
+    target = _target_bench(benchmark)
+    if target is not None:
+        source = f" ({target['shape_source']})" if target.get("shape_source") else ""
+        line = f"measured on {target['provider']} at {format_shapes(target.get('shapes', {}))}{source}: {_speed(target)}{_rss_change(target)}"
+        small = target.get("small")
+        if small and small.get("status") == "measured":
+            line += f"; at {format_shapes(small.get('shapes', {}))}: {_speed(small)}"
+        lines.append(line + ("" if applied else " (the rejected rewrite)"))
+    lines += [f"  {name}: not measured: {r.get('reason') or '-'}" for name, r in benchmark.items() if r.get("status") != "measured"]
+    return lines
+
+
+def _kept_by_tuning(tuning: Mapping[str, Any] | None) -> int:
+    """How many sites tuning measured and left as they were."""
+    return sum(s.get("choice") == "original" for s in (tuning or {}).get("sites", []))
+
+
+def _tuning_lines(tuning: Mapping[str, Any], _applied: bool) -> list[str]:
+    """A line only when measuring kept sites as they were (the applied lines show the others)."""
+    kept = _kept_by_tuning(tuning)
+    if not kept:
+        return []
+    return [f"tuning on {tuning.get('provider')}: {_count(kept, 'site')} kept as {'it was' if kept == 1 else 'they were'} "
+            "(no rewrite measured faster there; -v shows the timings)"]
+
+
+_GLANCE: dict[str, Callable[[Any, bool], list[str]]] = {
+    "verification": _verification_lines,
+    "benchmark": _benchmark_lines,
+    "tuning": _tuning_lines,
+    "static": lambda _json, _applied: [],  # its table, with -v
+}

@@ -108,13 +108,15 @@ def test_rewrite_measures_by_default_and_reports_it(capsys, models, tmp_path):
     report, md = tmp_path / "r.json", tmp_path / "r.md"
     code, out, err = cli(capsys, models[0], "--plugin", ENGINE_RULES, "--rules", "test-double-relu", "--providers", "cpu",
                          "-o", tmp_path / "o.onnx", "--bench-runs", 5, "--bench-shape", "x=4,8",
-                         "--report", report, "--report-md", md)
+                         "--report", report, "--report-md", md, "-v")
     assert code == 0, err
     data = json.loads(report.read_text())
     jsonschema.validate(data, SCHEMA)
     assert data["benchmark"]["cpu"]["shapes"] == {"x": [4, 8]}
     assert data["rewrites"][0]["status"] in ("applied", "rejected")
-    assert "median latency" in out and "static costs" in out
+    assert "median latency" in out and "static costs" in out  # -v: the full tables
+    assert out.index("verification") < out.index("median latency") < out.index("static costs"), "pipeline order"
+    assert out.splitlines()[-1] == data["summary"].replace("o.onnx", str(tmp_path / "o.onnx"), 1)
     text = md.read_text()
     assert "## Benchmark" in text and "| median latency |" in text and "| FLOPs |" in text
 
@@ -126,4 +128,5 @@ def test_no_bench_says_so(capsys, models, tmp_path):
     assert code == 0, err
     data = json.loads(report.read_text())
     assert "benchmark" not in data and "static" not in data
-    assert "--no-bench" in out
+    assert out.splitlines()[-1].endswith("verified on cpu at 2 shapes, not measured")
+    assert "benchmark skipped: speed and memory not measured, no acceptance check" in data["notes"]

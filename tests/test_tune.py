@@ -235,14 +235,19 @@ def test_cli_tune_on_a_tiny_model(tmp_path, capsys):
     src, report = tmp_path / "m.onnx", tmp_path / "r.json"
     onnx.save(model, src)
     code = run_app([str(src), "--tune", "--bench-runs", "5", "--providers", "cpu", "--cache", str(tmp_path / "c.json"),
-                    "--report", str(report), "-o", str(tmp_path / "o.onnx")])
+                    "--report", str(report), "-o", str(tmp_path / "o.onnx"), "-v"])
     out = capsys.readouterr()
     assert code == 0, out.err
     data = json.loads(report.read_text())
     assert [e.message for e in VALIDATOR.iter_errors(data)] == []
     (site,) = data["tuning"]["sites"]
     assert site["choice"] in site["forms"] and data["verification"]["passed"] is True
-    assert "tuning on cpu" in out.out and (tmp_path / "c.json").exists()
+    assert (tmp_path / "c.json").exists()
+    # -v: every section's table, in the order the steps ran; the summary line last.
+    text = out.out
+    order = [text.index(s) for s in ("tuning on cpu", "ops ", "verification", "median latency", "static costs")]
+    assert order == sorted(order), text
+    assert text.splitlines()[-1] == data["summary"].replace("o.onnx", str(tmp_path / "o.onnx"), 1)
     for bad in (["--tune", "--no-bench"], ["--tune", "--direction", "to-conv"], ["--direction", "auto", "--no-bench"]):
         assert run_app([str(src), "-o", str(tmp_path / "x.onnx"), *bad]) == 2
         assert "error:" in capsys.readouterr().err
@@ -278,9 +283,26 @@ def test_terminal_table_marks_the_kept_form(tmp_path):
     buf = io.StringIO()
     result.report.sections["tuning"].render(Console(file=buf, width=160, color_system=None))
     rows = [line for line in buf.getvalue().splitlines() if "µs" in line]
-    kept = [r for r in rows if "✓" in r]
+    kept = [r for r in rows if r.rstrip().endswith("kept")]
     assert len(kept) == 1 and "transposed-conv1x1-to-matmul" in kept[0]
-    assert any("original" in r and "2000.0 µs" in r and "1.00×" in r for r in rows)
+    assert any("original" in r and "2000.0 µs" in r and "1.00×" in r and "kept" not in r for r in rows)
+    assert "kept: the form written at the site" in buf.getvalue()
+
+
+def test_terminal_table_flags_a_kept_form_slower_than_the_original(tmp_path):
+    """The fixed policy's rewrite stays when no form beats it measurably, even 0.8 % slower than
+    the original: the mark must say so, not look like a win."""
+    import io
+
+    from rich.console import Console
+
+    result = tuned(transposed_model(), stub(conv_ms=1.0, other_ms=1.008), tmp_path)
+    (site,) = sites(result)
+    assert site["choice"] == "transposed-conv1x1-to-matmul" and site["forms"][site["choice"]]["speedup"] < 1
+    buf = io.StringIO()
+    result.report.sections["tuning"].render(Console(file=buf, width=200, color_system=None))
+    (row,) = [line for line in buf.getvalue().splitlines() if "transposed-conv1x1-to-matmul" in line and "µs" in line]
+    assert "0.99×" in row and "kept, slower than the original but not measurably" in row
 
 
 def test_sites_with_external_weights_are_measured(tmp_path):

@@ -16,7 +16,7 @@ from rich.console import Console
 
 from rewriter.errors import InputError, VerificationError
 from rewriter.prove.inputs import BFLOAT16, input_specs, make_feeds, shape_sets
-from rewriter.ort import cuda_status
+from rewriter.ort import NO_CUDA_DEVICE, CudaStatus, cuda_status
 from rewriter.prove.compare import DEFAULT_TOLERANCES, Tolerance, compare_arrays
 from rewriter.prove.rollback import bisect_offenders
 from rewriter.prove.verify import VerifyOptions, resolve_providers, verify_models
@@ -361,24 +361,26 @@ def test_merge_sums_counts_and_a_vacuous_run_adds_no_evidence() -> None:
 # ----------------------------------------------------------------------------- providers
 
 def test_cuda_status_is_truthful() -> None:
-    ok, reason = cuda_status()
-    if ok:
-        assert reason == ""
-    else:  # this development machine has no GPU
-        assert reason.startswith("CUDA unavailable: ") and len(reason) < 300 and "\n" not in reason
-    assert cuda_status() == (ok, reason)  # cached
+    status = cuda_status()
+    if status:
+        assert status.reason == "" and status.cause == "ok"
+    elif status.cause == "no-device":  # this development machine has no GPU
+        assert status.reason == NO_CUDA_DEVICE
+    else:
+        assert status.reason.startswith("CUDA unavailable: ") and len(status.reason) < 300 and "\n" not in status.reason
+    assert cuda_status() is status  # cached
 
 
 def test_resolve_providers() -> None:
-    ok, reason = cuda_status()
-    assert resolve_providers(None) == [("cpu", True, ""), ("cuda", ok, reason)]
+    status = cuda_status()
+    assert resolve_providers(None) == [("cpu", True, ""), ("cuda", status.usable, status.reason)]
     assert resolve_providers(["CPUExecutionProvider", "cpu"]) == [("cpu", True, "")]
     with pytest.raises(InputError, match="unknown provider"):
         resolve_providers(["tpu"])
 
 
 def test_unavailable_cuda_is_skipped_not_failed() -> None:
-    ok, reason = cuda_status()
+    ok, reason = cuda_status().usable, cuda_status().reason
     if ok:
         pytest.skip("CUDA is available here; this checks the fallback when it is not")
     result = verify_models(matmul_model(W), matmul_model(W))
@@ -388,7 +390,7 @@ def test_unavailable_cuda_is_skipped_not_failed() -> None:
 
 @pytest.mark.cuda
 def test_cuda_numerics() -> None:
-    ok, reason = cuda_status()
+    ok, reason = cuda_status().usable, cuda_status().reason
     if not ok:
         pytest.skip(
             "would check that equal models pass on CUDA with measured CPU/CUDA noise and that a "
@@ -436,7 +438,7 @@ def test_cuda_path_with_cpu_standing_in(monkeypatch: pytest.MonkeyPatch) -> None
     from rewriter.prove import verify
 
     real_session = verify.make_session
-    monkeypatch.setattr(verify, "cuda_status", lambda: (True, ""))
+    monkeypatch.setattr(verify, "cuda_status", lambda: CudaStatus(True, "ok"))
     monkeypatch.setattr(verify, "make_session", lambda source, provider, **kw: real_session(source, "cpu", **kw))
     opts = VerifyOptions(providers=("cpu", "cuda"))
     result = verify_models(matmul_model(W), matmul_model(W.copy()), opts)

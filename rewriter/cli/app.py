@@ -5,13 +5,32 @@ from __future__ import annotations
 import signal
 import sys
 import traceback
-from typing import Sequence
+from typing import Any, Sequence
 
 import typer
+from typer.core import TyperOption
 from typer.exceptions import Abort, Exit, TyperException
 
 from rewriter.version import __version__
 from rewriter.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, RewriterError
+
+def _flags_show_no_type() -> None:
+    """typer >= 0.29 prints every option's type in --help, flags included (``--dry-run <bool>``),
+    which reads as if a flag took a value (``--dry-run true`` is refused: flags take none). typer
+    has no setting for it and no option class to pass, so the one method that prints the type
+    answers nothing for a flag; options that take values keep theirs."""
+    shown = TyperOption.display_type_rich
+    if getattr(shown, "_flags_show_no_type", False):
+        return
+
+    def display_type_rich(self: TyperOption, ctx: Any) -> str | None:
+        return None if self.is_flag else shown(self, ctx)
+
+    setattr(display_type_rich, "_flags_show_no_type", True)
+    setattr(TyperOption, "display_type_rich", display_type_rich)
+
+
+_flags_show_no_type()
 
 app = typer.Typer(
     name="onnx-rewrite",

@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
 
 from rewriter.api import bench
 from rewriter.cli import params as p
 from rewriter.cli.app import app
+from rewriter.cli.console import stderr_console, stdout_console
 from rewriter.cli.progress import StepProgress
 from rewriter.engine.save import atomic_write_text, check_output_path
 from rewriter.errors import InputError
@@ -37,8 +37,8 @@ def bench_cmd(
     if report is not None:
         check_output_path(report, input_path=None)
     options = p.bench_options(providers, runs, shape, warmup=warmup, threads=threads, measure_memory=not no_memory)
-    with StepProgress(Console(stderr=True), "measuring") as say:
+    with StepProgress(stderr_console(), "measuring") as say:
         result = bench(model, other, options, progress=lambda done, total: say(f"measuring {done}/{total}"))
-    result.render(Console())
+    result.render(stdout_console(), verbose=True)
     if report is not None:
         atomic_write_text(report, json.dumps(result.to_json(), indent=2) + "\n")

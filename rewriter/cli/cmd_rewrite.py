@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
 from rewriter.api import optimize
 from rewriter.cli import params as p
 from rewriter.cli.app import app
+from rewriter.cli.console import stderr_console, stdout_console
 from rewriter.cli.progress import StepProgress
 from rewriter.engine.save import atomic_write_text, check_output_path
 from rewriter.errors import InputError
@@ -37,11 +39,13 @@ def _distinct(paths: dict[str, Path | None]) -> None:
 def rewrite_cmd(
     model: Path = typer.Argument(..., help="The ONNX model to rewrite (never modified).", show_default=False),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output path \\[default: <stem>.rewritten.onnx beside the input]."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="List the sites that would change and the near misses; write nothing."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the sites that would change and every near miss; write nothing (no verification or measurement)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the JSON report here."),
     report_md: Optional[Path] = typer.Option(None, "--report-md", help="Write a Markdown report here."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Allow the output to replace the input file."),
-    verbose: bool = typer.Option(False, "-v", "--verbose", help="List every near miss."),
+    verbose: p.Verbose = False,
+    quiet: p.Quiet = False,
+    json_out: p.Json = False,
     rules: p.RuleIds = None,
     exclude: p.Exclude = None,
     direction: p.Direction = None,
@@ -53,6 +57,7 @@ def rewrite_cmd(
     seed: p.Seed = 0,
     atol: p.Atol = None,
     rtol: p.Rtol = None,
+    cuda_tf32: p.CudaTf32 = False,
     shape: p.DimValues = None,
     inputs: p.Inputs = None,
     input_range: p.InputRange = None,
@@ -67,6 +72,8 @@ def rewrite_cmd(
     tune_budget: p.TuneBudget = None,
 ) -> None:
     """Rewrite Conv <-> MatMul/Gemm sites of MODEL, verify the result on onnxruntime, write it."""
+    if quiet and verbose:
+        raise InputError("--quiet and --verbose contradict each other; give one")
     if not model.exists():
         raise InputError(f"cannot read model '{model}': no such file")
     out_path = None if dry_run else check_output_path(output or default_output(model), input_path=model.resolve(), overwrite_input=overwrite)
@@ -76,26 +83,25 @@ def rewrite_cmd(
             check_output_path(extra, input_path=model.resolve())
     options = p.rewrite_options(
         rules=rules, exclude=exclude, direction=direction, tune=tune, plugins=plugin, strict_plugins=strict_plugins,
-        verify=None if no_verify else p.verify_options(providers, seed, atol, rtol, shape, inputs, input_range),
+        verify=None if no_verify else p.verify_options(providers, seed, atol, rtol, shape, inputs, input_range, cuda_tf32),
         no_bench=no_bench, dry_run=dry_run, keep_slower=keep_slower,
         bench=p.bench_options(bench_providers or providers, bench_runs, bench_shape), cache=cache, no_cache=no_cache,
         tune_budget=tune_budget,
         upgrade_opset=upgrade_opset,
     )
-    out, err = Console(), Console(stderr=True)
+    out, err = stdout_console(), stderr_console()
     with StepProgress(err, "rewriting") as say:
         result = optimize(model, options, progress=say)
     rep = result.report if out_path is None else result.save(out_path, overwrite_input=overwrite)
-    if dry_run:
-        out.print(f"dry run: {len(rep.applied)} site(s) would change; nothing written")
-        for r in rep.applied:
-            out.print(f"  {r.rule}: {', '.join(r.nodes)}", markup=False)
-    elif no_verify:
+    if no_verify and not dry_run:
         err.print("[bold yellow]WARNING: --no-verify: the output was NOT checked against the original[/]")
-    rep.render(out, verbose=verbose or dry_run)
     if report is not None:
         rep.write_json(report)
     if report_md is not None:
         atomic_write_text(report_md, rep.to_markdown())
-    if out_path is not None:
-        out.print(f"wrote {out_path}", markup=False)
+    if json_out:
+        sys.stdout.write(json.dumps(rep.to_json(), indent=2) + "\n")
+        return
+    if not quiet:
+        rep.render(out, verbose=verbose, list_all=dry_run)
+    out.print(rep.summary_line("dry run" if dry_run else str(output or default_output(model))), markup=False, highlight=False)

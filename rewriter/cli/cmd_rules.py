@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from rich.console import Console
 from rich.table import Table
 
 from rewriter.api import list_rules
 from rewriter.cli import params as p
 from rewriter.cli.app import app
+from rewriter.cli.console import stdout_console
 
 
 @app.command("rules")
@@ -20,7 +20,7 @@ def rules_cmd(plugin: p.Plugins = None, strict_plugins: p.StrictPlugins = False)
     for info in sorted(reg.rules.values(), key=lambda i: (i.rule.direction, i.id)):
         r = info.rule
         table.add_row(r.id, r.direction, "yes" if r.default else "no", r.description, info.source)
-    console = Console(width=200) if not Console().is_terminal else Console()
+    console = stdout_console()
     console.print(table)
     for u in reg.unavailable:
         console.print(f"unavailable: {u.source}: {u.error}", markup=False)

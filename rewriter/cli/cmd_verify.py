@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
 from rewriter.api import verify
 from rewriter.cli import params as p
 from rewriter.cli.app import app
+from rewriter.cli.console import stderr_console, stdout_console
 from rewriter.cli.progress import StepProgress
 from rewriter.engine.save import atomic_write_text, check_output_path
 from rewriter.errors import VerificationError
@@ -26,6 +26,7 @@ def verify_cmd(
     seed: p.Seed = 0,
     atol: p.Atol = None,
     rtol: p.Rtol = None,
+    cuda_tf32: p.CudaTf32 = False,
     shape: p.DimValues = None,
     inputs: p.Inputs = None,
     input_range: p.InputRange = None,
@@ -33,10 +34,10 @@ def verify_cmd(
     """Compare ORIGINAL and CANDIDATE on onnxruntime (exit 0 equivalent, 1 not)."""
     if report is not None:
         check_output_path(report, input_path=None)
-    options = p.verify_options(providers, seed, atol, rtol, shape, inputs, input_range)
-    with StepProgress(Console(stderr=True), "verifying") as say:
+    options = p.verify_options(providers, seed, atol, rtol, shape, inputs, input_range, cuda_tf32)
+    with StepProgress(stderr_console(), "verifying") as say:
         result = verify(original, candidate, options, progress=say)
-    result.render(Console())
+    result.render(stdout_console(), verbose=True)
     if report is not None:
         atomic_write_text(report, json.dumps({"verification": result.to_json()}, indent=2) + "\n")
     if not result.passed:

@@ -19,6 +19,11 @@ __all__ = ["split_ids", "verify_options", "bench_options", "parse_bench_shapes",
 
 _V, _M, _T, _R = "Verification", "Measurement", "Tuning", "Rules"
 
+# --- output
+Verbose = Annotated[bool, typer.Option("-v", "--verbose", help="Every detail: the tuning table, each site, the verification, benchmark and static-cost tables, every near miss and note.")]
+Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="Print only the summary line (errors still go to stderr).")]
+Json = Annotated[bool, typer.Option("--json", help="Print the JSON report on stdout and nothing else (combines with --report).")]
+
 # --- rules and plugins
 Plugins = Annotated[Optional[List[str]], typer.Option("--plugin", help="Rule plugin: a .py file or an importable module (repeatable).", rich_help_panel=_R)]
 StrictPlugins = Annotated[bool, typer.Option("--strict-plugins", help="A plugin that fails to load is an error (exit 3).", rich_help_panel=_R)]
@@ -32,6 +37,7 @@ Providers = Annotated[Optional[str], typer.Option("--providers", help="Verificat
 Seed = Annotated[int, typer.Option("--seed", help="Seed of the random inputs.", rich_help_panel=_V)]
 Atol = Annotated[Optional[float], typer.Option("--atol", help="Absolute tolerance override (>= 0).", rich_help_panel=_V)]
 Rtol = Annotated[Optional[float], typer.Option("--rtol", help="Relative tolerance override (>= 0).", rich_help_panel=_V)]
+CudaTf32 = Annotated[bool, typer.Option("--cuda-tf32", help="Verify on CUDA with TF32 MatMul/Conv (onnxruntime's default) and its looser tolerances \\[default: plain fp32].", rich_help_panel=_V)]
 DimValues = Annotated[Optional[List[str]], typer.Option("--shape", help="Values of a dynamic dim: NAME:AXIS=V[,V...] (repeatable).", rich_help_panel=_V)]
 Inputs = Annotated[Optional[Path], typer.Option("--inputs", help="Inputs from an .npz file.", rich_help_panel=_V)]
 InputRange = Annotated[Optional[str], typer.Option("--input-range", help="Uniform random float inputs in LOW,HIGH instead of N(0,1).", rich_help_panel=_V)]
@@ -71,7 +77,7 @@ def _input_range(text: str | None) -> tuple[float, float] | None:
 
 def verify_options(
     providers: str | None, seed: int, atol: float | None, rtol: float | None,
-    shapes: Sequence[str] | None, inputs: Path | None, input_range: str | None,
+    shapes: Sequence[str] | None, inputs: Path | None, input_range: str | None, cuda_tf32: bool = False,
 ) -> VerifyOptions:
     """VerifyOptions from the verification flags (it validates the values itself)."""
     return VerifyOptions(
@@ -82,6 +88,7 @@ def verify_options(
         shape_overrides=parse_shape_overrides(list(shapes or ())) or None,
         atol=atol,
         rtol=rtol,
+        cuda_tf32=cuda_tf32,
     )
 
 

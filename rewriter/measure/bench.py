@@ -20,7 +20,7 @@ import numpy as np
 
 from rewriter.errors import InputError
 from rewriter.measure.memprobe import measure_memory, save_feeds
-from rewriter.ort import ModelSource, SessionError, cuda_status, make_session, model_source, parse_providers
+from rewriter.ort import CudaOptions, ModelSource, SessionError, cuda_status, make_session, model_source, parse_providers, timing_call
 from rewriter.prove.inputs import input_specs, make_feeds, shape_sets
 from rewriter.prove.windows import window_check
 
@@ -76,6 +76,7 @@ class ProviderBench:
     notes: tuple[str, ...] = ()
     shape_source: str | None = None
     small: "ProviderBench | None" = None  # the same comparison at the small shapes, when measured
+    provider_options: dict[str, str] | None = None  # the execution provider options measured with (CUDA)
 
     def __bool__(self) -> bool:
         return self.status == "measured"
@@ -98,6 +99,7 @@ class ProviderBench:
             "shape_source": self.shape_source,
             "notes": list(self.notes),
             **({"small": self.small.to_json()} if self.small is not None else {}),
+            **({"provider_options": dict(self.provider_options)} if self.provider_options is not None else {}),
         }
 
 
@@ -213,21 +215,27 @@ def time_interleaved(
     so, like ``timeit``, each sample is the mean of ``k`` back-to-back calls, ``k`` chosen once
     from the warm-up so that the fastest session's samples last about ``min_sample_ms``
     (``k`` = 1 for anything slower). Used by the benchmark and by per-site tuning.
+
+    On CUDA each call runs with inputs and outputs bound on the device (``ort.timing_call``): the
+    copies happen before the first warm-up call, never in a timed one, and each call waits for
+    the device. The warm-up (at least 3 calls per session) also covers cuDNN's exhaustive
+    algorithm search, which runs on a shape's first call only.
     """
-    run = dict(feeds)
+    calls = [timing_call(sess, feeds) for sess in sessions]
     quickest = float("inf")  # the fastest warm-up call of any session (first calls include setup)
-    for sess in sessions:
+    for call in calls:
         for _ in range(max(warmup, 3)):
             t0 = time.perf_counter()
-            sess.run(None, run)
+            call()
             quickest = min(quickest, time.perf_counter() - t0)
     k = max(1, min(1000, int(min_sample_ms / 1e3 / max(quickest, 1e-7))))
     samples: list[list[float]] = [[] for _ in sessions]
     for r in range(runs):
         for i in range(len(sessions)) if r % 2 == 0 else reversed(range(len(sessions))):
+            call = calls[i]
             t0 = time.perf_counter()
             for _ in range(k):
-                sessions[i].run(None, run)
+                call()
             samples[i].append((time.perf_counter() - t0) * 1e3 / k)
         if tick is not None:
             tick()
@@ -253,12 +261,14 @@ def _bench_provider(
             shape_source=options.shape_source or ("--shape" if options.shapes else "the largest default verification shape"),
         )
         base.update(kw)
+        if provider == "cuda" and base["status"] == "measured":
+            base["provider_options"] = CudaOptions().provider_options()
         return ProviderBench(**base)
 
     if provider == "cuda":
-        usable, why = cuda_status()
-        if not usable:
-            return result(status="skipped", reason=why, verdict="not compared")
+        status = cuda_status()
+        if not status:
+            return result(status="skipped", reason=status.reason, verdict="not compared")
     sources = [before] + ([after] if after is not None else [])
     try:
         sessions = [make_session(s, provider, threads=options.threads) for s in sources]
@@ -278,7 +288,7 @@ def _bench_provider(
             tick()
     notes.append("intra-op thread spinning off, so the compared sessions do not steal cores from each other")
     if provider == "cuda":
-        notes.append("CUDA latency includes host<->device copies of inputs and outputs")
+        notes += _cuda_notes(memory)
     timings = [_timing(s, m) for s, m in zip(samples, memory)]
     if after is None:
         return result(before=timings[0], notes=tuple(notes))
@@ -288,6 +298,16 @@ def _bench_provider(
         before=timings[0], after=timings[1], speedup=speedup, speedup_low=low, speedup_high=high,
         significant=significant, verdict=verdict, notes=tuple(notes),
     )
+
+
+def _cuda_notes(memory: Sequence[dict[str, Any] | None]) -> list[str]:
+    """How CUDA was timed and its memory read, for the benchmark's caption."""
+    notes = ["CUDA: inputs and outputs bound on the device (IOBinding), copies outside the timed runs, each run "
+             "synchronized; onnxruntime's defaults (TF32 on, cuDNN exhaustive algorithm search, done in the warm-up)"]
+    sources = sorted({m["device_source"] for m in memory if m and m.get("device_source")})
+    if sources:
+        notes.append(f"device memory: {'; '.join(sources)}, after the runs (onnxruntime's arena keeps its peak), CUDA context included")
+    return notes
 
 
 def bench_models(

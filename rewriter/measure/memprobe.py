@@ -1,8 +1,8 @@
 """The isolated memory probe: ``python -m rewriter.measure.memprobe MODEL --feeds FEEDS.json [...]``.
 
 The benchmark runs each model's session creation and runs in a fresh interpreter and reads its
-peak resident memory (VmHWM, reset after imports) and, on CUDA, the device memory it used, so
-the parent's own allocations never count. Feeds travel as raw bytes plus a JSON manifest:
+peak resident memory (VmHWM, reset after imports) and, on CUDA, the device memory it used (NVML
+through nvidia-ml-py, else nvidia-smi), so the parent's own allocations never count. Feeds travel as raw bytes plus a JSON manifest:
 input names may hold '/' or ':', and bfloat16 has no .npy form.
 """
 
@@ -103,25 +103,65 @@ def _reset_peak_rss() -> None:
         pass  # elsewhere the peak also covers the imports; the baseline shows how much
 
 
-def _device_bytes() -> tuple[int | None, str]:
+def _nvml() -> Any:
+    """The initialised ``pynvml`` module (nvidia-ml-py, in the ``cuda`` extra), or None."""
+    try:
+        import pynvml  # type: ignore[import-not-found,import-untyped,unused-ignore]
+
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001 - not installed, or no driver: fall back to nvidia-smi
+        return None
+    return pynvml
+
+
+def _nvml_handles(nvml: Any) -> list[Any]:
+    return [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())]
+
+
+def device_used(nvml: Any) -> int | None:
+    """GPU memory in use on all devices (NVML), or None when it cannot be read."""
+    try:
+        return sum(int(nvml.nvmlDeviceGetMemoryInfo(h).used) for h in _nvml_handles(nvml))
+    except Exception:  # noqa: BLE001 - NVML errors are one exception family per call
+        return None
+
+
+def nvml_device_bytes(nvml: Any, pid: int, used_before: int | None) -> tuple[int | None, str, str]:
+    """(bytes, source, note): GPU memory that process ``pid`` holds, as NVML lists it; when NVML
+    does not list the process (another PID namespace, as in most containers), the rise of the
+    devices' used memory since ``used_before`` (other processes on the GPU would count too)."""
+    try:
+        held = [p.usedGpuMemory for h in _nvml_handles(nvml) for p in nvml.nvmlDeviceGetComputeRunningProcesses(h)
+                if p.pid == pid and p.usedGpuMemory is not None]
+    except Exception as exc:  # noqa: BLE001
+        return None, "", f"NVML failed: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}"
+    if held:
+        return int(sum(held)), "NVML per-process usage", ""
+    now = device_used(nvml)
+    if now is None or used_before is None:
+        return None, "", "NVML lists no memory for this process and cannot read the devices' usage"
+    return max(now - used_before, 0), "NVML device-wide usage rise (other processes on the GPU count too)", ""
+
+
+def _smi_device_bytes() -> tuple[int | None, str, str]:
     """GPU memory this process holds (ORT's arena never shrinks, so ~ its peak), via nvidia-smi."""
     import shutil
 
     exe = shutil.which("nvidia-smi")
     if exe is None:
-        return None, "nvidia-smi not found"
+        return None, "", "neither nvidia-ml-py (pip install 'onnx-rewrite[cuda]') nor nvidia-smi found"
     try:
         out = subprocess.run(
             [exe, "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
             capture_output=True, text=True, timeout=30,
         ).stdout
     except (OSError, subprocess.TimeoutExpired) as exc:
-        return None, f"nvidia-smi failed: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}"
+        return None, "", f"nvidia-smi failed: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}"
     for line in out.splitlines():
         parts = [p.strip() for p in line.split(",")]
         if len(parts) == 2 and parts[0] == str(os.getpid()) and parts[1].isdigit():
-            return int(parts[1]) * 2**20, ""
-    return None, "this process is not listed by nvidia-smi (another PID namespace?)"
+            return int(parts[1]) * 2**20, "nvidia-smi per-process usage", ""
+    return None, "", "this process is not listed by nvidia-smi (another PID namespace?)"
 
 
 def main(argv: list[str]) -> int:
@@ -147,17 +187,19 @@ def main(argv: list[str]) -> int:
         src = ModelSource("model", proto, None, path.read_bytes(), Path(args.external_dir))
     else:
         src = ModelSource("model", proto, path)
+    nvml = _nvml() if args.provider == "cuda" else None
+    used_before = device_used(nvml) if nvml is not None else None
     _reset_peak_rss()
     baseline = _max_rss_bytes()
     session = make_session(src, args.provider, threads=args.threads)
     for _ in range(max(args.runs, 1)):
         session.run(None, feeds)
     peak = _max_rss_bytes()
-    device, note = (None, "")
+    device, source, note = None, "", ""
     if args.provider == "cuda":
-        device, note = _device_bytes()
+        device, source, note = nvml_device_bytes(nvml, os.getpid(), used_before) if nvml is not None else _smi_device_bytes()
     print(json.dumps({"baseline_rss_bytes": baseline, "peak_rss_bytes": peak, "peak_device_bytes": device,
-                      "device_note": note}))
+                      "device_source": source, "device_note": note}))
     return 0
 
 

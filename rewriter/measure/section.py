@@ -123,7 +123,7 @@ def _bench_rows(r: Mapping[str, Any], headline: str) -> list[tuple[str, str, str
         rows.append((label, _ms(b, key), _ms(a, key), _change(b.get(key), a.get(key), "ms")))
     memory = [("peak RSS", b.get("peak_rss_bytes"), a.get("peak_rss_bytes")),
               ("RSS over baseline", _over_baseline(b), _over_baseline(a)),
-              ("device memory", b.get("peak_device_bytes"), a.get("peak_device_bytes"))]
+              ("peak device memory", b.get("peak_device_bytes"), a.get("peak_device_bytes"))]
     rows += [(label, _mib(vb), _mib(va), _change(vb, va, "MiB", 2**20, 1)) for label, vb, va in memory if vb is not None]
     return rows
 

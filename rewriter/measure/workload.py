@@ -83,7 +83,7 @@ def grow_workload(
     ``target_ms`` (see the module docstring)."""
     current = dict(start)
     if not plan.variables:
-        return Workload(plan.shapes(current), "static shapes (the model has no dynamic dim)", time_at(plan.shapes(current)))
+        return Workload(plan.shapes(current), "static shapes: the model has no dynamic dim", time_at(plan.shapes(current)))
     ms = time_at(plan.shapes(current))
     if ms is None:
         return Workload(plan.shapes(current), "the smallest shapes that run (the original did not run to be timed)")

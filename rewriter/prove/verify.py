@@ -19,7 +19,9 @@ import onnx
 import onnxruntime as ort
 
 from rewriter.errors import InputError
-from rewriter.ort import ORT_ERRORS, RUN_OPTIONS, ModelSource, SessionError, cuda_status, first_line, make_session, model_source, parse_providers
+from rewriter.ort import (
+    ORT_ERRORS, RUN_OPTIONS, CudaOptions, ModelSource, SessionError, cuda_status, first_line, make_session, model_source, parse_providers,
+)
 from rewriter.prove.compare import OutputDiff, compare_arrays, merge, noise as measure_noise, tolerance_for
 from rewriter.prove.inputs import BFLOAT16, InputSpec, dim_plan, input_specs, load_npz_feeds, make_feeds, shape_sets
 from rewriter.prove.search import MAX_DIM, find_runnable
@@ -37,7 +39,9 @@ _PROBE_ERRORS: tuple[type[BaseException], ...] = (InputError, *ORT_ERRORS)
 class VerifyOptions:
     """How to verify. ``providers`` None: cpu, and cuda (reported skipped when unavailable);
     ``shape_overrides``: values per dynamic dim, ``{(input, axis): [v, ...]}``; ``atol`` /
-    ``rtol`` override the per-dtype tolerances for every output."""
+    ``rtol`` override the per-dtype (and per-provider) tolerances for every output;
+    ``cuda_tf32``: run CUDA with TF32 MatMul/Conv, as onnxruntime does by default (plain fp32
+    otherwise), and compare with the looser TF32 tolerances."""
 
     providers: tuple[str, ...] | None = None
     seed: int = 0
@@ -46,6 +50,7 @@ class VerifyOptions:
     shape_overrides: dict[tuple[str, int], list[int]] | None = None
     atol: float | None = None
     rtol: float | None = None
+    cuda_tf32: bool = False
 
     def __post_init__(self) -> None:
         if self.providers is not None:
@@ -70,6 +75,13 @@ class VerifyOptions:
             runs = shape_sets(input_specs(model), self.shape_overrides)
             return max(runs, key=lambda run: sum(math.prod(s) for s in run.values()))
         return None
+
+    @property
+    def cuda(self) -> CudaOptions:
+        """CUDA provider options for verification: TF32 only when asked for; cuDNN's heuristic
+        algorithm choice, since an exhaustive search on every verified shape's first run costs
+        time and proves nothing more."""
+        return CudaOptions(tf32=self.cuda_tf32, conv_algo_search="HEURISTIC")
 
 
 # --------------------------------------------------------------------------- models as run
@@ -122,7 +134,7 @@ def resolve_providers(requested: Sequence[str] | None) -> list[tuple[str, bool, 
     """(name, available, reason) per provider. None means cpu and cuda; cuda is then listed
     even when unavailable so results say why it was skipped."""
     names = parse_providers(requested, default=("cpu", "cuda"))
-    return [(n, True, "") if n == "cpu" else (n, *cuda_status()) for n in names]
+    return [(n, True, "") if n == "cpu" else (n, cuda_status().usable, cuda_status().reason) for n in names]
 
 
 def _to_ort(arr: np.ndarray) -> Any:
@@ -192,15 +204,15 @@ def _check_feeds(specs: Sequence[InputSpec], feeds: Mapping[str, np.ndarray]) ->
 class _Lazy:
     """Creates ORT sessions on first use, remembering failures as text."""
 
-    def __init__(self, model: _Runnable, provider: str) -> None:
-        self.model, self.provider = model, provider
+    def __init__(self, model: _Runnable, provider: str, cuda: CudaOptions = CudaOptions()) -> None:
+        self.model, self.provider, self.cuda = model, provider, cuda
         self._sess: ort.InferenceSession | None = None
         self.error: str | None = None
 
     def get(self) -> ort.InferenceSession | None:
         if self._sess is None and self.error is None:
             try:
-                self._sess = make_session(self.model.source, self.provider)
+                self._sess = make_session(self.model.source, self.provider, cuda=self.cuda)
             except SessionError as exc:
                 self.error = exc.detail
         return self._sess
@@ -309,7 +321,7 @@ class _Tally:
                 noise: Mapping[str, float], options: VerifyOptions, text: str) -> None:
         for out in orig.outputs:
             dtype = orig.out_dtypes.get(out) or ref[out].dtype
-            tol = tolerance_for(dtype, options.atol, options.rtol)
+            tol = tolerance_for(dtype, options.atol, options.rtol, provider=self.provider, tf32=options.cuda_tf32)
             d = compare_arrays(out, ref[out], got[out], tol, noise.get(out, 0.0))
             self.diffs[out] = merge(self.diffs.get(out), d)
             if not d.passed and not d.vacuous:  # a vacuous run is no evidence either way
@@ -344,7 +356,8 @@ def _device_noise(sess: ort.InferenceSession, orig: _Runnable, feeds: Mapping[st
                   ref: Mapping[str, np.ndarray]) -> dict[str, float]:
     """How far the original on the device is from the original on CPU, per output.
 
-    ORT's CUDA kernels (TF32, cuDNN algorithm choice) differ from CPU on their own. The rewritten
+    ORT's CUDA kernels (reduction order, cuDNN algorithm choice, TF32 with --cuda-tf32) differ
+    from CPU on their own. The rewritten
     model on CUDA may then deviate from the original on CPU by atol + max(rtol*|ref|, 2*noise):
     twice the noise because its kernels differ from the original's CUDA kernels too."""
     base = _run(sess, orig, feeds)
@@ -361,8 +374,8 @@ def _verify_provider(
     options: VerifyOptions,
     progress: Callable[[str], None] | None,
 ) -> ProviderResult:
-    dev_orig = cpu_orig if provider == "cpu" else _Lazy(orig, provider)
-    dev_rew = _Lazy(rew, provider)
+    dev_orig = cpu_orig if provider == "cpu" else _Lazy(orig, provider, options.cuda)
+    dev_rew = _Lazy(rew, provider, options.cuda)
     orig_sess, rew_sess = dev_orig.get(), dev_rew.get()
     if orig_sess is None:
         return ProviderResult(provider, "skipped", f"the original model does not load on {provider}: {dev_orig.error}")

@@ -88,10 +88,10 @@ def _pick_provider(providers: Sequence[str], stub: bool) -> tuple[str | None, st
         return providers[0], ""
     why = []
     for p in providers:
-        usable, reason = cuda_status() if p == "cuda" else (True, "")
-        if usable:
+        status = cuda_status() if p == "cuda" else None
+        if status is None or status.usable:
             return p, ""
-        why.append(f"{p}: {reason}")
+        why.append(f"{p}: {status.reason}")
     return None, "; ".join(why)
 
 

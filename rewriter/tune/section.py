@@ -42,20 +42,31 @@ def tuning_markdown(section: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _kept_cell(site: Mapping[str, Any], form: str, stats: Mapping[str, Any]) -> str:
+    """``kept`` for the form written at the site, flagged when it measured slower than the original."""
+    if form != site["choice"]:
+        return ""
+    speedup = stats.get("speedup")
+    if form != ORIGINAL and speedup is not None and speedup < 1.0:
+        return "kept, slower than the original but not measurably"
+    return "kept" if stats else "kept (not measured)"
+
+
 def render_tuning(section: Mapping[str, Any], console: Any) -> None:
-    """One row per form of each site (fastest first): median, speedup over the original, the choice marked."""
+    """One row per form of each site (fastest first): median, speedup over the original, and
+    ``kept`` on the form written; then each site's reason."""
     from rich.table import Table
+    from rich.text import Text
 
     sites = section.get("sites", [])
     if not sites:
-        console.print("tuning: no Conv/MatMul site to tune")
+        console.print("tuning: nothing to tune (no rule applies at any Conv/MatMul/Gemm node; the near misses say why)")
         return
     cache = section.get("cache", {})
-    table = Table(title=f"tuning on {section.get('provider')}: {len(sites)} site(s)", title_justify="left", show_edge=False)
-    table.add_column("site", overflow="fold", ratio=2)
-    table.add_column("form", overflow="fold", ratio=3)
-    table.add_column("median", justify="right")
-    table.add_column("vs original", justify="right")
+    shapes = ", ".join(f"{k}={v}" for k, v in section.get("shapes", {}).items())
+    table = Table(title=f"tuning on {section.get('provider')} at {shapes}: {len(sites)} site(s)", title_justify="left", show_edge=False)
+    for col, justify in (("site", "left"), ("form", "left"), ("median", "right"), ("vs original", "right"), ("kept", "left")):
+        table.add_column(col, justify=justify, overflow="fold")  # type: ignore[arg-type]
     for i, s in enumerate(sites):
         forms = s["forms"] or {s["choice"]: {}}
         order = sorted(forms, key=lambda f: (forms[f].get("median_ms", 0.0), f))
@@ -64,10 +75,15 @@ def render_tuning(section: Mapping[str, Any], console: Any) -> None:
             st = forms[f]
             med = f"{st['median_ms'] * 1e3:.1f} µs" if "median_ms" in st else "-"
             sp = "1.00×" if f == ORIGINAL and st else (f"{st['speedup']:.2f}×" if st.get("speedup") else "-")
-            mark = "[green]✓ " if f == s["choice"] else "  "
-            table.add_row(site if j == 0 else "", f"{mark}{f}" + ("[/]" if f == s["choice"] else ""), med, sp,
+            kept = _kept_cell(s, f, st)
+            style = "yellow" if kept.startswith("kept,") else "green" if kept else ""
+            table.add_row(Text(site if j == 0 else ""), Text(f), med, sp, Text(kept, style=style),
                           end_section=j == len(order) - 1 and i < len(sites) - 1)
     where = cache.get("path") if cache.get("enabled") else "off"
-    table.caption = (f"✓ = kept; cache {where}: {cache.get('hits', 0)} hit(s), {cache.get('misses', 0)} miss(es); "
+    table.caption = (f"kept: the form written at the site; vs original: median per-round speedup over the original (> 1: faster); "
+                     f"cache {where}: {cache.get('hits', 0)} hit(s), {cache.get('misses', 0)} miss(es), "
                      f"{cache.get('repeats', 0)} site(s) identical to one measured before")
+    table.caption_justify = "left"
     console.print(table)
+    for s in sites:
+        console.print(Text(f"  {', '.join(s['nodes'])}: {s['reason']}"))

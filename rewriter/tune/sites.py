@@ -41,7 +41,8 @@ _MAX_HOPS = 16
 
 
 class _Restricted(Rule):
-    """A rule that fires only where every core node of its match is in ``cores``."""
+    """A rule that fires only where every core node of its match is in ``cores`` (nowhere when
+    ``cores`` is empty: its refusals are still reported as near misses)."""
 
     def __init__(self, inner: Rule, cores: frozenset[str]) -> None:
         super().__init__()
@@ -53,7 +54,7 @@ class _Restricted(Rule):
 
     def check(self, m: Match) -> CheckResult:
         result = self.inner.check(m)
-        if result and not {n.name for n in m.matched if n.op in CORE_OPS} <= self.cores:
+        if result and (not self.cores or not {n.name for n in m.matched if n.op in CORE_OPS} <= self.cores):
             return skip("site not assigned to this rule by tuning", m.root)
         return result
 
@@ -65,7 +66,8 @@ _RESTRICTED_CLASSES: dict[type, type] = {}
 
 
 def restrict(rule: Rule, cores: Iterable[str]) -> Rule:
-    """``rule`` limited to matches whose Conv/MatMul/Gemm nodes are all in ``cores``.
+    """``rule`` limited to matches whose Conv/MatMul/Gemm nodes are all in ``cores`` (no match
+    when ``cores`` is empty).
 
     The wrapper class keeps the rule's id, family, benefit, opsets and direction (the
     acceptance step groups rules into families by ``Rule.family_name``)."""

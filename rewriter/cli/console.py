@@ -1,0 +1,24 @@
+"""The consoles the commands print on.
+
+On a terminal rich fits the output to the window. Piped or redirected (a log, ``| cat``, a test),
+there is no window: lines are printed whole, so a node name or a path is never folded across
+two lines, and tables take the width their cells need."""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+__all__ = ["stdout_console", "stderr_console"]
+
+#: Wide enough that no table of ours or line is folded; rich pads nothing to this width.
+_UNBOUNDED = 100_000
+
+
+def stdout_console() -> Console:
+    probe = Console()
+    return probe if probe.is_terminal else Console(width=_UNBOUNDED, soft_wrap=True)
+
+
+def stderr_console() -> Console:
+    probe = Console(stderr=True)
+    return probe if probe.is_terminal else Console(stderr=True, width=_UNBOUNDED, soft_wrap=True)
