@@ -31,6 +31,7 @@ from rewriter.errors import InputError, VerificationError
 from rewriter.measure.accept import accept
 from rewriter.measure.bench import BenchOptions, bench_models
 from rewriter.measure.section import BenchmarkSection, BenchReport, static_section
+from rewriter.measure.serial import measuring
 from rewriter.measure.workload import choose_workload
 from rewriter.options import PROVEN, Options
 from rewriter.ort import cuda_status
@@ -126,9 +127,10 @@ def optimize(
 
     out_model = rewritten.model
     if opts.bench is not None and any(r.status == "applied" for r in records):
-        acc = accept(loaded, chosen.rules, out_model, records,
-                     replace(opts.bench, shapes=timing.shapes, shape_source=timing.shape_source, small_shapes=timing.small_shapes),
-                     keep_slower=opts.keep_slower, progress=say)
+        with measuring(say):
+            acc = accept(loaded, chosen.rules, out_model, records,
+                         replace(opts.bench, shapes=timing.shapes, shape_source=timing.shape_source, small_shapes=timing.small_shapes),
+                         keep_slower=opts.keep_slower, progress=say)
         out_model, records = acc.model, acc.records
         sections["benchmark"] = acc.benchmark
         if acc.static is not None:
@@ -185,7 +187,8 @@ def _timing(opts: Options, loaded: LoadedModel, say: Progress) -> BenchOptions:
         return timing
     provider = timing.providers[0] if timing.providers[0] == "cpu" or cuda_status()[0] else "cpu"
     say(f"choosing the workload shape on {provider}")
-    workload = choose_workload(loaded, provider, seed=timing.seed, threads=timing.threads, target_ms=timing.target_ms)
+    with measuring(say):
+        workload = choose_workload(loaded, provider, seed=timing.seed, threads=timing.threads, target_ms=timing.target_ms)
     return replace(timing, shapes=workload.shapes, shape_source=workload.source, small_shapes=workload.small)
 
 
@@ -200,7 +203,8 @@ def _select(loaded: LoadedModel, reg: Registry, opts: Options, timing: BenchOpti
     unique = list({r.id: r for r in pool}.values())
     candidates = [r for r in unique if r.direction != "cleanup"]
     cleanups = [r for r in unique if r.direction == "cleanup" and (opts.rules or r.default)]
-    plan = tune_sites(loaded, candidates, cleanups, bench_options=timing, options=opts.tune_options, progress=say)
+    with measuring(say):
+        plan = tune_sites(loaded, candidates, cleanups, bench_options=timing, options=opts.tune_options, progress=say)
     return _Selection(plan.rules, plan)
 
 
