@@ -6,6 +6,7 @@ test-only rule plugin (tests/batch_rules.py) through the ordinary --plugin optio
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import os
@@ -13,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import typing
 from pathlib import Path
 
 import jsonschema
@@ -206,6 +208,7 @@ def test_routing_keeps_the_single_model_form():
     assert not claims(["m.onnx"]) and not claims(["m.onnx", "--seed", "3", "-o", "x.onnx"])
     assert claims(["a.onnx", "b.onnx"]) and claims(["m.onnx", "--out-dir", "o"]) and claims(["m.onnx", "-j", "2"])
     assert claims([str(FIXTURES)])
+    assert not claims([str(FIXTURES), "-o", "x.onnx"])  # single-model form: "is a directory"
     assert not claims(["m.onnx", "--no-such-option"])  # the single-model command reports it
 
 
@@ -214,11 +217,31 @@ def test_worker_args_pass_options_as_given():
     given = ["--rules", "a,b", "--rules", "c", "--seed", "3", "--atol", "1e-05", "--no-bench", "--cache", "c.json", "--direction", "to-matmul"]
     ctx = batch.make_context("batch", ["m.onnx", "--out-dir", "o", "-j", "2", *given])
     args = worker_args(ctx)
-    assert sorted(zip(args[::2], args[1::2])) != [] and set(args) == set(given)
+    assert sorted(args) == sorted(given)
     rewrite = typer.main.get_command(app).commands["rewrite"]  # type: ignore[attr-defined]
     again = rewrite.make_context("rewrite", [*args, "m.onnx"])
     direct = rewrite.make_context("rewrite", [*given, "m.onnx"])
     assert again.params == direct.params
+
+
+def test_batch_takes_the_rewrite_options_without_redeclaring_them(capsys):
+    code, out, _ = cli(capsys, "batch", "--help")
+    assert code == 0
+    for flag in ("--out-dir", "--jobs", "--timeout", "--seed", "--bench-runs", "--plugin", "--tune-budget", "--dry-run"):
+        assert flag in out
+    for per_file in ("--output", "--report", "--overwrite"):  # parsed to be refused, not offered
+        assert per_file not in out
+
+
+def test_hiding_an_option_leaves_its_declaration_alone():
+    from rewriter.cli import params as p
+    from rewriter.cli.cmd_batch import _hidden
+
+    param = inspect.Parameter("seed", inspect.Parameter.KEYWORD_ONLY, annotation=p.Seed, default=0)
+    hidden = _hidden(param)
+    (info,) = [m for m in typing.get_args(hidden.annotation)[1:] if isinstance(m, typer.models.OptionInfo)]
+    (original,) = [m for m in typing.get_args(p.Seed)[1:] if isinstance(m, typer.models.OptionInfo)]
+    assert info.hidden and not original.hidden and info.param_decls == original.param_decls
 
 
 @pytest.mark.parametrize(("args", "needle"), [
@@ -226,6 +249,7 @@ def test_worker_args_pass_options_as_given():
     (["--out-dir", "{tmp}/o", "--report", "r.json", "--report-md", "r.md"], "--report, --report-md cannot be used"),
     ([], "batch mode needs --out-dir"),
     (["--out-dir", "{tmp}/o", "--timeout", "0"], "--timeout must be > 0"),
+    (["-o", "x.onnx"], "-o/--output cannot be used"),  # the more specific message first
 ])
 def test_refused_options(capsys, tmp_path, args, needle):
     a = FIXTURES / "torch/method1_ts.onnx"
@@ -238,6 +262,7 @@ def test_empty_folder_is_an_error(capsys, tmp_path):
     (tmp_path / "empty").mkdir()
     code, _, err = cli(capsys, tmp_path / "empty", "--out-dir", tmp_path / "o")
     assert code == 2 and "no .onnx model found" in err
+    assert not (tmp_path / "o").exists()  # nothing created before the command line is known good
 
 
 def test_plain_table_lines_are_never_cut():

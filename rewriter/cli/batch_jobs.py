@@ -7,6 +7,7 @@ starts, watches and stops processes, and maps how each ended to an exit code.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -155,7 +156,9 @@ class _Running:
 
 def _start(job: ModelJob, argv: list[str], env: Mapping[str, str], now: float) -> _Running:
     for stale in (job.output, job.report):  # an earlier run's files must not pass for this run's
-        stale.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # not removable: the worker then fails writing it, and says so
+            if stale.is_file():
+                stale.unlink()
     with open(job.log, "wb") as log:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=dict(env))
     return _Running(job, proc, now)

@@ -107,14 +107,17 @@ def worker_args(ctx: typer.Context) -> list[str]:
 
 def claims(argv: list[str]) -> bool:
     """Does the command-less form ``onnx-rewrite ARGS`` mean a batch? Yes when ARGS name several
-    models, a folder, or give --out-dir, --jobs or --timeout."""
+    models, give --out-dir, --jobs or --timeout, or name a folder without a single-model option
+    (``onnx-rewrite DIR -o x.onnx`` stays the single-model command and its "is a directory")."""
     batch = cast(Any, typer.main.get_command(app)).commands["batch"]
     try:
         ctx = batch.make_context("batch", list(argv), resilient_parsing=True)
     except TyperException:
         return False  # not a valid batch command line: the single-model command says what is wrong
     models = ctx.params.get("models") or ()
-    return len(models) > 1 or any(Path(m).is_dir() for m in models) or any(_given(ctx, n) for n in _OWN[1:])
+    if len(models) > 1 or any(_given(ctx, n) for n in _OWN[1:]):
+        return True
+    return any(Path(m).is_dir() for m in models) and not any(_given(ctx, n) for n in _PER_FILE)
 
 
 def _out_folder(out_dir: Path | None) -> Path:
@@ -174,7 +177,6 @@ def batch_cmd(
     **rewrite_options: Any,
 ) -> None:
     """Rewrite many models, each in its own worker process; one summary table; exit code = the worst model's."""
-    out = _out_folder(out_dir)
     refused = [flag for name, flag in _PER_FILE.items() if _given(ctx, name)]
     if refused:
         raise InputError(f"{', '.join(refused)} cannot be used with several models: batch mode writes OUT/<name>.rewritten.onnx and OUT/<name>.report.json")
@@ -183,6 +185,7 @@ def batch_cmd(
     found = find_models(models)
     if not found:
         raise InputError(f"no .onnx model found in {', '.join(repr(str(m)) for m in models)}")
+    out = _out_folder(out_dir)
     args = worker_args(ctx)
     planned = plan_jobs(found, out)
 
