@@ -245,7 +245,7 @@ def test_hiding_an_option_leaves_its_declaration_alone():
 
 
 @pytest.mark.parametrize(("args", "needle"), [
-    (["--out-dir", "{tmp}/o", "-o", "x.onnx"], "-o/--output cannot be used with several models"),
+    (["--out-dir", "{tmp}/o", "-o", "x.onnx"], "-o/--output cannot be used in batch mode"),
     (["--out-dir", "{tmp}/o", "--report", "r.json", "--report-md", "r.md"], "--report, --report-md cannot be used"),
     ([], "batch mode needs --out-dir"),
     (["--out-dir", "{tmp}/o", "--timeout", "0"], "--timeout must be > 0"),

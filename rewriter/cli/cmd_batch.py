@@ -179,7 +179,7 @@ def batch_cmd(
     """Rewrite many models, each in its own worker process; one summary table; exit code = the worst model's."""
     refused = [flag for name, flag in _PER_FILE.items() if _given(ctx, name)]
     if refused:
-        raise InputError(f"{', '.join(refused)} cannot be used with several models: batch mode writes OUT/<name>.rewritten.onnx and OUT/<name>.report.json")
+        raise InputError(f"{', '.join(refused)} cannot be used in batch mode (several models, a folder or --out-dir): it writes OUT/<name>.rewritten.onnx and OUT/<name>.report.json")
     if timeout is not None and timeout <= 0:
         raise InputError(f"--timeout must be > 0 seconds, got {timeout:g}")
     found = find_models(models)
