@@ -31,6 +31,7 @@ from rewriter.errors import InputError, VerificationError
 from rewriter.measure.accept import accept
 from rewriter.measure.bench import BenchOptions, bench_models
 from rewriter.measure.section import BenchmarkSection, BenchReport, static_section
+from rewriter.measure.serial import measuring
 from rewriter.measure.workload import choose_workload
 from rewriter.options import PROVEN, Options
 from rewriter.ort import cuda_status
@@ -128,9 +129,10 @@ def optimize(
 
     out_model = rewritten.model
     if opts.bench is not None and any(r.status == "applied" for r in records):
-        acc = accept(loaded, chosen.rules, out_model, records,
-                     replace(opts.bench, shapes=timing.shapes, shape_source=timing.shape_source, small_shapes=timing.small_shapes),
-                     keep_slower=opts.keep_slower, progress=say)
+        with measuring(say):
+            acc = accept(loaded, chosen.rules, out_model, records,
+                         replace(opts.bench, shapes=timing.shapes, shape_source=timing.shape_source, small_shapes=timing.small_shapes),
+                         keep_slower=opts.keep_slower, progress=say)
         out_model, records = acc.model, acc.records
         sections["benchmark"] = acc.benchmark
         if acc.static is not None:
@@ -188,7 +190,8 @@ def _timing(opts: Options, loaded: LoadedModel, say: Progress) -> BenchOptions:
         return timing
     provider = timing.providers[0] if timing.providers[0] == "cpu" or cuda_status().usable else "cpu"
     say(f"choosing the workload shape on {provider}")
-    workload = choose_workload(loaded, provider, seed=timing.seed, threads=timing.threads, target_ms=timing.target_ms)
+    with measuring(say):
+        workload = choose_workload(loaded, provider, seed=timing.seed, threads=timing.threads, target_ms=timing.target_ms)
     return replace(timing, shapes=workload.shapes, shape_source=workload.source, small_shapes=workload.small)
 
 
@@ -203,7 +206,8 @@ def _select(loaded: LoadedModel, reg: Registry, opts: Options, timing: BenchOpti
     unique = list({r.id: r for r in pool}.values())
     candidates = [r for r in unique if r.direction != "cleanup"]
     cleanups = [r for r in unique if r.direction == "cleanup" and (opts.rules or r.default)]
-    plan = tune_sites(loaded, candidates, cleanups, bench_options=timing, options=opts.tune_options, progress=say)
+    with measuring(say):
+        plan = tune_sites(loaded, candidates, cleanups, bench_options=timing, options=opts.tune_options, progress=say)
     # A tuned rule fires only at its sites, so the fixed policy's rules that tuning left out still
     # run, limited to no site: their refusals stay in the report (why a Conv was not rewritten).
     tuned = {r.id for r in plan.rules}

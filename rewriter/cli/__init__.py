@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 
-from rewriter.cli import cmd_bench, cmd_rewrite, cmd_rules, cmd_verify  # noqa: F401  (registers the commands)
+from rewriter.cli import cmd_batch, cmd_bench, cmd_rewrite, cmd_rules, cmd_verify  # noqa: F401  (registers the commands)
 from rewriter.cli.app import app, install_signal_handlers, run_app
 
 __all__ = ["app", "main", "run_app"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import sys
 import traceback
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import typer
 from typer.core import TyperOption
@@ -37,7 +37,8 @@ app = typer.Typer(
     help=(
         "Rewrite Conv <-> MatMul/Gemm sites in an ONNX model, verify and measure the result.\n\n"
         "onnx-rewrite MODEL [OPTIONS] is short for onnx-rewrite rewrite MODEL [OPTIONS] "
-        "(see onnx-rewrite rewrite --help). --debug anywhere shows tracebacks."
+        "(see onnx-rewrite rewrite --help); with several models, a folder or --out-dir it is short for "
+        "onnx-rewrite batch (see onnx-rewrite batch --help). --debug anywhere shows tracebacks."
     ),
     add_completion=False,
     no_args_is_help=True,
@@ -46,7 +47,12 @@ app = typer.Typer(
 )
 
 
-COMMANDS = ("rewrite", "rules", "verify", "bench")
+COMMANDS = ("rewrite", "rules", "verify", "bench", "batch")
+
+# Commands that claim the command-less form before the default `rewrite` does, asked in turn
+# with the arguments (cmd_batch: several models, a folder, --out-dir). A registry, because the
+# commands import this module, not the other way round.
+CLAIMS: dict[str, Callable[[list[str]], bool]] = {}
 
 
 def _version(value: bool) -> None:
@@ -63,13 +69,13 @@ def _root(
 
 
 def _route(argv: list[str]) -> list[str]:
-    """`onnx-rewrite model.onnx ...` means `onnx-rewrite rewrite model.onnx ...`."""
+    """`onnx-rewrite model.onnx ...` means `onnx-rewrite rewrite model.onnx ...` (or a command in CLAIMS)."""
     positional = [a for a in argv if not a.startswith("-")]
     if not positional or any(a in ("--version", "--help", "-h") for a in argv[:1]):
         return argv
     if any(a in COMMANDS for a in positional):
         return argv
-    return ["rewrite", *argv]
+    return [next((name for name, claims in CLAIMS.items() if claims(argv)), "rewrite"), *argv]
 
 
 class Terminated(BaseException):

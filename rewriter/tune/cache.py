@@ -6,7 +6,10 @@ sha256 of a canonical JSON of the isolated site (op types, attributes, edges, co
 dtypes, small integer constants, boundary input shapes and dtypes, opsets), its forms, the
 provider, the thread count, and the onnxruntime and onnx-rewrite versions: tensor and node names
 do not count, so the same layer in another export hits. A file that cannot be read is ignored
-with a note and replaced by the next write; writes are atomic and merge with what is on disk.
+with a note and replaced by the next write. A write reads the file again, merges this run's
+decisions into it and replaces it atomically, all under an exclusive lock on ``<cache>.lock``
+(``fcntl.flock``; no lock where unavailable), so concurrent runs (``onnx-rewrite`` batch workers,
+parallel CI jobs) never lose each other's entries.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import onnxruntime
 from onnx import numpy_helper
 
 from rewriter.version import __version__
+from rewriter.engine.filelock import exclusive_lock
 from rewriter.engine.save import atomic_write_text
 
 __all__ = ["CACHE_FORMAT", "DecisionCache", "cache_key", "default_cache_path", "site_signature"]
@@ -134,12 +138,19 @@ class DecisionCache:
         if not self.enabled or self.read_only or not self._new:
             return
         assert self.path is not None
-        merged = {**self._read_quietly(), **self._new}  # keep what a concurrent run added meanwhile
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.path, json.dumps({"format": CACHE_FORMAT, "entries": merged}, indent=1, sort_keys=True) + "\n")
+            with exclusive_lock(self.lock_path):
+                merged = {**self._read_quietly(), **self._new}  # keep what a concurrent run added meanwhile
+                atomic_write_text(self.path, json.dumps({"format": CACHE_FORMAT, "entries": merged}, indent=1, sort_keys=True) + "\n")
         except Exception as exc:  # noqa: BLE001 - a cache that cannot be written only costs time
             self.notes.append(f"tuning cache {self.path} not written: {exc}")
+
+    @property
+    def lock_path(self) -> Path:
+        """The lock file beside the cache: the cache file itself is replaced by each write, so it cannot carry the lock."""
+        assert self.path is not None
+        return self.path.with_name(self.path.name + ".lock")
 
     def _read_quietly(self) -> dict[str, Any]:
         saved = list(self.notes)
