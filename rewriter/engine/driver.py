@@ -227,9 +227,14 @@ def _apply(model: ModelGraph, graph: gs.Graph, rule: Rule, m: Match) -> tuple[st
     except Exception as exc:
         builder.discard()
         raise _RewriteFailed(f"rule error in rewrite: {_one_line(exc)}") from exc
-    for old, new in list(zip(old_outs, new_outs)) + readers:
+    first_new = len(graph.nodes)
+    pairs = list(zip(old_outs, new_outs)) + readers
+    for old, new in pairs:
         _replace_uses(model, graph, old, new)
     graph.nodes.extend(builder.nodes)
+    # New tensors and renamed ones (a graph output keeps its name), for the kept name index.
+    added = [t for n in graph.nodes[first_new:] for t in (*n.inputs, *n.outputs)]
+    model.note_tensors(graph, added + [t for pair in pairs for t in pair])
     for node in builder.nodes:
         model.provenance[node.name] = rule.id
     return tuple(n.name for n in builder.nodes)
