@@ -35,7 +35,7 @@ def build(blocks: int, channels: int = 16, seed: int = 0) -> onnx.ModelProto:
     nodes, inits = [], []
     prev = "x"
     for i in range(blocks):
-        w = (rng.standard_normal((channels, channels, 1)) / np.sqrt(channels)).astype(np.float32)
+        w = (rng.standard_normal((channels, channels, 1)) * (0.05 / np.sqrt(channels))).astype(np.float32)
         inits.append(numpy_helper.from_array(w, f"w{i}"))
         nodes += [
             helper.make_node("Transpose", [prev], [f"t{i}"], perm=[0, 2, 1], name=f"tin{i}"),

@@ -10,17 +10,23 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 import re
 import tempfile
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
+from rewriter.engine.dim_names import name_dims
 from rewriter.engine.model_io import ensure_loadable_ir
 from rewriter.errors import InputError
 
@@ -32,6 +38,9 @@ __all__ = [
     "SessionError",
     "model_source",
     "make_session",
+    "SessionCache",
+    "shared_sessions",
+    "prefetch_session",
     "parse_providers",
     "cuda_status",
     "first_line",
@@ -233,11 +242,49 @@ class SessionError(InputError):
         self.detail = detail
 
 
-def make_session(src: ModelSource, provider: str = "cpu", *, threads: int = 2) -> ort.InferenceSession:
+def make_session(
+    src: ModelSource, provider: str = "cpu", *, threads: int = 2, optimize: bool = True, annotate: bool = False,
+    shared: bool = False,
+) -> ort.InferenceSession:
     """The one session factory: all graph optimizations, ``threads`` intra-op threads without
-    spinning, quiet logging. A CUDA session that falls back to CPU is an error, not a CPU run."""
+    spinning, quiet logging. A CUDA session that falls back to CPU is an error, not a CPU run.
+
+    ``optimize=False`` (no graph optimizations) is for a session that only proves a model
+    loads: graph resolution, type and shape checks and a kernel for every node still run, but
+    not onnxruntime's optimizers, some of which grow faster than linearly with the graph (on a
+    30,000-node chain: 27 s with them, 3 s without).
+
+    ``annotate``: for sessions whose outputs matter but whose speed and memory are not
+    measured (verification, tuning's observation run, the workload search): onnxruntime gets a
+    copy whose ``value_info`` names the dims it would otherwise see as unknown
+    (:func:`rewriter.engine.dim_names.name_dims`; same computation, and a session that loads
+    in seconds where the model itself can take minutes). Measured sessions never take it: the
+    names change onnxruntime's memory plan.
+
+    ``shared``: inside :func:`shared_sessions`, a session for the same model, provider and
+    settings is created once and handed to every step that asks (the steps of one run open
+    the original several times). Shared sessions must not be closed or changed by callers."""
+    cache = _SHARED.get()
+    if shared and cache is not None:
+        return cache.get(_session_key(src, provider, threads, optimize, annotate),
+                         lambda: _new_session(src, provider, threads, optimize, annotate))
+    return _new_session(src, provider, threads, optimize, annotate)
+
+
+def _new_session(src: ModelSource, provider: str, threads: int, optimize: bool, annotate: bool) -> ort.InferenceSession:
+    if annotate:
+        named = name_dims(src.proto)
+        if named is not None:
+            try:
+                return _open(src.with_proto(named), provider, threads, optimize)
+            except SessionError:
+                pass  # the names are a speed-up only: the model as it is decides what loads
+    return _open(src, provider, threads, optimize)
+
+
+def _open(src: ModelSource, provider: str, threads: int, optimize: bool) -> ort.InferenceSession:
     so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     # Failures reach the user as exceptions, one line each; onnxruntime's logger would print the
@@ -253,7 +300,7 @@ def make_session(src: ModelSource, provider: str = "cpu", *, threads: int = 2) -
     providers = [ep] if provider == "cpu" else [ep, PROVIDERS["cpu"]]
     payload = str(src.path) if src.path is not None else src.data
     try:
-        sess = ort.InferenceSession(payload, so, providers=providers)
+        sess = _create_session(payload, so, providers)
     except ORT_ERRORS as exc:
         detail = first_line(exc)
         raise SessionError(f"onnxruntime cannot load the {src.label} model: {detail}", detail) from exc
@@ -261,3 +308,109 @@ def make_session(src: ModelSource, provider: str = "cpu", *, threads: int = 2) -
         detail = f"the session fell back to {sess.get_providers()[0]}"
         raise SessionError(f"{provider} unavailable: {detail}", detail)
     return sess
+
+
+def _create_session(payload: str | bytes | None, so: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+    """The one ``InferenceSession`` constructor call (tests count sessions here)."""
+    return ort.InferenceSession(payload, so, providers=providers)
+
+
+# -- sessions shared within a run -------------------------------------------------------------
+
+SessionKey = tuple
+
+
+def _session_key(src: ModelSource, provider: str, threads: int, optimize: bool, annotate: bool) -> SessionKey:
+    """Identifies a model's content and the session settings. A file is named by its path and
+    stat (cheap; a file changed during the run is another key); bytes by their sha256."""
+    if src.data is not None:
+        model: tuple = ("bytes", hashlib.sha256(src.data).hexdigest(), str(src.external_dir))
+    else:
+        assert src.path is not None
+        st = src.path.stat()
+        model = ("file", str(src.path), st.st_size, st.st_mtime_ns, st.st_ino)
+    return (model, provider, threads, optimize, annotate)
+
+
+class SessionCache:
+    """The sessions one run shares (see :func:`shared_sessions`): at most ``capacity``, the least
+    recently used dropped first; a session may be created ahead in a background thread
+    (:func:`prefetch_session`) and whoever asks for it meanwhile waits for that one."""
+
+    def __init__(self, capacity: int = 4) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[SessionKey, Future[ort.InferenceSession]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _claim(self, key: SessionKey) -> tuple[Future[ort.InferenceSession], bool]:
+        with self._lock:
+            found = self._entries.get(key)
+            if found is not None:
+                self._entries.move_to_end(key)
+                return found, False
+            future: Future[ort.InferenceSession] = Future()
+            self._entries[key] = future
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+            return future, True
+
+    @staticmethod
+    def _fill(future: Future[ort.InferenceSession], create: Callable[[], ort.InferenceSession]) -> None:
+        try:
+            future.set_result(create())
+        except Exception as exc:  # SessionError and the like: every asker gets it
+            future.set_exception(exc)
+
+    def get(self, key: SessionKey, create: Callable[[], ort.InferenceSession]) -> ort.InferenceSession:
+        future, mine = self._claim(key)
+        if mine:
+            try:
+                future.set_result(create())
+            except BaseException as exc:
+                future.set_exception(exc)
+                with self._lock:  # an interrupted or failed creation is not remembered
+                    if self._entries.get(key) is future:
+                        del self._entries[key]
+                raise
+        return future.result()
+
+    def prefetch(self, key: SessionKey, create: Callable[[], ort.InferenceSession]) -> None:
+        future, mine = self._claim(key)
+        if mine:
+            # onnxruntime releases the GIL while it builds a session: the run goes on meanwhile.
+            threading.Thread(target=self._fill, args=(future, create), name="onnx-rewrite-prefetch", daemon=True).start()
+
+    def close(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+_SHARED: ContextVar[SessionCache | None] = ContextVar("shared_sessions", default=None)
+
+
+@contextlib.contextmanager
+def shared_sessions(capacity: int = 4) -> Iterator[SessionCache]:
+    """Within the block, ``make_session(..., shared=True)`` hands out one session per model and
+    settings (a block inside another uses the outer one's sessions). The sessions are dropped
+    when the block ends."""
+    outer = _SHARED.get()
+    if outer is not None:
+        yield outer
+        return
+    cache = SessionCache(capacity)
+    token = _SHARED.set(cache)
+    try:
+        yield cache
+    finally:
+        _SHARED.reset(token)
+        cache.close()
+
+
+def prefetch_session(src: ModelSource, provider: str = "cpu", *, threads: int = 2, optimize: bool = True,
+                     annotate: bool = False) -> None:
+    """Start creating the session ``make_session(src, ..., shared=True)`` will return, in a
+    background thread; nothing outside :func:`shared_sessions`."""
+    cache = _SHARED.get()
+    if cache is not None:
+        cache.prefetch(_session_key(src, provider, threads, optimize, annotate),
+                       lambda: _new_session(src, provider, threads, optimize, annotate))
