@@ -40,7 +40,6 @@ __all__ = [
     "make_session",
     "SessionCache",
     "shared_sessions",
-    "prefetch_session",
     "parse_providers",
     "cuda_status",
     "first_line",
@@ -265,21 +264,30 @@ def make_session(
     settings is created once and handed to every step that asks (the steps of one run open
     the original several times). Shared sessions must not be closed or changed by callers."""
     cache = _SHARED.get()
-    if shared and cache is not None:
-        return cache.get(_session_key(src, provider, threads, optimize, annotate),
-                         lambda: _new_session(src, provider, threads, optimize, annotate))
-    return _new_session(src, provider, threads, optimize, annotate)
-
-
-def _new_session(src: ModelSource, provider: str, threads: int, optimize: bool, annotate: bool) -> ort.InferenceSession:
-    if annotate:
-        named = name_dims(src.proto)
+    if not shared or cache is None:
+        named = _named_session(src, provider, threads, optimize) if annotate else None
+        return named if named is not None else _open(src, provider, threads, optimize)
+    key = _session_key(src, provider, threads, optimize)
+    if annotate and key not in cache.nothing_to_name:
+        named = cache.get((*key, "named"), lambda: _named_session(src, provider, threads, optimize))
         if named is not None:
-            try:
-                return _open(src.with_proto(named), provider, threads, optimize)
-            except SessionError:
-                pass  # the names are a speed-up only: the model as it is decides what loads
-    return _open(src, provider, threads, optimize)
+            return named
+        cache.nothing_to_name.add(key)  # the model's own session serves both kinds
+    session = cache.get(key, lambda: _open(src, provider, threads, optimize))
+    assert session is not None
+    return session
+
+
+def _named_session(src: ModelSource, provider: str, threads: int, optimize: bool) -> ort.InferenceSession | None:
+    """A session of the dims-named copy; None when there is nothing to name or onnxruntime
+    refuses the copy (the names are a speed-up only: the model as it is decides what loads)."""
+    named = name_dims(src.proto)
+    if named is None:
+        return None
+    try:
+        return _open(src.with_proto(named), provider, threads, optimize)
+    except SessionError:
+        return None
 
 
 def _open(src: ModelSource, provider: str, threads: int, optimize: bool) -> ort.InferenceSession:
@@ -320,7 +328,7 @@ def _create_session(payload: str | bytes | None, so: ort.SessionOptions, provide
 SessionKey = tuple
 
 
-def _session_key(src: ModelSource, provider: str, threads: int, optimize: bool, annotate: bool) -> SessionKey:
+def _session_key(src: ModelSource, provider: str, threads: int, optimize: bool) -> SessionKey:
     """Identifies a model's content and the session settings. A file is named by its path and
     stat (cheap; a file changed during the run is another key); bytes by their sha256."""
     if src.data is not None:
@@ -329,56 +337,52 @@ def _session_key(src: ModelSource, provider: str, threads: int, optimize: bool, 
         assert src.path is not None
         st = src.path.stat()
         model = ("file", str(src.path), st.st_size, st.st_mtime_ns, st.st_ino)
-    return (model, provider, threads, optimize, annotate)
+    return (model, provider, threads, optimize)
 
 
 class SessionCache:
     """The sessions one run shares (see :func:`shared_sessions`): at most ``capacity``, the least
-    recently used dropped first; a session may be created ahead in a background thread
-    (:func:`prefetch_session`) and whoever asks for it meanwhile waits for that one."""
+    recently used dropped first. Thread-safe: a second thread asking for a session being
+    created waits for that one."""
 
     def __init__(self, capacity: int = 4) -> None:
         self.capacity = capacity
-        self._entries: OrderedDict[SessionKey, Future[ort.InferenceSession]] = OrderedDict()
+        self._entries: OrderedDict[SessionKey, Future[ort.InferenceSession | None]] = OrderedDict()
         self._lock = threading.Lock()
+        self.nothing_to_name: set[SessionKey] = set()  # models whose dims-named copy would be the model itself
 
-    def _claim(self, key: SessionKey) -> tuple[Future[ort.InferenceSession], bool]:
+    def _claim(self, key: SessionKey) -> tuple[Future[ort.InferenceSession | None], bool]:
         with self._lock:
             found = self._entries.get(key)
             if found is not None:
                 self._entries.move_to_end(key)
                 return found, False
-            future: Future[ort.InferenceSession] = Future()
+            future: Future[ort.InferenceSession | None] = Future()
             self._entries[key] = future
             while len(self._entries) > self.capacity:
                 self._entries.popitem(last=False)
             return future, True
 
-    @staticmethod
-    def _fill(future: Future[ort.InferenceSession], create: Callable[[], ort.InferenceSession]) -> None:
-        try:
-            future.set_result(create())
-        except Exception as exc:  # SessionError and the like: every asker gets it
-            future.set_exception(exc)
-
-    def get(self, key: SessionKey, create: Callable[[], ort.InferenceSession]) -> ort.InferenceSession:
+    def get(self, key: SessionKey, create: Callable[[], ort.InferenceSession | None]) -> ort.InferenceSession | None:
+        """The session under ``key``, made by ``create`` if there is none (a None it returns is
+        handed back, not kept)."""
         future, mine = self._claim(key)
         if mine:
             try:
-                future.set_result(create())
+                made = create()
             except BaseException as exc:
                 future.set_exception(exc)
-                with self._lock:  # an interrupted or failed creation is not remembered
-                    if self._entries.get(key) is future:
-                        del self._entries[key]
+                self._forget(key, future)  # an interrupted or failed creation is not remembered
                 raise
+            future.set_result(made)
+            if made is None:
+                self._forget(key, future)
         return future.result()
 
-    def prefetch(self, key: SessionKey, create: Callable[[], ort.InferenceSession]) -> None:
-        future, mine = self._claim(key)
-        if mine:
-            # onnxruntime releases the GIL while it builds a session: the run goes on meanwhile.
-            threading.Thread(target=self._fill, args=(future, create), name="onnx-rewrite-prefetch", daemon=True).start()
+    def _forget(self, key: SessionKey, future: Future[ort.InferenceSession | None]) -> None:
+        with self._lock:
+            if self._entries.get(key) is future:
+                del self._entries[key]
 
     def close(self) -> None:
         with self._lock:
@@ -404,13 +408,3 @@ def shared_sessions(capacity: int = 4) -> Iterator[SessionCache]:
     finally:
         _SHARED.reset(token)
         cache.close()
-
-
-def prefetch_session(src: ModelSource, provider: str = "cpu", *, threads: int = 2, optimize: bool = True,
-                     annotate: bool = False) -> None:
-    """Start creating the session ``make_session(src, ..., shared=True)`` will return, in a
-    background thread; nothing outside :func:`shared_sessions`."""
-    cache = _SHARED.get()
-    if cache is not None:
-        cache.prefetch(_session_key(src, provider, threads, optimize, annotate),
-                       lambda: _new_session(src, provider, threads, optimize, annotate))
