@@ -18,8 +18,8 @@ from typing import Collection, Sequence
 import onnx_graphsurgeon as gs
 
 from rewriter.errors import NonConvergenceError
-from rewriter.engine.graph import ModelGraph, iter_graphs
-from rewriter.engine.pattern import Match, match_at
+from rewriter.engine.graph import ModelGraph, iter_graphs, producer
+from rewriter.engine.pattern import Match, first_input_ops, match_at
 from rewriter.engine.rule import RewriteBuilder, Rule
 from rewriter.engine.shape_readers import reader_problem, rebuild
 
@@ -139,8 +139,16 @@ def _candidates(model: ModelGraph, graph: gs.Graph, by_op: dict[str, list[Rule]]
     """(rule, anchor) of every passing match in ``graph``: highest benefit first, then graph order,
     then rule id. Matches that are refused are recorded in ``out``."""
     found: list[tuple[int, int, Rule, gs.Node]] = []
+    by_input: dict[tuple[str, str | None], list[Rule]] = {}  # (op, op writing its first input) -> rules that may match
     for order, node in enumerate(list(graph.nodes)):
-        for rule in by_op.get(node.op, ()):
+        if node.op not in by_op:
+            continue
+        first = producer(node.inputs[0]) if node.inputs else None
+        key = (node.op, first.op if first is not None else None)
+        rules = by_input.get(key)
+        if rules is None:
+            rules = by_input[key] = [r for r in by_op[node.op] if (ops := first_input_ops(r.compiled_pattern)) is None or key[1] in ops]
+        for rule in rules:
             m = match_at(rule.compiled_pattern, node, graph, model)
             if m is None:
                 continue

@@ -38,6 +38,7 @@ __all__ = [
     "PatternBuilder",
     "Match",
     "match_at",
+    "first_input_ops",
 ]
 
 AttrPred = Union[Callable[[Any], bool], Any]
@@ -380,6 +381,24 @@ def _may_match(pat: OpPat, node: gs.Node) -> bool:
         entry = (pat, _quick_node(pat))
         _QUICK[id(pat)] = entry
     return entry[1](node)
+
+
+def first_input_ops(pat: OpPat) -> frozenset[str] | None:
+    """The ops a node writing ``pat``'s first input may have in a match; None when anything may
+    (a variable, a constant, a commutative op whose inputs may swap). The driver sorts rules by
+    (root op, this) once per sweep instead of testing every rule at every node."""
+    if not pat.inputs or pat.commutative:
+        return None
+    return _producer_ops(pat.inputs[0])
+
+
+def _producer_ops(pat: Pattern) -> frozenset[str] | None:
+    if isinstance(pat, OpPat):
+        return frozenset(pat.ops)
+    if isinstance(pat, MaybeOpPat):
+        inner = _producer_ops(pat.inner)
+        return None if inner is None else inner | {pat.op}
+    return None
 
 
 def match_at(pattern: OpPat, node: gs.Node, graph: gs.Graph, model: ModelGraph) -> Match | None:
