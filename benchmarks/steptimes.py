@@ -46,12 +46,13 @@ STEPS = [
     ("rewriter.measure.accept", "accept"),
     ("rewriter.measure.bench", "bench_models"),
     ("rewriter.measure.memprobe", "MemoryProbe.result"),
+    ("rewriter.measure.memprobe", "measure_memory"),
     ("rewriter.measure.section", "static_section"),
     ("rewriter.prove.gate", "check_writable"),
     ("rewriter.engine.save", "save_model"),
     ("rewriter.ort", "make_session"),
     ("rewriter.engine.dim_names", "name_dims"),
-    ("rewriter.ort", "_create_session"),
+    ("rewriter.ort", "_open"),
 ]
 
 _totals: dict[tuple[str, ...], list[float]] = defaultdict(lambda: [0, 0.0])
@@ -105,10 +106,19 @@ def install() -> None:
 def report(total: float) -> None:
     out = sys.stderr
     print(f"\nstep times (inclusive; total {total:.1f} s):", file=out)
-    for path, (calls, secs) in _totals.items():
-        print(f"  {'  ' * (len(path) - 1)}{path[-1]:<{40 - 2 * (len(path) - 1)}s} {calls:5d} x {secs:8.2f} s", file=out)
+    children: dict[tuple[str, ...], list[tuple[str, ...]]] = defaultdict(list)
+    for path in _totals:  # first-started order within each parent
+        children[path[:-1]].append(path)
+
+    def show(parent: tuple[str, ...]) -> None:
+        for path in children.get(parent, []):
+            calls, secs = _totals[path]
+            print(f"  {'  ' * (len(path) - 1)}{path[-1]:<{40 - 2 * (len(path) - 1)}s} {calls:5d} x {secs:8.2f} s", file=out)
+            show(path)
+
+    show(())
     if _sessions:
-        print("make_session calls (label, provider, flags); sessions really created: _create_session above:", file=out)
+        print("make_session calls (label, provider, flags); sessions really created: _open above:", file=out)
         for key, n in sorted(_sessions.items()):
             print(f"  {key:<30s} {n:4d}", file=out)
 

@@ -278,9 +278,17 @@ def make_session(
     return session
 
 
+# The dims-named copy holds the model's embedded weights a second time (twice more while it is
+# serialized): above this size only the model itself is opened.
+_NAMED_COPY_LIMIT = 256 * 2**20
+
+
 def _named_session(src: ModelSource, provider: str, threads: int, optimize: bool) -> ort.InferenceSession | None:
-    """A session of the dims-named copy; None when there is nothing to name or onnxruntime
-    refuses the copy (the names are a speed-up only: the model as it is decides what loads)."""
+    """A session of the dims-named copy; None when there is nothing to name, the model carries
+    more than 256 MiB in its own file (external weights do not count) or onnxruntime refuses the
+    copy (the names are a speed-up only: the model as it is decides what loads)."""
+    if src.proto.ByteSize() > _NAMED_COPY_LIMIT:
+        return None
     named = name_dims(src.proto)
     if named is None:
         return None
@@ -291,6 +299,7 @@ def _named_session(src: ModelSource, provider: str, threads: int, optimize: bool
 
 
 def _open(src: ModelSource, provider: str, threads: int, optimize: bool) -> ort.InferenceSession:
+    """The one place a session is created (tests count sessions here)."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.intra_op_num_threads = threads
@@ -308,7 +317,7 @@ def _open(src: ModelSource, provider: str, threads: int, optimize: bool) -> ort.
     providers = [ep] if provider == "cpu" else [ep, PROVIDERS["cpu"]]
     payload = str(src.path) if src.path is not None else src.data
     try:
-        sess = _create_session(payload, so, providers)
+        sess = ort.InferenceSession(payload, so, providers=providers)
     except ORT_ERRORS as exc:
         detail = first_line(exc)
         raise SessionError(f"onnxruntime cannot load the {src.label} model: {detail}", detail) from exc
@@ -316,11 +325,6 @@ def _open(src: ModelSource, provider: str, threads: int, optimize: bool) -> ort.
         detail = f"the session fell back to {sess.get_providers()[0]}"
         raise SessionError(f"{provider} unavailable: {detail}", detail)
     return sess
-
-
-def _create_session(payload: str | bytes | None, so: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
-    """The one ``InferenceSession`` constructor call (tests count sessions here)."""
-    return ort.InferenceSession(payload, so, providers=providers)
 
 
 # -- sessions shared within a run -------------------------------------------------------------
