@@ -5,8 +5,8 @@ a symbolic spatial dim: the output's ``length`` comes back as a dim with neither
 name, and everything downstream that mixes it with the named dim (a residual ``Add``) loses its
 names too. onnxruntime then plans memory over thousands of values whose dims it cannot compare,
 and its session creation grows faster than linearly: a chain of 2,000 ``Transpose -> Conv(k=1)
--> Transpose -> Relu -> Add`` blocks on ``x[batch, length, 16]`` takes 110 s to load; the same
-model with these names in its ``value_info``, 4.5 s.
+-> Transpose -> Relu -> Add`` blocks on ``x[batch, length, 16]`` takes 67-110 s to load on a
+2-core machine; the same model with these names in its ``value_info``, 3-4.5 s.
 
 :func:`name_dims` returns a copy of a model whose ``value_info`` carries those names: every
 node's outputs inferred in graph order by ONNX's own per-op inference from the improved input
