@@ -12,7 +12,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from helpers import init, make_model, run, vi
+from helpers import init, make_model, pointwise_chain, run, vi
 from rewriter.engine.dim_names import name_dims
 
 RNG = np.random.default_rng(0)
@@ -21,20 +21,6 @@ RNG = np.random.default_rng(0)
 def _dims(model: onnx.ModelProto, name: str) -> list[object]:
     info = {v.name: v for v in model.graph.value_info}[name]
     return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in info.type.tensor_type.shape.dim]
-
-
-def pointwise_chain(blocks: int, channels: int = 4) -> onnx.ModelProto:
-    """``Transpose -> Conv(k=1) -> Transpose -> Relu -> Add(residual)`` blocks on x[batch, length, C]."""
-    nodes, inits, prev = [], [], "x"
-    for i in range(blocks):
-        inits.append(init(f"w{i}", (RNG.standard_normal((channels, channels, 1)) * 0.3).astype(np.float32)))
-        nodes += [helper.make_node("Transpose", [prev], [f"t{i}"], perm=[0, 2, 1], name=f"tin{i}"),
-                  helper.make_node("Conv", [f"t{i}", f"w{i}"], [f"c{i}"], kernel_shape=[1], name=f"conv{i}"),
-                  helper.make_node("Transpose", [f"c{i}"], [f"u{i}"], perm=[0, 2, 1], name=f"tout{i}"),
-                  helper.make_node("Relu", [f"u{i}"], [f"r{i}"], name=f"relu{i}"),
-                  helper.make_node("Add", [f"r{i}", prev], [f"a{i}"], name=f"add{i}")]
-        prev = f"a{i}"
-    return make_model(nodes, [vi("x", ["batch", "length", channels])], [vi(prev, ["batch", "length", channels])], inits)
 
 
 def test_a_pointwise_conv_keeps_the_length_name_and_the_residual_keeps_both():

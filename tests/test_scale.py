@@ -20,7 +20,7 @@ import rewriter.engine.graph as engine_graph
 import rewriter.measure.bench as bench_module
 import rewriter.ort as ort_layer
 from engine_rules import DoubleReluToRelu, WrongTransposedWeight
-from helpers import assert_equivalent, init, make_model, vi
+from helpers import assert_equivalent, init, make_model, pointwise_chain, vi
 from rewriter.engine.graph import ModelGraph, _prune_and_sort
 from rewriter.engine.model_io import load_model
 from rewriter.engine.registry import Registry, discover
@@ -29,7 +29,6 @@ from rewriter.measure.bench import BenchOptions, bench_models
 from rewriter.ort import SessionError, make_session, model_source, shared_sessions
 from rewriter.prove.verify import VerifyOptions
 from rewriter.tune.plan import TuneOptions
-from test_dim_names import pointwise_chain
 
 RNG = np.random.default_rng(0)
 CPU = VerifyOptions(providers=("cpu",))
