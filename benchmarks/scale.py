@@ -7,11 +7,17 @@ structurally identical pointwise sites.
 
     python benchmarks/scale.py                       # rewrite-only at 1k..50k nodes, default flow at 10k
     python benchmarks/scale.py --nodes 1000 5000 --flow-nodes 10000
+    python benchmarks/scale.py --nodes 50000 --flow-nodes 10000 --breakdown   # + time per step
 
 Each measurement runs the CLI in a fresh interpreter (wall time from this process, the child's
 own peak RSS from ``os.wait4``): ``rewrite-only`` is
 ``onnx-rewrite M --no-bench --no-verify``; ``default flow`` is ``onnx-rewrite M`` (tune, verify,
 measure, accept) with a fresh tuning cache. Prints a Markdown table; asserts nothing.
+``--breakdown`` runs the CLI through ``benchmarks/steptimes.py`` and prints each run's time per
+step (and the onnxruntime sessions it created) after the table.
+
+The weights are small (std 0.05/sqrt(C)) so that thousands of residual blocks keep the
+activations finite: outputs of inf/NaN would leave verification without evidence.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ def build(blocks: int, channels: int = 16, seed: int = 0) -> onnx.ModelProto:
     nodes, inits = [], []
     prev = "x"
     for i in range(blocks):
-        w = (rng.standard_normal((channels, channels, 1)) / np.sqrt(channels)).astype(np.float32)
+        w = (rng.standard_normal((channels, channels, 1)) * (0.05 / np.sqrt(channels))).astype(np.float32)
         inits.append(numpy_helper.from_array(w, f"w{i}"))
         nodes += [
             helper.make_node("Transpose", [prev], [f"t{i}"], perm=[0, 2, 1], name=f"tin{i}"),
@@ -51,11 +57,15 @@ def build(blocks: int, channels: int = 16, seed: int = 0) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
 
 
-def run_cli(args: list[str], env: dict[str, str], timeout: float, log: Path) -> tuple[float, int, int, str]:
+STEPTIMES = Path(__file__).with_name("steptimes.py")
+
+
+def run_cli(args: list[str], env: dict[str, str], timeout: float, log: Path, breakdown: bool = False) -> tuple[float, int, int, str]:
     """(wall seconds, peak RSS bytes of this child, exit code, last stderr line)."""
     start = time.perf_counter()
+    entry = [str(STEPTIMES)] if breakdown else ["-m", "rewriter"]
     with open(log, "w") as err_file:
-        proc = subprocess.Popen([sys.executable, "-m", "rewriter", *args], stdout=subprocess.DEVNULL, stderr=err_file, env=env)
+        proc = subprocess.Popen([sys.executable, *entry, *args], stdout=subprocess.DEVNULL, stderr=err_file, env=env)
         deadline = start + timeout
         while True:  # os.wait4 gives this child's own rusage (RUSAGE_CHILDREN is a max over all of them)
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
@@ -69,8 +79,16 @@ def run_cli(args: list[str], env: dict[str, str], timeout: float, log: Path) -> 
     wall = time.perf_counter() - start
     code = os.waitstatus_to_exitcode(status)
     proc.returncode = code
-    last = (log.read_text().strip().splitlines() or [""])[-1]
+    lines = log.read_text().strip().splitlines()
+    if breakdown and "step times" in "\n".join(lines):
+        lines = lines[: next(i for i, ln in enumerate(lines) if "step times" in ln)]
+    last = (lines or [""])[-1]
     return wall, usage.ru_maxrss * 1024, code, last
+
+
+def _steps(log: Path) -> str:
+    text = log.read_text()
+    return text[text.index("step times"):] if "step times" in text else "(no step times: the run failed before its end)\n"
 
 
 def main() -> int:
@@ -78,9 +96,10 @@ def main() -> int:
     parser.add_argument("--nodes", type=int, nargs="*", default=[1000, 5000, 10000, 50000], help="rewrite-only sizes (nodes)")
     parser.add_argument("--flow-nodes", type=int, nargs="*", default=[10000], help="default-flow sizes (nodes)")
     parser.add_argument("--timeout", type=float, default=900.0, help="per run, seconds")
+    parser.add_argument("--breakdown", action="store_true", help="print each run's time per step (benchmarks/steptimes.py)")
     args = parser.parse_args()
 
-    rows = []
+    rows, steps = [], []
     with tempfile.TemporaryDirectory(prefix="onnx-rewrite-scale-") as tmp_name:
         tmp = Path(tmp_name)
         env = {**os.environ, "XDG_CACHE_HOME": str(tmp / "cache")}
@@ -92,14 +111,19 @@ def main() -> int:
             if not src.exists():
                 onnx.save(build(blocks), src)
             out = tmp / f"scale_{blocks}.{mode.replace(' ', '_')}.onnx"
-            wall, rss, code, err = run_cli([str(src), "-o", str(out), "--overwrite", *flags], env, args.timeout, tmp / "stderr.txt")
+            log = tmp / "stderr.txt"
+            wall, rss, code, err = run_cli([str(src), "-o", str(out), "--overwrite", *flags], env, args.timeout, log, args.breakdown)
             rows.append((mode, 5 * blocks, blocks, wall, rss, code, err if code else ""))
+            if args.breakdown:
+                steps.append(f"{mode}, {5 * blocks:,} nodes: {_steps(log)}")
             print(f"{mode:13s} {5 * blocks:6d} nodes: {wall:7.1f} s, peak RSS {rss / 2**20:7.0f} MiB, exit {code} {err if code else ''}",
                   file=sys.stderr, flush=True)
     print("| mode | nodes | sites | wall | peak RSS | exit |")
     print("|---|---:|---:|---:|---:|---|")
     for mode, nodes, sites, wall, rss, code, err in rows:
         print(f"| {mode} | {nodes:,} | {sites:,} | {wall:.1f} s | {rss / 2**20:.0f} MiB | {code}{' ' + err if err else ''} |")
+    for text in steps:
+        print("\n" + text.rstrip())
     return 0
 
 

@@ -34,7 +34,7 @@ from rewriter.measure.section import BenchmarkSection, BenchReport, static_secti
 from rewriter.measure.serial import measuring
 from rewriter.measure.workload import choose_workload
 from rewriter.options import PROVEN, Options
-from rewriter.ort import cuda_status
+from rewriter.ort import cuda_status, shared_sessions
 from rewriter.prove.gate import check_writable
 from rewriter.prove.result import VerificationResult
 from rewriter.prove.rollback import prove
@@ -103,6 +103,13 @@ def optimize(
     opts = (options or PROVEN).but(**changes)
     say = progress or (lambda _msg: None)
     loaded = load_model(model)
+    # Every step opens the original (workload, tuning, verification per provider, bisection,
+    # benchmark at two sizes): each model gets one session per provider and settings.
+    with shared_sessions():
+        return _optimize(loaded, opts, registry, say)
+
+
+def _optimize(loaded: LoadedModel, opts: Options, registry: Registry | None, say: Progress) -> Result:
     reg = registry or discover(opts.plugins, strict=opts.strict_plugins)
     timing = _timing(opts, loaded, say)
     notes: list[str] = [f"plugin unavailable: {u.source}: {u.error}" for u in reg.unavailable]

@@ -15,13 +15,18 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import hashlib
 import importlib.util
 import io
 import os
 import re
 import sys
 import tempfile
+import threading
 import warnings
+from collections import OrderedDict
+from concurrent.futures import Future
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Literal, Mapping, Sequence
@@ -30,6 +35,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from rewriter.engine.dim_names import name_dims
 from rewriter.engine.model_io import ensure_loadable_ir
 from rewriter.errors import InputError
 
@@ -45,6 +51,8 @@ __all__ = [
     "NO_CUDA_DEVICE",
     "model_source",
     "make_session",
+    "SessionCache",
+    "shared_sessions",
     "parse_providers",
     "cuda_status",
     "classify_cuda_failure",
@@ -359,13 +367,67 @@ class SessionError(InputError):
 
 
 def make_session(
-    src: ModelSource, provider: str = "cpu", *, threads: int = 2, cuda: CudaOptions = CudaOptions()
+    src: ModelSource, provider: str = "cpu", *, threads: int = 2, cuda: CudaOptions = CudaOptions(), optimize: bool = True,
+    annotate: bool = False, shared: bool = False,
 ) -> ort.InferenceSession:
     """The one session factory: all graph optimizations, ``threads`` intra-op threads without
     spinning, quiet logging; on CUDA the provider options ``cuda`` (default: onnxruntime's own,
-    as a deployment runs). A CUDA session that falls back to CPU is an error, not a CPU run."""
+    as a deployment runs). A CUDA session that falls back to CPU is an error, not a CPU run.
+
+    ``optimize=False`` (no graph optimizations) is for a session that only proves a model
+    loads: graph resolution, type and shape checks and a kernel for every node still run, but
+    not onnxruntime's optimizers, some of which grow faster than linearly with the graph (on a
+    30,000-node chain: 27 s with them, 3 s without).
+
+    ``annotate``: for sessions whose outputs matter but whose speed and memory are not
+    measured (verification, tuning's observation run, the workload search): onnxruntime gets a
+    copy whose ``value_info`` names the dims it would otherwise see as unknown
+    (:func:`rewriter.engine.dim_names.name_dims`; same computation, and a session that loads
+    in seconds where the model itself can take minutes). Measured sessions never take it: the
+    names change onnxruntime's memory plan.
+
+    ``shared``: inside :func:`shared_sessions`, a session for the same model, provider and
+    settings is created once and handed to every step that asks (the steps of one run open
+    the original several times). Shared sessions must not be closed or changed by callers."""
+    cache = _SHARED.get()
+    if not shared or cache is None:
+        named = _named_session(src, provider, threads, cuda, optimize) if annotate else None
+        return named if named is not None else _open(src, provider, threads, cuda, optimize)
+    key = _session_key(src, provider, threads, cuda, optimize)
+    if annotate and key not in cache.nothing_to_name:
+        named = cache.get((*key, "named"), lambda: _named_session(src, provider, threads, cuda, optimize))
+        if named is not None:
+            return named
+        cache.nothing_to_name.add(key)  # the model's own session serves both kinds
+    session = cache.get(key, lambda: _open(src, provider, threads, cuda, optimize))
+    assert session is not None
+    return session
+
+
+# The dims-named copy holds the model's embedded weights a second time (twice more while it is
+# serialized): above this size only the model itself is opened.
+_NAMED_COPY_LIMIT = 256 * 2**20
+
+
+def _named_session(src: ModelSource, provider: str, threads: int, cuda: CudaOptions, optimize: bool) -> ort.InferenceSession | None:
+    """A session of the dims-named copy; None when there is nothing to name, the model carries
+    more than 256 MiB in its own file (external weights do not count) or onnxruntime refuses the
+    copy (the names are a speed-up only: the model as it is decides what loads)."""
+    if src.proto.ByteSize() > _NAMED_COPY_LIMIT:
+        return None
+    named = name_dims(src.proto)
+    if named is None:
+        return None
+    try:
+        return _open(src.with_proto(named), provider, threads, cuda, optimize)
+    except SessionError:
+        return None
+
+
+def _open(src: ModelSource, provider: str, threads: int, cuda: CudaOptions, optimize: bool) -> ort.InferenceSession:
+    """The one place a session is created (tests count sessions here)."""
     so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     # Failures reach the user as exceptions, one line each; onnxruntime's logger would print the
@@ -421,3 +483,90 @@ def timing_call(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> 
     if sess.get_providers()[0] == PROVIDERS["cuda"]:
         return bound_run(sess, feeds, "cuda")
     return functools.partial(sess.run, None, dict(feeds))
+
+
+# -- sessions shared within a run -------------------------------------------------------------
+
+SessionKey = tuple
+
+
+def _session_key(src: ModelSource, provider: str, threads: int, cuda: CudaOptions, optimize: bool) -> SessionKey:
+    """Identifies a model's content and the session settings. A file is named by its path and
+    stat (cheap; a file changed during the run is another key); bytes by their sha256."""
+    if src.data is not None:
+        model: tuple = ("bytes", hashlib.sha256(src.data).hexdigest(), str(src.external_dir))
+    else:
+        assert src.path is not None
+        st = src.path.stat()
+        model = ("file", str(src.path), st.st_size, st.st_mtime_ns, st.st_ino)
+    return (model, provider, threads, cuda if provider == "cuda" else None, optimize)  # CUDA options mean nothing on CPU
+
+
+class SessionCache:
+    """The sessions one run shares (see :func:`shared_sessions`): at most ``capacity``, the least
+    recently used dropped first. Thread-safe: a second thread asking for a session being
+    created waits for that one."""
+
+    def __init__(self, capacity: int = 4) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[SessionKey, Future[ort.InferenceSession | None]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.nothing_to_name: set[SessionKey] = set()  # models whose dims-named copy would be the model itself
+
+    def _claim(self, key: SessionKey) -> tuple[Future[ort.InferenceSession | None], bool]:
+        with self._lock:
+            found = self._entries.get(key)
+            if found is not None:
+                self._entries.move_to_end(key)
+                return found, False
+            future: Future[ort.InferenceSession | None] = Future()
+            self._entries[key] = future
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+            return future, True
+
+    def get(self, key: SessionKey, create: Callable[[], ort.InferenceSession | None]) -> ort.InferenceSession | None:
+        """The session under ``key``, made by ``create`` if there is none (a None it returns is
+        handed back, not kept)."""
+        future, mine = self._claim(key)
+        if mine:
+            try:
+                made = create()
+            except BaseException as exc:
+                future.set_exception(exc)
+                self._forget(key, future)  # an interrupted or failed creation is not remembered
+                raise
+            future.set_result(made)
+            if made is None:
+                self._forget(key, future)
+        return future.result()
+
+    def _forget(self, key: SessionKey, future: Future[ort.InferenceSession | None]) -> None:
+        with self._lock:
+            if self._entries.get(key) is future:
+                del self._entries[key]
+
+    def close(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+_SHARED: ContextVar[SessionCache | None] = ContextVar("shared_sessions", default=None)
+
+
+@contextlib.contextmanager
+def shared_sessions(capacity: int = 4) -> Iterator[SessionCache]:
+    """Within the block, ``make_session(..., shared=True)`` hands out one session per model and
+    settings (a block inside another uses the outer one's sessions). The sessions are dropped
+    when the block ends."""
+    outer = _SHARED.get()
+    if outer is not None:
+        yield outer
+        return
+    cache = SessionCache(capacity)
+    token = _SHARED.set(cache)
+    try:
+        yield cache
+    finally:
+        _SHARED.reset(token)
+        cache.close()

@@ -15,7 +15,7 @@ from rewriter.report import op_counts
 # onnx 1.23 writes IR 14 by default; onnxruntime 1.31 refuses IR > 13.
 IR_VERSION = 10
 
-__all__ = ["IR_VERSION", "make_model", "run", "assert_equivalent", "op_counts", "rewrite", "init", "vi"]
+__all__ = ["IR_VERSION", "make_model", "run", "assert_equivalent", "op_counts", "rewrite", "init", "vi", "pointwise_chain"]
 
 
 def init(name: str, value: np.ndarray) -> onnx.TensorProto:
@@ -84,3 +84,17 @@ def rewrite(model: onnx.ModelProto, rules: Sequence[Any]) -> tuple[onnx.ModelPro
     graph = ModelGraph(copy)
     result = run_rules(graph, instances)
     return graph.export(), result
+
+
+def pointwise_chain(blocks: int, channels: int = 4) -> onnx.ModelProto:
+    """``Transpose -> Conv(k=1) -> Transpose -> Relu -> Add(residual)`` blocks on x[batch, length, C]."""
+    nodes, inits, prev = [], [], "x"
+    for i in range(blocks):
+        inits.append(init(f"w{i}", (np.random.default_rng(i).standard_normal((channels, channels, 1)) * 0.3).astype(np.float32)))
+        nodes += [helper.make_node("Transpose", [prev], [f"t{i}"], perm=[0, 2, 1], name=f"tin{i}"),
+                  helper.make_node("Conv", [f"t{i}", f"w{i}"], [f"c{i}"], kernel_shape=[1], name=f"conv{i}"),
+                  helper.make_node("Transpose", [f"c{i}"], [f"u{i}"], perm=[0, 2, 1], name=f"tout{i}"),
+                  helper.make_node("Relu", [f"u{i}"], [f"r{i}"], name=f"relu{i}"),
+                  helper.make_node("Add", [f"r{i}", prev], [f"a{i}"], name=f"add{i}")]
+        prev = f"a{i}"
+    return make_model(nodes, [vi("x", ["batch", "length", channels])], [vi(prev, ["batch", "length", channels])], inits)

@@ -18,8 +18,8 @@ from typing import Collection, Sequence
 import onnx_graphsurgeon as gs
 
 from rewriter.errors import NonConvergenceError
-from rewriter.engine.graph import ModelGraph, iter_graphs
-from rewriter.engine.pattern import Match, match_at
+from rewriter.engine.graph import ModelGraph, iter_graphs, producer
+from rewriter.engine.pattern import Match, first_input_ops, match_at
 from rewriter.engine.rule import RewriteBuilder, Rule
 from rewriter.engine.shape_readers import reader_problem, rebuild
 
@@ -139,8 +139,16 @@ def _candidates(model: ModelGraph, graph: gs.Graph, by_op: dict[str, list[Rule]]
     """(rule, anchor) of every passing match in ``graph``: highest benefit first, then graph order,
     then rule id. Matches that are refused are recorded in ``out``."""
     found: list[tuple[int, int, Rule, gs.Node]] = []
+    by_input: dict[tuple[str, str | None], list[Rule]] = {}  # (op, op writing its first input) -> rules that may match
     for order, node in enumerate(list(graph.nodes)):
-        for rule in by_op.get(node.op, ()):
+        if node.op not in by_op:
+            continue
+        first = producer(node.inputs[0]) if node.inputs else None
+        key = (node.op, first.op if first is not None else None)
+        rules = by_input.get(key)
+        if rules is None:
+            rules = by_input[key] = [r for r in by_op[node.op] if (ops := first_input_ops(r.compiled_pattern)) is None or key[1] in ops]
+        for rule in rules:
             m = match_at(rule.compiled_pattern, node, graph, model)
             if m is None:
                 continue
@@ -227,9 +235,14 @@ def _apply(model: ModelGraph, graph: gs.Graph, rule: Rule, m: Match) -> tuple[st
     except Exception as exc:
         builder.discard()
         raise _RewriteFailed(f"rule error in rewrite: {_one_line(exc)}") from exc
-    for old, new in list(zip(old_outs, new_outs)) + readers:
+    first_new = len(graph.nodes)
+    pairs = list(zip(old_outs, new_outs)) + readers
+    for old, new in pairs:
         _replace_uses(model, graph, old, new)
     graph.nodes.extend(builder.nodes)
+    # New tensors and renamed ones (a graph output keeps its name), for the kept name index.
+    added = [t for n in graph.nodes[first_new:] for t in (*n.inputs, *n.outputs)]
+    model.note_tensors(graph, added + [t for pair in pairs for t in pair])
     for node in builder.nodes:
         model.provenance[node.name] = rule.id
     return tuple(n.name for n in builder.nodes)

@@ -201,6 +201,7 @@ class ModelGraph:
         self._make_lazy_values_local()
         self.provenance: dict[str, str] = {}
         self._used_names: set[str] = set()
+        self._tensor_maps: dict[int, tuple[gs.Graph, dict[str, gs.Tensor]]] = {}
         self._name_everything()
 
     # -- constants ---------------------------------------------------------------------
@@ -283,9 +284,34 @@ class ModelGraph:
         self._used_names.add(name)
         return name
 
+    # -- tensors by name -------------------------------------------------------------------
+    def tensor_map(self, graph: gs.Graph) -> dict[str, gs.Tensor]:
+        """``graph.tensors()``, kept instead of rebuilt: a full walk of the graph per rewrite
+        site made rewriting quadratic in the graph size. Valid while nodes are only added or
+        rewired (the driver reports new and renamed tensors with :meth:`note_tensors`);
+        :meth:`cleanup` drops it. Treat it as read-only."""
+        entry = self._tensor_maps.get(id(graph))
+        if entry is None or entry[0] is not graph:
+            entry = (graph, dict(graph.tensors()))
+            self._tensor_maps[id(graph)] = entry
+        return entry[1]
+
+    def note_tensors(self, graph: gs.Graph, tensors: Sequence[gs.Tensor]) -> None:
+        """Record tensors added to or renamed in ``graph`` in its kept :meth:`tensor_map`."""
+        entry = self._tensor_maps.get(id(graph))
+        if entry is None or entry[0] is not graph:
+            return
+        for t in tensors:
+            if not t.is_empty():
+                entry[1][t.name] = t
+
     # -- shapes -------------------------------------------------------------------------
     def refresh_shapes(self) -> None:
-        """Re-run ONNX shape inference and copy the inferred dtypes/shapes onto gs tensors."""
+        """Re-run ONNX shape inference and copy the inferred dtypes/shapes onto gs tensors that
+        have none (nothing to do, and no inference run, when every tensor has both)."""
+        if not any(isinstance(t, gs.Variable) and (t.shape is None or t.dtype is None)
+                   for g in iter_graphs(self.graph) for t in g.tensors().values()):
+            return
         try:
             inferred = _infer_shapes(gs.export_onnx(self.graph, do_type_check=False))
         except Exception:
@@ -319,8 +345,16 @@ class ModelGraph:
         return 0
 
     def cleanup(self) -> None:
-        """Remove dead nodes and unused constants; restore topological order."""
-        self.graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        """Remove dead nodes and unused constants; restore topological order.
+
+        A graph without subgraphs or local functions takes a linear path (:func:`_prune_and_sort`)
+        that keeps the nodes in their current order where it is already topological; others
+        go through onnx-graphsurgeon's cleanup and toposort (several times slower)."""
+        self._tensor_maps.clear()
+        g = self.graph
+        if g.functions or any(isinstance(a, gs.Graph) or (isinstance(a, (list, tuple)) and any(isinstance(x, gs.Graph) for x in a))
+                              for n in g.nodes for a in n.attrs.values()) or not _prune_and_sort(g):
+            g.cleanup(remove_unused_graph_inputs=False).toposort()
 
     def export(self) -> onnx.ModelProto:
         """The model as ONNX, with everything gs forgets restored from the original."""
@@ -390,6 +424,64 @@ class ModelGraph:
         ordered.extend(current.values())
         del g.input[:]
         g.input.extend(ordered)
+
+
+def _prune_and_sort(graph: gs.Graph) -> bool:
+    """gs's ``cleanup().toposort()`` for a graph without subgraphs, in linear time: producers
+    of graph inputs detached, nodes that no graph output depends on disconnected and dropped,
+    the rest in an order where each node follows its producers, the current order kept where it
+    already is one. False (graph unchanged) when the nodes form a cycle."""
+    index = {id(n): i for i, n in enumerate(graph.nodes)}
+    graph_inputs = {id(t) for t in graph.inputs}  # their producers are dropped, as gs does
+
+    def made_by(t: gs.Tensor) -> list[int]:
+        return [] if id(t) in graph_inputs else [index[id(p)] for p in t.inputs if id(p) in index]
+
+    producers = [[i for t in n.inputs for i in made_by(t)] for n in graph.nodes]
+    live = [False] * len(graph.nodes)
+    stack = [i for t in graph.outputs for i in made_by(t)]
+    while stack:
+        i = stack.pop()
+        if not live[i]:
+            live[i] = True
+            stack.extend(producers[i])
+    order = _producers_first(producers, live)
+    if order is None:
+        return False
+    nodes = list(graph.nodes)
+    for inp in graph.inputs:
+        inp.inputs.clear()
+    for i, n in enumerate(nodes):
+        if not live[i]:
+            n.inputs.clear()
+            n.outputs.clear()
+    graph.nodes = [nodes[i] for i in order]
+    return True
+
+
+def _producers_first(producers: list[list[int]], keep: list[bool]) -> list[int] | None:
+    """The kept indices, each after its producers, in index order where that allows (a
+    depth-first walk from each in turn); None on a cycle."""
+    order: list[int] = []
+    state = [0] * len(producers)  # 0 new, 1 on the path, 2 placed
+    for root in range(len(producers)):
+        if not keep[root] or state[root]:
+            continue
+        path = [(root, iter(producers[root]))]
+        state[root] = 1
+        while path:
+            i, pending = path[-1]
+            nxt = next(pending, None)
+            if nxt is None:
+                path.pop()
+                state[i] = 2
+                order.append(i)
+            elif state[nxt] == 1:
+                return None
+            elif state[nxt] == 0:
+                state[nxt] = 1
+                path.append((nxt, iter(producers[nxt])))
+    return order
 
 
 def _describes(info: onnx.ValueInfoProto, tensor: onnx.TensorProto) -> bool:

@@ -38,6 +38,7 @@ __all__ = [
     "PatternBuilder",
     "Match",
     "match_at",
+    "first_input_ops",
 ]
 
 AttrPred = Union[Callable[[Any], bool], Any]
@@ -318,11 +319,95 @@ def _interior_failures(m: Match, graph_outputs: Sequence[gs.Tensor]) -> tuple[li
     return out, readers
 
 
+Quick = Callable[[gs.Node], bool]
+
+
+def _quick_node(pat: OpPat) -> Quick:
+    """A test that is False when a node cannot match ``pat``: a wrong op, attribute or input
+    count, or an input that cannot match its pattern (:func:`_quick_tensor`). Necessary, not
+    sufficient; cheap, so most (rule, node) pairs of a sweep end here, without the matcher's
+    backtracking. Compiled once per pattern."""
+    ops, attrs = frozenset(pat.ops), list(pat.attrs.items())
+    lo = sum(1 for p in pat.inputs if not (isinstance(p, ConstPat) and p.optional)) if pat.inputs else 0
+    hi = len(pat.inputs) if pat.inputs else 1 << 30
+    subs = [_quick_tensor(p) for p in pat.inputs]
+    swap = pat.commutative and len(subs) == 2
+
+    def test(node: gs.Node) -> bool:
+        if node.op not in ops or not lo <= len(node.inputs) <= hi:
+            return False
+        for key, want in attrs:
+            if not _attr_ok(node, key, want):
+                return False
+        ins = node.inputs
+        padded = [ins[i] if i < len(ins) else None for i in range(len(subs))]
+        if all(sub(t) for sub, t in zip(subs, padded)):
+            return True
+        return swap and subs[0](padded[1]) and subs[1](padded[0])
+
+    return test
+
+
+def _quick_tensor(pat: Pattern) -> Callable[[gs.Tensor | None], bool]:
+    """The :func:`_quick_node` test for an input: its producer for an op pattern, either form
+    of a ``maybe``; anything else may match."""
+    if isinstance(pat, OpPat):
+        inner_node, index = _quick_node(pat), pat.output_index
+
+        def produced(t: gs.Tensor | None) -> bool:
+            node = producer(t)
+            return node is not None and node.outputs.index(t) == index and inner_node(node)
+
+        return produced
+    if isinstance(pat, MaybeOpPat):
+        inner, op = _quick_tensor(pat.inner), pat.op
+
+        def maybe(t: gs.Tensor | None) -> bool:
+            node = producer(t)
+            if node is not None and node.op == op and len(node.inputs) == 2 and (inner(node.inputs[0]) or inner(node.inputs[1])):
+                return True
+            return inner(t)
+
+        return maybe
+    return lambda t: True
+
+
+_QUICK: dict[int, tuple[OpPat, Quick]] = {}
+
+
+def _may_match(pat: OpPat, node: gs.Node) -> bool:
+    entry = _QUICK.get(id(pat))
+    if entry is None or entry[0] is not pat:
+        entry = (pat, _quick_node(pat))
+        _QUICK[id(pat)] = entry
+    return entry[1](node)
+
+
+def first_input_ops(pat: OpPat) -> frozenset[str] | None:
+    """The ops a node writing ``pat``'s first input may have in a match; None when anything may
+    (a variable, a constant, a commutative op whose inputs may swap). The driver sorts rules by
+    (root op, this) once per sweep instead of testing every rule at every node."""
+    if not pat.inputs or pat.commutative:
+        return None
+    return _producer_ops(pat.inputs[0])
+
+
+def _producer_ops(pat: Pattern) -> frozenset[str] | None:
+    if isinstance(pat, OpPat):
+        return frozenset(pat.ops)
+    if isinstance(pat, MaybeOpPat):
+        inner = _producer_ops(pat.inner)
+        return None if inner is None else inner | {pat.op}
+    return None
+
+
 def match_at(pattern: OpPat, node: gs.Node, graph: gs.Graph, model: ModelGraph) -> Match | None:
     """The first structural match of ``pattern`` rooted at ``node`` (soft failures recorded), or None.
 
     A match without soft failures is preferred over one with them when several exist.
     """
+    if not _may_match(pattern, node):
+        return None
     matcher = _Matcher(model, graph)
     m = Match(graph=graph, model=model, root=node)
     first: Match | None = None

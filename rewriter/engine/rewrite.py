@@ -6,8 +6,10 @@ rebuilds -- calls :func:`rewrite`, so each rebuild starts from the untouched inp
 
 from __future__ import annotations
 
+import contextlib
+import gc
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import onnx
 
@@ -30,6 +32,23 @@ class Rewritten:
 def rewrite(loaded: LoadedModel, rules: Sequence[Rule], *, skip: Sequence[SiteKey] = ()) -> Rewritten:
     """Run the driver on a fresh graph of ``loaded`` (the input proto is never mutated), leaving
     the ``skip`` sites as they are."""
-    graph = ModelGraph(loaded.model, loaded.base_dir)
-    result = run_rules(graph, rules, skip=skip)
-    return Rewritten(graph.export(), result)
+    with _collector_paused():
+        graph = ModelGraph(loaded.model, loaded.base_dir)
+        result = run_rules(graph, rules, skip=skip)
+        return Rewritten(graph.export(), result)
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for the block (its previous state restored after).
+
+    A graph of N nodes is a few hundred thousand live objects; the full collections their
+    allocation triggers each walk all of them, about 20 % of a 50,000-node rewrite. Nothing
+    here needs the collector: dead nodes are disconnected (their cycles broken) by cleanup."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()

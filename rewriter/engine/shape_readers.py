@@ -46,17 +46,28 @@ def _atoms(d: Dim) -> list[tuple]:
     return [d] if d[0] == "dim" else list(d[2])
 
 
-def _outside(m: Match, graph: gs.Graph) -> dict[str, gs.Tensor]:
-    """Tensors of ``graph`` a rebuilt shape may read: none produced by a matched node."""
-    dying = {id(t) for n in m.matched for t in n.outputs}
-    return {name: t for name, t in graph.tensors().items() if id(t) not in dying}
+class _Outside:
+    """Tensors of ``graph`` a rebuilt shape may read, by name: none produced by a matched node."""
+
+    def __init__(self, m: Match, graph: gs.Graph) -> None:
+        self._tensors = m.model.tensor_map(graph)
+        self._dying = {id(t) for n in m.matched for t in n.outputs}
+
+    def __contains__(self, name: object) -> bool:
+        t = self._tensors.get(name)  # type: ignore[call-overload]
+        return t is not None and t.name == name and id(t) not in self._dying
+
+    def __getitem__(self, name: str) -> gs.Tensor:
+        if name not in self:
+            raise KeyError(name)
+        return self._tensors[name]
 
 
 def reader_problem(m: Match, graph: gs.Graph) -> str | None:
     """Why a ``Shape``/``Size`` reader of ``m`` cannot be rebuilt, or None when all can."""
     if not m.shape_readers:
         return None
-    outside = _outside(m, graph)
+    outside = _Outside(m, graph)
     for reader in m.shape_readers:
         dims = _reader_dims(m, reader)
         unknown = dims is None or any(d is None for d in dims)
@@ -72,7 +83,9 @@ def reader_problem(m: Match, graph: gs.Graph) -> str | None:
 
 def rebuild(b: RewriteBuilder, m: Match, graph: gs.Graph) -> list[tuple[gs.Tensor, gs.Tensor]]:
     """(old reader output, new value) for every reader of ``m``; only call after :func:`reader_problem`."""
-    outside = _outside(m, graph)
+    if not m.shape_readers:
+        return []
+    outside = _Outside(m, graph)
     pairs = []
     for reader in m.shape_readers:
         dims = _reader_dims(m, reader)
@@ -89,7 +102,7 @@ def rebuild(b: RewriteBuilder, m: Match, graph: gs.Graph) -> list[tuple[gs.Tenso
     return pairs
 
 
-def _dims_tensor(b: RewriteBuilder, dims: Sequence[Dim], outside: dict[str, gs.Tensor]) -> gs.Tensor:
+def _dims_tensor(b: RewriteBuilder, dims: Sequence[Dim], outside: _Outside) -> gs.Tensor:
     if all(isinstance(d, (int, np.integer)) for d in dims):
         return b.ints([int(d) for d in dims], "shape")  # type: ignore[arg-type]
     shapes: dict[str, gs.Tensor] = {}
@@ -99,7 +112,7 @@ def _dims_tensor(b: RewriteBuilder, dims: Sequence[Dim], outside: dict[str, gs.T
     return b.op("Concat", parts, {"axis": 0}, dtype=np.int64, shape=[len(parts)])
 
 
-def _dim_tensor(b: RewriteBuilder, d: Dim, outside: dict[str, gs.Tensor], shapes: dict[str, gs.Tensor]) -> gs.Tensor:
+def _dim_tensor(b: RewriteBuilder, d: Dim, outside: _Outside, shapes: dict[str, gs.Tensor]) -> gs.Tensor:
     """A 1-element int64 tensor holding dim ``d``."""
     if isinstance(d, (int, np.integer)):
         return b.ints([int(d)], "dim")

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import numpy as np
 
 from rewriter.errors import InputError
-from rewriter.measure.memprobe import measure_memory, save_feeds
+from rewriter.measure.memprobe import MemoryProbe, save_feeds
 from rewriter.ort import CudaOptions, ModelSource, SessionError, cuda_status, make_session, model_source, parse_providers, timing_call
 from rewriter.prove.inputs import input_specs, make_feeds, shape_sets
 from rewriter.prove.windows import window_check
@@ -242,6 +242,23 @@ def time_interleaved(
     return samples
 
 
+def _open_and_probe(
+    sources: Sequence[ModelSource], provider: str, options: BenchOptions, feeds_manifest: Path | None, tmp: Path
+) -> tuple[list["onnxruntime.InferenceSession"], list[MemoryProbe]]:
+    """The models' sessions (shared with the run's other steps), and their memory probes started.
+
+    The probes run in their own interpreters while this one builds its sessions (a large model's
+    session creation can take minutes; each process's peak is its own); the caller reads them
+    before any timed round, so nothing runs beside those. No probe outlives a failure here."""
+    probes = [MemoryProbe(s, provider, options.threads, options.runs, feeds_manifest, tmp) for s in sources] if feeds_manifest else []
+    try:
+        return [make_session(s, provider, threads=options.threads, shared=True) for s in sources], probes
+    except BaseException:
+        for p in probes:
+            p.stop()
+        raise
+
+
 def _bench_provider(
     provider: str,
     before: ModelSource,
@@ -271,21 +288,25 @@ def _bench_provider(
             return result(status="skipped", reason=status.reason, verdict="not compared")
     sources = [before] + ([after] if after is not None else [])
     try:
-        sessions = [make_session(s, provider, threads=options.threads) for s in sources]
+        sessions, probes = _open_and_probe(sources, provider, options, feeds_manifest, tmp)
     except SessionError as exc:
         if provider == "cpu":
             raise
         return result(status="skipped", reason=f"{provider} unavailable: {exc.detail}")
-    samples = time_interleaved(sessions, feeds, runs=options.runs, warmup=options.warmup, tick=tick)
-    del sessions
 
     memory: list[dict[str, Any] | None] = [None] * len(sources)
     notes: list[str] = []
-    if feeds_manifest is not None:
-        for i, src in enumerate(sources):
-            memory[i], more = measure_memory(src, provider, options.threads, options.runs, feeds_manifest, tmp)
+    try:
+        for i, probe in enumerate(probes):
+            memory[i], more = probe.result()
             notes += more
-            tick()
+    finally:
+        for probe in probes:  # interrupted while waiting: no probe outlives this run
+            probe.stop()
+    samples = time_interleaved(sessions, feeds, runs=options.runs, warmup=options.warmup, tick=tick)
+    del sessions
+    for _ in probes:
+        tick()
     notes.append("intra-op thread spinning off, so the compared sessions do not steal cores from each other")
     if provider == "cuda":
         notes += _cuda_notes(memory)

@@ -19,7 +19,7 @@ import numpy as np
 
 from rewriter.ort import PROVIDERS, ModelSource, make_session
 
-__all__ = ["measure_memory", "save_feeds", "load_feeds", "main"]
+__all__ = ["MemoryProbe", "measure_memory", "save_feeds", "load_feeds", "main"]
 
 _MEMORY_RUNS = 3  # the peak is reached on the first run; a few more catch late allocations
 _MEMORY_TIMEOUT_S = 600
@@ -50,32 +50,62 @@ def load_feeds(manifest_path: Path) -> dict[str, np.ndarray]:
         }
 
 
+class MemoryProbe:
+    """One model's memory probe, running in its own interpreter from construction on; ``result``
+    waits for it. The benchmark starts the probes and builds its own sessions meanwhile (each
+    process's peak is its own, so running side by side changes no figure; the timed runs start
+    only once every probe has finished)."""
+
+    def __init__(self, src: ModelSource, provider: str, threads: int, runs: int, feeds_manifest: Path, tmp: Path) -> None:
+        self.label = src.label
+        cmd = [
+            sys.executable, "-m", "rewriter.measure.memprobe", str(src.file_for_subprocess(tmp)),
+            "--feeds", str(feeds_manifest), "--provider", provider,
+            "--threads", str(threads), "--runs", str(min(runs, _MEMORY_RUNS)),
+        ]
+        if src.external_dir is not None:
+            cmd += ["--external-dir", str(src.external_dir)]
+        env = dict(os.environ)
+        package_root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self._finished = False
+
+    def result(self) -> tuple[dict[str, Any], list[str]]:
+        """(result, notes) as :func:`measure_memory` returns them."""
+        try:
+            out, err = self._proc.communicate(timeout=_MEMORY_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            return {}, [f"{self.label} memory: measurement timed out after {_MEMORY_TIMEOUT_S} s"]
+        except BaseException:  # Ctrl-C / SIGTERM while waiting: the probe ends with us
+            self.stop()
+            raise
+        self._finished = True
+        lines = out.strip().splitlines()
+        if self._proc.returncode != 0 or not lines:
+            last = (err.strip().splitlines() or ["no output"])[-1]
+            return {}, [f"{self.label} memory: measurement failed: {last}"]
+        result = json.loads(lines[-1])
+        notes = [f"{self.label} device memory: {result['device_note']}"] if result.get("device_note") else []
+        return result, notes
+
+    def stop(self) -> None:
+        """End the probe if it still runs (the benchmark failed before reading it)."""
+        if self._finished:
+            return
+        self._finished = True
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.communicate()
+
+
 def measure_memory(
     src: ModelSource, provider: str, threads: int, runs: int, feeds_manifest: Path, tmp: Path
 ) -> tuple[dict[str, Any], list[str]]:
     """Peak RSS (and CUDA device memory) of one model's session creation + runs, measured in a
     fresh interpreter so nothing else this process holds is counted. Returns (result, notes)."""
-    cmd = [
-        sys.executable, "-m", "rewriter.measure.memprobe", str(src.file_for_subprocess(tmp)),
-        "--feeds", str(feeds_manifest), "--provider", provider,
-        "--threads", str(threads), "--runs", str(min(runs, _MEMORY_RUNS)),
-    ]
-    if src.external_dir is not None:
-        cmd += ["--external-dir", str(src.external_dir)]
-    env = dict(os.environ)
-    package_root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_MEMORY_TIMEOUT_S, env=env)
-    except subprocess.TimeoutExpired:
-        return {}, [f"{src.label} memory: measurement timed out after {_MEMORY_TIMEOUT_S} s"]
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {}, [f"{src.label} memory: measurement failed: {err}"]
-    result = json.loads(lines[-1])
-    notes = [f"{src.label} device memory: {result['device_note']}"] if result.get("device_note") else []
-    return result, notes
+    return MemoryProbe(src, provider, threads, runs, feeds_manifest, tmp).result()
 
 
 def _max_rss_bytes() -> int:

@@ -112,11 +112,14 @@ def grow_workload(
 def choose_workload(model: LoadedModel, provider: str, *, seed: int = 0, threads: int = 2, target_ms: float | None = None) -> Workload:
     """The workload shape of ``model`` on ``provider``: from the smallest shapes that run on CPU
     (:func:`rewriter.prove.search.find_runnable`), grown while the original is faster than the
-    provider's target, timed with the benchmark's own session settings."""
+    provider's target, timed with the benchmark's own session settings on the copy whose
+    ``value_info`` names the dims (``make_session(annotate=True)``)."""
     specs = input_specs(model.model)
     plan = dim_plan(specs)
-    src = model_source(model.path or model.model, "original", model.base_dir)
-    cpu = make_session(src, "cpu", threads=threads)
+    src = model_source(model.model, "original", model.base_dir)
+    # The dims-named copy (the same computation; a session in seconds where the model itself can
+    # take minutes), shared with verification. The benchmark measures the model as it is.
+    cpu = make_session(src, "cpu", threads=threads, annotate=True, shared=True)
     fits = window_check(model.model)  # shapes some onnxruntime kernels would crash the process on
 
     def probe(shapes: dict[str, tuple[int, ...]]) -> str | None:
@@ -130,7 +133,7 @@ def choose_workload(model: LoadedModel, provider: str, *, seed: int = 0, threads
 
     found = find_runnable(plan, probe)
     start = {v: found.plan.values[v][0] for v in found.plan.variables}
-    sess = cpu if provider == "cpu" else make_session(src, provider, threads=threads)
+    sess = cpu if provider == "cpu" else make_session(src, provider, threads=threads, annotate=True, shared=True)
 
     def time_at(shapes: dict[str, tuple[int, ...]]) -> float | None:
         if fits is not None and fits(shapes) is not None:

@@ -212,7 +212,8 @@ class _Lazy:
     def get(self) -> ort.InferenceSession | None:
         if self._sess is None and self.error is None:
             try:
-                self._sess = make_session(self.model.source, self.provider, cuda=self.cuda)
+                # Outputs are what counts here, not speed: the dims-named copy, shared by the run's steps.
+                self._sess = make_session(self.model.source, self.provider, cuda=self.cuda, annotate=True, shared=True)
             except SessionError as exc:
                 self.error = exc.detail
         return self._sess

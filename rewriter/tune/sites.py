@@ -255,7 +255,8 @@ def observe(loaded: LoadedModel, names: Sequence[str], feeds: Mapping[str, np.nd
     probe.CopyFrom(loaded.model)
     present = {o.name for o in probe.graph.output}
     probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in wanted if n not in present)
-    sess = make_session(model_source(probe, "original", loaded.base_dir if has_external_data(probe) else None), "cpu")
+    # Values are what counts here, not speed: the dims-named copy loads in seconds.
+    sess = make_session(model_source(probe, "original", loaded.base_dir if has_external_data(probe) else None), "cpu", annotate=True)
     out_names = [o.name for o in sess.get_outputs()]
     values = dict(zip(out_names, sess.run(None, dict(feeds))))
     return {**feeds, **{n: np.asarray(values[n]) for n in wanted}}
