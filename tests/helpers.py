@@ -98,3 +98,12 @@ def pointwise_chain(blocks: int, channels: int = 4) -> onnx.ModelProto:
                   helper.make_node("Add", [f"r{i}", prev], [f"a{i}"], name=f"add{i}")]
         prev = f"a{i}"
     return make_model(nodes, [vi("x", ["batch", "length", channels])], [vi(prev, ["batch", "length", channels])], inits)
+
+
+def cli(capsys: Any, *args: object) -> tuple[int, str, str]:
+    """Run the command line in this process: (exit code, stdout, stderr)."""
+    from rewriter.cli.app import run_app
+
+    code = run_app([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err

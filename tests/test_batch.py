@@ -25,10 +25,9 @@ from onnx import helper
 from rich.console import Console
 
 import rewriter
-from helpers import make_model, vi
+from helpers import cli, make_model, vi
 from rewriter.cli import app
 from rewriter.cli import batch_jobs
-from rewriter.cli.app import run_app
 from rewriter.cli.batch_jobs import ModelJob, Outcome, find_models, plan_jobs, run_jobs
 from rewriter.cli.batch_summary import Row, read_report, render_table, worst_exit
 from rewriter.cli.cmd_batch import _worker_env, claims, worker_args
@@ -41,11 +40,6 @@ PLUGIN = str(Path(__file__).with_name("batch_rules.py"))
 SCHEMA = json.loads((Path(rewriter.__file__).parent / "schemas" / "report.schema.json").read_text())
 SOME = ["torch/method1_ts.onnx", "torch/dense_ref_ts.onnx", "keras/method2_tf2onnx.onnx", "torch/distractor_k3_ts.onnx"]
 
-
-def cli(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:
-    code = run_app([str(a) for a in args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def relu_model(path: Path, node_name: str) -> Path:

@@ -13,8 +13,7 @@ import onnx
 import pytest
 from onnx import helper
 
-from helpers import init, make_model, run, vi
-from rewriter.cli.app import run_app
+from helpers import cli, init, make_model, run, vi
 
 ENGINE_RULES = str(Path(__file__).with_name("engine_rules.py"))
 RNG = np.random.default_rng(0)
@@ -39,11 +38,6 @@ def model_path(tmp_path: Path) -> Path:
     onnx.save(matmul_model(), p)
     return p
 
-
-def cli(capsys, *args: str) -> tuple[int, str, str]:
-    code = run_app([str(a) for a in args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def assert_one_line_error(code: int, err: str, expected_code: int, needle: str) -> None:

@@ -12,8 +12,7 @@ import pytest
 from onnx import helper
 
 import rewriter
-from helpers import init, make_model, vi
-from rewriter.cli.app import run_app
+from helpers import cli, init, make_model, vi
 from rewriter.cli.params import parse_bench_shapes
 from rewriter.errors import InputError
 
@@ -37,11 +36,6 @@ def models(tmp_path: Path) -> tuple[Path, Path]:
     onnx.save(_model(1), b)
     return a, b
 
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    code = run_app([str(x) for x in args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def _valid_bench_report(data: dict) -> None:

@@ -14,8 +14,7 @@ import pytest
 from onnx import helper
 
 import rewriter
-from helpers import init, make_model, vi
-from rewriter.cli.app import run_app
+from helpers import cli, init, make_model, vi
 from rewriter.cli.console import stdout_console
 
 ENGINE_RULES = str(Path(__file__).with_name("engine_rules.py"))
@@ -39,11 +38,6 @@ def model(tmp_path: Path) -> Path:
     onnx.save(relu_model(), path)
     return path
 
-
-def cli(capsys, *args: object) -> tuple[int, str, str]:
-    code = run_app([str(a) for a in args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 RULE = ("--plugin", ENGINE_RULES, "--rules", "test-double-relu", "--providers", "cpu")
