@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import onnx
+import onnx_graphsurgeon as gs
 
 from rewriter.engine.driver import DriverResult, SiteKey, run_rules
 from rewriter.engine.graph import ModelGraph
@@ -34,8 +35,37 @@ def rewrite(loaded: LoadedModel, rules: Sequence[Rule], *, skip: Sequence[SiteKe
     the ``skip`` sites as they are."""
     with _collector_paused():
         graph = ModelGraph(loaded.model, loaded.base_dir)
-        result = run_rules(graph, rules, skip=skip)
-        return Rewritten(graph.export(), result)
+        imported = _members(graph)
+        try:
+            result = run_rules(graph, rules, skip=skip)
+            return Rewritten(graph.export(), result)
+        finally:
+            _dismantle([*imported, *_members(graph)])
+            vars(graph).clear()
+
+
+def _members(model: ModelGraph) -> list[object]:
+    """Every node and tensor of the graph and its subgraphs, and the graphs."""
+    found: list[object] = []
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        found.append(graph)
+        for node in graph.nodes:
+            for attr in node.attrs.values():
+                graphs.extend(a for a in (attr if isinstance(attr, (list, tuple)) else [attr]) if isinstance(a, gs.Graph))
+            found += (node, *node.inputs, *node.outputs)
+    return found
+
+
+def _dismantle(members: list[object]) -> None:
+    """Break the reference cycles of graph members so that reference counting frees them at
+    once. Each gs node and tensor is a cycle (its input/output lists point back at it), so
+    every one of them, replaced ones included, would otherwise wait for the cyclic collector:
+    the first collection after the pause walks the whole graph, live, and a later one walks it
+    again to free it, ~4x the cost of this."""
+    for obj in members:
+        vars(obj).clear()
 
 
 @contextlib.contextmanager
