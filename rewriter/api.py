@@ -35,7 +35,7 @@ from rewriter.measure.serial import measuring
 from rewriter.measure.workload import choose_workload
 from rewriter.options import PROVEN, Options
 from rewriter.ort import cuda_status, shared_sessions
-from rewriter.prove.gate import check_writable
+from rewriter.prove.gate import start_gate
 from rewriter.prove.result import VerificationResult
 from rewriter.prove.rollback import prove
 from rewriter.prove.verify import VerifyOptions, verify_models
@@ -66,13 +66,20 @@ class Result:
         A rewritten model is written only if it passes onnx.checker and loads in onnxruntime
         (VerificationError otherwise, nothing written)."""
         out = check_output_path(path, input_path=self.source.path, overwrite_input=overwrite_input)
+        gate = None
         if self.modified:
             verified = self.report.sections.get("verification")
-            check_writable(self.model, self.source.model, self.source.base_dir,
-                           loads=isinstance(verified, VerificationResult) and verified.passed)
-        # Nothing rewritten (or every site rolled back or rejected): the input's own proto, so the
-        # written model is the input, byte for byte where the input's encoding allows.
-        written = save_model(self.model if self.modified else self.source.model, out, source=self.source, overwrite_input=overwrite_input)
+            # The onnxruntime load runs while the file is staged; its verdict comes before the rename.
+            gate = start_gate(self.model, self.source.model, self.source.base_dir,
+                              loads=isinstance(verified, VerificationResult) and verified.passed)
+        try:
+            # Nothing rewritten (or every site rolled back or rejected): the input's own proto, so the
+            # written model is the input, byte for byte where the input's encoding allows.
+            written = save_model(self.model if self.modified else self.source.model, out, source=self.source,
+                                 overwrite_input=overwrite_input, before_commit=gate.wait if gate else None)
+        finally:
+            if gate is not None:
+                gate.close()
         return self.report.with_output(summarize(self.model, written, file_sha256(written)))
 
 

@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import onnx
 from google.protobuf.message import EncodeError
@@ -210,7 +211,8 @@ def _inline_size(model: onnx.ModelProto) -> int:
 
 
 def save_model(
-    model: onnx.ModelProto, out: Path, *, source: LoadedModel | None = None, overwrite_input: bool = False
+    model: onnx.ModelProto, out: Path, *, source: LoadedModel | None = None, overwrite_input: bool = False,
+    before_commit: Callable[[], None] | None = None,
 ) -> Path:
     """Write `model` to `out` atomically, with its external data made available there.
 
@@ -222,6 +224,8 @@ def save_model(
     - The IR version is lowered if onnxruntime would refuse it (in the file only).
     - Every file is written under a temp name in its folder and renamed into place once
       all are written; on failure the temp files are removed and nothing changes.
+    - ``before_commit`` runs once all are written, before the renames; if it raises, the
+      temp files are removed and the exception propagates (the write gate's verdict).
     `model` is as it was on return. Returns the resolved output path.
     """
     out = check_output_path(out, input_path=source.path if source else None, overwrite_input=overwrite_input)
@@ -256,6 +260,8 @@ def save_model(
             raise InputError(f"{where}: over protobuf's 2 GB limit even with large tensors stored externally") from None
         staging.write(out, data)
         del data
+        if before_commit is not None:
+            before_commit()
         staging.commit()
     except OSError as exc:
         staging.discard()

@@ -1,16 +1,26 @@
 """The last gate before a rewritten model is written: it passes onnx.checker and loads in
-onnxruntime. A rule may never turn a loadable model into an unloadable one."""
+onnxruntime. A rule may never turn a loadable model into an unloadable one.
+
+Only what the rules changed is opened in onnxruntime: the region of nodes they created, cut out
+as small models whose boundary types strict ONNX shape inference checked against the rest of
+the graph (:func:`rewriter.prove.region.cut_region`); when the region cannot be cut cleanly, the
+whole model, as before. The loads run on a thread of their own (onnxruntime releases the GIL
+while it builds a session) while the caller stages the file: :func:`start_gate` checks and
+starts them, :meth:`PendingGate.wait` gives the verdict before the file is renamed into place.
+"""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import onnx
 
 from rewriter.errors import VerificationError
-from rewriter.ort import SessionError, first_line, make_session, model_source
+from rewriter.ort import ModelSource, SessionError, first_line, make_session, model_source
+from rewriter.prove.region import cut_region
 
-__all__ = ["check_writable"]
+__all__ = ["check_writable", "start_gate", "PendingGate", "gate_sources"]
 
 _CHECKER_LIMIT = 2**31 - 1  # onnx.checker takes an in-memory model only below protobuf's 2 GB
 
@@ -25,18 +35,58 @@ def _checker_error(model: onnx.ModelProto) -> str | None:
     return None
 
 
-def check_writable(model: onnx.ModelProto, original: onnx.ModelProto, base_dir: Path | None, *, loads: bool = False) -> None:
+def gate_sources(model: onnx.ModelProto, base_dir: Path | None) -> list[ModelSource]:
+    """What the load gate opens: the rewritten region as models of their own, or the whole model.
+    Serialized now, so ``model`` may change afterwards."""
+    region = cut_region(model)
+    return [model_source(m, "rewritten", base_dir) for m in (region if region is not None else [model])]
+
+
+class PendingGate:
+    """onnxruntime loads of ``sources``, one after the other on a thread of their own;
+    :meth:`wait` raises the first failure."""
+
+    def __init__(self, sources: list[ModelSource]) -> None:
+        self._error: SessionError | None = None
+        self._thread: threading.Thread | None = None
+        if sources:
+            self._thread = threading.Thread(target=self._load, args=(sources,), name="onnx-rewrite-load-gate")
+            self._thread.start()
+
+    def _load(self, sources: list[ModelSource]) -> None:
+        for source in sources:
+            try:
+                # Loading is the question, not speed: no graph optimizations (linear in the graph's size).
+                make_session(source, "cpu", optimize=False)
+            except SessionError as exc:
+                self._error = exc
+                return
+
+    def wait(self) -> None:
+        """Block until the loads ended; VerificationError (exit 1) when one failed."""
+        self.close()
+        if self._error is not None:
+            raise VerificationError(f"not written: the rewritten model does not load in onnxruntime: {self._error.detail}") from self._error
+
+    def close(self) -> None:
+        """Wait for the load thread: an interrupted save must not exit under a running load."""
+        if self._thread is not None:
+            self._thread.join()
+
+
+def start_gate(model: onnx.ModelProto, original: onnx.ModelProto, base_dir: Path | None, *, loads: bool = False) -> PendingGate:
     """Raise VerificationError (exit 1) when ``model`` fails onnx.checker -- unless ``original``
-    fails it too: some exporters write models the checker refuses and onnxruntime runs -- or does
-    not load in onnxruntime on CPU (the graph resolves, every node has a kernel; graph
-    optimizations are not run). ``loads``: it already ran in onnxruntime (verification)."""
+    fails it too: some exporters write models the checker refuses and onnxruntime runs -- and
+    start loading its rewritten region (or the whole model) in onnxruntime on CPU: the graph
+    resolves, every node has a kernel; graph optimizations are not run. ``loads``: it already
+    ran in onnxruntime (verification); nothing is loaded. What is loaded was serialized before
+    this returns: ``model`` may change afterwards."""
     why = _checker_error(model)
     if why is not None and _checker_error(original) is None:
         raise VerificationError(f"not written: the rewritten model fails onnx.checker: {why}")
-    if loads:
-        return
-    try:
-        # Loading is the question, not speed: no graph optimizations (linear in the graph's size).
-        make_session(model_source(model, "rewritten", base_dir), "cpu", optimize=False)
-    except SessionError as exc:
-        raise VerificationError(f"not written: the rewritten model does not load in onnxruntime: {exc.detail}") from exc
+    return PendingGate([] if loads else gate_sources(model, base_dir))
+
+
+def check_writable(model: onnx.ModelProto, original: onnx.ModelProto, base_dir: Path | None, *, loads: bool = False) -> None:
+    """:func:`start_gate` and its verdict, in one call."""
+    start_gate(model, original, base_dir, loads=loads).wait()
