@@ -81,9 +81,9 @@ def _typing_model(model: onnx.ModelProto) -> onnx.ModelProto:
     return light
 
 
-def _inferred_types(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto] | None:
-    """Every top-level tensor's type from strict, type-checked shape inference, or None when
-    inference fails (an inconsistency the whole-model load is left to judge)."""
+def _inferred_types(model: onnx.ModelProto, names: set[str]) -> dict[str, onnx.ValueInfoProto] | None:
+    """The types of top-level tensors ``names`` from strict, type-checked shape inference of the
+    whole model, or None when inference fails (an inconsistency the whole-model load judges)."""
     light = _typing_model(model)
     if light.ByteSize() >= _PROTOBUF_LIMIT:
         return None
@@ -92,7 +92,7 @@ def _inferred_types(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto] | 
     except Exception:  # noqa: BLE001 - any inference failure means: open the whole model
         return None
     g = inferred.graph
-    return {vi.name: vi for vi in (*g.input, *g.value_info, *g.output)}
+    return {vi.name: vi for part in (g.input, g.value_info, g.output) for vi in part if vi.name in names}
 
 
 def _typed(name: str, types: dict[str, onnx.ValueInfoProto]) -> onnx.ValueInfoProto | None:
@@ -203,7 +203,7 @@ def cut_region(model: onnx.ModelProto) -> list[onnx.ModelProto] | None:
     ends = _chunk_ends(graph, nodes, chunks)
     if ends is None:
         return None
-    types = _inferred_types(model)
+    types = _inferred_types(model, {name for inputs, outputs in ends for name in (*inputs, *outputs)})
     if types is None:
         return None
     initializers = {t.name: t for t in graph.initializer}
