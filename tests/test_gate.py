@@ -265,6 +265,17 @@ def test_the_load_runs_while_the_file_is_written(tmp_path: Path, monkeypatch: py
     assert onnx.load(str(tmp_path / "m.onnx")).graph.node
 
 
+def test_an_unexpected_error_in_the_load_thread_is_raised_not_passed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object, **kwargs: object) -> object:
+        raise MemoryError("no memory for the session")
+
+    monkeypatch.setattr(gate, "make_session", broken)
+    result = rewriter.optimize(pointwise_chain(4), verify=False, rules=["transposed-conv1x1-to-matmul"])
+    with pytest.raises(MemoryError):
+        result.save(tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_interrupted_save_leaves_no_temp_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def interrupted(self: gate.PendingGate) -> None:
         self.close()

@@ -47,7 +47,7 @@ class PendingGate:
     :meth:`wait` raises the first failure."""
 
     def __init__(self, sources: list[ModelSource]) -> None:
-        self._error: SessionError | None = None
+        self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         if sources:
             self._thread = threading.Thread(target=self._load, args=(sources,), name="onnx-rewrite-load-gate")
@@ -58,15 +58,17 @@ class PendingGate:
             try:
                 # Loading is the question, not speed: no graph optimizations (linear in the graph's size).
                 make_session(source, "cpu", optimize=False)
-            except SessionError as exc:
+            except BaseException as exc:  # noqa: BLE001 - handed to wait(): an unexpected error must not pass the gate
                 self._error = exc
                 return
 
     def wait(self) -> None:
         """Block until the loads ended; VerificationError (exit 1) when one failed."""
         self.close()
-        if self._error is not None:
+        if isinstance(self._error, SessionError):
             raise VerificationError(f"not written: the rewritten model does not load in onnxruntime: {self._error.detail}") from self._error
+        if self._error is not None:
+            raise self._error
 
     def close(self) -> None:
         """Wait for the load thread: an interrupted save must not exit under a running load."""
