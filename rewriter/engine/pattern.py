@@ -39,6 +39,7 @@ __all__ = [
     "Match",
     "match_at",
     "first_input_ops",
+    "has_choices",
 ]
 
 AttrPred = Union[Callable[[Any], bool], Any]
@@ -390,6 +391,27 @@ def first_input_ops(pat: OpPat) -> frozenset[str] | None:
     if not pat.inputs or pat.commutative:
         return None
     return _producer_ops(pat.inputs[0])
+
+
+_CHOICES: dict[int, tuple[OpPat, bool]] = {}
+
+
+def has_choices(pat: OpPat) -> bool:
+    """Whether ``pat`` may match in more than one way at a node (a ``maybe``, or a commutative op
+    with two inputs), and so looks at nodes its match does not contain. Cached per pattern."""
+    entry = _CHOICES.get(id(pat))
+    if entry is None or entry[0] is not pat:
+        entry = (pat, _choices(pat))
+        _CHOICES[id(pat)] = entry
+    return entry[1]
+
+
+def _choices(pat: Pattern) -> bool:
+    if isinstance(pat, MaybeOpPat):
+        return True
+    if isinstance(pat, OpPat):
+        return (pat.commutative and len(pat.inputs) == 2) or any(_choices(p) for p in pat.inputs)
+    return False
 
 
 def _producer_ops(pat: Pattern) -> frozenset[str] | None:
