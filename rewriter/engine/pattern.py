@@ -177,7 +177,10 @@ class Match:
 
 
 def _attr_ok(node: gs.Node, key: str, pred: AttrPred) -> bool:
-    value = node.attrs.get(key)
+    return _value_ok(node.attrs.get(key), pred)
+
+
+def _value_ok(value: Any, pred: AttrPred) -> bool:
     if callable(pred):
         return bool(pred(value))
     if value is None:
@@ -185,6 +188,23 @@ def _attr_ok(node: gs.Node, key: str, pred: AttrPred) -> bool:
     if isinstance(pred, (list, tuple)):
         return isinstance(value, (list, tuple)) and [int(v) if isinstance(v, (int, np.integer)) else v for v in value] == list(pred)
     return bool(value == pred)
+
+
+AttrTest = Callable[[Mapping[str, Any]], bool]
+
+
+def _attrs_test(attrs: Mapping[str, AttrPred]) -> AttrTest | None:
+    """:func:`_attr_ok` for every (key, predicate) of ``attrs`` as one test of a node's attribute
+    dict, or None when there is nothing to test."""
+    items = list(attrs.items())
+    if not items:
+        return None
+    if len(items) == 1:
+        key, pred = items[0]
+        if callable(pred):
+            return lambda a: bool(pred(a.get(key)))
+        return lambda a: _value_ok(a.get(key), pred)
+    return lambda a: all(_value_ok(a.get(k), p) for k, p in items)
 
 
 class _Matcher:
@@ -289,8 +309,12 @@ class _Matcher:
             yield from self._match_inputs(pat, inputs, i + 1, m)
 
 
-def _in(node: gs.Node, nodes: list[gs.Node]) -> bool:
-    return any(node is n for n in nodes)
+def _in(item: object, items: Sequence[object]) -> bool:
+    """``item`` is one of ``items`` (identity; gs tensors compare equal by name)."""
+    for x in items:
+        if x is item:
+            return True
+    return False
 
 
 SHAPE_READERS = ("Shape", "Size")
@@ -305,7 +329,7 @@ def _interior_failures(m: Match, graph_outputs: Sequence[gs.Tensor]) -> tuple[li
         if node is m.root:
             continue
         for t in node.outputs:
-            if any(t is o for o in graph_outputs):
+            if _in(t, graph_outputs):
                 out.append(f"interior value '{t.name}' is a graph output")
                 continue
             for c in t.outputs:
@@ -328,7 +352,7 @@ def _quick_node(pat: OpPat) -> Quick:
     count, or an input that cannot match its pattern (:func:`_quick_tensor`). Necessary, not
     sufficient; cheap, so most (rule, node) pairs of a sweep end here, without the matcher's
     backtracking. Compiled once per pattern."""
-    ops, attrs = frozenset(pat.ops), list(pat.attrs.items())
+    ops, attrs_ok = frozenset(pat.ops), _attrs_test(pat.attrs)
     lo = sum(1 for p in pat.inputs if not (isinstance(p, ConstPat) and p.optional)) if pat.inputs else 0
     hi = len(pat.inputs) if pat.inputs else 1 << 30
     # Inputs whose pattern may match anything need no test.
@@ -339,9 +363,8 @@ def _quick_node(pat: OpPat) -> Quick:
         def swappable(node: gs.Node) -> bool:
             if node.op not in ops or not lo <= len(node.inputs) <= hi:
                 return False
-            for key, want in attrs:
-                if not _attr_ok(node, key, want):
-                    return False
+            if attrs_ok is not None and not attrs_ok(node.attrs):
+                return False
             ins = node.inputs
             x, y = ins[0] if ins else None, ins[1] if len(ins) > 1 else None
             return (a(x) and b(y)) or (a(y) and b(x))
@@ -353,9 +376,8 @@ def _quick_node(pat: OpPat) -> Quick:
         n = len(ins)
         if node.op not in ops or not lo <= n <= hi:
             return False
-        for key, want in attrs:
-            if not _attr_ok(node, key, want):
-                return False
+        if attrs_ok is not None and not attrs_ok(node.attrs):
+            return False
         for i, sub in subs:
             if not sub(ins[i] if i < n else None):
                 return False
@@ -418,7 +440,7 @@ DirectTensor = Callable[[Union[gs.Tensor, None], _Direct], bool]
 
 
 def _direct_node(pat: OpPat) -> DirectNode:
-    ops, attrs, name = frozenset(pat.ops), list(pat.attrs.items()), pat.name
+    ops, attrs_ok, name = frozenset(pat.ops), _attrs_test(pat.attrs), pat.name
     lo = sum(1 for p in pat.inputs if not (isinstance(p, ConstPat) and p.optional))
     subs = [_direct_tensor(p) for p in pat.inputs]
     hi = len(subs)
@@ -426,9 +448,8 @@ def _direct_node(pat: OpPat) -> DirectNode:
     def match(node: gs.Node, st: _Direct) -> bool:
         if node.op not in ops or _in(node, st.matched):
             return False
-        for key, want in attrs:
-            if not _attr_ok(node, key, want):
-                return False
+        if attrs_ok is not None and not attrs_ok(node.attrs):
+            return False
         ins = node.inputs
         n = len(ins)
         if subs and not lo <= n <= hi:
