@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 
 from rewriter.errors import NonConvergenceError
 from rewriter.engine.graph import ModelGraph, iter_graphs, producer
-from rewriter.engine.pattern import Match, first_input_ops, has_choices, match_at
+from rewriter.engine.pattern import Match, MatchFn, first_input_ops, has_choices, match_at, matcher
 from rewriter.engine.rule import RewriteBuilder, Rule
 from rewriter.engine.shape_readers import reader_problem, rebuild
 
@@ -152,7 +152,8 @@ def _candidates(model: ModelGraph, graph: gs.Graph, by_op: dict[str, list[Rule]]
     order, then rule id; and the refusals of the ones with soft failures."""
     found: list[tuple[int, int, str, _Candidate]] = []
     refusals: list[_Refusal] = []
-    by_input: dict[tuple[str, str | None], list[tuple[int, Rule]]] = {}  # (op, op writing its first input) -> rules that may match
+    # (op, op writing its first input) -> (rank, rule, its matcher) of the rules that may match
+    by_input: dict[tuple[str, str | None], list[tuple[int, Rule, MatchFn]]] = {}
     for order, node in enumerate(list(graph.nodes)):
         if node.op not in by_op:
             continue
@@ -161,11 +162,11 @@ def _candidates(model: ModelGraph, graph: gs.Graph, by_op: dict[str, list[Rule]]
         rules = by_input.get(key)
         if rules is None:
             rules = by_input[key] = [
-                (rank, r) for rank, r in enumerate(by_op[node.op])
+                (rank, r, matcher(r.compiled_pattern)) for rank, r in enumerate(by_op[node.op])
                 if (ops := first_input_ops(r.compiled_pattern)) is None or key[1] in ops
             ]
-        for rank, rule in rules:
-            m = match_at(rule.compiled_pattern, node, graph, model)
+        for rank, rule, match in rules:
+            m = match(node, graph, model)
             if m is None:
                 continue
             if m.soft_failures:

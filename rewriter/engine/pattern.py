@@ -40,6 +40,7 @@ __all__ = [
     "match_at",
     "first_input_ops",
     "has_choices",
+    "matcher",
 ]
 
 AttrPred = Union[Callable[[Any], bool], Any]
@@ -497,13 +498,16 @@ def _direct_tensor(pat: Pattern) -> DirectTensor:
     raise TypeError(f"no direct matcher for pattern node {pat!r}")  # pragma: no cover - has_choices sends these elsewhere
 
 
+MatchFn = Callable[[gs.Node, gs.Graph, ModelGraph], Union[Match, None]]
+
+
 @dataclass(frozen=True)
 class _Compiled:
-    """A pattern's matching plan: the cheap necessary test, and the one-pass matcher when the
-    pattern has no choices (None otherwise: the backtracking matcher runs)."""
+    """A pattern's matching plan: ``match`` is :func:`match_at` for it (the one-pass matcher
+    when the pattern has no choices, else the cheap necessary test in front of the
+    backtracking matcher)."""
 
-    quick: Quick
-    direct: DirectNode | None
+    match: MatchFn
     choices: bool
 
 
@@ -514,9 +518,61 @@ def _compiled(pat: OpPat) -> _Compiled:
     entry = _COMPILED.get(id(pat))
     if entry is None or entry[0] is not pat:
         choices = _choices(pat)
-        entry = (pat, _Compiled(_quick_node(pat), None if choices else _direct_node(pat), choices))
+        entry = (pat, _Compiled(_backtracking(pat) if choices else _one_pass(pat), choices))
         _COMPILED[id(pat)] = entry
     return entry[1]
+
+
+def matcher(pat: OpPat) -> MatchFn:
+    """``match_at`` for ``pat`` as one function of (node, graph, model), compiled once per pattern
+    (the driver holds it instead of looking the pattern up at every node)."""
+    return _compiled(pat).match
+
+
+def _one_pass(pat: OpPat) -> MatchFn:
+    direct = _direct_node(pat)
+
+    def match(node: gs.Node, graph: gs.Graph, model: ModelGraph) -> Match | None:
+        st = _Direct(model)
+        if not direct(node, st):
+            return None
+        m = Match(graph=graph, model=model, root=node, nodes=st.nodes, tensors=st.tensors, matched=st.matched)
+        interior, m.shape_readers = _interior_failures(m, graph.outputs)
+        m.soft_failures = st.soft + interior
+        return m
+
+    return match
+
+
+def _backtracking(pat: OpPat) -> MatchFn:
+    quick = _quick_node(pat)
+
+    def match(node: gs.Node, graph: gs.Graph, model: ModelGraph) -> Match | None:
+        if not quick(node):
+            return None
+        matcher = _Matcher(model, graph)
+        m = Match(graph=graph, model=model, root=node)
+        first: Match | None = None
+        for _ in matcher.match_node(pat, node, m):
+            interior, readers = _interior_failures(m, graph.outputs)
+            soft = list(m.soft_failures) + interior
+            snapshot = Match(
+                graph=graph,
+                model=model,
+                root=node,
+                nodes=dict(m.nodes),
+                tensors=dict(m.tensors),
+                matched=list(m.matched),
+                soft_failures=soft,
+                shape_readers=readers,
+            )
+            if not soft:
+                return snapshot
+            if first is None:
+                first = snapshot
+        return first
+
+    return match
 
 
 def first_input_ops(pat: OpPat) -> frozenset[str] | None:
@@ -556,35 +612,4 @@ def match_at(pattern: OpPat, node: gs.Node, graph: gs.Graph, model: ModelGraph) 
 
     A match without soft failures is preferred over one with them when several exist.
     """
-    plan = _compiled(pattern)
-    if plan.direct is not None:
-        st = _Direct(model)
-        if not plan.direct(node, st):
-            return None
-        m = Match(graph=graph, model=model, root=node, nodes=st.nodes, tensors=st.tensors, matched=st.matched)
-        interior, m.shape_readers = _interior_failures(m, graph.outputs)
-        m.soft_failures = st.soft + interior
-        return m
-    if not plan.quick(node):
-        return None
-    matcher = _Matcher(model, graph)
-    m = Match(graph=graph, model=model, root=node)
-    first: Match | None = None
-    for _ in matcher.match_node(pattern, node, m):
-        interior, readers = _interior_failures(m, graph.outputs)
-        soft = list(m.soft_failures) + interior
-        snapshot = Match(
-            graph=graph,
-            model=model,
-            root=node,
-            nodes=dict(m.nodes),
-            tensors=dict(m.tensors),
-            matched=list(m.matched),
-            soft_failures=soft,
-            shape_readers=readers,
-        )
-        if not soft:
-            return snapshot
-        if first is None:
-            first = snapshot
-    return first
+    return _compiled(pattern).match(node, graph, model)
