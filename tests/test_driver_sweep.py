@@ -200,3 +200,40 @@ def test_a_sweep_that_rewrites_nothing_checks_and_reports_every_match():
         ("test-counting-double-relu", "r2"), ("test-counting-relu", "r2"),
         ("test-counting-double-relu", "r3"), ("test-counting-relu", "r3"),
     ]
+
+
+def test_the_one_pass_matcher_gives_the_backtracking_matchers_match_on_every_fixture():
+    """Every built-in pattern without choices, at every node of every fixture: the same match
+    (the same node and tensor objects bound, in the same order) and the same soft failures."""
+    from pathlib import Path
+
+    import onnx
+
+    from rewriter.engine.graph import ModelGraph, iter_graphs
+    from rewriter.engine.pattern import _backtracking, _one_pass
+    from rewriter.engine.registry import discover
+
+    rules = [r for d in ("to-matmul", "to-conv") for r in discover().select(direction=d)]
+    plans = [(_one_pass(p), _backtracking(p)) for p in {id(r.compiled_pattern): r.compiled_pattern for r in rules}.values()
+             if not has_choices(p)]
+    assert len(plans) > 10
+
+    def fields(m):
+        if m is None:
+            return None
+        ids = lambda d: [(k, id(v)) for k, v in d.items()]  # noqa: E731
+        return (id(m.root), ids(m.nodes), ids(m.tensors), [id(n) for n in m.matched], m.soft_failures,
+                [id(n) for n in m.shape_readers])
+
+    compared = matched = soft = 0
+    for path in sorted((Path(__file__).parent / "fixtures").rglob("*.onnx")):
+        model = ModelGraph(onnx.load(str(path)), path.parent)
+        for graph in iter_graphs(model.graph):
+            for node in graph.nodes:
+                for one_pass, backtracking in plans:
+                    a, b = one_pass(node, graph, model), backtracking(node, graph, model)
+                    assert fields(a) == fields(b), (path.name, node.name)
+                    compared += 1
+                    matched += a is not None
+                    soft += a is not None and bool(a.soft_failures)
+    assert matched > 100 and soft > 10, (compared, matched, soft)
