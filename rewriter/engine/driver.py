@@ -1,7 +1,7 @@
 """The greedy rewrite driver: sweeps to a fixpoint, splices replacements, cleans up.
 
-One sweep visits every node of every (sub)graph, tries the rules anchored at its op type,
-and then applies the passing matches highest benefit first (non-overlapping). A match is applied only when the
+One sweep visits every node of every (sub)graph, matches the rules anchored at its op type,
+and then checks and applies the matches highest benefit first (non-overlapping). A match is applied only when the
 pattern matched, every soft condition held and ``check`` passed; ``rewrite`` builds the
 replacement and only then does the driver touch the graph. After a sweep that changed
 something: cleanup (dead nodes, unused constants, topological order) and fresh shape
@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 
 from rewriter.errors import NonConvergenceError
 from rewriter.engine.graph import ModelGraph, iter_graphs, producer
-from rewriter.engine.pattern import Match, first_input_ops, match_at
+from rewriter.engine.pattern import Match, MatchFn, first_input_ops, has_choices, match_at, matcher
 from rewriter.engine.rule import RewriteBuilder, Rule
 from rewriter.engine.shape_readers import reader_problem, rebuild
 
@@ -122,24 +122,38 @@ def run_rules(
 
 
 def _sweep(model: ModelGraph, by_op: dict[str, list[Rule]], skip: set[SiteKey], iteration: int) -> _Sweep:
-    """Collect every passing match of this sweep, then apply by descending benefit.
+    """Match every rule everywhere, then check and apply the matches by descending benefit.
 
     Benefit-first (not graph-order-first) lets a large pattern anchored downstream win over a
-    small one anchored at a node inside it. Each candidate is matched again right before it is
-    applied, so it never acts on connections that an earlier rewrite of this sweep changed.
+    small one anchored at a node inside it. A match's ``check`` runs once, when its turn comes
+    and its nodes are still unclaimed, on the graph as it is then: a lower-benefit match of
+    nodes that an earlier rewrite took is never checked. A match is matched again first when an
+    earlier rewrite of the sweep may have changed what it matched (:func:`_stale`), so it never
+    acts on connections that rewrite changed. A sweep that rewrites nothing checks every match
+    on the unchanged graph: its refusals, the ones reported, are all of them.
     """
     out = _Sweep()
     for graph in list(iter_graphs(model.graph)):
-        candidates = _candidates(model, graph, by_op, out)
-        _apply_candidates(model, graph, candidates, skip, iteration, out)
+        candidates, refusals = _candidates(model, graph, by_op)
+        _apply_candidates(model, graph, candidates, refusals, skip, iteration, out)
+        # In the order of a graph walk (node, then rule), rewrite failures last; once per name.
+        for _, rule, node, reason, quiet in sorted(refusals, key=lambda r: r[0]):
+            out.refuse(rule, node, reason, quiet)
     return out
 
 
-def _candidates(model: ModelGraph, graph: gs.Graph, by_op: dict[str, list[Rule]], out: _Sweep) -> list[tuple[Rule, gs.Node]]:
-    """(rule, anchor) of every passing match in ``graph``: highest benefit first, then graph order,
-    then rule id. Matches that are refused are recorded in ``out``."""
-    found: list[tuple[int, int, Rule, gs.Node]] = []
-    by_input: dict[tuple[str, str | None], list[Rule]] = {}  # (op, op writing its first input) -> rules that may match
+_Candidate = tuple[Rule, gs.Node, Match, tuple[int, int, int]]
+"""(rule, anchor, its structural match, where a refusal of it sorts: (0, node order, rule rank))."""
+_Refusal = tuple[tuple[int, int, int], Rule, gs.Node, str, bool]
+
+
+def _candidates(model: ModelGraph, graph: gs.Graph, by_op: dict[str, list[Rule]]) -> tuple[list[_Candidate], list[_Refusal]]:
+    """The structural matches in ``graph`` without soft failures: highest benefit first, then graph
+    order, then rule id; and the refusals of the ones with soft failures."""
+    found: list[tuple[int, int, str, _Candidate]] = []
+    refusals: list[_Refusal] = []
+    # (op, op writing its first input) -> (rank, rule, its matcher) of the rules that may match
+    by_input: dict[tuple[str, str | None], list[tuple[int, Rule, MatchFn]]] = {}
     for order, node in enumerate(list(graph.nodes)):
         if node.op not in by_op:
             continue
@@ -147,43 +161,93 @@ def _candidates(model: ModelGraph, graph: gs.Graph, by_op: dict[str, list[Rule]]
         key = (node.op, first.op if first is not None else None)
         rules = by_input.get(key)
         if rules is None:
-            rules = by_input[key] = [r for r in by_op[node.op] if (ops := first_input_ops(r.compiled_pattern)) is None or key[1] in ops]
-        for rule in rules:
-            m = match_at(rule.compiled_pattern, node, graph, model)
+            rules = by_input[key] = [
+                (rank, r, matcher(r.compiled_pattern)) for rank, r in enumerate(by_op[node.op])
+                if (ops := first_input_ops(r.compiled_pattern)) is None or key[1] in ops
+            ]
+        for rank, rule, match in rules:
+            m = match(node, graph, model)
             if m is None:
                 continue
-            reason, quiet = _refusal(rule, m)
-            if reason is not None:
-                out.refuse(rule, node, reason, quiet)
+            if m.soft_failures:
+                refusals.append(((0, order, rank), rule, node, m.soft_failures[0], False))
                 continue
-            found.append((-rule.benefit, order, rule, node))
-    found.sort(key=lambda c: (c[0], c[1], c[2].id))
-    return [(rule, node) for _, _, rule, node in found]
+            found.append((-rule.benefit, order, rule.id, (rule, node, m, (0, order, rank))))
+    found.sort(key=lambda c: c[:3])
+    return [c[3] for c in found], refusals
 
 
 def _apply_candidates(
-    model: ModelGraph, graph: gs.Graph, candidates: list[tuple[Rule, gs.Node]], skip: set[SiteKey], iteration: int, out: _Sweep
+    model: ModelGraph,
+    graph: gs.Graph,
+    candidates: list[_Candidate],
+    refusals: list[_Refusal],
+    skip: set[SiteKey],
+    iteration: int,
+    out: _Sweep,
 ) -> None:
-    """Apply ``candidates`` in order, each matched again first; none touches a node an earlier one
-    replaced. Sites in ``skip`` are recorded as skipped, failed rewrites as refused."""
+    """Check and apply ``candidates`` in order; none touches a node an earlier one replaced.
+    Sites in ``skip`` are recorded as skipped; refusals (checks, failed rewrites) go to ``refusals``."""
     consumed: set[int] = set()
-    for rule, node in candidates:
+    touched: set[int] = set()  # ids of the tensors whose readers, writer or name a rewrite here changed
+    for rule, node, m, where in candidates:
         if id(node) in consumed:
             continue
-        m = match_at(rule.compiled_pattern, node, graph, model)
-        if m is None or any(id(n) in consumed for n in m.matched + m.shape_readers) or _refusal(rule, m)[0] is not None:
+        if _stale(rule, m, touched):
+            fresh = match_at(rule.compiled_pattern, node, graph, model)
+            if fresh is None:
+                continue
+            m = fresh
+        if any(id(n) in consumed for n in m.matched + m.shape_readers):
+            continue
+        reason, quiet = _refusal(rule, m)
+        if reason is not None:
+            refusals.append((where, rule, node, reason, quiet))
             continue
         site = AppliedSite(rule.id, node.name, tuple(m.node_names), (), iteration)
         if site.key in skip:
             out.skipped.append(site)
             continue
         try:
-            created = _apply(model, graph, rule, m)
+            created = _apply(model, graph, rule, m, touched)
         except _RewriteFailed as exc:
-            out.refuse(rule, node, str(exc))
+            refusals.append(((1, len(refusals), 0), rule, node, str(exc), False))
             continue
         consumed.update(id(n) for n in m.matched + m.shape_readers)
         out.applied.append(AppliedSite(rule.id, node.name, site.nodes, created, iteration))
+
+
+def _stale(rule: Rule, m: Match, touched: set[int]) -> bool:
+    """Whether matching again at ``m.root`` might not give ``m`` (ids in ``touched`` as in
+    :func:`_apply_candidates`).
+
+    A rewrite changes the graph only at tensors it reports as touched: their readers (new
+    nodes read them; the readers of a replaced output read its replacement instead), their
+    names and graph-output slots. A pattern without choices (no ``maybe``, no commutative op)
+    matches at most one way, and that match depends only on its nodes (op, attributes, which
+    tensors they read), the writers of their inputs (never changed within a sweep; nor is an
+    input's name ever made an overridable initializer's), the readers and graph-output status
+    of their outputs, and whether a constant input still is one (read through ``Identity``
+    nodes, whose input a rewrite may change). So it is unchanged when no input or output of
+    its nodes, nor an input of an ``Identity`` above one, was touched. A pattern with choices
+    may have looked at nodes it did not match: it is matched again after any rewrite.
+    """
+    if not touched:
+        return False
+    if has_choices(rule.compiled_pattern):
+        return True
+    for n in m.matched + m.shape_readers:
+        if any(id(t) in touched for t in n.outputs):
+            return True
+        for t in n.inputs:
+            for _ in range(64):  # as far as ModelGraph.is_constant looks
+                if id(t) in touched:
+                    return True
+                up = producer(t)
+                if up is None or up.op != "Identity" or not up.inputs:
+                    break
+                t = up.inputs[0]
+    return False
 
 
 def opset_problem(rule: Rule, opset: int) -> str | None:
@@ -221,8 +285,9 @@ class _RewriteFailed(Exception):
     """A rule's ``rewrite`` raised or returned the wrong number of outputs (graph unchanged)."""
 
 
-def _apply(model: ModelGraph, graph: gs.Graph, rule: Rule, m: Match) -> tuple[str, ...]:
-    """Build the replacement and splice it in; on any failure the graph is left unchanged."""
+def _apply(model: ModelGraph, graph: gs.Graph, rule: Rule, m: Match, touched: set[int]) -> tuple[str, ...]:
+    """Build the replacement and splice it in; on any failure the graph is left unchanged.
+    Adds the ids of the tensors whose readers, writer or name changed to ``touched``."""
     builder = RewriteBuilder(model, rule.id, m.root)
     try:
         result = rule.rewrite(builder, m)
@@ -243,6 +308,8 @@ def _apply(model: ModelGraph, graph: gs.Graph, rule: Rule, m: Match) -> tuple[st
     # New tensors and renamed ones (a graph output keeps its name), for the kept name index.
     added = [t for n in graph.nodes[first_new:] for t in (*n.inputs, *n.outputs)]
     model.note_tensors(graph, added + [t for pair in pairs for t in pair])
+    touched.update(id(t) for t in added)
+    touched.update(id(t) for pair in pairs for t in pair)
     for node in builder.nodes:
         model.provenance[node.name] = rule.id
     return tuple(n.name for n in builder.nodes)

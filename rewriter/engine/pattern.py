@@ -39,6 +39,8 @@ __all__ = [
     "Match",
     "match_at",
     "first_input_ops",
+    "has_choices",
+    "matcher",
 ]
 
 AttrPred = Union[Callable[[Any], bool], Any]
@@ -176,7 +178,10 @@ class Match:
 
 
 def _attr_ok(node: gs.Node, key: str, pred: AttrPred) -> bool:
-    value = node.attrs.get(key)
+    return _value_ok(node.attrs.get(key), pred)
+
+
+def _value_ok(value: Any, pred: AttrPred) -> bool:
     if callable(pred):
         return bool(pred(value))
     if value is None:
@@ -184,6 +189,23 @@ def _attr_ok(node: gs.Node, key: str, pred: AttrPred) -> bool:
     if isinstance(pred, (list, tuple)):
         return isinstance(value, (list, tuple)) and [int(v) if isinstance(v, (int, np.integer)) else v for v in value] == list(pred)
     return bool(value == pred)
+
+
+AttrTest = Callable[[Mapping[str, Any]], bool]
+
+
+def _attrs_test(attrs: Mapping[str, AttrPred]) -> AttrTest | None:
+    """:func:`_attr_ok` for every (key, predicate) of ``attrs`` as one test of a node's attribute
+    dict, or None when there is nothing to test."""
+    items = list(attrs.items())
+    if not items:
+        return None
+    if len(items) == 1:
+        key, pred = items[0]
+        if callable(pred):
+            return lambda a: bool(pred(a.get(key)))
+        return lambda a: _value_ok(a.get(key), pred)
+    return lambda a: all(_value_ok(a.get(k), p) for k, p in items)
 
 
 class _Matcher:
@@ -288,8 +310,12 @@ class _Matcher:
             yield from self._match_inputs(pat, inputs, i + 1, m)
 
 
-def _in(node: gs.Node, nodes: list[gs.Node]) -> bool:
-    return any(node is n for n in nodes)
+def _in(item: object, items: Sequence[object]) -> bool:
+    """``item`` is one of ``items`` (identity; gs tensors compare equal by name)."""
+    for x in items:
+        if x is item:
+            return True
+    return False
 
 
 SHAPE_READERS = ("Shape", "Size")
@@ -304,7 +330,7 @@ def _interior_failures(m: Match, graph_outputs: Sequence[gs.Tensor]) -> tuple[li
         if node is m.root:
             continue
         for t in node.outputs:
-            if any(t is o for o in graph_outputs):
+            if _in(t, graph_outputs):
                 out.append(f"interior value '{t.name}' is a graph output")
                 continue
             for c in t.outputs:
@@ -327,23 +353,36 @@ def _quick_node(pat: OpPat) -> Quick:
     count, or an input that cannot match its pattern (:func:`_quick_tensor`). Necessary, not
     sufficient; cheap, so most (rule, node) pairs of a sweep end here, without the matcher's
     backtracking. Compiled once per pattern."""
-    ops, attrs = frozenset(pat.ops), list(pat.attrs.items())
+    ops, attrs_ok = frozenset(pat.ops), _attrs_test(pat.attrs)
     lo = sum(1 for p in pat.inputs if not (isinstance(p, ConstPat) and p.optional)) if pat.inputs else 0
     hi = len(pat.inputs) if pat.inputs else 1 << 30
-    subs = [_quick_tensor(p) for p in pat.inputs]
-    swap = pat.commutative and len(subs) == 2
+    # Inputs whose pattern may match anything need no test.
+    subs = [(i, _quick_tensor(p)) for i, p in enumerate(pat.inputs) if isinstance(p, (OpPat, MaybeOpPat))]
+    if pat.commutative and len(pat.inputs) == 2:
+        a, b = _quick_tensor(pat.inputs[0]), _quick_tensor(pat.inputs[1])
+
+        def swappable(node: gs.Node) -> bool:
+            if node.op not in ops or not lo <= len(node.inputs) <= hi:
+                return False
+            if attrs_ok is not None and not attrs_ok(node.attrs):
+                return False
+            ins = node.inputs
+            x, y = ins[0] if ins else None, ins[1] if len(ins) > 1 else None
+            return (a(x) and b(y)) or (a(y) and b(x))
+
+        return swappable
 
     def test(node: gs.Node) -> bool:
-        if node.op not in ops or not lo <= len(node.inputs) <= hi:
-            return False
-        for key, want in attrs:
-            if not _attr_ok(node, key, want):
-                return False
         ins = node.inputs
-        padded = [ins[i] if i < len(ins) else None for i in range(len(subs))]
-        if all(sub(t) for sub, t in zip(subs, padded)):
-            return True
-        return swap and subs[0](padded[1]) and subs[1](padded[0])
+        n = len(ins)
+        if node.op not in ops or not lo <= n <= hi:
+            return False
+        if attrs_ok is not None and not attrs_ok(node.attrs):
+            return False
+        for i, sub in subs:
+            if not sub(ins[i] if i < n else None):
+                return False
+        return True
 
     return test
 
@@ -352,11 +391,13 @@ def _quick_tensor(pat: Pattern) -> Callable[[gs.Tensor | None], bool]:
     """The :func:`_quick_node` test for an input: its producer for an op pattern, either form
     of a ``maybe``; anything else may match."""
     if isinstance(pat, OpPat):
-        inner_node, index = _quick_node(pat), pat.output_index
+        inner_node, index, ops = _quick_node(pat), pat.output_index, frozenset(pat.ops)
 
         def produced(t: gs.Tensor | None) -> bool:
-            node = producer(t)
-            return node is not None and node.outputs.index(t) == index and inner_node(node)
+            if t is None or not t.inputs:
+                return False
+            node = t.inputs[0]
+            return node.op in ops and node.outputs.index(t) == index and inner_node(node)
 
         return produced
     if isinstance(pat, MaybeOpPat):
@@ -372,15 +413,166 @@ def _quick_tensor(pat: Pattern) -> Callable[[gs.Tensor | None], bool]:
     return lambda t: True
 
 
-_QUICK: dict[int, tuple[OpPat, Quick]] = {}
+class _Direct:
+    """The match of a pattern without choices, built in one pass (no generators: at most one
+    match exists, so any mismatch ends it). Same bindings, order and soft failures as the
+    backtracking matcher; compiled once per pattern by :func:`_direct_node`."""
+
+    __slots__ = ("model", "nodes", "tensors", "matched", "soft")
+
+    def __init__(self, model: ModelGraph) -> None:
+        self.model = model
+        self.nodes: dict[str, gs.Node] = {}
+        self.tensors: dict[str, gs.Tensor | None] = {}
+        self.matched: list[gs.Node] = []
+        self.soft: list[str] = []
+
+    def bind(self, name: str | None, tensor: gs.Tensor | None) -> bool:
+        if name is None:
+            return True
+        if name in self.tensors:
+            return self.tensors[name] is tensor
+        self.tensors[name] = tensor
+        return True
 
 
-def _may_match(pat: OpPat, node: gs.Node) -> bool:
-    entry = _QUICK.get(id(pat))
+DirectNode = Callable[[gs.Node, _Direct], bool]
+DirectTensor = Callable[[Union[gs.Tensor, None], _Direct], bool]
+
+
+def _direct_node(pat: OpPat) -> DirectNode:
+    ops, attrs_ok, name = frozenset(pat.ops), _attrs_test(pat.attrs), pat.name
+    lo = sum(1 for p in pat.inputs if not (isinstance(p, ConstPat) and p.optional))
+    subs = [_direct_tensor(p) for p in pat.inputs]
+    hi = len(subs)
+
+    def match(node: gs.Node, st: _Direct) -> bool:
+        if node.op not in ops or _in(node, st.matched):
+            return False
+        if attrs_ok is not None and not attrs_ok(node.attrs):
+            return False
+        ins = node.inputs
+        n = len(ins)
+        if subs and not lo <= n <= hi:
+            return False
+        if name:
+            if name in st.nodes:
+                return False
+            st.nodes[name] = node
+        st.matched.append(node)
+        for i, sub in enumerate(subs):
+            if not sub(ins[i] if i < n else None, st):
+                return False
+        return True
+
+    return match
+
+
+def _direct_tensor(pat: Pattern) -> DirectTensor:
+    if isinstance(pat, VarPat):
+        var_name = pat.name
+
+        def var(t: gs.Tensor | None, st: _Direct) -> bool:
+            return t is not None and not t.is_empty() and st.bind(var_name, t)
+
+        return var
+    if isinstance(pat, ConstPat):
+        const_name, optional = pat.name, pat.optional
+
+        def const(t: gs.Tensor | None, st: _Direct) -> bool:
+            if t is None or t.is_empty():
+                return optional and st.bind(const_name, None)
+            if not st.model.is_constant(t):
+                st.soft.append(f"{const_name} is not a constant: {st.model.why_not_constant(t)}")
+            return st.bind(const_name, t)
+
+        return const
+    if isinstance(pat, OpPat):
+        inner, index = _direct_node(pat), pat.output_index
+
+        def produced(t: gs.Tensor | None, st: _Direct) -> bool:
+            node = producer(t)
+            return node is not None and t is not None and node.outputs.index(t) == index and inner(node, st)
+
+        return produced
+    raise TypeError(f"no direct matcher for pattern node {pat!r}")  # pragma: no cover - has_choices sends these elsewhere
+
+
+MatchFn = Callable[[gs.Node, gs.Graph, ModelGraph], Union[Match, None]]
+
+
+@dataclass(frozen=True)
+class _Compiled:
+    """A pattern's matching plan: ``match`` is :func:`match_at` for it (the one-pass matcher
+    when the pattern has no choices, else the cheap necessary test in front of the
+    backtracking matcher)."""
+
+    match: MatchFn
+    choices: bool
+
+
+_COMPILED: dict[int, tuple[OpPat, _Compiled]] = {}
+
+
+def _compiled(pat: OpPat) -> _Compiled:
+    entry = _COMPILED.get(id(pat))
     if entry is None or entry[0] is not pat:
-        entry = (pat, _quick_node(pat))
-        _QUICK[id(pat)] = entry
-    return entry[1](node)
+        choices = _choices(pat)
+        entry = (pat, _Compiled(_backtracking(pat) if choices else _one_pass(pat), choices))
+        _COMPILED[id(pat)] = entry
+    return entry[1]
+
+
+def matcher(pat: OpPat) -> MatchFn:
+    """``match_at`` for ``pat`` as one function of (node, graph, model), compiled once per pattern
+    (the driver holds it instead of looking the pattern up at every node)."""
+    return _compiled(pat).match
+
+
+def _one_pass(pat: OpPat) -> MatchFn:
+    direct = _direct_node(pat)
+
+    def match(node: gs.Node, graph: gs.Graph, model: ModelGraph) -> Match | None:
+        st = _Direct(model)
+        if not direct(node, st):
+            return None
+        m = Match(graph=graph, model=model, root=node, nodes=st.nodes, tensors=st.tensors, matched=st.matched)
+        interior, m.shape_readers = _interior_failures(m, graph.outputs)
+        m.soft_failures = st.soft + interior
+        return m
+
+    return match
+
+
+def _backtracking(pat: OpPat) -> MatchFn:
+    quick = _quick_node(pat)
+
+    def match(node: gs.Node, graph: gs.Graph, model: ModelGraph) -> Match | None:
+        if not quick(node):
+            return None
+        matcher = _Matcher(model, graph)
+        m = Match(graph=graph, model=model, root=node)
+        first: Match | None = None
+        for _ in matcher.match_node(pat, node, m):
+            interior, readers = _interior_failures(m, graph.outputs)
+            soft = list(m.soft_failures) + interior
+            snapshot = Match(
+                graph=graph,
+                model=model,
+                root=node,
+                nodes=dict(m.nodes),
+                tensors=dict(m.tensors),
+                matched=list(m.matched),
+                soft_failures=soft,
+                shape_readers=readers,
+            )
+            if not soft:
+                return snapshot
+            if first is None:
+                first = snapshot
+        return first
+
+    return match
 
 
 def first_input_ops(pat: OpPat) -> frozenset[str] | None:
@@ -390,6 +582,20 @@ def first_input_ops(pat: OpPat) -> frozenset[str] | None:
     if not pat.inputs or pat.commutative:
         return None
     return _producer_ops(pat.inputs[0])
+
+
+def has_choices(pat: OpPat) -> bool:
+    """Whether ``pat`` may match in more than one way at a node (a ``maybe``, or a commutative op
+    with two inputs), and so looks at nodes its match does not contain."""
+    return _compiled(pat).choices
+
+
+def _choices(pat: Pattern) -> bool:
+    if isinstance(pat, MaybeOpPat):
+        return True
+    if isinstance(pat, OpPat):
+        return (pat.commutative and len(pat.inputs) == 2) or any(_choices(p) for p in pat.inputs)
+    return False
 
 
 def _producer_ops(pat: Pattern) -> frozenset[str] | None:
@@ -406,26 +612,4 @@ def match_at(pattern: OpPat, node: gs.Node, graph: gs.Graph, model: ModelGraph) 
 
     A match without soft failures is preferred over one with them when several exist.
     """
-    if not _may_match(pattern, node):
-        return None
-    matcher = _Matcher(model, graph)
-    m = Match(graph=graph, model=model, root=node)
-    first: Match | None = None
-    for _ in matcher.match_node(pattern, node, m):
-        interior, readers = _interior_failures(m, graph.outputs)
-        soft = list(m.soft_failures) + interior
-        snapshot = Match(
-            graph=graph,
-            model=model,
-            root=node,
-            nodes=dict(m.nodes),
-            tensors=dict(m.tensors),
-            matched=list(m.matched),
-            soft_failures=soft,
-            shape_readers=readers,
-        )
-        if not soft:
-            return snapshot
-        if first is None:
-            first = snapshot
-    return first
+    return _compiled(pattern).match(node, graph, model)

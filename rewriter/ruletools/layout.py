@@ -73,12 +73,28 @@ def dtype_name(t: gs.Tensor | None) -> str | None:
     """numpy-style name of a tensor's element type ('float32', 'bfloat16', ...), or None."""
     if t is None or t.dtype is None:
         return None
-    if isinstance(t.dtype, (int, np.integer)):  # gs keeps ONNX enums it cannot map (bfloat16)
-        return onnx.TensorProto.DataType.Name(int(t.dtype)).lower()
     try:
-        return np.dtype(t.dtype).name
+        return _DTYPE_NAMES[t.dtype]
+    except (KeyError, TypeError):  # TypeError: an unhashable dtype object (not cached)
+        return _dtype_name(t.dtype)
+
+
+def _dtype_name(dtype: Any) -> str:
+    if isinstance(dtype, (int, np.integer)):  # gs keeps ONNX enums it cannot map (bfloat16)
+        name = onnx.TensorProto.DataType.Name(int(dtype)).lower()
+    else:
+        try:
+            name = np.dtype(dtype).name
+        except TypeError:
+            name = str(dtype)
+    try:
+        _DTYPE_NAMES[dtype] = name
     except TypeError:
-        return str(t.dtype)
+        pass
+    return name
+
+
+_DTYPE_NAMES: dict[Any, str] = {}  # a rewrite asks for the few dtypes of a model many times
 
 
 def dtype_reason(*tensors: gs.Tensor | None) -> str | None:
@@ -93,6 +109,8 @@ def dtype_reason(*tensors: gs.Tensor | None) -> str | None:
 def int_list(v: Any) -> list[int] | None:
     if v is None:
         return None
+    if type(v) is list and all(type(x) is int for x in v):  # an attribute's ints: no numpy round trip
+        return list(v)
     return [int(x) for x in np.asarray(v).reshape(-1)]
 
 
