@@ -26,6 +26,7 @@ class GraphComparison:
     def __init__(self) -> None:
         self.pairs: dict[int, Any] = {}  # id(object of a) -> object of b
         self.keep: list[Any] = []  # keeps compared objects alive, so their ids stay theirs
+        self.pending: list[tuple[gs.Tensor, gs.Tensor, str]] = []  # links to check once every object is paired
 
     def pair(self, a: Any, b: Any, where: str) -> bool:
         """Record a <-> b; False when already recorded (nothing more to compare)."""
@@ -58,12 +59,17 @@ class GraphComparison:
         _same(len(a.nodes), len(b.nodes), f"{where} node count")
         for i, (x, y) in enumerate(zip(a.nodes, b.nodes)):
             self.node(x, y, f"{where}.nodes[{i}]")
-        # Producer/consumer lists, now that every node of this graph has its counterpart.
+        # Producer/consumer lists, checked by finish() (a subgraph's tensor may be produced by an
+        # outer node compared later).
         for i, (x, y) in enumerate(zip(a.nodes, b.nodes)):
             for j, (t, u) in enumerate([*zip(x.inputs, y.inputs), *zip(x.outputs, y.outputs)]):
-                self.links(t, u, f"{where}.nodes[{i}] tensor {j} '{t.name}'")
+                self.pending.append((t, u, f"{where}.nodes[{i}] tensor {j} '{t.name}'"))
         for t, u in zip([*a.inputs, *a.outputs], [*b.inputs, *b.outputs]):
-            self.links(t, u, f"{where} io tensor '{t.name}'")
+            self.pending.append((t, u, f"{where} io tensor '{t.name}'"))
+
+    def finish(self) -> None:
+        for t, u, where in self.pending:
+            self.links(t, u, where)
 
     def node(self, a: gs.Node, b: gs.Node, where: str) -> None:
         if not self.pair(a, b, where):
@@ -174,4 +180,6 @@ def _same_shape(a: Any, b: Any, where: str) -> None:
 
 
 def assert_same_graphs(a: gs.Graph, b: gs.Graph) -> None:
-    GraphComparison().graph(a, b)
+    comparison = GraphComparison()
+    comparison.graph(a, b)
+    comparison.finish()
