@@ -227,8 +227,11 @@ def test_what_the_importer_leaves_to_gs(change, monkeypatch):
 def test_an_unknown_graphsurgeon_version_takes_the_gs_path(monkeypatch):
     assert supported_version("0.6.1") and supported_version("0.6.12")
     assert not supported_version("0.5.8") and not supported_version("0.7.0") and not supported_version("1.6.0")
+    model = scale_model(1)
+    graph = ModelGraph(model)
     monkeypatch.setattr(gs, "__version__", "0.7.0")
-    assert import_model(scale_model(1), None) is None
+    assert import_model(model, None) is None
+    assert not engine_graph.export_graph(graph.graph, onnx.GraphProto(), sources={}, value_info_names=set(), node_meta={}, provenance={})
 
 
 # -- export -------------------------------------------------------------------------------
