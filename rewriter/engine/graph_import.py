@@ -21,7 +21,7 @@ import functools
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import onnx
@@ -55,8 +55,7 @@ class ExternalLazyValues(LazyValues):  # type: ignore[misc]
         return read_tensor(self.tensor, self.base_dir)
 
 
-@dataclass(frozen=True)
-class NodeSource:
+class NodeSource(NamedTuple):
     """A node as imported: its proto and what the proto says, to tell at export whether the
     node is unchanged (then the proto is written back as it is)."""
 
@@ -96,6 +95,7 @@ _new_node = gs.Node.__new__
 _new_list = SynchronizedList.__new__
 _new_lazy = LazyValues.__new__
 _set = object.__setattr__
+_append = list.append
 
 
 def _sync_list(parent: object, field_name: str, items: list[Any]) -> SynchronizedList:
@@ -266,19 +266,24 @@ class _GraphImport:
         attrs, plain = self._attributes(proto) if len(proto.attribute) else (OrderedDict(), True)
         in_names = proto.input[:]
         out_names = proto.output[:]
-        tensor = self._tensor
-        inputs = [tensor(n, True) for n in in_names]
-        outputs = [tensor(n, False) for n in out_names]
+        local = self.local
+        inputs = [local[n] if n in local else self._tensor(n, True) for n in in_names]
+        outputs = [local[n] if n in local else self._tensor(n, False) for n in out_names]
         node = _new_node(gs.Node)
         name = proto.name
         domain = proto.domain if proto.HasField("domain") else None
-        _set(node, "__dict__", {"op": proto.op_type, "name": name, "attrs": attrs, "inputs": _sync_list(node, "outputs", inputs),
-                                "outputs": _sync_list(node, "inputs", outputs), "domain": domain})
-        append = list.append
+        op = proto.op_type
+        sl_in = _new_list(SynchronizedList)
+        sl_in.parent_obj, sl_in.field_name = node, "outputs"
+        list.extend(sl_in, inputs)
+        sl_out = _new_list(SynchronizedList)
+        sl_out.parent_obj, sl_out.field_name = node, "inputs"
+        list.extend(sl_out, outputs)
+        _set(node, "__dict__", {"op": op, "name": name, "attrs": attrs, "inputs": sl_in, "outputs": sl_out, "domain": domain})
         for t in inputs:
-            append(t.outputs, node)
+            _append(t.outputs, node)
         for t in outputs:
-            append(t.inputs, node)
+            _append(t.inputs, node)
         result = self.result
         used = result.used_names
         used.update(in_names)
@@ -290,9 +295,11 @@ class _GraphImport:
         meta = None
         if len(proto.metadata_props):
             meta = result.node_meta[name] = list(proto.metadata_props)
-        if self.top and plain and _exports_as_is(proto):
-            result.sources[id(node)] = NodeSource(node, proto, node.op, name, domain, in_names, out_names,
-                                                  {k: (list(v) if type(v) is list else v) for k, v in attrs.items()}, meta)
+        if (self.top and plain and not proto.doc_string and not proto.HasField("overload")
+                and not len(proto.device_configurations)):  # fields gs drops: such a proto is not what gs writes
+            result.sources[id(node)] = NodeSource(node, proto, op, name, domain, in_names, out_names,
+                                                  {k: (list(v) if type(v) is list else v) for k, v in attrs.items()} if attrs else {},
+                                                  meta)
         return node
 
     def _attributes(self, proto: onnx.NodeProto) -> tuple[OrderedDict[str, Any], bool]:
@@ -324,12 +331,6 @@ class _GraphImport:
         sub = _GraphImport(self.result, outer, self.opset, self.import_domains, self.base_dir, False).run(g)
         self.result.subgraphs.append(sub)
         return sub
-
-
-def _exports_as_is(proto: onnx.NodeProto) -> bool:
-    """Whether gs's export of the imported node rebuilds this proto (metadata aside, which
-    ModelGraph restores by name): no fields gs drops."""
-    return not proto.doc_string and not proto.HasField("overload") and not len(proto.device_configurations)
 
 
 _CONVERT: dict[int, Callable[[onnx.AttributeProto], Any]] = {
