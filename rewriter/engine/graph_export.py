@@ -20,11 +20,13 @@ after rewriting.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import functools
+from typing import Any, Mapping, cast
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, dtype_to_onnx
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from rewriter.engine.graph_import import NodeSource, supported_version
@@ -41,14 +43,15 @@ class _GsPath(Exception):
 def export_graph(graph: gs.Graph, target: onnx.GraphProto, *, sources: Mapping[int, NodeSource], value_info_names: set[str],
                  node_meta: Mapping[str, list[onnx.StringStringEntryProto]], provenance: Mapping[str, str]) -> bool:
     """Write ``graph``'s nodes, inputs, outputs, initializers and value_info (those named in
-    ``value_info_names``) into the empty ``target``; False, ``target`` untouched, when the graph
+    ``value_info_names``) into the empty ``target``; False, ``target`` left empty, when the graph
     needs gs's exporter."""
     if graph.functions or not supported_version(gs.__version__):
         return False
     try:
-        nodes, tensors = _nodes(graph, sources, node_meta, provenance)
+        tensors = _write_nodes(graph, target.node, sources, node_meta, provenance)
         initializers = _initializers(tensors)
     except _GsPath:
+        target.Clear()
         return False
     io_names = {t.name for t in graph.inputs} | {t.name for t in graph.outputs}
     export_info = OnnxExporter.export_value_info_proto
@@ -56,7 +59,6 @@ def export_graph(graph: gs.Graph, target: onnx.GraphProto, *, sources: Mapping[i
         export_info(t, False) for name, t in tensors.items()
         if name in value_info_names and name not in io_names and isinstance(t, gs.Variable) and (t.dtype is not None or t.shape is not None)
     ]
-    target.node.extend(nodes)
     target.input.extend(export_info(t, False) for t in graph.inputs)
     target.output.extend(export_info(t, False) for t in graph.outputs)
     target.initializer.extend(initializers)
@@ -64,14 +66,14 @@ def export_graph(graph: gs.Graph, target: onnx.GraphProto, *, sources: Mapping[i
     return True
 
 
-def _nodes(graph: gs.Graph, sources: Mapping[int, NodeSource], node_meta: Mapping[str, list[onnx.StringStringEntryProto]],
-           provenance: Mapping[str, str]) -> tuple[list[onnx.NodeProto], dict[str, gs.Tensor]]:
-    """The node protos, and gs's tensor map (``graph.tensors()``) collected on the way."""
+def _write_nodes(graph: gs.Graph, out: Any, sources: Mapping[int, NodeSource], node_meta: Mapping[str, list[onnx.StringStringEntryProto]],
+                 provenance: Mapping[str, str]) -> dict[str, gs.Tensor]:
+    """Append the node protos to ``out``; gs's tensor map (``graph.tensors()``), collected on the way."""
     tensors: dict[str, gs.Tensor] = {}
     for t in graph.inputs:
         if t.name:
             tensors[t.name] = t
-    protos = []
+    append, add = out.append, out.add
     for node in graph.nodes:
         in_names = [t.name for t in node.inputs]
         out_names = [t.name for t in node.outputs]
@@ -83,13 +85,13 @@ def _nodes(graph: gs.Graph, sources: Mapping[int, NodeSource], node_meta: Mappin
                 tensors[t.name] = t
         src = sources.get(id(node))
         if src is not None and src.node is node and _unchanged(node, src, in_names, out_names, node_meta, provenance):
-            protos.append(src.proto)
+            append(src.proto)
         else:
-            protos.append(_rebuilt(node, node_meta, provenance))
+            _rebuild(add(), node, in_names, out_names, node_meta, provenance)
     for t in graph.outputs:
         if t.name:
             tensors[t.name] = t
-    return protos, tensors
+    return tensors
 
 
 def _unchanged(node: gs.Node, src: NodeSource, in_names: list[str], out_names: list[str],
@@ -102,17 +104,28 @@ def _unchanged(node: gs.Node, src: NodeSource, in_names: list[str], out_names: l
     return (src.meta is None and name not in node_meta) or node_meta.get(name) == src.meta
 
 
-def _rebuilt(node: gs.Node, node_meta: Mapping[str, list[onnx.StringStringEntryProto]], provenance: Mapping[str, str]) -> onnx.NodeProto:
-    for value in node.attrs.values():
+def _rebuild(proto: onnx.NodeProto, node: gs.Node, in_names: list[str], out_names: list[str],
+             node_meta: Mapping[str, list[onnx.StringStringEntryProto]], provenance: Mapping[str, str]) -> None:
+    """gs's ``export_node`` (``make_node`` and its attribute export), written into ``proto``,
+    then ModelGraph's metadata restoration and provenance."""
+    attrs = node.attrs
+    for value in attrs.values():
         if isinstance(value, gs.Graph) or (isinstance(value, (list, tuple)) and any(isinstance(v, gs.Graph) for v in value)):
             raise _GsPath("subgraph")
-    proto = OnnxExporter.export_node(node)
+    proto.op_type = node.op
+    proto.input.extend(in_names)
+    proto.output.extend(out_names)
+    if node.name:
+        proto.name = node.name
+    if node.domain is not None:
+        proto.domain = node.domain
+    if attrs:
+        proto.attribute.extend(OnnxExporter.export_attributes(attrs))
     rule = provenance.get(node.name)
     if rule is not None:
         proto.metadata_props.add(key=PROVENANCE_KEY, value=rule)
     elif node.name in node_meta:
         proto.metadata_props.extend(node_meta[node.name])
-    return proto
 
 
 def _initializers(tensors: dict[str, gs.Tensor]) -> list[onnx.TensorProto]:
@@ -128,9 +141,25 @@ def _initializers(tensors: dict[str, gs.Tensor]) -> list[onnx.TensorProto]:
             if proto.name != t.name:
                 proto = _renamed(proto, t.name)
             out.append(proto)
+        elif type(values) is np.ndarray and t._export_dtype is None:
+            out.append(_array_proto(t.name, values, t.data_location))
         else:
             out.append(OnnxExporter.export_tensor_proto(t))
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _onnx_dtype(dtype: np.dtype) -> int:
+    return int(dtype_to_onnx(dtype))
+
+
+def _array_proto(name: str, values: np.ndarray, data_location: int | None) -> onnx.TensorProto:
+    """gs's ``export_tensor_proto`` of a Constant holding an array it exports as is (no export
+    dtype): the same ``make_tensor`` call, the dtype conversion cached."""
+    proto = onnx.helper.make_tensor(name=name, data_type=_onnx_dtype(values.dtype), dims=values.shape, vals=values.tobytes(), raw=True)
+    if data_location is not None:
+        proto.data_location = cast(Any, data_location)
+    return proto
 
 
 def _renamed(tensor: onnx.TensorProto, name: str) -> onnx.TensorProto:
