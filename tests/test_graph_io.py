@@ -295,6 +295,7 @@ def mutations() -> dict[str, Callable[[ModelGraph], None]]:
         "attr-value": lambda g: node(g, "custom").attrs.__setitem__("f", 0.25),
         "attr-added": lambda g: node(g, "add").attrs.__setitem__("note", 1),
         "attr-removed": lambda g: node(g, "custom").attrs.pop("st"),
+        "attr-reordered": lambda g: node(g, "custom").attrs.move_to_end("f"),
         "op": lambda g: setattr(node(g, "add"), "op", "Sub"),
         "node-renamed": lambda g: setattr(node(g, "add"), "name", "add2"),
         "domain": lambda g: setattr(node(g, "custom"), "domain", "other.domain"),

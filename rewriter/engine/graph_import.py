@@ -66,7 +66,7 @@ class NodeSource(NamedTuple):
     domain: str | None
     inputs: list[str]
     outputs: list[str]
-    attrs: dict[str, Any]  # a copy of the imported attrs, lists copied too
+    attrs: OrderedDict[str, Any]  # a copy of the imported attrs, lists copied too (ordered: the protos' order)
     meta: list[onnx.StringStringEntryProto] | None  # the proto's metadata, None when it has none
 
 
@@ -96,6 +96,7 @@ _new_list = SynchronizedList.__new__
 _new_lazy = LazyValues.__new__
 _set = object.__setattr__
 _append = list.append
+_NO_ATTRS: OrderedDict[str, Any] = OrderedDict()  # the attrs copy of nodes without attributes (never changed)
 
 
 def _sync_list(parent: object, field_name: str, items: list[Any]) -> SynchronizedList:
@@ -298,7 +299,7 @@ class _GraphImport:
         if (self.top and plain and not proto.doc_string and not proto.HasField("overload")
                 and not len(proto.device_configurations)):  # fields gs drops: such a proto is not what gs writes
             result.sources[id(node)] = NodeSource(node, proto, op, name, domain, in_names, out_names,
-                                                  {k: (list(v) if type(v) is list else v) for k, v in attrs.items()} if attrs else {},
+                                                  OrderedDict([(k, list(v) if type(v) is list else v) for k, v in attrs.items()]) if attrs else _NO_ATTRS,
                                                   meta)
         return node
 
