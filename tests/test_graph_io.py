@@ -357,3 +357,23 @@ def test_flat_graphs_take_the_fast_export_and_subgraphs_gs(monkeypatch):
     sparse = with_sparse(make_model([helper.make_node("Add", ["x", "sp"], ["y"], name="add")], [vi("x", [4])], [vi("y", [4])]))
     assert len(ModelGraph(sparse).export().graph.sparse_initializer) == 1
     assert results == [True, False, False]
+
+
+RECORDS = ("_used_names", "overridable", "_input_order", "_value_info_names", "_node_meta", "_value_extras", "_initializer_infos",
+           "_initializer_meta", "_overridable_protos")
+
+
+@pytest.mark.parametrize("path", [*FIXTURE_PATHS, None], ids=lambda p: "corner" if p is None else p.relative_to(FIXTURES).as_posix())
+def test_model_graph_records_the_same_either_way(path, monkeypatch):
+    """What ModelGraph keeps besides the graph (used names, gs-forgotten fields) and the names it
+    gives unnamed nodes do not depend on which importer built the graph."""
+    model = corner_model() if path is None else onnx.load(str(path), load_external_data=False)
+
+    def records(graph: ModelGraph) -> tuple[Any, ...]:
+        names = [n.name for g in engine_graph.iter_graphs(graph.graph) for n in g.nodes]
+        return (names, *(getattr(graph, key) for key in RECORDS))
+
+    fast, slow = both_ways(monkeypatch, model, records)
+    assert fast == slow
+    if path is None:
+        assert {"Relu_1", "Relu_2"} <= set(fast[0])
