@@ -169,8 +169,17 @@ def corner_model() -> onnx.ModelProto:
     return model
 
 
-def test_import_matches_gs_on_corner_cases():
+def shadowing_model() -> onnx.ModelProto:
+    """The corner model with initializers named twice or like an outer value (shape inference refuses it)."""
     model = corner_model()
+    model.graph.initializer.append(init("maxv", np.array(1.0, np.float32)))  # Clip's max again: gs keeps the first
+    model.graph.node[1].attribute[1].g.initializer.append(init("late", np.ones(4, np.float32)))  # read by the branch: gs uses the outer one
+    return model
+
+
+@pytest.mark.parametrize("make", [corner_model, shadowing_model])
+def test_import_matches_gs_on_corner_cases(make):
+    model = make()
     assert_imports_like_gs(model)
     assert_imports_like_gs(_infer_shapes(model))
 
@@ -367,7 +376,7 @@ RECORDS = ("_used_names", "overridable", "_input_order", "_value_info_names", "_
 def test_model_graph_records_the_same_either_way(path, monkeypatch):
     """What ModelGraph keeps besides the graph (used names, gs-forgotten fields) and the names it
     gives unnamed nodes do not depend on which importer built the graph."""
-    model = corner_model() if path is None else onnx.load(str(path), load_external_data=False)
+    model = shadowing_model() if path is None else onnx.load(str(path), load_external_data=False)
 
     def records(graph: ModelGraph) -> tuple[Any, ...]:
         names = [n.name for g in engine_graph.iter_graphs(graph.graph) for n in g.nodes]

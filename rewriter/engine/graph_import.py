@@ -211,8 +211,10 @@ class _GraphImport:
         if len(g.sparse_initializer):
             raise _Unsupported("sparse initializer")
         local = self.local
+        outer = self.outer
         for t in g.initializer:
-            local[t.name] = _import_constant(t, self.base_dir, True)
+            if t.name not in local and t.name not in outer:  # gs: the first one, an outer tensor first
+                local[t.name] = _import_constant(t, self.base_dir, True)
         for vi in g.value_info:
             self._value_info(vi)
         inits = {t.name for t in g.initializer}
