@@ -23,7 +23,8 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx_graphsurgeon.logger import G_LOGGER
 
-from rewriter.engine.tensors import read_tensor
+from rewriter.engine.graph_export import PROVENANCE_KEY, export_graph
+from rewriter.engine.graph_import import ExternalLazyValues, NodeSource, import_model
 
 __all__ = [
     "ModelGraph",
@@ -35,19 +36,6 @@ __all__ = [
     "iter_graphs",
     "is_constant",
 ]
-
-PROVENANCE_KEY = "onnx_rewrite.rule"
-
-
-class _ExternalLazyValues(LazyValues):  # type: ignore[misc]
-    """LazyValues that read external data from the model's folder, not the current directory."""
-
-    def __init__(self, tensor: onnx.TensorProto, base_dir: Path | None) -> None:
-        super().__init__(tensor)
-        self.base_dir = base_dir
-
-    def load(self) -> np.ndarray:
-        return read_tensor(self.tensor, self.base_dir)
 
 
 def _silence_graphsurgeon() -> None:
@@ -174,35 +162,56 @@ class ModelGraph:
     def __init__(self, model: onnx.ModelProto, base_dir: Path | None = None, *, infer: bool = True) -> None:
         self.base_dir = base_dir
         self._original = model
-        self._input_order = [vi.name for vi in model.graph.input]
-        self._input_protos = {vi.name: vi for vi in model.graph.input}
-        init_names = {t.name for t in model.graph.initializer}
-        self.overridable = frozenset(n for n in self._input_order if n in init_names)
-        self._overridable_protos = {t.name: t for t in model.graph.initializer if t.name in self.overridable}
-        self._value_info_names = {vi.name for g in _iter_onnx_graphs(model.graph) for vi in g.value_info}
-        self._node_meta = {
-            n.name: list(n.metadata_props) for g in _iter_onnx_graphs(model.graph) for n in g.node if n.metadata_props
-        }
-        self._value_extras: dict[str, onnx.ValueInfoProto] = {}  # name -> a value info with metadata or doc
-        self._initializer_infos: dict[str, onnx.ValueInfoProto] = {}  # value_info entries of initializers
-        self._initializer_meta: dict[str, list[onnx.StringStringEntryProto]] = {}
-        for g in _iter_onnx_graphs(model.graph):
-            for vi in (*g.input, *g.output, *g.value_info):
-                if vi.metadata_props or vi.doc_string:
-                    self._value_extras.setdefault(vi.name, vi)
-            inits = {t.name: t for t in g.initializer}
-            self._initializer_infos.update((vi.name, vi) for vi in g.value_info if vi.name in inits)
-            self._initializer_meta.update((t.name, list(t.metadata_props)) for t in inits.values() if t.metadata_props)
         _silence_graphsurgeon()
         working = model
         if infer:
             working = _infer_shapes(model)
-        self.graph: gs.Graph = gs.import_onnx(working)
-        self._make_lazy_values_local()
+        imported = import_model(working, base_dir)
         self.provenance: dict[str, str] = {}
-        self._used_names: set[str] = set()
         self._tensor_maps: dict[int, tuple[gs.Graph, dict[str, gs.Tensor]]] = {}
-        self._name_everything()
+        self._sources: dict[int, NodeSource] = {}
+        if imported is None:
+            self.graph: gs.Graph = gs.import_onnx(working)
+            self._make_lazy_values_local()
+            originals = list(_iter_onnx_graphs(model.graph))
+            self._node_meta = {n.name: list(n.metadata_props) for g in originals for n in g.node if n.metadata_props}
+            self._used_names: set[str] = set()
+            self._name_everything()
+        else:
+            self.graph = imported.graph
+            self._sources = imported.sources
+            # The working model has the original's nodes: no subgraph there, none here.
+            originals = list(_iter_onnx_graphs(model.graph)) if imported.subgraphs else [model.graph]
+            self._node_meta = imported.node_meta
+            self._used_names = imported.used_names
+            if imported.has_unnamed:
+                self._name_unnamed()
+        self._record_values(originals)
+
+    def _record_values(self, originals: list[onnx.GraphProto]) -> None:
+        """What gs forgets about the original's inputs, initializers and value infos (one walk)."""
+        top = self._original.graph
+        self._input_order = [vi.name for vi in top.input]
+        self._input_protos = {vi.name: vi for vi in top.input}
+        self._value_info_names: set[str] = set()
+        self._value_extras: dict[str, onnx.ValueInfoProto] = {}  # name -> a value info with metadata or doc
+        self._initializer_infos: dict[str, onnx.ValueInfoProto] = {}  # value_info entries of initializers
+        self._initializer_meta: dict[str, list[onnx.StringStringEntryProto]] = {}
+        self.overridable: frozenset[str] = frozenset()
+        self._overridable_protos: dict[str, onnx.TensorProto] = {}
+        for g in originals:
+            inits = {t.name: t for t in g.initializer}
+            if g is top:
+                self.overridable = frozenset(n for n in self._input_order if n in inits)
+                self._overridable_protos = {n: inits[n] for n in inits if n in self.overridable}
+            for vi in (*g.input, *g.output, *g.value_info):
+                if vi.metadata_props or vi.doc_string:
+                    self._value_extras.setdefault(vi.name, vi)
+            for vi in g.value_info:
+                self._value_info_names.add(vi.name)
+                if vi.name in inits:
+                    self._initializer_infos[vi.name] = vi
+            self._initializer_meta.update((t.name, list(t.metadata_props)) for t in inits.values() if t.metadata_props)
 
     # -- constants ---------------------------------------------------------------------
     def is_constant(self, tensor: gs.Tensor | None) -> bool:
@@ -261,13 +270,16 @@ class ModelGraph:
 
     # -- names ---------------------------------------------------------------------------
     def _name_everything(self) -> None:
-        counts: dict[str, int] = {}
         for g in iter_graphs(self.graph):
             for t in g.tensors().values():
                 self._used_names.add(t.name)
             for n in g.nodes:
                 if n.name:
                     self._used_names.add(n.name)
+        self._name_unnamed()
+
+    def _name_unnamed(self) -> None:
+        counts: dict[str, int] = {}
         for g in iter_graphs(self.graph):
             for n in g.nodes:
                 if not n.name:
@@ -335,7 +347,7 @@ class ModelGraph:
                     and type(t._values) is LazyValues
                     and t._values.tensor.data_location == onnx.TensorProto.EXTERNAL
                 ):
-                    t._values = _ExternalLazyValues(t._values.tensor, self.base_dir)
+                    t._values = ExternalLazyValues(t._values.tensor, self.base_dir)
 
     # -- export -------------------------------------------------------------------------
     def opset(self, domain: str = "") -> int:
@@ -358,25 +370,18 @@ class ModelGraph:
 
     def export(self) -> onnx.ModelProto:
         """The model as ONNX, with everything gs forgets restored from the original."""
-        exported = gs.export_onnx(self.graph, do_type_check=False)
-        orig = self._original
         model = onnx.ModelProto()
-        model.CopyFrom(exported)
-        # Model-level fields exactly as they were.
-        model.ir_version = orig.ir_version
-        del model.opset_import[:]
-        model.opset_import.extend(orig.opset_import)
-        for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
-            setattr(model, field, getattr(orig, field))
-        del model.metadata_props[:]
-        model.metadata_props.extend(orig.metadata_props)
-        if orig.training_info:
-            del model.training_info[:]
-            model.training_info.extend(orig.training_info)
+        if export_graph(
+            self.graph, model.graph, sources=self._sources, value_info_names=self._value_info_names,
+            node_meta=self._node_meta, provenance=self.provenance,
+        ):
+            self._restore_model_fields(model)
+            self._restore_inputs(model.graph)
+            self._restore_value_extras(model.graph)
+            return model
+        model.CopyFrom(gs.export_onnx(self.graph, do_type_check=False))
+        self._restore_model_fields(model)
         g = model.graph
-        g.name, g.doc_string = orig.graph.name, orig.graph.doc_string
-        del g.metadata_props[:]
-        g.metadata_props.extend(orig.graph.metadata_props)
         self._restore_inputs(g)
         for sub in _iter_onnx_graphs(g):
             kept = [vi for vi in sub.value_info if vi.name in self._value_info_names]
@@ -391,6 +396,24 @@ class ModelGraph:
                     del node.metadata_props[:]
                     node.metadata_props.add(key=PROVENANCE_KEY, value=rule)
         return model
+
+    def _restore_model_fields(self, model: onnx.ModelProto) -> None:
+        """Model-level fields, and the top graph's name, doc string and metadata, exactly as they were."""
+        orig = self._original
+        model.ir_version = orig.ir_version
+        del model.opset_import[:]
+        model.opset_import.extend(orig.opset_import)
+        for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+            setattr(model, field, getattr(orig, field))
+        del model.metadata_props[:]
+        model.metadata_props.extend(orig.metadata_props)
+        if orig.training_info:
+            del model.training_info[:]
+            model.training_info.extend(orig.training_info)
+        g = model.graph
+        g.name, g.doc_string = orig.graph.name, orig.graph.doc_string
+        del g.metadata_props[:]
+        g.metadata_props.extend(orig.graph.metadata_props)
 
     def _restore_value_extras(self, sub: onnx.GraphProto) -> None:
         """Metadata and doc strings of values, initializers' value_info and metadata, by name."""
