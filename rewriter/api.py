@@ -80,7 +80,10 @@ class Result:
         finally:
             if gate is not None:
                 gate.close()
-        return self.report.with_output(summarize(self.model, written, file_sha256(written)))
+        counted = self.report.output  # the op counts of self.model, taken when the report was made
+        summary = (replace(counted, path=str(written), sha256=file_sha256(written)) if counted is not None
+                   else summarize(self.model, written, file_sha256(written)))
+        return self.report.with_output(summary)
 
 
 @dataclass(frozen=True)

@@ -364,8 +364,7 @@ class ModelGraph:
         go through onnx-graphsurgeon's cleanup and toposort (several times slower)."""
         self._tensor_maps.clear()
         g = self.graph
-        if g.functions or any(isinstance(a, gs.Graph) or (isinstance(a, (list, tuple)) and any(isinstance(x, gs.Graph) for x in a))
-                              for n in g.nodes for a in n.attrs.values()) or not _prune_and_sort(g):
+        if g.functions or _has_subgraphs(g) or not _prune_and_sort(g):
             g.cleanup(remove_unused_graph_inputs=False).toposort()
 
     def export(self) -> onnx.ModelProto:
@@ -449,6 +448,17 @@ class ModelGraph:
         g.input.extend(ordered)
 
 
+def _has_subgraphs(graph: gs.Graph) -> bool:
+    """Whether a node of ``graph`` holds a subgraph attribute (If/Loop/Scan bodies)."""
+    for node in graph.nodes:
+        for attr in node.attrs.values():
+            if isinstance(attr, gs.Graph):
+                return True
+            if isinstance(attr, (list, tuple)) and any(isinstance(x, gs.Graph) for x in attr):
+                return True
+    return False
+
+
 def _prune_and_sort(graph: gs.Graph) -> bool:
     """gs's ``cleanup().toposort()`` for a graph without subgraphs, in linear time: producers
     of graph inputs detached, nodes that no graph output depends on disconnected and dropped,
@@ -457,12 +467,19 @@ def _prune_and_sort(graph: gs.Graph) -> bool:
     index = {id(n): i for i, n in enumerate(graph.nodes)}
     graph_inputs = {id(t) for t in graph.inputs}  # their producers are dropped, as gs does
 
-    def made_by(t: gs.Tensor) -> list[int]:
-        return [] if id(t) in graph_inputs else [index[id(p)] for p in t.inputs if id(p) in index]
+    def made_by(tensors: Sequence[gs.Tensor]) -> list[int]:
+        found = []
+        for t in tensors:
+            if id(t) not in graph_inputs:
+                for p in t.inputs:
+                    i = index.get(id(p))
+                    if i is not None:
+                        found.append(i)
+        return found
 
-    producers = [[i for t in n.inputs for i in made_by(t)] for n in graph.nodes]
+    producers = [made_by(n.inputs) for n in graph.nodes]
     live = [False] * len(graph.nodes)
-    stack = [i for t in graph.outputs for i in made_by(t)]
+    stack = made_by(graph.outputs)
     while stack:
         i = stack.pop()
         if not live[i]:

@@ -83,10 +83,15 @@ def start_gate(model: onnx.ModelProto, original: onnx.ModelProto, base_dir: Path
     resolves, every node has a kernel; graph optimizations are not run. ``loads``: it already
     ran in onnxruntime (verification); nothing is loaded. What is loaded was serialized before
     this returns: ``model`` may change afterwards."""
-    why = _checker_error(model)
-    if why is not None and _checker_error(original) is None:
-        raise VerificationError(f"not written: the rewritten model fails onnx.checker: {why}")
-    return PendingGate([] if loads else gate_sources(model, base_dir))
+    gate = PendingGate([] if loads else gate_sources(model, base_dir))
+    try:  # the checker runs while onnxruntime loads
+        why = _checker_error(model)
+        if why is not None and _checker_error(original) is None:
+            raise VerificationError(f"not written: the rewritten model fails onnx.checker: {why}")
+    except BaseException:
+        gate.close()
+        raise
+    return gate
 
 
 def check_writable(model: onnx.ModelProto, original: onnx.ModelProto, base_dir: Path | None, *, loads: bool = False) -> None:
