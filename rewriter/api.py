@@ -80,10 +80,9 @@ class Result:
         finally:
             if gate is not None:
                 gate.close()
-        counted = self.report.output  # the op counts of self.model, taken when the report was made
-        summary = (replace(counted, path=str(written), sha256=file_sha256(written)) if counted is not None
-                   else summarize(self.model, written, file_sha256(written)))
-        return self.report.with_output(summary)
+        # The report's output summary already counts self.model's ops: only the file is new.
+        counted = self.report.output or summarize(self.model)
+        return self.report.with_output(replace(counted, path=str(written), sha256=file_sha256(written)))
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from onnx_graphsurgeon.logger import G_LOGGER
 
 from rewriter.engine.graph_export import PROVENANCE_KEY, export_graph
 from rewriter.engine.graph_import import ExternalLazyValues, NodeSource, import_model
+from rewriter.engine.tensors import node_graphs
 
 __all__ = [
     "ModelGraph",
@@ -45,26 +46,30 @@ def _silence_graphsurgeon() -> None:
         G_LOGGER.severity = G_LOGGER.CRITICAL + 1
 
 
+def node_subgraphs(node: gs.Node) -> list[gs.Graph]:
+    """The subgraphs held by ``node``'s attributes (If/Loop/Scan bodies)."""
+    found = []
+    for attr in node.attrs.values():
+        if isinstance(attr, gs.Graph):
+            found.append(attr)
+        elif isinstance(attr, (list, tuple)):
+            found += [a for a in attr if isinstance(a, gs.Graph)]
+    return found
+
+
 def iter_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
     """The graph and every nested subgraph (If/Loop/Scan bodies), outermost first."""
     yield graph
     for node in graph.nodes:
-        for attr in node.attrs.values():
-            subs = attr if isinstance(attr, (list, tuple)) else [attr]
-            for sub in subs:
-                if isinstance(sub, gs.Graph):
-                    yield from iter_graphs(sub)
+        for sub in node_subgraphs(node):
+            yield from iter_graphs(sub)
 
 
 def _iter_onnx_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     yield graph
     for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _iter_onnx_graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _iter_onnx_graphs(g)
+        for sub in node_graphs(node):
+            yield from _iter_onnx_graphs(sub)
 
 
 def producer(tensor: gs.Tensor | None) -> gs.Node | None:
@@ -450,13 +455,7 @@ class ModelGraph:
 
 def _has_subgraphs(graph: gs.Graph) -> bool:
     """Whether a node of ``graph`` holds a subgraph attribute (If/Loop/Scan bodies)."""
-    for node in graph.nodes:
-        for attr in node.attrs.values():
-            if isinstance(attr, gs.Graph):
-                return True
-            if isinstance(attr, (list, tuple)) and any(isinstance(x, gs.Graph) for x in attr):
-                return True
-    return False
+    return any(node_subgraphs(node) for node in graph.nodes)
 
 
 def _prune_and_sort(graph: gs.Graph) -> bool:

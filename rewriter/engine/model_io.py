@@ -14,13 +14,13 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import onnx
 from google.protobuf.message import DecodeError, EncodeError
 from onnx import helper
 
-from rewriter.engine.tensors import PROTOBUF_LIMIT, attr_graphs, check_tensors, stat_regular
+from rewriter.engine.tensors import PROTOBUF_LIMIT, SUBGRAPH_ATTRS, attr_graphs, check_tensors, names_read, stat_regular
 from rewriter.errors import InputError
 
 __all__ = ["LoadedModel", "load_model", "max_supported_ir_version", "loadable_ir", "ensure_loadable_ir"]
@@ -42,19 +42,6 @@ class LoadedModel:
     """sha256 of the .onnx file bytes, or of the serialized proto for in-memory models."""
 
 
-def _names_read(node: onnx.NodeProto) -> Iterator[str]:
-    """Names a node reads: its inputs, and every input of a node in its subgraphs (the
-    names a subgraph captures from outer scopes are among them)."""
-    yield from node.input
-    for attr in node.attribute:
-        for sub in attr_graphs(attr):
-            for inner in sub.node:
-                yield from _names_read(inner)
-
-
-_SUBGRAPH_TYPES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-
-
 def _in_order(nodes: Sequence[onnx.NodeProto], with_subgraphs: set[int]) -> bool:
     """Whether every node comes after the producers of what it reads (then there is no cycle):
     one linear pass, true for the graphs exporters write. ``with_subgraphs``: indices of nodes
@@ -62,7 +49,7 @@ def _in_order(nodes: Sequence[onnx.NodeProto], with_subgraphs: set[int]) -> bool
     outputs = [list(node.output) for node in nodes]
     pending = set().union(*outputs)  # produced, not yet passed
     for i, node in enumerate(nodes):
-        reads = _names_read(node) if i in with_subgraphs else node.input
+        reads = names_read(node) if i in with_subgraphs else node.input
         if not pending.isdisjoint(reads):
             return False
         pending.difference_update(outputs[i])
@@ -72,7 +59,7 @@ def _in_order(nodes: Sequence[onnx.NodeProto], with_subgraphs: set[int]) -> bool
 def _find_cycle(nodes: Sequence[onnx.NodeProto]) -> list[int] | None:
     """Indices of nodes forming a cycle, in data-flow order, or None if there is none."""
     producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
-    deps = [sorted({producer[n] for n in _names_read(node) if n in producer}) for node in nodes]
+    deps = [sorted({producer[n] for n in names_read(node) if n in producer}) for node in nodes]
     state = [0] * len(nodes)  # 0 unseen, 1 on the current path, 2 done
     for start in range(len(nodes)):
         if state[start]:
@@ -111,7 +98,7 @@ def _check_acyclic(model: onnx.ModelProto, where: str) -> None:
         with_subgraphs: set[int] = set()
         for i, node in enumerate(nodes):
             for attr in node.attribute:
-                if attr.type in _SUBGRAPH_TYPES:
+                if attr.type in SUBGRAPH_ATTRS:
                     with_subgraphs.add(i)
                     label = f"subgraph '{attr.name}' of node '{node.name or node.op_type}'"
                     todo += [(label, sub.node) for sub in attr_graphs(attr)]

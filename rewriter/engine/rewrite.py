@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import onnx
-import onnx_graphsurgeon as gs
 
 from rewriter.engine.driver import DriverResult, SiteKey, run_rules
-from rewriter.engine.graph import ModelGraph
+from rewriter.engine.graph import ModelGraph, node_subgraphs
 from rewriter.engine.model_io import LoadedModel
 from rewriter.engine.rule import Rule
 
@@ -52,8 +51,7 @@ def _members(model: ModelGraph) -> list[object]:
         graph = graphs.pop()
         found.append(graph)
         for node in graph.nodes:
-            for attr in node.attrs.values():
-                graphs.extend(a for a in (attr if isinstance(attr, (list, tuple)) else [attr]) if isinstance(a, gs.Graph))
+            graphs += node_subgraphs(node)
             found += (node, *node.inputs, *node.outputs)
     return found
 

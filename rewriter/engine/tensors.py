@@ -23,7 +23,7 @@ from onnx import helper, numpy_helper
 
 from rewriter.errors import InputError
 
-__all__ = ["PROTOBUF_LIMIT", "iter_tensors", "attr_graphs", "is_external", "has_external_data", "external_ref", "resolve_location",
+__all__ = ["PROTOBUF_LIMIT", "iter_tensors", "attr_graphs", "node_graphs", "names_read", "SUBGRAPH_ATTRS", "is_external", "has_external_data", "external_ref", "resolve_location",
            "stat_regular", "check_tensors", "read_tensor"]
 
 
@@ -58,10 +58,28 @@ def _attr_tensors(attr: onnx.AttributeProto, node: onnx.NodeProto) -> Iterator[t
             yield from _sparse_parts(label, sparse)
 
 
+SUBGRAPH_ATTRS = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+"""Attribute types that hold graphs (If/Loop/Scan bodies)."""
+
+
 def attr_graphs(attr: onnx.AttributeProto) -> list[onnx.GraphProto]:
     if attr.type == onnx.AttributeProto.GRAPH:
         return [attr.g]
     return list(attr.graphs) if attr.type == onnx.AttributeProto.GRAPHS else []
+
+
+def node_graphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The subgraphs held by ``node``'s attributes."""
+    return [g for attr in node.attribute for g in attr_graphs(attr)]
+
+
+def names_read(node: onnx.NodeProto) -> Iterator[str]:
+    """Names a node reads: its inputs, and every input of a node in its subgraphs (the
+    names a subgraph captures from outer scopes are among them)."""
+    yield from node.input
+    for sub in node_graphs(node):
+        for inner in sub.node:
+            yield from names_read(inner)
 
 
 def _iter_labelled(model: onnx.ModelProto, *, initializers_only: bool = False) -> Iterator[tuple[str, onnx.TensorProto]]:

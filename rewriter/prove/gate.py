@@ -20,7 +20,7 @@ from rewriter.errors import VerificationError
 from rewriter.ort import ModelSource, SessionError, first_line, make_session, model_source
 from rewriter.prove.region import cut_region
 
-__all__ = ["check_writable", "start_gate", "PendingGate", "gate_sources"]
+__all__ = ["check_writable", "start_gate", "PendingGate"]
 
 _CHECKER_LIMIT = 2**31 - 1  # onnx.checker takes an in-memory model only below protobuf's 2 GB
 
@@ -35,7 +35,7 @@ def _checker_error(model: onnx.ModelProto) -> str | None:
     return None
 
 
-def gate_sources(model: onnx.ModelProto, base_dir: Path | None) -> list[ModelSource]:
+def _gate_sources(model: onnx.ModelProto, base_dir: Path | None) -> list[ModelSource]:
     """What the load gate opens: the rewritten region as models of their own, or the whole model.
     Serialized now, so ``model`` may change afterwards."""
     region = cut_region(model)
@@ -83,7 +83,7 @@ def start_gate(model: onnx.ModelProto, original: onnx.ModelProto, base_dir: Path
     resolves, every node has a kernel; graph optimizations are not run. ``loads``: it already
     ran in onnxruntime (verification); nothing is loaded. What is loaded was serialized before
     this returns: ``model`` may change afterwards."""
-    gate = PendingGate([] if loads else gate_sources(model, base_dir))
+    gate = PendingGate([] if loads else _gate_sources(model, base_dir))
     try:  # the checker runs while onnxruntime loads
         why = _checker_error(model)
         if why is not None and _checker_error(original) is None:

@@ -23,11 +23,10 @@ a tensor whose type inference does not know, a tensor produced twice.
 
 from __future__ import annotations
 
-from typing import Iterable
-
 import onnx
 
 from rewriter.engine.graph import PROVENANCE_KEY
+from rewriter.engine.tensors import SUBGRAPH_ATTRS, names_read, node_graphs
 
 __all__ = ["cut_region", "MAX_SHARE", "CHUNK_NODES"]
 
@@ -41,24 +40,14 @@ MAX_SHARE = 0.5
 _KEEP_VALUES_BYTES = 4096
 _PROTOBUF_LIMIT = 2**31 - 1
 
-_GRAPH_ATTRS = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-
 
 def _marked(node: onnx.NodeProto) -> bool:
     return any(p.key == PROVENANCE_KEY for p in node.metadata_props)
 
 
-def _subgraphs(node: onnx.NodeProto) -> Iterable[onnx.GraphProto]:
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            yield attr.g
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            yield from attr.graphs
-
-
 def _marked_inside(graph: onnx.GraphProto) -> bool:
     """Whether a node of ``graph`` or of a graph nested in it carries the provenance mark."""
-    return any(_marked(n) or any(_marked_inside(sub) for sub in _subgraphs(n)) for n in graph.node)
+    return any(_marked(n) or any(_marked_inside(sub) for sub in node_graphs(n)) for n in graph.node)
 
 
 def _typing_model(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -108,9 +97,9 @@ def _region_nodes(nodes: list[onnx.NodeProto]) -> list[int] | None:
     marked = [i for i, n in enumerate(nodes) if n.metadata_props and _marked(n)]
     if not marked:
         return None
-    nested = [n for n in nodes if n.attribute and any(a.type in _GRAPH_ATTRS for a in n.attribute)]
+    nested = [n for n in nodes if n.attribute and any(a.type in SUBGRAPH_ATTRS for a in n.attribute)]
     # A marked node with a body, or marked nodes inside If/Loop/Scan bodies (outer-scope reads): not cut.
-    if any(_marked(n) or any(_marked_inside(sub) for sub in _subgraphs(n)) for n in nested):
+    if any(_marked(n) or any(_marked_inside(sub) for sub in node_graphs(n)) for n in nested):
         return None
     region = set(marked)
     reads = {name for i in marked for name in nodes[i].input if name}
@@ -120,13 +109,6 @@ def _region_nodes(nodes: list[onnx.NodeProto]) -> list[int] | None:
     if len(region) > MAX_SHARE * len(nodes):
         return None
     return sorted(region)
-
-
-def _names_read(graph: onnx.GraphProto) -> Iterable[str]:
-    for node in graph.node:
-        yield from node.input
-        for sub in _subgraphs(node):
-            yield from _names_read(sub)
 
 
 def _chunk_ends(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], chunks: list[list[int]]) -> list[tuple[list[str], list[str]]] | None:
@@ -149,8 +131,8 @@ def _chunk_ends(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], chunks: lis
             if made_in.get(name, here) != here:
                 needed[name] = None
         if node.attribute:
-            for sub in _subgraphs(node):  # a body may read a region tensor from the outer scope
-                needed.update((name, None) for name in _names_read(sub) if name in made_in)
+            for sub in node_graphs(node):  # a body may read a region tensor from the outer scope
+                needed.update((name, None) for inner in sub.node for name in names_read(inner) if name in made_in)
     needed.update((vi.name, None) for vi in graph.output if vi.name in made_in)
     ends = []
     for c, members in enumerate(chunks):
