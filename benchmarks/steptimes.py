@@ -128,15 +128,13 @@ def report(total: float) -> None:
 
 def main() -> int:
     install()
-    from rewriter.cli import main as cli_main
+    # run_app, not main: main ends the process at once (os._exit), before this report.
+    from rewriter.cli import run_app
 
-    sys.argv = ["onnx-rewrite", *sys.argv[1:]]
     start = time.perf_counter()
-    code = 0
+    code = 1
     try:
-        cli_main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
+        code = run_app(sys.argv[1:])
     finally:
         report(time.perf_counter() - start)
     return code

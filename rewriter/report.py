@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence, runtime
 import onnx
 
 from rewriter.engine.save import atomic_write_text
+from rewriter.engine.tensors import node_graphs
 
 __all__ = ["Section", "ModelSummary", "RewriteRecord", "NearMissRecord", "Report", "summarize", "op_counts", "format_shapes"]
 
@@ -48,18 +49,11 @@ def format_shapes(shapes: Mapping[str, Sequence[int]]) -> str:
 def op_counts(model: onnx.ModelProto) -> dict[str, int]:
     """{op_type: count} over the main graph and every subgraph, sorted by op type."""
     counts: Counter[str] = Counter()
-
-    def walk(g: onnx.GraphProto) -> None:
-        for n in g.node:
-            counts[n.op_type] += 1
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    walk(a.g)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    for sub in a.graphs:
-                        walk(sub)
-
-    walk(model.graph)
+    graphs = [model.graph]
+    while graphs:
+        nodes = graphs.pop().node
+        counts.update([n.op_type for n in nodes])
+        graphs += [g for n in nodes if len(n.attribute) for g in node_graphs(n)]
     return dict(sorted(counts.items()))
 
 

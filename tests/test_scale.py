@@ -199,7 +199,7 @@ def test_the_benchmark_reads_its_memory_probes_before_the_timed_rounds(monkeypat
 
 WHOLE_GRAPH = [
     (gs.Graph, "tensors"), (gs.Graph, "cleanup"), (gs.Graph, "toposort"), (gs, "export_onnx"), (gs, "import_onnx"),
-    (onnx.shape_inference, "infer_shapes"), (engine_graph, "_prune_and_sort"), (engine_graph, "iter_graphs"),
+    (onnx.shape_inference, "infer_shapes"), (engine_graph, "_prune_and_sort"), (engine_graph, "iter_graphs"), (engine_graph, "tensor_dict"),
     (rewriter.engine.driver, "iter_graphs"), (ModelGraph, "export"),
 ]
 

@@ -4,7 +4,11 @@ in :mod:`rewriter.cli.app`."""
 
 from __future__ import annotations
 
+import atexit
+import gc
+import os
 import sys
+import threading
 
 from rewriter.cli import cmd_batch, cmd_bench, cmd_rewrite, cmd_rules, cmd_verify  # noqa: F401  (registers the commands)
 from rewriter.cli.app import app, install_signal_handlers, run_app
@@ -14,4 +18,24 @@ __all__ = ["app", "main", "run_app"]
 
 def main() -> None:
     install_signal_handlers()
-    sys.exit(run_app(sys.argv[1:]))
+    # What the imports made lives until the process ends: the collector need not walk it again
+    # (each full collection did, about 0.05 s apiece).
+    gc.freeze()
+    code = run_app(sys.argv[1:])
+    _exit_now(code)
+
+
+def _exit_now(code: int) -> None:
+    """End the process without the interpreter's teardown: every file is written and closed by
+    now, and freeing a large model's objects one by one at exit took 0.25 s of a 50,000-node
+    run. Exit handlers still run (temporary folders, logging) and the streams are flushed; a
+    thread still running (none should be) gets the normal exit instead."""
+    if threading.active_count() > 1:
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more to say there
+            pass
+    os._exit(code)

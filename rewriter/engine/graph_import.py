@@ -32,7 +32,7 @@ from onnx_graphsurgeon.util.misc import SynchronizedList
 
 from rewriter.engine.tensors import read_tensor
 
-__all__ = ["ExternalLazyValues", "Imported", "NodeSource", "import_model", "supported_version"]
+__all__ = ["ExternalLazyValues", "Imported", "NodeSource", "import_model", "new_node", "new_variable", "supported_version"]
 
 _A = onnx.AttributeProto
 _EXTERNAL = onnx.TensorProto.EXTERNAL
@@ -97,6 +97,7 @@ _new_lazy = LazyValues.__new__
 _set = object.__setattr__
 _append = list.append
 _NO_ATTRS: OrderedDict[str, Any] = OrderedDict()  # the attrs copy of nodes without attributes (never changed)
+_FAST = supported_version(gs.__version__)
 
 
 def _sync_list(parent: object, field_name: str, items: list[Any]) -> SynchronizedList:
@@ -112,6 +113,30 @@ def _variable(name: str, dtype: Any = None, shape: Any = None, kind: str = "tens
     _set(v, "__dict__", {"name": name, "inputs": _sync_list(v, "outputs", []), "outputs": _sync_list(v, "inputs", []),
                          "dtype": dtype, "shape": shape, "type": kind})
     return v
+
+
+def new_variable(name: str, dtype: Any = None, shape: Any = None) -> gs.Variable:
+    """``gs.Variable(name, dtype, shape)``, built directly (see :func:`new_node`)."""
+    if not _FAST:
+        return gs.Variable(name, dtype=dtype, shape=shape)
+    return _variable(name, dtype, shape)
+
+
+def new_node(op: str, name: str, attrs: dict[str, Any], inputs: list[gs.Tensor], outputs: list[gs.Tensor],
+             domain: str | None = None) -> gs.Node:
+    """``gs.Node(op, name, attrs, inputs, outputs, domain=domain)`` without gs's per-object hooks:
+    the same fields and the same producer/consumer links (each input lists the node among its
+    readers, each output has it as its writer). gs's own constructor outside the tested 0.6 series."""
+    if not _FAST:
+        return gs.Node(op, name, attrs, inputs, outputs, domain=domain)
+    node = _new_node(gs.Node)
+    _set(node, "__dict__", {"op": op, "name": name, "attrs": attrs, "inputs": _sync_list(node, "outputs", inputs),
+                            "outputs": _sync_list(node, "inputs", outputs), "domain": domain})
+    for t in inputs:
+        _append(t.outputs, node)
+    for t in outputs:
+        _append(t.inputs, node)
+    return node
 
 
 def _constant(name: str, values: LazyValues, data_location: int | None) -> gs.Constant:
@@ -156,16 +181,27 @@ def _import_constant(tensor: onnx.TensorProto, base_dir: Path | None, local_exte
     return _constant(tensor.name, _lazy_values(tensor, base_dir, external), location)
 
 
-def _import_value_info(vi: onnx.ValueInfoProto) -> gs.Variable:
-    """gs's ``import_tensor`` for a ValueInfoProto."""
+def _import_value_info(vi: onnx.ValueInfoProto, types: dict[bytes, tuple[Any, tuple[Any, ...] | None]] | None = None) -> gs.Variable:
+    """gs's ``import_tensor`` for a ValueInfoProto. ``types``: tensor types already converted,
+    by their serialized bytes (a model has few distinct ones)."""
     tp = vi.type
+    if types is not None:
+        key = tp.SerializeToString()
+        known = types.get(key)
+        if known is not None:
+            dtype, dims = known
+            return _variable(vi.name, dtype, None if dims is None else list(dims), "tensor_type")
     which = tp.WhichOneof("value")
     if which == "tensor_type":
         tt = tp.tensor_type
         shape = None
         if tt.HasField("shape"):
             shape = [_dim(d) for d in tt.shape.dim]
-        dtype = gsi.get_onnx_tensor_dtype(vi) if tt.elem_type not in _KNOWN_ELEM else _KNOWN_ELEM[tt.elem_type]
+        if tt.elem_type not in _KNOWN_ELEM:
+            return _variable(vi.name, gsi.get_onnx_tensor_dtype(vi), shape, "tensor_type")
+        dtype = _KNOWN_ELEM[tt.elem_type]
+        if types is not None:
+            types[key] = (dtype, None if shape is None else tuple(shape))
         return _variable(vi.name, dtype, shape, "tensor_type")
     if tp.ByteSize() > 0:
         return _variable(vi.name, gsi.get_onnx_tensor_dtype(vi), gsi.get_onnx_tensor_shape(vi), gsi.get_onnx_tensor_type(vi))
@@ -206,6 +242,7 @@ class _GraphImport:
         self.base_dir = base_dir
         self.top = top
         self.local: dict[str, gs.Tensor] = {}
+        self.types: dict[bytes, tuple[Any, tuple[Any, ...] | None]] = {}
 
     def run(self, g: onnx.GraphProto, **graph_fields: Any) -> gs.Graph:
         if len(g.sparse_initializer):
@@ -238,19 +275,19 @@ class _GraphImport:
         if existing is not None:
             # gs's "overwrite": a repeated entry fills in what the first one lacked (with gs's
             # truthiness, which treats a NumPy dtype or a scalar's [] shape as missing).
-            new = _import_value_info(vi)
+            new = _import_value_info(vi, self.types)
             if isinstance(existing, gs.Variable):
                 existing.dtype = existing.dtype or new.dtype
                 existing.shape = existing.shape or new.shape
             return
         if name in self.outer:
             return
-        self.local[name] = _import_value_info(vi)
+        self.local[name] = _import_value_info(vi, self.types)
 
     def _io_tensor(self, vi: onnx.ValueInfoProto) -> gs.Tensor:
         t = self.local.get(vi.name)
         if t is None:
-            t = self.local[vi.name] = _import_value_info(vi)
+            t = self.local[vi.name] = _import_value_info(vi, self.types)
         return t
 
     def _tensor(self, name: str, outer: bool) -> gs.Tensor:

@@ -16,6 +16,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from rewriter.engine.graph import ModelGraph
+from rewriter.engine.graph_import import new_node, new_variable
 from rewriter.engine.pattern import Match, OpPat, PatternBuilder
 
 __all__ = ["Rule", "CheckResult", "ok", "fail", "skip", "RewriteBuilder", "Replacement"]
@@ -159,10 +160,10 @@ class RewriteBuilder:
         domain: str | None = None,
     ) -> gs.Variable:
         """Add ``op_type(inputs)``; returns its (first) output. ``None`` inputs become empty."""
-        ins = [t if t is not None else gs.Variable.empty() for t in inputs]
-        outs = [gs.Variable(self._name(f"{op_type}_out"), dtype=dtype, shape=list(shape) if shape is not None else None)]
-        outs += [gs.Variable(self._name(f"{op_type}_out")) for _ in range(outputs - 1)]
-        node = gs.Node(op_type, self._name(op_type), dict(attrs or {}), ins, outs, domain=domain)
+        ins = [t if t is not None else new_variable("") for t in inputs]
+        outs = [new_variable(self._name(f"{op_type}_out"), dtype, list(shape) if shape is not None else None)]
+        outs += [new_variable(self._name(f"{op_type}_out")) for _ in range(outputs - 1)]
+        node = new_node(op_type, self._name(op_type), dict(attrs or {}), ins, outs, domain)
         self.nodes.append(node)
         return outs[0]
 

@@ -9,6 +9,7 @@ and reading one tensor. External data is only sized, never read, until ``read_te
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import stat
@@ -60,6 +61,9 @@ def _attr_tensors(attr: onnx.AttributeProto, node: onnx.NodeProto) -> Iterator[t
 
 SUBGRAPH_ATTRS = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
 """Attribute types that hold graphs (If/Loop/Scan bodies)."""
+_GRAPH, _GRAPHS = SUBGRAPH_ATTRS
+_TENSOR_ATTRS = frozenset({onnx.AttributeProto.TENSOR, onnx.AttributeProto.TENSORS, onnx.AttributeProto.SPARSE_TENSOR,
+                           onnx.AttributeProto.SPARSE_TENSORS})
 
 
 def attr_graphs(attr: onnx.AttributeProto) -> list[onnx.GraphProto]:
@@ -98,9 +102,15 @@ def _iter_labelled(model: onnx.ModelProto, *, initializers_only: bool = False) -
             nodes.extend(graph.node)
             continue
         node = nodes.pop()
+        if not len(node.attribute):
+            continue
         for attr in node.attribute:
-            graphs.extend(attr_graphs(attr))
-            if not initializers_only:
+            kind = attr.type
+            if kind == _GRAPH:
+                graphs.append(attr.g)
+            elif kind == _GRAPHS:
+                graphs.extend(attr.graphs)
+            elif kind in _TENSOR_ATTRS and not initializers_only:
                 yield from _attr_tensors(attr, node)
 
 
@@ -158,17 +168,24 @@ def resolve_location(location: str, base_dir: Path, tensor_name: str, where: str
     return target
 
 
+@functools.cache
+def _itemsize(data_type: int) -> int | None:
+    """Bytes per element of a (byte-aligned, fixed-size) element type; None for strings and unknown types."""
+    if data_type in (_TP.STRING, _TP.UNDEFINED):
+        return None
+    try:
+        return int(helper.tensor_dtype_to_np_dtype(data_type).itemsize)
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
 def _expected_nbytes(tensor: onnx.TensorProto) -> int | None:
     """Bytes the tensor's data occupies in raw form, or None if not fixed (strings)."""
     count = math.prod(tensor.dims)
     if (bits := _PACKED_BITS.get(tensor.data_type)) is not None:
         return (count * bits + 7) // 8
-    if tensor.data_type in (_TP.STRING, _TP.UNDEFINED):
-        return None
-    try:
-        return count * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    except (KeyError, ValueError, TypeError):
-        return None
+    size = _itemsize(tensor.data_type)
+    return None if size is None else count * size
 
 
 def stat_regular(path: Path, prefix: str, *, missing: str) -> None:
@@ -261,7 +278,7 @@ def check_tensors(model: onnx.ModelProto, base_dir: Path | None, where: str) -> 
     """Validate every tensor's data against its dims and type, reading only file sizes."""
     sizes: dict[Path, int] = {}
     for label, tensor in _iter_labelled(model):
-        if any(d < 0 for d in tensor.dims):
+        if len(tensor.dims) and min(tensor.dims) < 0:
             raise InputError(f"{where}: {label} has a negative dim in {_dims_text(tensor)}")
         if not is_external(tensor):
             _check_inline(tensor, label, where)
