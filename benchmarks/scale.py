@@ -8,11 +8,13 @@ structurally identical pointwise sites.
     python benchmarks/scale.py                       # rewrite-only at 1k..50k nodes, default flow at 10k
     python benchmarks/scale.py --nodes 1000 5000 --flow-nodes 10000
     python benchmarks/scale.py --nodes 50000 --flow-nodes 10000 --breakdown   # + time per step
+    python benchmarks/scale.py --nodes 50000 --flow-nodes --repeat 5           # 50k rewrite-only, 5 runs
 
 Each measurement runs the CLI in a fresh interpreter (wall time from this process, the child's
 own peak RSS from ``os.wait4``): ``rewrite-only`` is
 ``onnx-rewrite M --no-bench --no-verify``; ``default flow`` is ``onnx-rewrite M`` (tune, verify,
-measure, accept) with a fresh tuning cache. Prints a Markdown table; asserts nothing.
+measure, accept) with a fresh tuning cache. The package's bytecode is compiled first, as an
+installed copy has it. Prints a Markdown table; asserts nothing.
 ``--breakdown`` runs the CLI through ``benchmarks/steptimes.py`` and prints each run's time per
 step (and the onnxruntime sessions it created) after the table.
 
@@ -23,6 +25,7 @@ activations finite: outputs of inf/NaN would leave verification without evidence
 from __future__ import annotations
 
 import argparse
+import compileall
 import os
 import subprocess
 import sys
@@ -91,19 +94,32 @@ def _steps(log: Path) -> str:
     return text[text.index("step times"):] if "step times" in text else "(no step times: the run failed before its end)\n"
 
 
+def compile_bytecode() -> None:
+    """Write the package's bytecode, as ``pip install`` does. An editable checkout gets it on
+    first import -- except where PYTHONDONTWRITEBYTECODE is set (this machine sets it): every run
+    would then compile ``rewriter`` and its rules from source again, 0.3 s that no installed copy pays."""
+    import rewriter
+    import rewriter.rules
+
+    for package in (rewriter, rewriter.rules):
+        compileall.compile_dir(str(Path(package.__file__).parent), quiet=1)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", type=int, nargs="*", default=[1000, 5000, 10000, 50000], help="rewrite-only sizes (nodes)")
     parser.add_argument("--flow-nodes", type=int, nargs="*", default=[10000], help="default-flow sizes (nodes)")
     parser.add_argument("--timeout", type=float, default=900.0, help="per run, seconds")
     parser.add_argument("--breakdown", action="store_true", help="print each run's time per step (benchmarks/steptimes.py)")
+    parser.add_argument("--repeat", type=int, default=1, help="rewrite-only runs per size (this machine's speed drifts: see each run)")
     args = parser.parse_args()
+    compile_bytecode()
 
     rows, steps = [], []
     with tempfile.TemporaryDirectory(prefix="onnx-rewrite-scale-") as tmp_name:
         tmp = Path(tmp_name)
         env = {**os.environ, "XDG_CACHE_HOME": str(tmp / "cache")}
-        plan = [("rewrite-only", n, ["--no-bench", "--no-verify"]) for n in args.nodes]
+        plan = [("rewrite-only", n, ["--no-bench", "--no-verify"]) for n in args.nodes for _ in range(args.repeat)]
         plan += [("default flow", n, []) for n in args.flow_nodes]
         for mode, nodes, flags in plan:
             blocks = max(1, nodes // 5)

@@ -279,3 +279,17 @@ def test_no_runnable_provider_is_a_usage_error_not_a_failed_rewrite(capsys, mode
     assert not out.exists()
     code, _, err = cli(capsys, "verify", model_path, model_path, "--providers", "cuda")
     assert_one_line_error(code, err, 2, "cannot verify: no provider could run")
+
+
+def test_the_command_exits_without_teardown_but_flushes_and_runs_exit_handlers():
+    """``main`` ends with ``os._exit`` (no freeing of a large model's objects one by one): what was
+    printed and not yet flushed still arrives, exit handlers run, and the exit code is kept."""
+    code = ("import atexit, sys; atexit.register(lambda: print('handler ran')); "
+            "from rewriter.cli import _exit_now; sys.stdout.write('partial line'); _exit_now(3)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3 and proc.stdout == "partial linehandler ran\n", proc
+    # A thread still running gets the normal exit: it is not cut off.
+    code = ("import threading, time; from rewriter.cli import _exit_now; "
+            "threading.Thread(target=lambda: (time.sleep(0.3), print('thread done'))).start(); _exit_now(4)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 4 and proc.stdout == "thread done\n", proc

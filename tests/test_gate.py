@@ -318,3 +318,64 @@ def _loads_path(model: onnx.ModelProto, base_dir: Path | None) -> bool:
         return False
     return True
 
+
+
+# --- one node of each kind -----------------------------------------------------------------------------------
+def _kinds(model: onnx.ModelProto) -> list[str]:
+    cuts = cut_region(model)
+    assert cuts is not None
+    return [n.name for c in cuts for n in c.graph.node if n.op_type != "Constant"]
+
+
+def test_identical_rewritten_nodes_are_loaded_once() -> None:
+    """200 sites with 16x16 weights (values not part of a kind): one MatMul is loaded, and the
+    model loads as a whole all the same."""
+    original = pointwise_chain(200, channels=16)
+    rewritten, result = rewrite(original, ["transposed-conv1x1-to-matmul"])
+    assert len(result.applied) == 200
+    kinds = _kinds(rewritten)
+    assert len(kinds) == 1 and kinds[0] == next(n.name for n in rewritten.graph.node if n.op_type == "MatMul")
+    assert _loads(rewritten)
+    check_writable(rewritten, original, None)
+
+
+def test_small_constants_and_shapes_make_kinds_of_their_own() -> None:
+    """4x4 weights (16 values: a kernel may read them) differ per site: every MatMul is its own
+    kind; two chains of other widths are two more kinds."""
+    rewritten, _ = rewrite(pointwise_chain(5, channels=4), ["transposed-conv1x1-to-matmul"])
+    assert len(_kinds(rewritten)) == 5
+    same = pointwise_chain(5, channels=4)
+    for t in same.graph.initializer:
+        t.CopyFrom(onnx.numpy_helper.from_array(np.full((4, 4, 1), 0.5, np.float32), t.name))
+    rewritten_same, _ = rewrite(same, ["transposed-conv1x1-to-matmul"])
+    assert len(_kinds(rewritten_same)) == 1
+
+
+def test_a_kind_that_does_not_load_is_refused_once_for_all_its_nodes() -> None:
+    """Eight rewritten Relus, all without a kernel: one Cast/Erf/Cast of each kind is loaded, and refused."""
+    nodes = [helper.make_node("Relu", ["x" if i == 0 else f"a{i-1}"], [f"r{i}"], name=f"keep{i}") for i in range(8)]
+    nodes = [n for i, r in enumerate(nodes) for n in (r, helper.make_node("Add", [f"r{i}", "x"], [f"a{i}"], name=f"add{i}"))]
+    nodes += [helper.make_node("Neg", [f"a{7 + i}"], [f"a{8 + i}"], name=f"neg{i}") for i in range(30)]  # the region stays a minority
+    original = make_model(nodes, [vi("x", ["b", 4])], [vi("a37", ["b", 4])])
+    rewritten, result = rewrite(original, [NoKernel()])
+    assert len(result.applied) == 8
+    cuts = cut_region(rewritten)
+    assert cuts is not None and sorted(n.op_type for c in cuts for n in c.graph.node) == ["Cast", "Cast", "Erf"]
+    with pytest.raises(VerificationError, match="Erf"):
+        check_writable(rewritten, original, None)
+
+
+def test_a_signature_numbers_symbolic_dims_by_first_appearance() -> None:
+    from rewriter.prove.region import signature
+
+    node = helper.make_node("Add", ["a", "b"], ["c"])
+    def types(*shapes: list[object]) -> dict[str, onnx.ValueInfoProto]:
+        return {name: vi(name, shape) for name, shape in zip("abc", shapes)}
+
+    base = signature(node, types(["n", 4], ["n", 4], ["n", 4]), {})
+    assert base is not None
+    assert signature(node, types(["m", 4], ["m", 4], ["m", 4]), {}) == base  # renamed: same kind
+    assert signature(node, types(["n", 4], ["k", 4], ["n", 4]), {}) != base  # another equality pattern
+    assert signature(node, types(["n", 4], ["n", 4], ["n", 8]), {}) != base
+    assert signature(node, types(["n", 4], ["n", 4], None), {}) is not None
+    assert signature(node, {"a": vi("a", ["n", 4]), "b": vi("b", ["n", 4])}, {}) is None  # unknown: a kind of its own

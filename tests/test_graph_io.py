@@ -386,3 +386,41 @@ def test_model_graph_records_the_same_either_way(path, monkeypatch):
     assert fast == slow
     if path is None:
         assert {"Relu_1", "Relu_2"} <= set(fast[0])
+
+
+# -- the fast tensor walk and the builder's constructors ---------------------------------------------------
+
+@pytest.mark.parametrize("path", FIXTURE_PATHS, ids=lambda p: p.relative_to(FIXTURES).as_posix())
+def test_tensor_dict_is_gs_tensors(path):
+    """The same names, in the same order, bound to the same objects as ``gs.Graph.tensors()``,
+    before and after the rules rewrote the graph."""
+    model = load_model(str(path))
+    graph = ModelGraph(model.model, model.base_dir)
+    for g in engine_graph.iter_graphs(graph.graph):
+        assert [(k, id(v)) for k, v in engine_graph.tensor_dict(g).items()] == [(k, id(v)) for k, v in g.tensors().items()]
+    run_rules(graph, discover().select())
+    for g in engine_graph.iter_graphs(graph.graph):
+        assert [(k, id(v)) for k, v in engine_graph.tensor_dict(g).items()] == [(k, id(v)) for k, v in g.tensors().items()]
+
+
+def test_new_node_and_variable_are_gs_constructors():
+    from rewriter.engine.graph_import import new_node, new_variable
+
+    def build(node_fn, var_fn):
+        x, w = var_fn("x", np.float32, [1, 4]), gs.Constant("w", np.ones((4, 4), np.float32))
+        y, extra = var_fn("y", np.float32, [1, 4]), var_fn("")
+        node = node_fn("MatMul", "mm", {"a": 1}, [x, w, extra], [y], None)
+        return node, x, w, y, extra
+
+    ours = build(new_node, new_variable)
+    theirs = build(lambda op, name, attrs, ins, outs, domain: gs.Node(op, name, attrs, ins, outs, domain=domain),
+                   lambda name, dtype=None, shape=None: gs.Variable(name, dtype=dtype, shape=shape))
+    for a, b in zip(ours, theirs):
+        assert type(a) is type(b)
+        assert sorted(vars(a)) == sorted(vars(b))
+    node, x, w, y, extra = ours
+    assert [t.name for t in node.inputs] == ["x", "w", ""] and node.outputs == [y]
+    assert x.outputs == [node] and w.outputs == [node] and y.inputs == [node] and extra.outputs == [node]
+    assert type(node.inputs) is type(theirs[0].inputs) and node.inputs.parent_obj is node and node.inputs.field_name == "outputs"
+    node.inputs[0] = y  # the lists stay synchronized: gs's hooks work on them
+    assert x.outputs == [] and y.outputs == [node]
