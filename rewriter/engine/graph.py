@@ -85,8 +85,9 @@ def iter_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
     """The graph and every nested subgraph (If/Loop/Scan bodies), outermost first."""
     yield graph
     for node in graph.nodes:
-        for sub in node_subgraphs(node):
-            yield from iter_graphs(sub)
+        if node.attrs:
+            for sub in node_subgraphs(node):
+                yield from iter_graphs(sub)
 
 
 def _iter_onnx_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
@@ -479,7 +480,27 @@ class ModelGraph:
 
 def _has_subgraphs(graph: gs.Graph) -> bool:
     """Whether a node of ``graph`` holds a subgraph attribute (If/Loop/Scan bodies)."""
-    return any(node_subgraphs(node) for node in graph.nodes)
+    return any(node.attrs and node_subgraphs(node) for node in graph.nodes)
+
+
+def _producer_table(nodes: Sequence[gs.Node], index: dict[int, int], graph_inputs: set[int]) -> tuple[list[list[int]], bool]:
+    """Per node, the indices of the nodes writing its inputs (graph inputs' writers left out);
+    and whether every writer already comes before its readers (then there is no cycle)."""
+    producers: list[list[int]] = []
+    in_order = True
+    get = index.get
+    for i, node in enumerate(nodes):
+        found = []
+        for t in node.inputs:
+            if id(t) not in graph_inputs:
+                for p in t.inputs:
+                    j = get(id(p))
+                    if j is not None:
+                        found.append(j)
+                        if j >= i:
+                            in_order = False
+        producers.append(found)
+    return producers, in_order
 
 
 def _prune_and_sort(graph: gs.Graph) -> bool:
@@ -489,26 +510,15 @@ def _prune_and_sort(graph: gs.Graph) -> bool:
     already is one. False (graph unchanged) when the nodes form a cycle."""
     index = {id(n): i for i, n in enumerate(graph.nodes)}
     graph_inputs = {id(t) for t in graph.inputs}  # their producers are dropped, as gs does
-
-    def made_by(tensors: Sequence[gs.Tensor]) -> list[int]:
-        found = []
-        for t in tensors:
-            if id(t) not in graph_inputs:
-                for p in t.inputs:
-                    i = index.get(id(p))
-                    if i is not None:
-                        found.append(i)
-        return found
-
-    producers = [made_by(n.inputs) for n in graph.nodes]
+    producers, in_order = _producer_table(graph.nodes, index, graph_inputs)
     live = [False] * len(graph.nodes)
-    stack = made_by(graph.outputs)
+    stack = [index[id(p)] for t in graph.outputs if id(t) not in graph_inputs for p in t.inputs if id(p) in index]
     while stack:
         i = stack.pop()
         if not live[i]:
             live[i] = True
             stack.extend(producers[i])
-    order = _producers_first(producers, live)
+    order = [i for i, keep in enumerate(live) if keep] if in_order else _producers_first(producers, live)
     if order is None:
         return False
     nodes = list(graph.nodes)

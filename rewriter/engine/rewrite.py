@@ -54,7 +54,8 @@ def _members(model: ModelGraph) -> list[object]:
         graph = graphs.pop()
         found.append(graph)
         for node in graph.nodes:
-            graphs += node_subgraphs(node)
+            if node.attrs:
+                graphs += node_subgraphs(node)
             found += (node, *node.inputs, *node.outputs)
     return found
 
