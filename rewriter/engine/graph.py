@@ -483,15 +483,16 @@ def _has_subgraphs(graph: gs.Graph) -> bool:
     return any(node.attrs and node_subgraphs(node) for node in graph.nodes)
 
 
-def _producer_table(nodes: Sequence[gs.Node], index: dict[int, int], graph_inputs: set[int]) -> tuple[list[list[int]], bool]:
-    """Per node, the indices of the nodes writing its inputs (graph inputs' writers left out);
-    and whether every writer already comes before its readers (then there is no cycle)."""
+def _producer_table(reads: Sequence[Sequence[gs.Tensor]], index: dict[int, int], graph_inputs: set[int]) -> tuple[list[list[int]], bool]:
+    """Per list of tensors read (a node's inputs; the graph's outputs last), the indices of the
+    nodes writing them (graph inputs' writers left out); and whether every writer comes before the
+    list's own index (for nodes in graph order: writers before readers, so there is no cycle)."""
     producers: list[list[int]] = []
     in_order = True
     get = index.get
-    for i, node in enumerate(nodes):
+    for i, tensors in enumerate(reads):
         found = []
-        for t in node.inputs:
+        for t in tensors:
             if id(t) not in graph_inputs:
                 for p in t.inputs:
                     j = get(id(p))
@@ -510,9 +511,9 @@ def _prune_and_sort(graph: gs.Graph) -> bool:
     already is one. False (graph unchanged) when the nodes form a cycle."""
     index = {id(n): i for i, n in enumerate(graph.nodes)}
     graph_inputs = {id(t) for t in graph.inputs}  # their producers are dropped, as gs does
-    producers, in_order = _producer_table(graph.nodes, index, graph_inputs)
+    producers, in_order = _producer_table([*(n.inputs for n in graph.nodes), graph.outputs], index, graph_inputs)
+    stack = producers.pop()  # the writers of the graph outputs
     live = [False] * len(graph.nodes)
-    stack = [index[id(p)] for t in graph.outputs if id(t) not in graph_inputs for p in t.inputs if id(p) in index]
     while stack:
         i = stack.pop()
         if not live[i]:

@@ -111,14 +111,19 @@ def _typed(name: str, types: dict[str, onnx.ValueInfoProto]) -> onnx.ValueInfoPr
     return vi
 
 
-def _region_nodes(nodes: list[onnx.NodeProto]) -> list[int] | None:
-    """Indices of the marked top-level nodes and the Constant nodes they read, in graph order."""
+def _with_bodies(nodes: list[onnx.NodeProto]) -> set[int]:
+    """Indices of the nodes holding subgraphs (If/Loop/Scan bodies)."""
+    return {i for i, n in enumerate(nodes) if len(n.attribute) and any(a.type in SUBGRAPH_ATTRS for a in n.attribute)}
+
+
+def _region_nodes(nodes: list[onnx.NodeProto], nested: set[int]) -> list[int] | None:
+    """Indices of the marked top-level nodes and the Constant nodes they read, in graph order
+    (``nested``: :func:`_with_bodies`)."""
     marked = [i for i, n in enumerate(nodes) if n.metadata_props and _marked(n)]
     if not marked:
         return None
-    nested = [n for n in nodes if n.attribute and any(a.type in SUBGRAPH_ATTRS for a in n.attribute)]
     # A marked node with a body, or marked nodes inside If/Loop/Scan bodies (outer-scope reads): not cut.
-    if any(_marked(n) or any(_marked_inside(sub) for sub in node_graphs(n)) for n in nested):
+    if any(_marked(nodes[i]) or any(_marked_inside(sub) for sub in node_graphs(nodes[i])) for i in nested):
         return None
     region = set(marked)
     reads = {name for i in marked for name in nodes[i].input if name}
@@ -160,10 +165,11 @@ def _constant_node_key(node: onnx.NodeProto) -> Hashable:
     return tuple(key)
 
 
-def _type_key(vi: onnx.ValueInfoProto | None, dims: dict[str, int]) -> Hashable:
-    """A tensor's type with its symbolic dims numbered in order of first appearance (``dims``:
-    the numbering so far, shared by one node's inputs and outputs); None when unknown."""
-    if vi is None or not vi.type.HasField("tensor_type") or not vi.type.tensor_type.elem_type:
+def _type_key(name: str, types: dict[str, onnx.ValueInfoProto], dims: dict[str, int]) -> Hashable:
+    """Tensor ``name``'s type with its symbolic dims numbered in order of first appearance (``dims``:
+    the numbering so far, shared by one node's inputs and outputs); None when unknown (:func:`_typed`)."""
+    vi = _typed(name, types)
+    if vi is None:
         return None
     tt = vi.type.tensor_type
     if not tt.HasField("shape"):
@@ -194,7 +200,7 @@ def signature(node: onnx.NodeProto, types: dict[str, onnx.ValueInfoProto], const
         if name in constants:  # its type and dims are part of its key
             inputs.append(("constant", constants[name]))
             continue
-        key = _type_key(types.get(name), dims)
+        key = _type_key(name, types, dims)
         if key is None:
             return None
         inputs.append(key)
@@ -203,7 +209,7 @@ def signature(node: onnx.NodeProto, types: dict[str, onnx.ValueInfoProto], const
         if not name:
             outputs.append("")
             continue
-        key = _type_key(types.get(name), dims)
+        key = _type_key(name, types, dims)
         if key is None:
             return None
         outputs.append(key)
@@ -277,13 +283,12 @@ def _one_of_each_kind(nodes: list[onnx.NodeProto], region: list[int], initialize
 
 # -- cutting ------------------------------------------------------------------------------------------------
 
-def _readers(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], made: set[str]) -> dict[str, list[int]] | None:
+def _readers(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], nested: set[int], made: set[str]) -> dict[str, list[int]] | None:
     """For each tensor in ``made`` (the region's outputs), the indices of the nodes that read it
     (a node whose body reads it from the outer scope counts; a graph output is read by -1);
     None when a tensor of ``made`` is produced by two nodes."""
     readers: dict[str, list[int]] = {name: [] for name in made}
     produced: set[str] = set()
-    nested = {i for i, n in enumerate(nodes) if len(n.attribute) and any(a.type in SUBGRAPH_ATTRS for a in n.attribute)}
     disjoint = made.isdisjoint
     for i, node in enumerate(nodes):
         outs = node.output
@@ -355,11 +360,12 @@ def _cut(model: onnx.ModelProto) -> list[onnx.ModelProto] | None:
     if graph.sparse_initializer:
         return None
     nodes = list(graph.node)
-    region = _region_nodes(nodes)
+    nested = _with_bodies(nodes)
+    region = _region_nodes(nodes, nested)
     if region is None:
         return None
     made = {name for i in region for name in nodes[i].output if name}
-    readers = _readers(graph, nodes, made)
+    readers = _readers(graph, nodes, nested, made)
     if readers is None:
         return None
     types = _inferred_types(model, made.union(name for i in region for name in nodes[i].input if name))
