@@ -291,6 +291,40 @@ def test_no_graph_object_outlives_a_rewrite(monkeypatch):
     assert alive_at_resume == [0]
 
 
+def test_a_command_that_defers_freeing_frees_each_graph_when_the_next_rewrite_starts(monkeypatch):
+    """The command line (its process ends with os._exit) defers taking a graph apart: the graph
+    stays alive, frozen out of the collector's walks, until the next rewrite starts, which frees
+    it; what is held at the end is never freed. One graph at a time."""
+    import weakref
+
+    import rewriter.engine.rewrite as rewrite_mod
+    from rewriter.engine import collector
+
+    graphs: list[weakref.ref] = []
+    real = rewrite_mod.ModelGraph
+
+    def tracked(*args, **kwargs):
+        graph = real(*args, **kwargs)
+        graphs.append(weakref.ref(graph.graph.nodes[0]))
+        return graph
+
+    monkeypatch.setattr(rewrite_mod, "ModelGraph", tracked)
+    model, rules = load_model(pointwise_chain(8)), discover().select()
+    collector.defer_freeing()
+    try:
+        rewrite(model, rules)
+        assert graphs[0]() is not None, "held after its rewrite"
+        assert not any(isinstance(o, gs.Node) for o in gc.get_objects()), "frozen: no collection walks it"
+        rewrite(model, rules)
+        assert graphs[0]() is None and graphs[1]() is not None, "the next rewrite freed the first graph"
+    finally:
+        collector.defer_freeing(False)
+        gc.unfreeze()
+    assert graphs[1]() is None, "stopping deferral frees what is held"
+    rewrite(model, rules)
+    assert graphs[2]() is None, "not deferring: freed as the rewrite ends"
+
+
 @pytest.mark.parametrize("enabled", [True, False])
 def test_the_collector_pauses_restore_its_state(enabled):
     from rewriter.prove.region import cut_region

@@ -12,6 +12,7 @@ import threading
 
 from rewriter.cli import cmd_batch, cmd_bench, cmd_rewrite, cmd_rules, cmd_verify  # noqa: F401  (registers the commands)
 from rewriter.cli.app import app, install_signal_handlers, run_app
+from rewriter.engine.collector import defer_freeing
 
 __all__ = ["app", "main", "run_app"]
 
@@ -21,6 +22,8 @@ def main() -> None:
     # What the imports made lives until the process ends: the collector need not walk it again
     # (each full collection did, about 0.05 s apiece).
     gc.freeze()
+    # The process ends with os._exit: a rewrite's graph is freed only when another is built.
+    defer_freeing()
     code = run_app(sys.argv[1:])
     _exit_now(code)
 

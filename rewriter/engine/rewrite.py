@@ -6,12 +6,13 @@ rebuilds -- calls :func:`rewrite`, so each rebuild starts from the untouched inp
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
 import onnx
 
-from rewriter.engine.collector import collector_paused
+from rewriter.engine.collector import collector_paused, free_retired, retire
 from rewriter.engine.driver import DriverResult, SiteKey, run_rules
 from rewriter.engine.graph import ModelGraph, node_subgraphs
 from rewriter.engine.model_io import LoadedModel
@@ -32,18 +33,17 @@ def rewrite(loaded: LoadedModel, rules: Sequence[Rule], *, skip: Sequence[SiteKe
     """Run the driver on a fresh graph of ``loaded`` (the input proto is never mutated), leaving
     the ``skip`` sites as they are."""
     with collector_paused():
+        free_retired()  # the graph of the previous rewrite, if the command line deferred its freeing
         graph = ModelGraph(loaded.model, loaded.base_dir)
-        members = _members(graph)
+        members = _members(graph)  # replaced nodes leave the graph: their list is taken now
         try:
             result = run_rules(graph, rules, skip=skip)
             return Rewritten(graph.export(), result)
         finally:
-            members += _members(graph)
-            _dismantle(members)
-            # Freed here, by reference counting, before the collector is back: left for it, the
-            # first collection after the pause walked all of them (0.2 s at 50,000 nodes).
-            members.clear()
-            vars(graph).clear()
+            # Freed before the collector is back (by reference counting, once taken apart): left
+            # for it, the first collection after the pause walked all of them (0.2 s at 50,000
+            # nodes). The command line defers this to the next rewrite or to its exit.
+            retire(functools.partial(_free, graph, members))
 
 
 def _members(model: ModelGraph) -> list[object]:
@@ -58,6 +58,14 @@ def _members(model: ModelGraph) -> list[object]:
                 graphs += node_subgraphs(node)
             found += (node, *node.inputs, *node.outputs)
     return found
+
+
+def _free(graph: ModelGraph, members: list[object]) -> None:
+    """Take apart and free every node and tensor the graph had or has, and the graph."""
+    members += _members(graph)
+    _dismantle(members)
+    members.clear()
+    vars(graph).clear()
 
 
 def _dismantle(members: list[object]) -> None:
