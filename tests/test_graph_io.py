@@ -424,3 +424,29 @@ def test_new_node_and_variable_are_gs_constructors():
     assert type(node.inputs) is type(theirs[0].inputs) and node.inputs.parent_obj is node and node.inputs.field_name == "outputs"
     node.inputs[0] = y  # the lists stay synchronized: gs's hooks work on them
     assert x.outputs == [] and y.outputs == [node]
+
+
+def test_the_weights_do_not_go_through_shape_inference(monkeypatch):
+    """The graph is typed by inference of a copy without the larger float initializers (typed
+    inputs in their place; integer ones and small ones keep their values) and built from the
+    model itself; the export test above holds it to the graph the whole model's inference gives."""
+    from helpers import pointwise_chain
+
+    seen: list[list[tuple[int, int]]] = []
+    real = onnx.shape_inference.infer_shapes
+
+    def recording(model, *args, **kwargs):
+        seen.append([(t.data_type, t.ByteSize()) for t in model.graph.initializer])
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes", recording)
+    model = pointwise_chain(4, channels=64)  # 64x64 float weights: 16 KiB each
+    model.graph.initializer.append(numpy_helper.from_array(np.arange(2000, dtype=np.int64), "many_ints"))
+    assert max(t.ByteSize() for t in model.graph.initializer if t.data_type == TensorProto.FLOAT) > 4096
+    graph = ModelGraph(model)
+    assert len(seen) == 1
+    assert all(size <= 4096 for dtype, size in seen[0] if dtype == TensorProto.FLOAT)
+    assert (TensorProto.INT64, model.graph.initializer[-1].ByteSize()) in seen[0]
+    weights = {t.name for t in model.graph.initializer if t.ByteSize() > 4096 and t.data_type == TensorProto.FLOAT}
+    tensors = graph.tensor_map(graph.graph)
+    assert weights and all(isinstance(tensors[name], gs.Constant) and tensors[name].values.shape == (64, 64, 1) for name in weights)

@@ -38,6 +38,7 @@ __all__ = [
     "node_subgraphs",
     "tensor_dict",
     "is_constant",
+    "typing_model",
 ]
 
 
@@ -194,9 +195,18 @@ class ModelGraph:
         self._original = model
         _silence_graphsurgeon()
         working = model
-        if infer:
-            working = _infer_shapes(model)
-        imported = import_model(working, base_dir)
+        imported = None
+        if infer and not len(model.functions):
+            # Inference types the graph; the weights need not go through it (a copy of each, in
+            # and out): typed inputs in their place, the graph built from the model itself.
+            typed = _infer_shapes(typing_model(model))
+            imported = import_model(model, base_dir, typed.graph)
+            if imported is not None and imported.subgraphs:
+                imported = None  # If/Loop/Scan bodies take their value infos from the whole model's inference
+        if imported is None:
+            if infer:
+                working = _infer_shapes(model)
+            imported = import_model(working, base_dir)
         self.provenance: dict[str, str] = {}
         self._tensor_maps: dict[int, tuple[gs.Graph, dict[str, gs.Tensor]]] = {}
         self._sources: dict[int, NodeSource] = {}
@@ -571,6 +581,35 @@ def _describes(info: onnx.ValueInfoProto, tensor: onnx.TensorProto) -> bool:
     return len(dims) == len(tensor.dims) and all(
         not d.HasField("dim_value") or d.dim_value == n for d, n in zip(dims, tensor.dims)
     )
+
+
+# Initializers up to this size keep their values in a typing model (shapes, axes, scalars), and
+# integer ones of any size (data propagation may read them); larger ones become typed inputs.
+_KEEP_VALUES_BYTES = 4096
+_INTEGER_VALUES = frozenset({onnx.TensorProto.INT32, onnx.TensorProto.INT64})
+
+
+def typing_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` for shape inference: the values of its larger float initializers (weights) left
+    out, each declared as a graph input of its type and dims, so inference finds the same types
+    without copying the weights through it. ``model`` is not changed."""
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    src, g = model.graph, light.graph
+    g.node.extend(src.node)
+    g.input.extend(src.input)
+    g.output.extend(src.output)
+    g.value_info.extend(src.value_info)
+    g.sparse_initializer.extend(src.sparse_initializer)
+    declared = {vi.name for vi in src.input}
+    for t in src.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL and (t.data_type in _INTEGER_VALUES or t.ByteSize() <= _KEEP_VALUES_BYTES):
+            g.initializer.append(t)
+        elif t.name not in declared:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return light
 
 
 def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:

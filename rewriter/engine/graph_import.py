@@ -244,7 +244,7 @@ class _GraphImport:
         self.local: dict[str, gs.Tensor] = {}
         self.types: dict[bytes, tuple[Any, tuple[Any, ...] | None]] = {}
 
-    def run(self, g: onnx.GraphProto, **graph_fields: Any) -> gs.Graph:
+    def run(self, g: onnx.GraphProto, typed: onnx.GraphProto | None = None, **graph_fields: Any) -> gs.Graph:
         if len(g.sparse_initializer):
             raise _Unsupported("sparse initializer")
         local = self.local
@@ -252,14 +252,15 @@ class _GraphImport:
         for t in g.initializer:
             if t.name not in local and t.name not in outer:  # gs: the first one, an outer tensor first
                 local[t.name] = _import_constant(t, self.base_dir, True)
-        for vi in g.value_info:
+        typed = g if typed is None else typed
+        for vi in typed.value_info:
             self._value_info(vi)
         inits = {t.name for t in g.initializer}
         inputs = [self._io_tensor(vi) for vi in g.input if vi.name not in inits]
-        outputs = [self._io_tensor(vi) for vi in g.output]
+        outputs = [self._io_tensor(vi) for vi in typed.output]
         used = self.result.used_names
         used.update(vi.name for vi in g.input if vi.name not in inits)
-        used.update(vi.name for vi in g.output)
+        used.update(vi.name for vi in typed.output)
         nodes = [self._node(n) for n in g.node]
         used.discard("")
         # nodes=None and assigning them after: gs's constructor would walk every node for the
@@ -383,16 +384,18 @@ _CONVERT: dict[int, Callable[[onnx.AttributeProto], Any]] = {
 }
 
 
-def import_model(model: onnx.ModelProto, base_dir: Path | None) -> Imported | None:
+def import_model(model: onnx.ModelProto, base_dir: Path | None, typed: onnx.GraphProto | None = None) -> Imported | None:
     """``gs.import_onnx(model)`` built faster, initializers with external data read relative to
-    ``base_dir``; None when the model has something only ``gs.import_onnx`` handles."""
+    ``base_dir``; None when the model has something only ``gs.import_onnx`` handles.
+    ``typed``: the main graph as shape inference typed it (its value infos and outputs are used
+    in place of the model's own), so the model's weights need not go through inference."""
     if not supported_version(gs.__version__) or len(model.functions):
         return None
     result = Imported(graph=None)  # type: ignore[arg-type]
     opset = gsi.OnnxImporter.get_opset(model)
     try:
         importer = _GraphImport(result, {}, opset, model.opset_import, base_dir, True)
-        graph = importer.run(model.graph, producer_name=model.producer_name, producer_version=model.producer_version,
+        graph = importer.run(model.graph, typed, producer_name=model.producer_name, producer_version=model.producer_version,
                              functions=[], ir_version=model.ir_version)
     except _Unsupported:
         return None

@@ -38,7 +38,7 @@ from typing import Hashable
 import onnx
 
 from rewriter.engine.collector import collector_paused
-from rewriter.engine.graph import PROVENANCE_KEY
+from rewriter.engine.graph import PROVENANCE_KEY, typing_model
 from rewriter.engine.tensors import SUBGRAPH_ATTRS, names_read, node_graphs
 
 __all__ = ["cut_region", "signature", "MAX_SHARE", "CHUNK_NODES", "VALUE_ELEMENTS"]
@@ -52,9 +52,6 @@ MAX_SHARE = 0.5
 VALUE_ELEMENTS = 64
 # Integer constants (shapes, axes, pads, indices) up to this size are part of a node's kind by value.
 _INT_VALUE_BYTES = 4096
-# Initializers up to this size keep their values for shape inference (shape tensors, scalars);
-# larger ones are declared as typed inputs so the weights are not copied through inference.
-_KEEP_VALUES_BYTES = 4096
 _PROTOBUF_LIMIT = 2**31 - 1
 _TP = onnx.TensorProto
 _INTEGER_TYPES = frozenset({_TP.INT8, _TP.INT16, _TP.INT32, _TP.INT64, _TP.UINT8, _TP.UINT16, _TP.UINT32, _TP.UINT64, _TP.BOOL})
@@ -69,30 +66,10 @@ def _marked_inside(graph: onnx.GraphProto) -> bool:
     return any(_marked(n) or any(_marked_inside(sub) for sub in node_graphs(n)) for n in graph.node)
 
 
-def _typing_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` without the values of its larger initializers (declared as typed graph inputs)."""
-    light = onnx.ModelProto()
-    light.ir_version = model.ir_version
-    light.opset_import.extend(model.opset_import)
-    light.functions.extend(model.functions)
-    src, g = model.graph, light.graph
-    g.node.extend(src.node)
-    g.input.extend(src.input)
-    g.output.extend(src.output)
-    g.value_info.extend(src.value_info)
-    declared = {vi.name for vi in src.input}
-    for t in src.initializer:
-        if t.data_location != _TP.EXTERNAL and t.ByteSize() <= _KEEP_VALUES_BYTES:
-            g.initializer.append(t)
-        elif t.name not in declared:
-            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    return light
-
-
 def _inferred_types(model: onnx.ModelProto, names: set[str]) -> dict[str, onnx.ValueInfoProto] | None:
     """The types of top-level tensors ``names`` from strict, type-checked shape inference of the
     whole model, or None when inference fails (an inconsistency the whole-model load judges)."""
-    light = _typing_model(model)
+    light = typing_model(model)
     if light.ByteSize() >= _PROTOBUF_LIMIT:
         return None
     try:
