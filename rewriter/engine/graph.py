@@ -592,24 +592,30 @@ _INTEGER_VALUES = frozenset({onnx.TensorProto.INT32, onnx.TensorProto.INT64})
 def typing_model(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` for shape inference: the values of its larger float initializers (weights) left
     out, each declared as a graph input of its type and dims, so inference finds the same types
-    without copying the weights through it. ``model`` is not changed."""
+    without copying the weights through it; ``model`` itself when it has no such initializer.
+    ``model`` is not changed."""
+    src = model.graph
+    dropped = [t for t in src.initializer if not _keeps_values(t)]
+    if not dropped:
+        return model
     light = onnx.ModelProto()
     light.ir_version = model.ir_version
     light.opset_import.extend(model.opset_import)
     light.functions.extend(model.functions)
-    src, g = model.graph, light.graph
+    g = light.graph
     g.node.extend(src.node)
     g.input.extend(src.input)
     g.output.extend(src.output)
     g.value_info.extend(src.value_info)
     g.sparse_initializer.extend(src.sparse_initializer)
+    g.initializer.extend(t for t in src.initializer if _keeps_values(t))
     declared = {vi.name for vi in src.input}
-    for t in src.initializer:
-        if t.data_location != onnx.TensorProto.EXTERNAL and (t.data_type in _INTEGER_VALUES or t.ByteSize() <= _KEEP_VALUES_BYTES):
-            g.initializer.append(t)
-        elif t.name not in declared:
-            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    g.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in dropped if t.name not in declared)
     return light
+
+
+def _keeps_values(t: onnx.TensorProto) -> bool:
+    return t.data_location != onnx.TensorProto.EXTERNAL and (t.data_type in _INTEGER_VALUES or t.ByteSize() <= _KEEP_VALUES_BYTES)
 
 
 def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
