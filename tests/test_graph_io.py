@@ -450,3 +450,29 @@ def test_the_weights_do_not_go_through_shape_inference(monkeypatch):
     weights = {t.name for t in model.graph.initializer if t.ByteSize() > 4096 and t.data_type == TensorProto.FLOAT}
     tensors = graph.tensor_map(graph.graph)
     assert weights and all(isinstance(tensors[name], gs.Constant) and tensors[name].values.shape == (64, 64, 1) for name in weights)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16, np.int8, np.int16, np.int32, np.int64,
+                                   np.uint8, np.uint16, np.uint32, np.uint64, np.bool_])
+def test_constants_read_from_raw_bytes_equal_onnx_s_reading(dtype):
+    """Rules read weights through ModelGraph.constant: an inline tensor's raw bytes are read
+    directly (numpy_helper.to_array and gs's LazyValues.load cost ~20 µs a tensor); the array is
+    the one to_array gives, writable, and the constant stays lazy (exported as its proto)."""
+    from rewriter.engine.graph import _raw_array
+
+    rng = np.random.default_rng(0)
+    for shape in [(), (0,), (3,), (2, 3, 4)]:
+        tensor = numpy_helper.from_array((rng.standard_normal(shape) * 10).astype(dtype), "t")
+        got, want = _raw_array(tensor), numpy_helper.to_array(tensor)
+        assert got is not None and got.dtype == want.dtype and got.shape == want.shape and got.flags.writeable
+        np.testing.assert_array_equal(got, want)
+    # Values in typed fields, or a raw length that does not match the dims: onnx's own reader.
+    assert _raw_array(helper.make_tensor("x", TensorProto.FLOAT, [2], [1.0, 2.0])) is None
+    short = numpy_helper.from_array(np.zeros(2, np.float32), "x")
+    short.dims[0] = 3
+    assert _raw_array(short) is None
+    graph = ModelGraph(make_model([helper.make_node("Add", ["x", "w"], ["y"])], [vi("x", [3])], [vi("y", [3])],
+                                  [init("w", np.arange(3, dtype=np.float32))]))
+    w = next(t for t in graph.graph.nodes[0].inputs if t.name == "w")
+    np.testing.assert_array_equal(graph.constant(w), [0, 1, 2])
+    assert isinstance(w._values, engine_graph.LazyValues)

@@ -14,6 +14,8 @@ reach the user as exceptions, reported by this tool as one line each.
 from __future__ import annotations
 
 import copy
+import math
+import sys
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -151,7 +153,34 @@ def _constant_array(tensor: gs.Constant) -> np.ndarray:
     # Read through LazyValues without caching: gs's `.values` would replace the lazy
     # reference with the array, and the weight would then be exported inline.
     values = tensor._values
-    return np.asarray(values.load() if isinstance(values, LazyValues) else values)
+    if not isinstance(values, LazyValues):
+        return np.asarray(values)
+    if type(values) is LazyValues:
+        raw = _raw_array(values.tensor)
+        if raw is not None:
+            return raw
+    return np.asarray(values.load())
+
+
+# Element types whose raw_data is the array's bytes as NumPy lays them out (little-endian).
+_RAW_DTYPES = {t: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t)) for t in (
+    onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
+    onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT8,
+    onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL)}
+
+
+def _raw_array(t: onnx.TensorProto) -> np.ndarray | None:
+    """An inline tensor's values straight from its raw bytes (a copy, writable), as
+    ``numpy_helper.to_array`` gives them; None when it needs that function (typed fields,
+    external data, other element types, a big-endian machine)."""
+    dtype = _RAW_DTYPES.get(t.data_type)
+    if dtype is None or sys.byteorder != "little" or t.data_location == onnx.TensorProto.EXTERNAL or not t.HasField("raw_data"):
+        return None
+    raw = t.raw_data
+    dims = tuple(t.dims)
+    if len(raw) != dtype.itemsize * math.prod(dims):
+        return None
+    return np.frombuffer(raw, dtype=dtype).reshape(dims).copy()
 
 
 def is_constant(tensor: gs.Tensor | None, graph_inputs: Sequence[gs.Tensor] = ()) -> bool:
