@@ -133,10 +133,12 @@ def main() -> int:
     # main sets up is set up here too: import-time objects frozen, graphs freed only when the
     # next rewrite starts (the process ends without freeing the last).
     from rewriter.cli import run_app
+    from rewriter.engine import forked
     from rewriter.engine.collector import defer_freeing
 
     gc.freeze()
     defer_freeing()
+    forked.allow()
     start = time.perf_counter()
     code = 1
     try:

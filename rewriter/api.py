@@ -14,13 +14,14 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import onnx
 
 from rewriter.version import __version__
+from rewriter.engine.forked import Background
 from rewriter.engine.model_io import LoadedModel, load_model
 from rewriter.engine.opset import default_opset, upgrade_opset
 from rewriter.engine.save import check_output_path, file_sha256, save_model
@@ -35,7 +36,7 @@ from rewriter.measure.serial import measuring
 from rewriter.measure.workload import choose_workload
 from rewriter.options import PROVEN, Options
 from rewriter.ort import cuda_status, shared_sessions
-from rewriter.prove.gate import start_gate
+from rewriter.prove.gate import prepare_gate, start_gate
 from rewriter.prove.result import VerificationResult
 from rewriter.prove.rollback import prove
 from rewriter.prove.verify import VerifyOptions, verify_models
@@ -55,6 +56,7 @@ class Result:
     model: onnx.ModelProto
     report: Report
     source: LoadedModel
+    _gate: Background[list[onnx.ModelProto] | None] | None = field(default=None, compare=False, repr=False)
 
     @property
     def modified(self) -> bool:
@@ -71,7 +73,7 @@ class Result:
             verified = self.report.sections.get("verification")
             # The onnxruntime load runs while the file is staged; its verdict comes before the rename.
             gate = start_gate(self.model, self.source.model, self.source.base_dir,
-                              loads=isinstance(verified, VerificationResult) and verified.passed)
+                              loads=isinstance(verified, VerificationResult) and verified.passed, prepared=self._gate)
         try:
             # Nothing rewritten (or every site rolled back or rejected): the input's own proto, so the
             # written model is the input, byte for byte where the input's encoding allows.
@@ -161,6 +163,10 @@ def _optimize(loaded: LoadedModel, opts: Options, registry: Registry | None, say
     else:
         notes.append("benchmark skipped: speed and memory not measured, no acceptance check")
 
+    # The write gate's checks start now, on a second core where allowed, while the report is made.
+    verified = sections.get("verification")
+    gate = (prepare_gate(out_model, loads=isinstance(verified, VerificationResult) and verified.passed)
+            if any(r.status == "applied" for r in records) else None)
     family_of = {rule.id: rule.family_name() for rule in chosen.rules}
     report = Report(
         tool_version=__version__,
@@ -171,7 +177,7 @@ def _optimize(loaded: LoadedModel, opts: Options, registry: Registry | None, say
         sections=_pipeline_order(sections),
         notes=tuple(notes),
     )
-    return Result(out_model, report, loaded)
+    return Result(out_model, report, loaded, gate)
 
 
 def _upgrade_opset(loaded: LoadedModel, opts: Options, notes: list[str]) -> LoadedModel:

@@ -35,6 +35,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from rewriter.engine import forked
 from rewriter.engine.dim_names import name_dims
 from rewriter.engine.model_io import ensure_loadable_ir
 from rewriter.errors import InputError
@@ -445,6 +446,7 @@ def _open(src: ModelSource, provider: str, threads: int, cuda: CudaOptions, opti
         preload_cuda_libraries()
         providers = [(ep, cuda.provider_options()), PROVIDERS["cpu"]]
     payload = str(src.path) if src.path is not None else src.data
+    forked.forbid()  # the session's thread pools do not survive a fork: no child process from now on
     try:
         sess = ort.InferenceSession(payload, so, providers=providers)
     except ORT_ERRORS as exc:

@@ -12,6 +12,7 @@ import threading
 
 from rewriter.cli import cmd_batch, cmd_bench, cmd_rewrite, cmd_rules, cmd_verify  # noqa: F401  (registers the commands)
 from rewriter.cli.app import app, install_signal_handlers, run_app
+from rewriter.engine import forked
 from rewriter.engine.collector import defer_freeing
 
 __all__ = ["app", "main", "run_app"]
@@ -24,6 +25,8 @@ def main() -> None:
     gc.freeze()
     # The process ends with os._exit: a rewrite's graph is freed only when another is built.
     defer_freeing()
+    # Checks that hold the GIL may run in a forked child beside this process's own work.
+    forked.allow()
     code = run_app(sys.argv[1:])
     _exit_now(code)
 

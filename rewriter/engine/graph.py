@@ -17,7 +17,7 @@ import copy
 import math
 import sys
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -41,6 +41,7 @@ __all__ = [
     "tensor_dict",
     "is_constant",
     "typing_model",
+    "typed_graph",
 ]
 
 
@@ -163,7 +164,7 @@ def _constant_array(tensor: gs.Constant) -> np.ndarray:
 
 
 # Element types whose raw_data is the array's bytes as NumPy lays them out (little-endian).
-_RAW_DTYPES = {t: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t)) for t in (
+_RAW_DTYPES: dict[int, np.dtype] = {int(t): np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t)) for t in (
     onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
     onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT8,
     onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL)}
@@ -173,7 +174,7 @@ def _raw_array(t: onnx.TensorProto) -> np.ndarray | None:
     """An inline tensor's values straight from its raw bytes (a copy, writable), as
     ``numpy_helper.to_array`` gives them; None when it needs that function (typed fields,
     external data, other element types, a big-endian machine)."""
-    dtype = _RAW_DTYPES.get(t.data_type)
+    dtype = _RAW_DTYPES.get(int(t.data_type))
     if dtype is None or sys.byteorder != "little" or t.data_location == onnx.TensorProto.EXTERNAL or not t.HasField("raw_data"):
         return None
     raw = t.raw_data
@@ -219,7 +220,8 @@ def _constant_node_value(node: gs.Node) -> np.ndarray | None:
 class ModelGraph:
     """An onnx-graphsurgeon graph plus the model-level state gs does not carry."""
 
-    def __init__(self, model: onnx.ModelProto, base_dir: Path | None = None, *, infer: bool = True) -> None:
+    def __init__(self, model: onnx.ModelProto, base_dir: Path | None = None, *, infer: bool = True,
+                 typed: Callable[[], onnx.GraphProto] | None = None) -> None:
         self.base_dir = base_dir
         self._original = model
         _silence_graphsurgeon()
@@ -228,8 +230,9 @@ class ModelGraph:
         if infer and not len(model.functions):
             # Inference types the graph; the weights need not go through it (a copy of each, in
             # and out): typed inputs in their place, the graph built from the model itself.
-            typed = _infer_shapes(typing_model(model))
-            imported = import_model(model, base_dir, typed.graph)
+            # ``typed``: gives that inference's result (typed_graph) when the caller has it, or
+            # will (asked for once the initializers are in).
+            imported = import_model(model, base_dir, typed if typed is not None else _infer_shapes(typing_model(model)).graph)
             if imported is not None and imported.subgraphs:
                 imported = None  # If/Loop/Scan bodies take their value infos from the whole model's inference
         if imported is None:
@@ -641,6 +644,16 @@ def typing_model(model: onnx.ModelProto) -> onnx.ModelProto:
     declared = {vi.name for vi in src.input}
     g.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in dropped if t.name not in declared)
     return light
+
+
+def typed_graph(model: onnx.ModelProto) -> onnx.GraphProto:
+    """What ModelGraph types its graph with: the main graph's value infos and outputs after
+    shape inference of :func:`typing_model`, in a graph of their own (no nodes, no weights)."""
+    inferred = _infer_shapes(typing_model(model)).graph
+    typed = onnx.GraphProto()
+    typed.value_info.extend(inferred.value_info)
+    typed.output.extend(inferred.output)
+    return typed
 
 
 def _keeps_values(t: onnx.TensorProto) -> bool:

@@ -244,7 +244,8 @@ class _GraphImport:
         self.local: dict[str, gs.Tensor] = {}
         self.types: dict[bytes, tuple[Any, tuple[Any, ...] | None]] = {}
 
-    def run(self, g: onnx.GraphProto, typed: onnx.GraphProto | None = None, **graph_fields: Any) -> gs.Graph:
+    def run(self, g: onnx.GraphProto, typed: onnx.GraphProto | Callable[[], onnx.GraphProto] | None = None,
+            **graph_fields: Any) -> gs.Graph:
         if len(g.sparse_initializer):
             raise _Unsupported("sparse initializer")
         local = self.local
@@ -252,7 +253,7 @@ class _GraphImport:
         for t in g.initializer:
             if t.name not in local and t.name not in outer:  # gs: the first one, an outer tensor first
                 local[t.name] = _import_constant(t, self.base_dir, True)
-        typed = g if typed is None else typed
+        typed = g if typed is None else typed() if callable(typed) else typed  # asked for only now: after the initializers
         for vi in typed.value_info:
             self._value_info(vi)
         inits = {t.name for t in g.initializer}
@@ -384,11 +385,13 @@ _CONVERT: dict[int, Callable[[onnx.AttributeProto], Any]] = {
 }
 
 
-def import_model(model: onnx.ModelProto, base_dir: Path | None, typed: onnx.GraphProto | None = None) -> Imported | None:
+def import_model(model: onnx.ModelProto, base_dir: Path | None,
+                 typed: onnx.GraphProto | Callable[[], onnx.GraphProto] | None = None) -> Imported | None:
     """``gs.import_onnx(model)`` built faster, initializers with external data read relative to
     ``base_dir``; None when the model has something only ``gs.import_onnx`` handles.
     ``typed``: the main graph as shape inference typed it (its value infos and outputs are used
-    in place of the model's own), so the model's weights need not go through inference."""
+    in place of the model's own), so the model's weights need not go through inference; a
+    function giving it is called once the initializers are in (it may still be computing)."""
     if not supported_version(gs.__version__) or len(model.functions):
         return None
     result = Imported(graph=None)  # type: ignore[arg-type]

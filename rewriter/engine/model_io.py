@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -21,6 +21,8 @@ from google.protobuf.message import DecodeError, EncodeError
 from onnx import helper
 
 from rewriter.engine.collector import collector_paused
+from rewriter.engine.forked import Background
+from rewriter.engine.graph import typed_graph
 from rewriter.engine.tensors import PROTOBUF_LIMIT, SUBGRAPH_ATTRS, attr_graphs, check_tensors, names_read, stat_regular
 from rewriter.errors import InputError
 
@@ -41,6 +43,22 @@ class LoadedModel:
     """Folder external-data locations are relative to (``path.parent``); None if in memory."""
     sha256: str
     """sha256 of the .onnx file bytes, or of the serialized proto for in-memory models."""
+    _typed: list[Background[onnx.GraphProto]] = field(default_factory=list, init=False, repr=False, compare=False)
+
+    def typed(self) -> onnx.GraphProto:
+        """The types shape inference finds for the model's tensors (:func:`typed_graph`), computed
+        once per loaded model -- by a forked child while the model was validated, when
+        :mod:`rewriter.engine.forked` allows one -- and shared by every rewrite of it."""
+        if not self._typed:
+            self._typed.append(Background(typed_graph, self.model, fork=False))
+        return self._typed[0].result()
+
+    def _prefetch_types(self) -> None:
+        self._typed.append(Background(typed_graph, self.model))
+
+    def _cancel(self) -> None:
+        for pending in self._typed:
+            pending.cancel()
 
 
 def _in_order(nodes: Sequence[onnx.NodeProto], with_subgraphs: set[int]) -> bool:
@@ -160,9 +178,15 @@ def _load_path(src: str | os.PathLike[str]) -> LoadedModel:
     if not data:
         raise InputError(f"{where}: file is empty")
     model = _parse(data, where)
-    _check_model(model, path.parent, where)
     model.ir_version = loadable_ir(model)  # our own parsed copy: lowered in place
-    return LoadedModel(model=model, path=path, base_dir=path.parent, sha256=hashlib.sha256(data).hexdigest())
+    loaded = LoadedModel(model=model, path=path, base_dir=path.parent, sha256=hashlib.sha256(data).hexdigest())
+    loaded._prefetch_types()  # shape inference on a second core while the checks below run, where allowed
+    try:
+        _check_model(model, path.parent, where)
+    except BaseException:
+        loaded._cancel()
+        raise
+    return loaded
 
 
 def _in_memory(model: onnx.ModelProto, where: str, sha256: str | None = None) -> LoadedModel:

@@ -34,7 +34,7 @@ def rewrite(loaded: LoadedModel, rules: Sequence[Rule], *, skip: Sequence[SiteKe
     the ``skip`` sites as they are."""
     with collector_paused():
         free_retired()  # the graph of the previous rewrite, if the command line deferred its freeing
-        graph = ModelGraph(loaded.model, loaded.base_dir)
+        graph = ModelGraph(loaded.model, loaded.base_dir, typed=loaded.typed)
         members = _members(graph)  # replaced nodes leave the graph: their list is taken now
         try:
             result = run_rules(graph, rules, skip=skip)

@@ -7,20 +7,26 @@ the graph (:func:`rewriter.prove.region.cut_region`); when the region cannot be 
 whole model, as before. The loads run on a thread of their own (onnxruntime releases the GIL
 while it builds a session) while the caller stages the file: :func:`start_gate` checks and
 starts them, :meth:`PendingGate.wait` gives the verdict before the file is renamed into place.
+The checks hold the GIL (the region cut and its strict shape inference, onnx.checker); where
+:mod:`rewriter.engine.forked` allows it (the command line), :func:`prepare_gate` starts the cut on
+a second core as soon as the model is final, while the caller makes its report and writes the
+file, and the checker runs when the caller waits for the verdict.
 """
 
 from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Callable
 
 import onnx
 
+from rewriter.engine.forked import Background
 from rewriter.errors import VerificationError
 from rewriter.ort import ModelSource, SessionError, first_line, make_session, model_source
 from rewriter.prove.region import cut_region
 
-__all__ = ["check_writable", "start_gate", "PendingGate"]
+__all__ = ["check_writable", "start_gate", "prepare_gate", "PendingGate"]
 
 _CHECKER_LIMIT = 2**31 - 1  # onnx.checker takes an in-memory model only below protobuf's 2 GB
 
@@ -35,25 +41,50 @@ def _checker_error(model: onnx.ModelProto) -> str | None:
     return None
 
 
-def _gate_sources(model: onnx.ModelProto, base_dir: Path | None) -> list[ModelSource]:
-    """What the load gate opens: the rewritten region as models of their own, or the whole model.
-    Serialized now, so ``model`` may change afterwards."""
-    region = cut_region(model)
+def _gate_sources(model: onnx.ModelProto, base_dir: Path | None, region: list[onnx.ModelProto] | None) -> list[ModelSource]:
+    """What the load gate opens: the rewritten region as models of their own, or the whole model
+    (``region`` None). Serialized now, so ``model`` may change afterwards."""
     return [model_source(m, "rewritten", base_dir) for m in (region if region is not None else [model])]
+
+
+def _checker_verdict(model: onnx.ModelProto, original: onnx.ModelProto) -> str | None:
+    """Why ``model`` fails onnx.checker, unless ``original`` fails it too (some exporters write
+    models the checker refuses and onnxruntime runs); None when it passes."""
+    why = _checker_error(model)
+    return why if why is not None and _checker_error(original) is None else None
+
+
+def _region(model: onnx.ModelProto, loads: bool) -> list[onnx.ModelProto] | None:
+    return None if loads else cut_region(model)
+
+
+def prepare_gate(model: onnx.ModelProto, *, loads: bool = False) -> Background[list[onnx.ModelProto] | None]:
+    """The region cut :func:`start_gate` makes before loading (:func:`cut_region`), started now on
+    a second core where allowed (else made by ``start_gate`` itself). ``model`` must not change
+    afterwards."""
+    return Background(_region, model, loads)
 
 
 class PendingGate:
     """onnxruntime loads of ``sources``, one after the other on a thread of their own;
     :meth:`wait` raises the first failure."""
 
-    def __init__(self, sources: list[ModelSource]) -> None:
+    def __init__(self, sources: list[ModelSource] | Callable[[], list[ModelSource]],
+                 check: Callable[[], None] | None = None) -> None:
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self._check = check  # run by wait() first, while the loads' thread waits or loads
         if sources:
             self._thread = threading.Thread(target=self._load, args=(sources,), name="onnx-rewrite-load-gate")
             self._thread.start()
 
-    def _load(self, sources: list[ModelSource]) -> None:
+    def _load(self, sources: list[ModelSource] | Callable[[], list[ModelSource]]) -> None:
+        if callable(sources):  # known once a child process's checks are in (it waits without the GIL)
+            try:
+                sources = sources()
+            except BaseException as exc:  # noqa: BLE001 - handed to wait()
+                self._error = exc
+                return
         for source in sources:
             try:
                 # Loading is the question, not speed: no graph optimizations (linear in the graph's size).
@@ -64,7 +95,11 @@ class PendingGate:
 
     def wait(self) -> None:
         """Block until the loads ended; VerificationError (exit 1) when one failed."""
-        self.close()
+        try:
+            if self._check is not None:
+                self._check()
+        finally:
+            self.close()
         if isinstance(self._error, SessionError):
             raise VerificationError(f"not written: the rewritten model does not load in onnxruntime: {self._error.detail}") from self._error
         if self._error is not None:
@@ -76,17 +111,29 @@ class PendingGate:
             self._thread.join()
 
 
-def start_gate(model: onnx.ModelProto, original: onnx.ModelProto, base_dir: Path | None, *, loads: bool = False) -> PendingGate:
+def start_gate(model: onnx.ModelProto, original: onnx.ModelProto, base_dir: Path | None, *, loads: bool = False,
+               prepared: Background[list[onnx.ModelProto] | None] | None = None) -> PendingGate:
     """Raise VerificationError (exit 1) when ``model`` fails onnx.checker -- unless ``original``
     fails it too: some exporters write models the checker refuses and onnxruntime runs -- and
     start loading its rewritten region (or the whole model) in onnxruntime on CPU: the graph
     resolves, every node has a kernel; graph optimizations are not run. ``loads``: it already
-    ran in onnxruntime (verification); nothing is loaded. What is loaded was serialized before
-    this returns: ``model`` may change afterwards."""
-    gate = PendingGate([] if loads else _gate_sources(model, base_dir))
+    ran in onnxruntime (verification); nothing is loaded. ``prepared``: :func:`prepare_gate`'s
+    cut of the same model; when a child process is making it, the checker's verdict, too, comes
+    from :meth:`PendingGate.wait`, and ``model`` must not change before it. Otherwise what is loaded
+    was serialized before this returns: ``model`` may change afterwards."""
+    if prepared is not None and prepared.forked:
+        # The loads' thread waits for the child's region cut, then loads; the caller writes the
+        # file meanwhile, and runs the checker when it waits for the verdict.
+        def check() -> None:
+            why = _checker_verdict(model, original)
+            if why is not None:
+                raise VerificationError(f"not written: the rewritten model fails onnx.checker: {why}")
+
+        return PendingGate(lambda: [] if loads else _gate_sources(model, base_dir, prepared.result()), check)
+    gate = PendingGate([] if loads else _gate_sources(model, base_dir, cut_region(model)))
     try:  # the checker runs while onnxruntime loads
-        why = _checker_error(model)
-        if why is not None and _checker_error(original) is None:
+        why = _checker_verdict(model, original)
+        if why is not None:
             raise VerificationError(f"not written: the rewritten model fails onnx.checker: {why}")
     except BaseException:
         gate.close()
