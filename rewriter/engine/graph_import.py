@@ -243,6 +243,7 @@ class _GraphImport:
         self.top = top
         self.local: dict[str, gs.Tensor] = {}
         self.types: dict[bytes, tuple[Any, tuple[Any, ...] | None]] = {}
+        self.deferring = False  # nodes imported before the types (_typed_after_nodes)
 
     def run(self, g: onnx.GraphProto, typed: onnx.GraphProto | Callable[[], onnx.GraphProto] | None = None,
             **graph_fields: Any) -> gs.Graph:
@@ -253,16 +254,19 @@ class _GraphImport:
         for t in g.initializer:
             if t.name not in local and t.name not in outer:  # gs: the first one, an outer tensor first
                 local[t.name] = _import_constant(t, self.base_dir, True)
-        typed = g if typed is None else typed() if callable(typed) else typed  # asked for only now: after the initializers
-        for vi in typed.value_info:
-            self._value_info(vi)
         inits = {t.name for t in g.initializer}
-        inputs = [self._io_tensor(vi) for vi in g.input if vi.name not in inits]
-        outputs = [self._io_tensor(vi) for vi in typed.output]
+        if callable(typed):
+            typed, inputs, outputs, nodes = self._typed_after_nodes(g, typed, inits)
+        else:
+            typed = g if typed is None else typed
+            for vi in typed.value_info:
+                self._value_info(vi)
+            inputs = [self._io_tensor(vi) for vi in g.input if vi.name not in inits]
+            outputs = [self._io_tensor(vi) for vi in typed.output]
+            nodes = [self._node(n) for n in g.node]
         used = self.result.used_names
         used.update(vi.name for vi in g.input if vi.name not in inits)
         used.update(vi.name for vi in typed.output)
-        nodes = [self._node(n) for n in g.node]
         used.discard("")
         # nodes=None and assigning them after: gs's constructor would walk every node for the
         # local functions of its subgraphs; import_model shares the one function list itself.
@@ -270,6 +274,48 @@ class _GraphImport:
                          import_domains=self.import_domains, **graph_fields)
         graph.nodes = nodes
         return graph
+
+    def _typed_after_nodes(self, g: onnx.GraphProto, typed_later: Callable[[], onnx.GraphProto], inits: set[str],
+                           ) -> tuple[onnx.GraphProto, list[gs.Tensor], list[gs.Tensor], list[gs.Node]]:
+        """The same import with the nodes first and the types after them: the types may still be
+        computing (a child process's shape inference) while the nodes are built. Each tensor
+        ends as the value-info-first order leaves it: a node's tensor that a value info names
+        first takes that entry's dtype, shape and type as if created from it (later entries
+        fill in what it lacks); a graph output no value info names, its declaration's. Inference
+        adds value infos only for intermediate tensors, so the model's own value infos are the
+        only ones that may name a graph input: those inputs wait for the types, the others are
+        made first (the nodes read them). Subgraphs (which capture the outer scope as it is
+        when they are imported) are left to the value-info-first order."""
+        self.deferring = True
+        local = self.local
+        named = {vi.name for vi in g.value_info}
+        for vi in g.input:
+            if vi.name not in inits and vi.name not in named:
+                self._io_tensor(vi)
+        before = len(local)
+        nodes = [self._node(n) for n in g.node]
+        fresh = set(list(local)[before:])  # made by the nodes, untyped: the first value info types them
+        typed = typed_later()
+        for vi in typed.value_info:
+            if vi.name in fresh:
+                fresh.discard(vi.name)
+                self._take_type(local[vi.name], vi)
+            else:
+                self._value_info(vi)
+        inputs = [self._io_tensor(vi) for vi in g.input if vi.name not in inits]
+        outputs = []
+        for vi in typed.output:
+            if vi.name in fresh:
+                fresh.discard(vi.name)
+                self._take_type(local[vi.name], vi)
+            outputs.append(self._io_tensor(vi))
+        return typed, inputs, outputs, nodes
+
+    def _take_type(self, tensor: gs.Tensor, vi: onnx.ValueInfoProto) -> None:
+        """Give ``tensor`` the dtype, shape and type a Variable created from ``vi`` has."""
+        made = vars(_import_value_info(vi, self.types))
+        fields = vars(tensor)
+        fields["dtype"], fields["shape"], fields["type"] = made["dtype"], made["shape"], made["type"]
 
     def _value_info(self, vi: onnx.ValueInfoProto) -> None:
         name = vi.name
@@ -357,6 +403,8 @@ class _GraphImport:
                 if a.type == _A.TENSOR:
                     attrs[a.name] = _import_constant(a.t, None, False)
                 elif a.type == _A.GRAPH:
+                    if self.deferring:
+                        raise _Unsupported("a subgraph while the types are deferred")
                     attrs[a.name] = self._subgraph(a.g)
                 else:
                     raise _Unsupported(f"attribute type {a.type}")

@@ -129,7 +129,7 @@ def tune_sites(
     notes: list[str] = []
 
     say("tuning: finding sites")
-    model = ModelGraph(loaded.model, loaded.base_dir)
+    model = ModelGraph(loaded.model, loaded.base_dir, typed=loaded.typed)
     sites, nested = find_sites(model, candidates)
     if nested:
         notes.append(f"tuning: {nested} candidate match(es) inside If/Loop/Scan bodies are not tuned and stay as they are")
