@@ -184,13 +184,19 @@ def _import_constant(tensor: onnx.TensorProto, base_dir: Path | None, local_exte
 def _import_value_info(vi: onnx.ValueInfoProto, types: dict[bytes, tuple[Any, tuple[Any, ...] | None]] | None = None) -> gs.Variable:
     """gs's ``import_tensor`` for a ValueInfoProto. ``types``: tensor types already converted,
     by their serialized bytes (a model has few distinct ones)."""
+    return _variable(vi.name, *_value_type(vi, types))
+
+
+def _value_type(vi: onnx.ValueInfoProto, types: dict[bytes, tuple[Any, tuple[Any, ...] | None]] | None = None,
+                ) -> tuple[Any, Any, str]:
+    """(dtype, shape, type) of the Variable gs imports for ``vi`` (see :func:`_import_value_info`)."""
     tp = vi.type
     if types is not None:
         key = tp.SerializeToString()
         known = types.get(key)
         if known is not None:
             dtype, dims = known
-            return _variable(vi.name, dtype, None if dims is None else list(dims), "tensor_type")
+            return dtype, None if dims is None else list(dims), "tensor_type"
     which = tp.WhichOneof("value")
     if which == "tensor_type":
         tt = tp.tensor_type
@@ -198,14 +204,14 @@ def _import_value_info(vi: onnx.ValueInfoProto, types: dict[bytes, tuple[Any, tu
         if tt.HasField("shape"):
             shape = [_dim(d) for d in tt.shape.dim]
         if tt.elem_type not in _KNOWN_ELEM:
-            return _variable(vi.name, gsi.get_onnx_tensor_dtype(vi), shape, "tensor_type")
+            return gsi.get_onnx_tensor_dtype(vi), shape, "tensor_type"
         dtype = _KNOWN_ELEM[tt.elem_type]
         if types is not None:
             types[key] = (dtype, None if shape is None else tuple(shape))
-        return _variable(vi.name, dtype, shape, "tensor_type")
+        return dtype, shape, "tensor_type"
     if tp.ByteSize() > 0:
-        return _variable(vi.name, gsi.get_onnx_tensor_dtype(vi), gsi.get_onnx_tensor_shape(vi), gsi.get_onnx_tensor_type(vi))
-    return _variable(vi.name)
+        return gsi.get_onnx_tensor_dtype(vi), gsi.get_onnx_tensor_shape(vi), gsi.get_onnx_tensor_type(vi)
+    return None, None, "tensor_type"
 
 
 def _dim(d: onnx.TensorShapeProto.Dimension) -> str | int | None:
@@ -313,9 +319,8 @@ class _GraphImport:
 
     def _take_type(self, tensor: gs.Tensor, vi: onnx.ValueInfoProto) -> None:
         """Give ``tensor`` the dtype, shape and type a Variable created from ``vi`` has."""
-        made = vars(_import_value_info(vi, self.types))
         fields = vars(tensor)
-        fields["dtype"], fields["shape"], fields["type"] = made["dtype"], made["shape"], made["type"]
+        fields["dtype"], fields["shape"], fields["type"] = _value_type(vi, self.types)
 
     def _value_info(self, vi: onnx.ValueInfoProto) -> None:
         name = vi.name
@@ -323,10 +328,10 @@ class _GraphImport:
         if existing is not None:
             # gs's "overwrite": a repeated entry fills in what the first one lacked (with gs's
             # truthiness, which treats a NumPy dtype or a scalar's [] shape as missing).
-            new = _import_value_info(vi, self.types)
             if isinstance(existing, gs.Variable):
-                existing.dtype = existing.dtype or new.dtype
-                existing.shape = existing.shape or new.shape
+                dtype, shape, _ = _value_type(vi, self.types)
+                existing.dtype = existing.dtype or dtype
+                existing.shape = existing.shape or shape
             return
         if name in self.outer:
             return
