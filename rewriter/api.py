@@ -195,7 +195,7 @@ def _upgrade_opset(loaded: LoadedModel, opts: Options, notes: list[str]) -> Load
         raise VerificationError(f"the opset upgrade {before} -> {opts.upgrade_opset} changed the model's outputs")
     else:
         notes.append(f"opset upgraded {before} -> {opts.upgrade_opset} (onnx version converter), verified equal to the original")
-    return replace(loaded, model=upgraded)
+    return replace(loaded, _model=upgraded)
 
 
 def _timing(opts: Options, loaded: LoadedModel, say: Progress) -> BenchOptions:

@@ -120,22 +120,39 @@ def test_cancel_kills_and_reaps_the_child(allowed):
 
 
 @linux_only
-def test_the_inputs_types_come_from_the_child_as_the_caller_would_compute_them(allowed, tmp_path):
+def test_the_checks_and_types_come_from_the_child_as_the_caller_would_compute_them(allowed, tmp_path):
     path = tmp_path / "m.onnx"
     onnx.save(pointwise_chain(6), str(path))
     loaded = load_model(path)
-    assert loaded._typed and loaded._typed[0].forked
+    assert loaded._pending and loaded._pending[0].forked
     assert loaded.typed().SerializeToString() == typed_graph(onnx.load(str(path))).SerializeToString()
     assert loaded.typed() is loaded.typed(), "once per loaded model"
+    assert loaded.model is loaded.unchecked_model
+    assert not _children()
 
 
 @linux_only
-def test_a_model_that_fails_its_checks_leaves_no_child(allowed, tmp_path):
+def test_a_model_that_fails_its_checks_is_refused_when_used(allowed, tmp_path):
+    """The child's verdict: the model is not handed out (InputError, the checks' own message), a
+    rewrite stops before the rules, and no child is left."""
+    from rewriter.engine.registry import discover
+    from rewriter.engine.rewrite import rewrite
+
     nodes = [helper.make_node("Relu", ["b"], ["a"], name="r0"), helper.make_node("Relu", ["a"], ["b"], name="r1")]
     path = tmp_path / "cycle.onnx"
     onnx.save(make_model(nodes, [vi("x", [2])], [vi("b", [2])]), str(path))
-    with pytest.raises(InputError, match="cycle"):
-        load_model(path)
+    loaded = load_model(path)
+    assert loaded._pending and loaded._pending[0].forked
+    with pytest.raises(InputError, match="cycle through node"):
+        rewrite(loaded, discover().select())
+    with pytest.raises(InputError, match="cycle through node"):
+        loaded.model
+    forked.allow(False)
+    try:
+        with pytest.raises(InputError, match="cycle through node"):
+            load_model(path)  # the same message, at once, without a child
+    finally:
+        forked.allow(True)
     assert not _children()
 
 

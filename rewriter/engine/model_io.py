@@ -33,32 +33,63 @@ _TP = onnx.TensorProto
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A model as loaded, with what is needed to resolve and carry its external data."""
+    """A model as loaded, with what is needed to resolve and carry its external data.
 
-    model: onnx.ModelProto
-    """External data is not loaded: external tensors keep their references."""
+    Its checks (tensor data, external references, cycles) may still be running in a forked
+    child when the command line loads it (:mod:`rewriter.engine.forked`): :attr:`model` waits
+    for them and raises their InputError; only the graph import overlaps them
+    (:attr:`unchecked_model`, then :meth:`checked` before the graph is used)."""
+
+    _model: onnx.ModelProto
     path: Path | None
     """The .onnx file it came from, if any."""
     base_dir: Path | None
     """Folder external-data locations are relative to (``path.parent``); None if in memory."""
     sha256: str
     """sha256 of the .onnx file bytes, or of the serialized proto for in-memory models."""
-    _typed: list[Background[onnx.GraphProto]] = field(default_factory=list, init=False, repr=False, compare=False)
+    # The checks and then the types, computed by a child: (what fails them or None, the types).
+    _pending: list[Background[tuple[str | None, onnx.GraphProto | None]]] = field(
+        default_factory=list, init=False, repr=False, compare=False)
+    _typed: list[onnx.GraphProto] = field(default_factory=list, init=False, repr=False, compare=False)
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        """The model, once its checks passed (InputError otherwise). External data is not loaded:
+        external tensors keep their references."""
+        self.checked()
+        return self._model
+
+    @property
+    def unchecked_model(self) -> onnx.ModelProto:
+        """The model while its checks may still run: only for building a graph that is not used
+        before :meth:`checked` returned."""
+        return self._model
+
+    def checked(self) -> None:
+        """Return once the model's checks passed; InputError (exit 2) when they failed."""
+        if self._pending:
+            problem, _ = self._pending[0].result()
+            if problem is not None:
+                raise InputError(problem)
 
     def typed(self) -> onnx.GraphProto:
         """The types shape inference finds for the model's tensors (:func:`typed_graph`), computed
-        once per loaded model -- by a forked child while the model was validated, when
-        :mod:`rewriter.engine.forked` allows one -- and shared by every rewrite of it."""
+        once per loaded model -- by the forked child after the checks, when one runs them -- and
+        shared by every rewrite of it. InputError when the checks failed."""
         if not self._typed:
-            self._typed.append(Background(typed_graph, self.model, fork=False))
-        return self._typed[0].result()
+            self.checked()
+            typed = self._pending[0].result()[1] if self._pending else None
+            self._typed.append(typed if typed is not None else typed_graph(self._model))
+        return self._typed[0]
 
-    def _prefetch_types(self) -> None:
-        self._typed.append(Background(typed_graph, self.model))
 
-    def _cancel(self) -> None:
-        for pending in self._typed:
-            pending.cancel()
+def _checks_then_types(model: onnx.ModelProto, base_dir: Path | None, where: str) -> tuple[str | None, onnx.GraphProto | None]:
+    """What a forked child computes for a loaded model: its checks' verdict, then its types."""
+    try:
+        _check_model(model, base_dir, where)
+    except InputError as exc:
+        return str(exc), None
+    return None, typed_graph(model)
 
 
 def _in_order(nodes: Sequence[onnx.NodeProto], with_subgraphs: set[int]) -> bool:
@@ -179,13 +210,13 @@ def _load_path(src: str | os.PathLike[str]) -> LoadedModel:
         raise InputError(f"{where}: file is empty")
     model = _parse(data, where)
     model.ir_version = loadable_ir(model)  # our own parsed copy: lowered in place
-    loaded = LoadedModel(model=model, path=path, base_dir=path.parent, sha256=hashlib.sha256(data).hexdigest())
-    loaded._prefetch_types()  # shape inference on a second core while the checks below run, where allowed
-    try:
+    loaded = LoadedModel(model, path, path.parent, hashlib.sha256(data).hexdigest())
+    # The checks and the shape inference on a second core, where allowed, while the graph is built.
+    pending = Background(_checks_then_types, model, path.parent, where)
+    if pending.forked:
+        loaded._pending.append(pending)
+    else:
         _check_model(model, path.parent, where)
-    except BaseException:
-        loaded._cancel()
-        raise
     return loaded
 
 
@@ -195,7 +226,7 @@ def _in_memory(model: onnx.ModelProto, where: str, sha256: str | None = None) ->
     _check_model(model, None, where)
     digest = sha256 or _proto_sha256(model)
     # The caller's proto is never changed: a copy when the IR version must be lowered.
-    return LoadedModel(model=ensure_loadable_ir(model), path=None, base_dir=None, sha256=digest)
+    return LoadedModel(ensure_loadable_ir(model), None, None, digest)
 
 
 def load_model(src: str | os.PathLike[str] | bytes | onnx.ModelProto | object) -> LoadedModel:

@@ -34,7 +34,12 @@ def rewrite(loaded: LoadedModel, rules: Sequence[Rule], *, skip: Sequence[SiteKe
     the ``skip`` sites as they are."""
     with collector_paused():
         free_retired()  # the graph of the previous rewrite, if the command line deferred its freeing
-        graph = ModelGraph(loaded.model, loaded.base_dir, typed=loaded.typed)
+        try:  # built while the model's checks may still run (LoadedModel.unchecked_model)
+            graph = ModelGraph(loaded.unchecked_model, loaded.base_dir, typed=loaded.typed)
+        except Exception:
+            loaded.checked()  # a model that fails its checks is reported as such, not by what building it ran into
+            raise
+        loaded.checked()
         members = _members(graph)  # replaced nodes leave the graph: their list is taken now
         try:
             result = run_rules(graph, rules, skip=skip)
