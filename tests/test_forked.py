@@ -197,3 +197,24 @@ def test_the_gate_refuses_the_same_models_with_or_without_a_child(fork, monkeypa
     out = onnx.load(str(tmp_path / "good.onnx"))
     assert [n.op_type for n in out.graph.node].count("MatMul") == 8
     assert not _children()
+
+
+@linux_only
+def test_a_progress_bar_s_refresh_thread_pauses_for_the_fork(allowed):
+    """On a terminal the command's progress bar refreshes from a thread of its own: it is stopped
+    while the child is forked and runs again after, so an interactive run forks too."""
+    import io
+
+    from rich.console import Console
+
+    from rewriter.cli.progress import StepProgress
+
+    console = Console(file=io.StringIO(), force_terminal=True)
+    with StepProgress(console, "rewriting") as say:
+        assert threading.active_count() == 2, "the bar's refresh thread runs"
+        job = Background(_record, 5)
+        assert job.forked
+        assert threading.active_count() == 2, "and runs again after the fork"
+        say("still here")
+        assert job.result() == 10
+    assert forked._pauses == [], "the pause is unregistered with the bar"

@@ -6,12 +6,15 @@ The library reports progress as short messages so it stays free of any UI; a mes
 
 from __future__ import annotations
 
+import contextlib
 import re
 from types import TracebackType
-from typing import Callable
+from typing import Callable, Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
+
+from rewriter.engine import forked
 
 __all__ = ["StepProgress"]
 
@@ -35,14 +38,32 @@ class StepProgress:
         )
         self._first = first
         self._task: TaskID | None = None
+        self._unregister: Callable[[], None] | None = None
 
     def __enter__(self) -> Callable[[str], None]:
         self._progress.__enter__()
         self._task = self._progress.add_task(self._first, total=None)
+        # The bar's refresh thread stops while the library forks a child for its checks.
+        self._unregister = forked.pause_during_forks(self._paused)
         return self.update
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        if self._unregister is not None:
+            self._unregister()
         self._progress.__exit__(et, ev, tb)
+
+    @contextlib.contextmanager
+    def _paused(self) -> Iterator[None]:
+        # rich's stop() tells its refresh thread to end without waiting for it; joined here (a
+        # private attribute: if rich renames it, the thread may outlive stop() and no fork happens).
+        refresher = getattr(self._progress.live, "_refresh_thread", None)
+        self._progress.stop()
+        if refresher is not None:
+            refresher.join()
+        try:
+            yield
+        finally:
+            self._progress.start()
 
     def update(self, message: str) -> None:
         assert self._task is not None

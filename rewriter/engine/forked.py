@@ -10,26 +10,30 @@ start it), computes, sends its result back pickled through a pipe and ends with 
 
 Only where that is safe and asked for: :func:`allow` (the command line turns it on), on Linux,
 while the process runs one Python thread and has not opened an onnxruntime session (whose
-thread pools a fork does not copy; :func:`forbid` marks that). Anywhere else -- and whenever
-the child fails in any way -- the computation runs in the caller when its result is asked
-for, so the result never depends on where it ran.
+thread pools a fork does not copy; :func:`forbid` marks that). A thread of the caller's own
+that can stop for a moment -- a progress bar's refresher -- registers a pause
+(:func:`pause_during_forks`): it is stopped while the fork happens and restarted after. Anywhere
+else -- and whenever the child fails in any way -- the computation runs in the caller when its
+result is asked for, so the result never depends on where it ran.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import signal
 import sys
 import threading
-from typing import Any, Callable, Generic, TypeVar
+from typing import Any, Callable, ContextManager, Generic, TypeVar
 
-__all__ = ["Background", "allow", "forbid"]
+__all__ = ["Background", "allow", "forbid", "pause_during_forks"]
 
 T = TypeVar("T")
 
 _allowed = False
 _forbidden = False
+_pauses: list[Callable[[], ContextManager[Any]]] = []
 
 
 def allow(on: bool = True) -> None:
@@ -44,9 +48,15 @@ def forbid() -> None:
     _forbidden = True
 
 
+def pause_during_forks(pause: Callable[[], ContextManager[Any]]) -> Callable[[], None]:
+    """Enter ``pause()`` around every fork from now on (it stops a thread of the caller's and
+    restarts it on exit); returns the function that unregisters it."""
+    _pauses.append(pause)
+    return lambda: _pauses.remove(pause)
+
+
 def _may_fork() -> bool:
-    return (_allowed and not _forbidden and sys.platform == "linux" and hasattr(os, "fork")
-            and threading.active_count() == 1)
+    return _allowed and not _forbidden and sys.platform == "linux" and hasattr(os, "fork")
 
 
 class Background(Generic[T]):
@@ -68,6 +78,13 @@ class Background(Generic[T]):
         return self._pid is not None
 
     def _start(self) -> None:
+        with contextlib.ExitStack() as paused:
+            for pause in list(_pauses):
+                paused.enter_context(pause())
+            if threading.active_count() == 1:  # no other thread may hold a lock the child needs
+                self._fork()
+
+    def _fork(self) -> None:
         read, write = os.pipe()
         try:
             pid = os.fork()
