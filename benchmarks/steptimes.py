@@ -11,7 +11,6 @@ as part of the step that starts them).
 from __future__ import annotations
 
 import functools
-import gc
 import importlib
 import sys
 import time
@@ -129,16 +128,11 @@ def report(total: float) -> None:
 
 def main() -> int:
     install()
-    # run_app, not main: main ends the process at once (os._exit), before this report. What
-    # main sets up is set up here too: import-time objects frozen, graphs freed only when the
-    # next rewrite starts (the process ends without freeing the last).
-    from rewriter.cli import run_app
-    from rewriter.engine import forked
-    from rewriter.engine.collector import defer_freeing
+    # run_app, not main: main ends the process at once (os._exit), before this report; what main
+    # sets up (frozen imports, deferred freeing, forked checks) is set up here too.
+    from rewriter.cli import run_app, setup_process
 
-    gc.freeze()
-    defer_freeing()
-    forked.allow()
+    setup_process()
     start = time.perf_counter()
     code = 1
     try:

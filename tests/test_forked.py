@@ -47,13 +47,6 @@ def _dies_in_a_child(parent: int) -> int:
     return 8
 
 
-def _sleeps(seconds: float) -> int:
-    import time
-
-    time.sleep(seconds)
-    return 1
-
-
 @pytest.fixture
 def allowed(monkeypatch):
     monkeypatch.setattr(forked, "_allowed", True)
@@ -111,12 +104,18 @@ def test_no_fork_beside_another_thread_after_a_session_or_when_not_wanted(allowe
     assert not Background(_record, 1).forked
 
 
+def _none_recorded() -> None:
+    CALLS.append(os.getpid())
+    return None
+
+
 @linux_only
-def test_cancel_kills_and_reaps_the_child(allowed):
-    job = Background(_sleeps, 30)
-    assert job.forked and _children()
-    job.cancel()
-    assert not job.forked and not _children()
+def test_a_child_s_none_is_its_result(allowed):
+    """A computation whose answer is None (the gate's "load the whole model") is not done twice."""
+    CALLS.clear()
+    job = Background(_none_recorded)
+    assert job.forked
+    assert job.result() is None and CALLS == []
 
 
 @linux_only

@@ -458,7 +458,7 @@ def test_constants_read_from_raw_bytes_equal_onnx_s_reading(dtype):
     """Rules read weights through ModelGraph.constant: an inline tensor's raw bytes are read
     directly (numpy_helper.to_array and gs's LazyValues.load cost ~20 µs a tensor); the array is
     the one to_array gives, writable, and the constant stays lazy (exported as its proto)."""
-    from rewriter.engine.graph import _raw_array
+    from rewriter.engine.tensors import raw_array as _raw_array
 
     rng = np.random.default_rng(0)
     for shape in [(), (0,), (3,), (2, 3, 4)]:

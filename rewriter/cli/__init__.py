@@ -15,20 +15,26 @@ from rewriter.cli.app import app, install_signal_handlers, run_app
 from rewriter.engine import forked
 from rewriter.engine.collector import defer_freeing
 
-__all__ = ["app", "main", "run_app"]
+__all__ = ["app", "main", "run_app", "setup_process"]
 
 
 def main() -> None:
     install_signal_handlers()
+    setup_process()
+    code = run_app(sys.argv[1:])
+    _exit_now(code)
+
+
+def setup_process() -> None:
+    """What a process that runs one command and ends with ``os._exit`` sets up (``main``, and
+    benchmarks/steptimes.py so that it times what the command does)."""
     # What the imports made lives until the process ends: the collector need not walk it again
     # (each full collection did, about 0.05 s apiece).
     gc.freeze()
-    # The process ends with os._exit: a rewrite's graph is freed only when another is built.
+    # A rewrite's graph is freed only when another is built.
     defer_freeing()
     # Checks that hold the GIL may run in a forked child beside this process's own work.
     forked.allow()
-    code = run_app(sys.argv[1:])
-    _exit_now(code)
 
 
 def _exit_now(code: int) -> None:

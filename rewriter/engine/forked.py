@@ -74,7 +74,7 @@ class Background(Generic[T]):
 
     @property
     def forked(self) -> bool:
-        """Whether a child is computing it (until :meth:`result` or :meth:`cancel`)."""
+        """Whether a child is computing it (until :meth:`result`)."""
         return self._pid is not None
 
     def _start(self) -> None:
@@ -112,11 +112,11 @@ class Background(Generic[T]):
         """The result: the child's when it sent one, else computed here (an exception of ``fn``
         is raised here, never in the child's name)."""
         if not self._value:
-            value = self._collect()
-            self._value.append(value if value is not None else self._fn(*self._args))
+            sent = self._collect()  # a 1-tuple: None is a result like any other
+            self._value.append(sent[0] if sent is not None else self._fn(*self._args))
         return self._value[0]
 
-    def _collect(self) -> T | None:
+    def _collect(self) -> tuple[T] | None:
         if self._pid is None:
             return None
         chunks = []
@@ -128,18 +128,6 @@ class Background(Generic[T]):
         if os.waitstatus_to_exitcode(status) != 0 or not chunks:
             return None
         try:
-            return pickle.loads(b"".join(chunks))  # type: ignore[no-any-return]
+            return (pickle.loads(b"".join(chunks)),)
         except Exception:  # noqa: BLE001 - a result that does not load: compute it here
             return None
-
-    def cancel(self) -> None:
-        """Stop the child, if any, and reap it (its result is not needed)."""
-        if self._pid is None:
-            return
-        try:
-            os.kill(self._pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        os.waitpid(self._pid, 0)
-        os.close(self._fd)
-        self._pid = None

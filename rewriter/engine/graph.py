@@ -14,8 +14,6 @@ reach the user as exceptions, reported by this tool as one line each.
 from __future__ import annotations
 
 import copy
-import math
-import sys
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -27,7 +25,7 @@ from onnx_graphsurgeon.logger import G_LOGGER
 
 from rewriter.engine.graph_export import PROVENANCE_KEY, export_graph
 from rewriter.engine.graph_import import ExternalLazyValues, NodeSource, import_model
-from rewriter.engine.tensors import node_graphs
+from rewriter.engine.tensors import node_graphs, raw_array
 
 __all__ = [
     "ModelGraph",
@@ -157,31 +155,10 @@ def _constant_array(tensor: gs.Constant) -> np.ndarray:
     if not isinstance(values, LazyValues):
         return np.asarray(values)
     if type(values) is LazyValues:
-        raw = _raw_array(values.tensor)
+        raw = raw_array(values.tensor)
         if raw is not None:
             return raw
     return np.asarray(values.load())
-
-
-# Element types whose raw_data is the array's bytes as NumPy lays them out (little-endian).
-_RAW_DTYPES: dict[int, np.dtype] = {int(t): np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t)) for t in (
-    onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
-    onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT8,
-    onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL)}
-
-
-def _raw_array(t: onnx.TensorProto) -> np.ndarray | None:
-    """An inline tensor's values straight from its raw bytes (a copy, writable), as
-    ``numpy_helper.to_array`` gives them; None when it needs that function (typed fields,
-    external data, other element types, a big-endian machine)."""
-    dtype = _RAW_DTYPES.get(int(t.data_type))
-    if dtype is None or sys.byteorder != "little" or t.data_location == onnx.TensorProto.EXTERNAL or not t.HasField("raw_data"):
-        return None
-    raw = t.raw_data
-    dims = tuple(t.dims)
-    if len(raw) != dtype.itemsize * math.prod(dims):
-        return None
-    return np.frombuffer(raw, dtype=dtype).reshape(dims).copy()
 
 
 def is_constant(tensor: gs.Tensor | None, graph_inputs: Sequence[gs.Tensor] = ()) -> bool:
@@ -627,7 +604,10 @@ def typing_model(model: onnx.ModelProto) -> onnx.ModelProto:
     without copying the weights through it; ``model`` itself when it has no such initializer.
     ``model`` is not changed."""
     src = model.graph
-    dropped = [t for t in src.initializer if not _keeps_values(t)]
+    kept: list[onnx.TensorProto] = []
+    dropped: list[onnx.TensorProto] = []
+    for t in src.initializer:
+        (kept if _keeps_values(t) else dropped).append(t)
     if not dropped:
         return model
     light = onnx.ModelProto()
@@ -640,7 +620,7 @@ def typing_model(model: onnx.ModelProto) -> onnx.ModelProto:
     g.output.extend(src.output)
     g.value_info.extend(src.value_info)
     g.sparse_initializer.extend(src.sparse_initializer)
-    g.initializer.extend(t for t in src.initializer if _keeps_values(t))
+    g.initializer.extend(kept)
     declared = {vi.name for vi in src.input}
     g.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in dropped if t.name not in declared)
     return light

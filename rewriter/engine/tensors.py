@@ -25,7 +25,7 @@ from onnx import helper, numpy_helper
 from rewriter.errors import InputError
 
 __all__ = ["PROTOBUF_LIMIT", "iter_tensors", "attr_graphs", "node_graphs", "names_read", "SUBGRAPH_ATTRS", "is_external", "has_external_data", "external_ref", "resolve_location",
-           "stat_regular", "check_tensors", "read_tensor"]
+           "stat_regular", "check_tensors", "read_tensor", "raw_array"]
 
 
 PROTOBUF_LIMIT = 2**31 - 1  # protobuf cannot serialize a message of 2 GB or more
@@ -291,12 +291,34 @@ def check_tensors(model: onnx.ModelProto, base_dir: Path | None, where: str) -> 
         _check_range(tensor, ref, size, where, label)
 
 
+# Element types whose raw_data is the array's bytes as NumPy lays them out (little-endian).
+_RAW_DTYPES: dict[int, np.dtype] = {int(t): np.dtype(helper.tensor_dtype_to_np_dtype(t)) for t in (
+    onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
+    onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT8,
+    onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL)}
+
+
+def raw_array(t: onnx.TensorProto) -> np.ndarray | None:
+    """An inline tensor's values straight from its raw bytes (a copy, writable), as
+    ``numpy_helper.to_array`` gives them; None when it needs that function (typed fields,
+    external data, other element types, a big-endian machine)."""
+    dtype = _RAW_DTYPES.get(int(t.data_type))
+    if dtype is None or sys.byteorder != "little" or t.data_location == onnx.TensorProto.EXTERNAL or not t.HasField("raw_data"):
+        return None
+    raw = t.raw_data
+    dims = tuple(t.dims)
+    if len(raw) != dtype.itemsize * math.prod(dims):
+        return None
+    return np.frombuffer(raw, dtype=dtype).reshape(dims).copy()
+
+
 def read_tensor(tensor: onnx.TensorProto, base_dir: Path | None) -> np.ndarray:
     """The tensor's values as a numpy array; external data is read from ``base_dir``,
     only the tensor's own byte range. Use this instead of ``numpy_helper.to_array`` (and
     onnx-graphsurgeon's ``LazyValues.load``), which resolve external data against the CWD."""
     if not is_external(tensor):
-        return numpy_helper.to_array(tensor)
+        raw = raw_array(tensor)
+        return raw if raw is not None else numpy_helper.to_array(tensor)
     where = f"cannot read tensor '{tensor.name}'"
     if base_dir is None:
         raise InputError(f"{where}: it is stored externally but the model has no folder")
