@@ -21,12 +21,13 @@ from typing import Any, Callable, Sequence
 import onnx
 
 from rewriter.version import __version__
+from rewriter.engine.driver import AppliedSite
 from rewriter.engine.forked import Background
 from rewriter.engine.model_io import LoadedModel, load_model
 from rewriter.engine.opset import default_opset, upgrade_opset
 from rewriter.engine.save import check_output_path, file_sha256, save_model
 from rewriter.engine.registry import Registry, discover
-from rewriter.engine.rewrite import rewrite
+from rewriter.engine.rewrite import Rewritten, rewrite
 from rewriter.engine.rule import Rule
 from rewriter.errors import InputError, VerificationError
 from rewriter.measure.accept import accept
@@ -38,7 +39,7 @@ from rewriter.options import PROVEN, Options
 from rewriter.ort import cuda_status, shared_sessions
 from rewriter.prove.gate import prepare_gate, start_gate
 from rewriter.prove.result import VerificationResult
-from rewriter.prove.rollback import prove
+from rewriter.prove.rollback import Proof, prove
 from rewriter.prove.verify import VerifyOptions, verify_models
 from rewriter.report import NearMissRecord, Report, RewriteRecord, Section, summarize
 from rewriter.tune.plan import TunePlan, tune_sites
@@ -147,17 +148,27 @@ def _optimize(loaded: LoadedModel, opts: Options, registry: Registry | None, say
 
     out_model = rewritten.model
     if opts.bench is not None and any(r.status == "applied" for r in records):
+        bench_options = replace(opts.bench, shapes=timing.shapes, shape_source=timing.shape_source, small_shapes=timing.small_shapes)
         with measuring(say):
-            acc = accept(loaded, chosen.rules, out_model, records,
-                         replace(opts.bench, shapes=timing.shapes, shape_source=timing.shape_source, small_shapes=timing.small_shapes),
-                         keep_slower=opts.keep_slower, progress=say)
+            acc = accept(loaded, chosen.rules, out_model, records, bench_options, keep_slower=opts.keep_slower, progress=say)
+        if acc.mismatch is not None and opts.verify is not None and any(r.status == "applied" for r in records):
+            # Equal at the small shapes, different where measured: prove the rewrite there too.
+            proof = _prove_where_measured(loaded, chosen.rules, rewritten, records, opts.verify, bench_options, say)
+            rewritten, records = proof.rewritten, proof.records
+            sections["verification"] = proof.verification
+            out_model = rewritten.model
+            if any(r.status == "applied" for r in records):
+                with measuring(say):
+                    acc = accept(loaded, chosen.rules, out_model, records, bench_options, keep_slower=opts.keep_slower, progress=say)
         out_model, records = acc.model, acc.records
         sections["benchmark"] = acc.benchmark
         if acc.static is not None:
             sections["static"] = acc.static
         notes.extend(acc.notes)
         if acc.changed and opts.verify is not None:
-            sections["verification"] = _prove_accepted(loaded, out_model, opts.verify, say)
+            verification = _prove_accepted(loaded, out_model, acc.sites, opts.verify, say)
+            sections["verification"] = verification
+            records = _with_evidence(records, verification)
     elif opts.bench is not None:
         notes.append("benchmark: nothing was rewritten, nothing to measure")
     else:
@@ -237,14 +248,35 @@ def _select(loaded: LoadedModel, reg: Registry, opts: Options, timing: BenchOpti
     return _Selection(plan.rules + tuple(watch), plan)
 
 
-def _prove_accepted(loaded: LoadedModel, model: onnx.ModelProto, options: VerifyOptions, say: Progress) -> VerificationResult:
-    """Acceptance rolled families back: the model left must verify too."""
+def _prove_where_measured(loaded: LoadedModel, rules: Sequence[Rule], rewritten: Rewritten, records: Sequence[RewriteRecord],
+                          options: VerifyOptions, bench: BenchOptions, say: Progress) -> Proof:
+    """The benchmark saw the outputs differ at its shapes: verify again with those shapes run
+    too, so the sites that differ there are rolled back like any verification failure (the
+    sites verification already rolled back stay out)."""
+    say("the outputs differ where measured: verifying at the measured shapes")
+    shapes = tuple(s for s in (bench.shapes, bench.small_shapes) if s)
+    earlier = [r for r in records if r.status != "applied"]
+    proof = prove(loaded, rules, rewritten, replace(options, extra_shapes=tuple(dict(s) for s in shapes)), say,
+                  skip=[(r.rule, r.nodes[0] if r.nodes else "") for r in earlier])
+    return replace(proof, records=proof.records + tuple(earlier))
+
+
+def _prove_accepted(loaded: LoadedModel, model: onnx.ModelProto, sites: Sequence[AppliedSite], options: VerifyOptions,
+                    say: Progress) -> VerificationResult:
+    """Acceptance rolled families back: the model left must verify too, every site of it."""
     say("verifying the accepted model")
-    result = verify_models(loaded.model, model, options, base_dir=loaded.base_dir, progress=say)
+    result = verify_models(loaded.model, model, options, base_dir=loaded.base_dir, progress=say, sites=sites)
     if not result.passed:
         failed = [f"{n}: {p.reason or p.status}" for n, p in result.providers.items() if p.status == "failed"]
         raise VerificationError("the model left after rejecting slower rewrites is not equivalent: " + "; ".join(failed))
     return result
+
+
+def _with_evidence(records: Sequence[RewriteRecord], verification: VerificationResult) -> tuple[RewriteRecord, ...]:
+    """``records`` with each applied site's evidence from ``verification``."""
+    return tuple(replace(r, evidence=verification.sites[key].to_json())
+                 if r.status == "applied" and (key := (r.rule, r.nodes[0] if r.nodes else "")) in verification.sites else r
+                 for r in records)
 
 
 _ORDER = ("tuning", "verification", "benchmark", "static")

@@ -75,12 +75,16 @@ def summarize(model: onnx.ModelProto, path: str | Path | None = None, sha256: st
 
 @dataclass(frozen=True)
 class RewriteRecord:
+    """One site's outcome. ``evidence``: what verification compared at the site's boundary
+    (``rewrites[].evidence`` in the JSON report), when it ran."""
+
     rule: str
     nodes: tuple[str, ...]
     status: str
     reason: str = ""
     detail: dict[str, Any] | None = None
     family: str = ""  # the rule's family (acceptance rolls families back as one); "" when unknown
+    evidence: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"rule": self.rule, "nodes": list(self.nodes), "status": self.status, "reason": self.reason}
@@ -88,6 +92,8 @@ class RewriteRecord:
             out["family"] = self.family
         if self.detail:
             out["detail"] = self.detail
+        if self.evidence is not None:
+            out["evidence"] = self.evidence
         return out
 
 
@@ -322,11 +328,18 @@ def _passed_shapes(verification: Mapping[str, Any]) -> tuple[list[str], list[str
     return passed, list(dict.fromkeys(shapes))
 
 
+def _every_site(verification: Mapping[str, Any]) -> bool:
+    """Whether verification compared every rewritten site at its boundary and all passed."""
+    sites = verification.get("sites") or {}
+    return bool(sites) and set(sites) == {"verified"}
+
+
 def _verified_phrase(verification: Mapping[str, Any]) -> str:
     passed, shapes = _passed_shapes(verification)
     if not verification.get("passed"):
         return "verification FAILED"
-    return f"verified on {', '.join(passed)} at {_count(len(shapes), 'shape')}"
+    where = " at every site" if _every_site(verification) else ""
+    return f"verified{where} on {', '.join(passed)} at {_count(len(shapes), 'shape')}"
 
 
 def _verification_lines(verification: Mapping[str, Any], _applied: bool) -> list[str]:
@@ -337,6 +350,12 @@ def _verification_lines(verification: Mapping[str, Any], _applied: bool) -> list
     if verification.get("passed"):
         worst = [providers[n]["max_abs"] for n in passed if providers[n].get("max_abs") is not None]
         line = f"verified: equivalent on {', '.join(passed)} at {_count(len(shapes), 'shape')} ({'; '.join(shapes)})"
+        if _every_site(verification):
+            n = verification["sites"]["verified"]
+            line += f", {'the site' if n == 1 else f'each of {n} sites'} compared at its boundary"
+        inputs = verification.get("inputs") or []
+        if len(inputs) > 1:
+            line += f", inputs searched: {', '.join(inputs)}"
         lines = [line + (f"; max abs {max(worst):.3g}" if worst else "")]
     else:
         lines = ["verification: NOT equivalent"]

@@ -73,6 +73,20 @@ class WrongTransposedWeight(Rule):
         return b.gemm(m["x"], b.const(w[::-1].copy() + 1.0, "wrong"))
 
 
+class NoKernel(Rule):
+    """MatMul(x, W) -> NoSuchOp(x, W) in a domain onnxruntime has no kernel for (test-only: the
+    rewritten model does not load, so no single site can be compared; bisection finds it)"""
+
+    id = "test-no-kernel"
+    benefit = 1
+
+    def pattern(self, p):
+        return p.op("MatMul", p.var("x"), p.const("w"), name="mm")
+
+    def rewrite(self, b, m):
+        return b.op("NoSuchOp", [m["x"], m["w"]], domain="test.nokernel")
+
+
 class AlwaysFires(Rule):
     """Relu(x) -> Relu(x) (a new node every time: never converges)"""
 

@@ -80,9 +80,14 @@ def test_json_report_contract(capsys, model_path, tmp_path):
     assert data["input"]["op_counts"] == {"MatMul": 3, "Relu": 5}
     assert data["output"]["op_counts"] == {"MatMul": 3, "Relu": 3}
     assert data["output"]["path"] == str(tmp_path / "o.onnx")
-    assert data["rewrites"][0] == {"rule": "test-double-relu", "family": "test-double-relu", "nodes": ["relu_a", "relu2"],
-                                   "status": "applied", "reason": ""}
-    assert data["summary"] == "o.onnx: 2 sites rewritten, verified on cpu at 2 shapes, not measured"
+    first = dict(data["rewrites"][0])
+    evidence = first.pop("evidence")
+    assert first == {"rule": "test-double-relu", "family": "test-double-relu", "nodes": ["relu_a", "relu2"], "status": "applied", "reason": ""}
+    # Checked at its own boundary: the value its consumers read, in both models, at two shapes.
+    assert evidence["status"] == "verified" and {v["role"] for v in evidence["values"]} >= {"output"}
+    assert [r["shapes"] for r in evidence["providers"]["cpu"]["runs"]] == [{"x": [1, 4]}, {"x": [3, 4]}]
+    assert evidence["providers"]["cpu"]["finite"] == evidence["providers"]["cpu"]["compared"] > 0
+    assert data["summary"] == "o.onnx: 2 sites rewritten, verified at every site on cpu at 2 shapes, not measured"
     assert len(data["rewrites"]) == 2
     assert data["verification"]["passed"] is True
     assert data["verification"]["providers"]["cpu"]["status"] == "passed"
@@ -100,7 +105,9 @@ def test_rollback_of_a_wrong_rule_mixed_with_correct_ones(capsys, model_path, tm
     assert status[("test-double-relu", "relu_a")] == "applied"
     assert [k for k, v in status.items() if v == "rolled_back"] == [("test-wrong-weight", "mm0"), ("test-wrong-weight", "mm1"), ("test-wrong-weight", "mm2")]
     rolled = [r for r in data["rewrites"] if r["status"] == "rolled_back"]
-    assert all(r["reason"].startswith("not equivalent: max abs error") for r in rolled)
+    # Each wrong site differs at its own boundary while what it reads agrees: rolled back directly.
+    assert all(r["reason"].startswith("not equivalent at its boundary on cpu: value ") for r in rolled), rolled
+    assert all(r["evidence"]["status"] == "failed" for r in rolled)
     assert data["verification"]["passed"] is True
     out_model = onnx.load(tmp_path / "o.onnx")
     assert {t.name for t in out_model.graph.initializer} == {"w0", "w1", "w2"}

@@ -122,5 +122,5 @@ def test_no_bench_says_so(capsys, models, tmp_path):
     assert code == 0, err
     data = json.loads(report.read_text())
     assert "benchmark" not in data and "static" not in data
-    assert out.splitlines()[-1].endswith("verified on cpu at 2 shapes, not measured")
+    assert out.splitlines()[-1].endswith("verified at every site on cpu at 2 shapes, not measured")
     assert "benchmark skipped: speed and memory not measured, no acceptance check" in data["notes"]

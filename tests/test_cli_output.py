@@ -44,7 +44,7 @@ RULE = ("--plugin", ENGINE_RULES, "--rules", "test-double-relu", "--providers", 
 
 
 @pytest.mark.parametrize("rules, extra, last", [
-    ("test-double-relu", (), "{out}: 1 site rewritten, verified on cpu at 2 shapes, not measured"),
+    ("test-double-relu", (), "{out}: 1 site rewritten, verified at every site on cpu at 2 shapes, not measured"),
     ("test-double-relu", ("--no-verify",), "{out}: 1 site rewritten, NOT verified, not measured"),
     ("test-add-zero", (), "{out}: nothing rewritten (written unchanged)"),
     ("test-double-relu", ("--dry-run",), "dry run: 1 site would be rewritten"),
@@ -82,8 +82,8 @@ def test_quiet_prints_only_the_summary_line(capsys, model, tmp_path):
     report = tmp_path / "r.json"
     code, out, err = cli(capsys, model, *RULE, "--no-bench", "-o", tmp_path / "o.onnx", "-q", "--report", report)
     assert code == 0 and err == ""
-    assert out == f"{tmp_path / 'o.onnx'}: 1 site rewritten, verified on cpu at 2 shapes, not measured\n"
-    assert json.loads(report.read_text())["summary"] == "o.onnx: 1 site rewritten, verified on cpu at 2 shapes, not measured"
+    assert out == f"{tmp_path / 'o.onnx'}: 1 site rewritten, verified at every site on cpu at 2 shapes, not measured\n"
+    assert json.loads(report.read_text())["summary"] == "o.onnx: 1 site rewritten, verified at every site on cpu at 2 shapes, not measured"
 
 
 def test_quiet_still_reports_errors_on_stderr(capsys, tmp_path):

@@ -12,13 +12,14 @@ iteration cap is an error that names the rules still firing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Collection, Sequence
 
 import onnx_graphsurgeon as gs
 
 from rewriter.errors import NonConvergenceError
-from rewriter.engine.graph import ModelGraph, iter_graphs, producer
+from rewriter.engine.boundary import NO_BOUNDARY, Boundary, BoundaryTrace
+from rewriter.engine.graph import ModelGraph, graph_paths, iter_graphs, producer
 from rewriter.engine.pattern import Match, MatchFn, first_input_ops, has_choices, match_at, matcher
 from rewriter.engine.rule import RewriteBuilder, Rule
 from rewriter.engine.shape_readers import reader_problem, rebuild
@@ -33,11 +34,16 @@ SiteKey = tuple[str, str]
 
 @dataclass(frozen=True)
 class AppliedSite:
+    """A rewritten site: its rule, anchor and matched nodes, the nodes its replacement created,
+    the sweep that applied it, and its boundary in both models (what verification compares
+    for it: :mod:`rewriter.engine.boundary`)."""
+
     rule: str
     anchor: str
     nodes: tuple[str, ...]
     created: tuple[str, ...]
     iteration: int
+    boundary: Boundary = NO_BOUNDARY
 
     @property
     def key(self) -> SiteKey:
@@ -69,7 +75,9 @@ class DriverResult:
 
 @dataclass
 class _Sweep:
+    trace: BoundaryTrace
     applied: list[AppliedSite] = field(default_factory=list)
+    traced: list[int] = field(default_factory=list)  # each applied site's index in the trace
     skipped: list[AppliedSite] = field(default_factory=list)
     near: list[NearMiss] = field(default_factory=list)
     quiet: list[NearMiss] = field(default_factory=list)
@@ -104,16 +112,21 @@ def run_rules(
             by_op.setdefault(op, []).append(rule)
 
     applied: list[AppliedSite] = []
+    traced: list[int] = []
     skipped: dict[SiteKey, AppliedSite] = {}
     skip_set = set(skip)
+    trace = BoundaryTrace()
     for iteration in range(1, max_iterations + 1):
-        sweep = _sweep(model, by_op, skip_set, iteration)
+        sweep = _sweep(model, by_op, skip_set, iteration, trace)
         applied.extend(sweep.applied)
+        traced.extend(sweep.traced)
         for s in sweep.skipped:
             skipped.setdefault(s.key, s)
         if not sweep.applied:
+            boundaries = trace.resolve(model.graph, graph_paths(model.graph) if trace.nested(model.graph) else {})
+            applied = [replace(site, boundary=boundaries[i]) for site, i in zip(applied, traced)]
             return DriverResult(tuple(applied), tuple(skipped.values()), tuple(sweep.near), iteration, tuple(sweep.quiet))
-        model.cleanup()
+        model.cleanup(trace.dropping)
         model.refresh_shapes()
     firing = sorted({s.rule for s in sweep.applied})
     raise NonConvergenceError(
@@ -121,7 +134,7 @@ def run_rules(
     )
 
 
-def _sweep(model: ModelGraph, by_op: dict[str, list[Rule]], skip: set[SiteKey], iteration: int) -> _Sweep:
+def _sweep(model: ModelGraph, by_op: dict[str, list[Rule]], skip: set[SiteKey], iteration: int, trace: BoundaryTrace) -> _Sweep:
     """Match every rule everywhere, then check and apply the matches by descending benefit.
 
     Benefit-first (not graph-order-first) lets a large pattern anchored downstream win over a
@@ -132,7 +145,7 @@ def _sweep(model: ModelGraph, by_op: dict[str, list[Rule]], skip: set[SiteKey], 
     acts on connections that rewrite changed. A sweep that rewrites nothing checks every match
     on the unchanged graph: its refusals, the ones reported, are all of them.
     """
-    out = _Sweep()
+    out = _Sweep(trace)
     for graph in list(iter_graphs(model.graph)):
         candidates, refusals = _candidates(model, graph, by_op)
         _apply_candidates(model, graph, candidates, refusals, skip, iteration, out)
@@ -209,12 +222,13 @@ def _apply_candidates(
             out.skipped.append(site)
             continue
         try:
-            created = _apply(model, graph, rule, m, touched)
+            created, traced = _apply(model, graph, rule, m, touched, out.trace)
         except _RewriteFailed as exc:
             refusals.append(((1, len(refusals), 0), rule, node, str(exc), False))
             continue
         consumed.update(id(n) for n in m.matched + m.shape_readers)
         out.applied.append(AppliedSite(rule.id, node.name, site.nodes, created, iteration))
+        out.traced.append(traced)
 
 
 def _stale(rule: Rule, m: Match, touched: set[int]) -> bool:
@@ -285,9 +299,12 @@ class _RewriteFailed(Exception):
     """A rule's ``rewrite`` raised or returned the wrong number of outputs (graph unchanged)."""
 
 
-def _apply(model: ModelGraph, graph: gs.Graph, rule: Rule, m: Match, touched: set[int]) -> tuple[str, ...]:
+def _apply(
+    model: ModelGraph, graph: gs.Graph, rule: Rule, m: Match, touched: set[int], trace: BoundaryTrace
+) -> tuple[tuple[str, ...], int]:
     """Build the replacement and splice it in; on any failure the graph is left unchanged.
-    Adds the ids of the tensors whose readers, writer or name changed to ``touched``."""
+    Adds the ids of the tensors whose readers, writer or name changed to ``touched``; records
+    the site's boundary in ``trace``. Returns the created nodes' names and the trace's index."""
     builder = RewriteBuilder(model, rule.id, m.root)
     try:
         result = rule.rewrite(builder, m)
@@ -302,7 +319,11 @@ def _apply(model: ModelGraph, graph: gs.Graph, rule: Rule, m: Match, touched: se
         raise _RewriteFailed(f"rule error in rewrite: {_one_line(exc)}") from exc
     first_new = len(graph.nodes)
     pairs = list(zip(old_outs, new_outs)) + readers
+    trace.created(builder.nodes, builder.constants)
+    roles = [(old, new, "output") for old, new in zip(old_outs, new_outs)] + [(old, new, "shape") for old, new in readers]
+    index = trace.site(graph, roles, _outside_inputs(m, graph))
     for old, new in pairs:
+        trace.replaced(old, new)
         _replace_uses(model, graph, old, new)
     graph.nodes.extend(builder.nodes)
     # New tensors and renamed ones (a graph output keeps its name), for the kept name index.
@@ -312,7 +333,24 @@ def _apply(model: ModelGraph, graph: gs.Graph, rule: Rule, m: Match, touched: se
     touched.update(id(t) for pair in pairs for t in pair)
     for node in builder.nodes:
         model.provenance[node.name] = rule.id
-    return tuple(n.name for n in builder.nodes)
+    return tuple(n.name for n in builder.nodes), index
+
+
+def _outside_inputs(m: Match, graph: gs.Graph) -> list[gs.Tensor]:
+    """The values ``m`` reads from outside itself that are neither constants nor inputs of the
+    main graph (those are the same in both models by construction)."""
+    inside = {id(n) for n in m.matched}
+    fed = {id(t) for t in graph.inputs} if graph is m.model.graph else set()
+    found: dict[int, gs.Tensor] = {}
+    for node in m.matched:
+        for t in node.inputs:
+            if t.is_empty() or id(t) in fed or id(t) in found:
+                continue
+            p = producer(t)
+            if (p is not None and id(p) in inside) or m.model.is_constant(t):
+                continue
+            found[id(t)] = t
+    return list(found.values())
 
 
 def _replace_uses(model: ModelGraph, graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:

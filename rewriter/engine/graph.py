@@ -35,12 +35,17 @@ __all__ = [
     "consumers",
     "static_shape",
     "iter_graphs",
+    "graph_paths",
     "node_subgraphs",
     "tensor_dict",
     "is_constant",
     "typing_model",
     "typed_graph",
 ]
+
+
+Dropping = Callable[[list[tuple[gs.Node, list[gs.Tensor], list[gs.Tensor]]]], None]
+"""Shown the nodes a cleanup drops: (node, its inputs, its outputs) each."""
 
 
 def _silence_graphsurgeon() -> None:
@@ -90,6 +95,23 @@ def iter_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
         if node.attrs:
             for sub in node_subgraphs(node):
                 yield from iter_graphs(sub)
+
+
+def graph_paths(graph: gs.Graph) -> dict[int, tuple[tuple[str, str], ...]]:
+    """``id(subgraph)`` -> its path from ``graph``: per level, the holding node's first output
+    name (unlike node names, the same in the model as read: the import names unnamed nodes)
+    and the attribute name, for every If/Loop/Scan body (``graph`` itself: ``()``)."""
+    found: dict[int, tuple[tuple[str, str], ...]] = {id(graph): ()}
+    stack: list[tuple[gs.Graph, tuple[tuple[str, str], ...]]] = [(graph, ())]
+    while stack:
+        g, path = stack.pop()
+        for node in g.nodes:
+            for key, attr in (node.attrs or {}).items():
+                subs = [attr] if isinstance(attr, gs.Graph) else [a for a in attr if isinstance(a, gs.Graph)] if isinstance(attr, (list, tuple)) else []
+                for sub in subs:
+                    found[id(sub)] = path + ((node.outputs[0].name if node.outputs else node.name, key),)
+                    stack.append((sub, found[id(sub)]))
+    return found
 
 
 def _iter_onnx_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
@@ -374,9 +396,14 @@ class ModelGraph:
                    for g in iter_graphs(self.graph) for t in tensor_dict(g).values()):
             return
         try:
-            inferred = _infer_shapes(gs.export_onnx(self.graph, do_type_check=False))
+            exported = gs.export_onnx(self.graph, do_type_check=False)
         except Exception:
             return
+        # gs exports an overridable initializer as a plain one: declared an input again, its
+        # value is not used for inference (see typing_model).
+        declared = {vi.name for vi in exported.graph.input}
+        exported.graph.input.extend(self._input_protos[n] for n in self._input_order if n in self.overridable and n not in declared)
+        inferred = _infer_shapes(typing_model(exported))
         infos = {vi.name: vi for g in _iter_onnx_graphs(inferred.graph) for vi in g.value_info}
         for g in iter_graphs(self.graph):
             for t in tensor_dict(g).values():
@@ -405,16 +432,27 @@ class ModelGraph:
                 return int(imp.version)
         return 0
 
-    def cleanup(self) -> None:
-        """Remove dead nodes and unused constants; restore topological order.
+    def cleanup(self, dropping: Dropping | None = None) -> None:
+        """Remove dead nodes and unused constants; restore topological order. ``dropping`` is
+        shown the nodes about to be dropped, each with its inputs and outputs.
 
         A graph without subgraphs or local functions takes a linear path (:func:`_prune_and_sort`)
         that keeps the nodes in their current order where it is already topological; others
         go through onnx-graphsurgeon's cleanup and toposort (several times slower)."""
         self._tensor_maps.clear()
         g = self.graph
-        if g.functions or _has_subgraphs(g) or not _prune_and_sort(g):
+        if not g.functions and not _has_subgraphs(g) and _prune_and_sort(g, dropping):
+            return
+        if dropping is None:
             g.cleanup(remove_unused_graph_inputs=False).toposort()
+            return
+        # gs may disconnect what it drops: each node's connections are taken first.
+        before = [(n, list(n.inputs), list(n.outputs)) for sub in iter_graphs(g) for n in sub.nodes]
+        g.cleanup(remove_unused_graph_inputs=False).toposort()
+        kept = {id(n) for sub in iter_graphs(g) for n in sub.nodes}
+        dropped = [entry for entry in before if id(entry[0]) not in kept]
+        if dropped:
+            dropping(dropped)
 
     def export(self) -> onnx.ModelProto:
         """The model as ONNX, with everything gs forgets restored from the original."""
@@ -523,11 +561,12 @@ def _producer_table(reads: Sequence[Sequence[gs.Tensor]], index: dict[int, int],
     return producers, in_order
 
 
-def _prune_and_sort(graph: gs.Graph) -> bool:
+def _prune_and_sort(graph: gs.Graph, dropping: Dropping | None = None) -> bool:
     """gs's ``cleanup().toposort()`` for a graph without subgraphs, in linear time: producers
-    of graph inputs detached, nodes that no graph output depends on disconnected and dropped,
-    the rest in an order where each node follows its producers, the current order kept where it
-    already is one. False (graph unchanged) when the nodes form a cycle."""
+    of graph inputs detached, nodes that no graph output depends on disconnected and dropped
+    (``dropping`` sees them first), the rest in an order where each node follows its producers,
+    the current order kept where it already is one. False (graph unchanged) when the nodes form
+    a cycle."""
     index = {id(n): i for i, n in enumerate(graph.nodes)}
     graph_inputs = {id(t) for t in graph.inputs}  # their producers are dropped, as gs does
     producers, in_order = _producer_table([*(n.inputs for n in graph.nodes), graph.outputs], index, graph_inputs)
@@ -542,12 +581,14 @@ def _prune_and_sort(graph: gs.Graph) -> bool:
     if order is None:
         return False
     nodes = list(graph.nodes)
+    dead = [n for i, n in enumerate(nodes) if not live[i]]
+    if dropping is not None and dead:
+        dropping([(n, list(n.inputs), list(n.outputs)) for n in dead])
     for inp in graph.inputs:
         inp.inputs.clear()
-    for i, n in enumerate(nodes):
-        if not live[i]:
-            n.inputs.clear()
-            n.outputs.clear()
+    for n in dead:
+        n.inputs.clear()
+        n.outputs.clear()
     graph.nodes = [nodes[i] for i in order]
     return True
 
@@ -602,12 +643,15 @@ def typing_model(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` for shape inference: the values of its larger float initializers (weights) left
     out, each declared as a graph input of its type and dims, so inference finds the same types
     without copying the weights through it; ``model`` itself when it has no such initializer.
-    ``model`` is not changed."""
+    The values of initializers that are also graph inputs are left out too: a user may feed
+    others, so no shape may be inferred from them (a Reshape target fed at run time). ``model``
+    is not changed."""
     src = model.graph
     kept: list[onnx.TensorProto] = []
     dropped: list[onnx.TensorProto] = []
+    fed = {vi.name for vi in src.input}
     for t in src.initializer:
-        (kept if _keeps_values(t) else dropped).append(t)
+        (kept if _keeps_values(t) and t.name not in fed else dropped).append(t)
     if not dropped:
         return model
     light = onnx.ModelProto()

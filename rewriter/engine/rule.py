@@ -138,12 +138,15 @@ class RewriteBuilder:
         self.rule_id = rule_id
         self._prefix = f"{anchor.name}/{rule_id}"
         self.nodes: list[gs.Node] = []
+        self.constants: list[gs.Constant] = []
 
     def _name(self, hint: str) -> str:
         return self.model.unique_name(f"{self._prefix}/{hint}")
 
     def const(self, value: np.ndarray, hint: str = "const") -> gs.Constant:
-        return gs.Constant(self._name(hint), np.ascontiguousarray(value))
+        c = gs.Constant(self._name(hint), np.ascontiguousarray(value))
+        self.constants.append(c)
+        return c
 
     def ints(self, values: Sequence[int], hint: str = "shape") -> gs.Constant:
         return self.const(np.asarray(list(values), dtype=np.int64), hint)
@@ -192,3 +195,4 @@ class RewriteBuilder:
             node.inputs.clear()
             node.outputs.clear()
         self.nodes.clear()
+        self.constants.clear()

@@ -14,7 +14,7 @@ from typing import Callable, Mapping, Sequence
 
 import onnx
 
-from rewriter.engine.driver import SiteKey
+from rewriter.engine.driver import AppliedSite, SiteKey
 from rewriter.engine.model_io import LoadedModel
 from rewriter.engine.rewrite import Rewritten, rewrite
 from rewriter.engine.rule import Rule
@@ -35,7 +35,7 @@ _MAX_REBUILDS = 8
 class Acceptance:
     """The accept step's result: the accepted model, one record per site (``rejected`` for the
     families rolled back), the report sections, notes, and whether the model changed (then the
-    caller proves it again)."""
+    caller proves it again: ``sites`` are the accepted model's applied sites)."""
 
     model: onnx.ModelProto
     records: tuple[RewriteRecord, ...]
@@ -43,6 +43,8 @@ class Acceptance:
     static: StaticSection | None
     notes: tuple[str, ...]
     changed: bool
+    sites: tuple[AppliedSite, ...] = ()
+    mismatch: str | None = None  # the outputs differ where measured: the caller proves the rewrite there
 
 
 def rule_family(rule: Rule) -> str:
@@ -114,6 +116,12 @@ def accept(
 
     first = measure(out_model, options, "original vs rewritten")
     target = next((name for name, r in first.items() if r.status == "measured"), None)
+    mismatch = _outputs_differ(first)
+    if mismatch is not None:
+        # Verification ran at small shapes; at the size people run the outputs differ. Nothing is
+        # judged on speed: the caller proves the rewrite at this shape first.
+        return Acceptance(out_model, tuple(records), BenchmarkSection(first), None,
+                          (f"acceptance: the outputs differ where measured ({mismatch})",), False, (), mismatch)
     state = _State(out_model, list(records), first, [])
     if target is None:
         why = "; ".join(f"{n}: {r.reason}" for n, r in first.items())
@@ -127,7 +135,17 @@ def accept(
     static, note = static_section(loaded.model, state.model, shapes)
     notes = state.notes + ([note] if note else [])
     return Acceptance(state.model, tuple(state.records), BenchmarkSection(state.results), static, tuple(notes),
-                      state.model is not out_model)
+                      state.model is not out_model, state.sites)
+
+
+def _outputs_differ(results: Mapping[str, ProviderBench]) -> str | None:
+    """Where the two models' outputs differ on a measured provider, at either size, or None."""
+    for name, r in results.items():
+        for at in (r, r.small):
+            if at is not None and at.outputs is not None and not at.outputs.equal:
+                shapes = ", ".join(f"{k}=[{','.join(map(str, v))}]" for k, v in at.shapes.items())
+                return f"on {name} at {shapes}: {at.outputs.reason}"
+    return None
 
 
 @dataclass
@@ -136,6 +154,7 @@ class _State:
     records: list[RewriteRecord]
     results: dict[str, ProviderBench]
     notes: list[str]
+    sites: tuple[AppliedSite, ...] = ()  # the model's applied sites, once families were rolled back
 
 
 def _judge_slower(
@@ -157,7 +176,7 @@ def _judge_slower(
         return state
     family_of = {rule.id: rule_family(rule) for rule in rules}
     rolled = _roll_back_families(loaded, rules, state.records, family_of, target, confirm, trial_options, measure, say)
-    state = _State(rolled.model, rolled.records, state.results, state.notes + rolled.notes)
+    state = _State(rolled.model, rolled.records, state.results, state.notes + rolled.notes, rolled.sites)
     if not any(rec.status == "applied" for rec in rolled.records):
         state.notes.append("acceptance: every rewrite was rejected; the output is the original graph and "
                            "the benchmark shows the rejected rewrite")
@@ -228,4 +247,4 @@ def _roll_back_families(
         current = [RewriteRecord(site.rule, site.nodes, "applied") for site in best.result.applied]
         current_bench = bench
     assert best is not None
-    return _State(best.model, current + kept + rejected, {}, notes)
+    return _State(best.model, current + kept + rejected, {}, notes, best.result.applied)

@@ -21,6 +21,7 @@ import numpy as np
 from rewriter.errors import InputError
 from rewriter.measure.memprobe import MemoryProbe, save_feeds
 from rewriter.ort import CudaOptions, ModelSource, SessionError, cuda_status, make_session, model_source, parse_providers, timing_call
+from rewriter.prove.compare import compare_arrays, json_num, tolerance_for
 from rewriter.prove.inputs import input_specs, make_feeds, shape_sets
 from rewriter.prove.windows import window_check
 
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
     import onnx
     import onnxruntime
 
-__all__ = ["ModelTiming", "ProviderBench", "BenchOptions", "bench_models", "judge", "time_interleaved"]
+__all__ = ["ModelTiming", "OutputsCheck", "ProviderBench", "BenchOptions", "bench_models", "check_outputs", "judge", "time_interleaved"]
 
 OPT_LEVEL = "all"
 
@@ -57,6 +58,38 @@ class ModelTiming:
 
 
 @dataclass(frozen=True)
+class OutputsCheck:
+    """The before and after models' outputs on the benchmark's inputs, compared on the measured
+    provider (both models there; CUDA with TF32, as measured, so TF32 tolerances): verification
+    ran at small shapes, this is the size people run."""
+
+    equal: bool
+    max_abs: float | None
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"equal": self.equal, "max_abs": json_num(self.max_abs), "reason": self.reason}
+
+
+def check_outputs(before: Mapping[str, np.ndarray], after: Mapping[str, np.ndarray], provider: str) -> OutputsCheck:
+    """Compare two runs' outputs, by name, within the provider's tolerances."""
+    if list(before) != list(after):
+        return OutputsCheck(False, None, f"outputs differ: before {list(before)}, after {list(after)}")
+    worst: float | None = None
+    for name, ref in before.items():
+        got = after[name]
+        ref_arr, got_arr = np.asarray(ref), np.asarray(got)
+        d = compare_arrays(name, ref_arr, got_arr, tolerance_for(ref_arr.dtype, provider=provider, tf32=provider == "cuda"))
+        if np.isfinite(d.max_abs):
+            worst = d.max_abs if worst is None else max(worst, d.max_abs)
+        if not d.passed and not d.vacuous:
+            shape = "" if ref_arr.shape == got_arr.shape else f" (shape {list(got_arr.shape)}, before {list(ref_arr.shape)})"
+            return OutputsCheck(False, d.max_abs, f"output {name!r} differs{shape}: max abs {d.max_abs:.3g}, "
+                                                  f"{d.mismatch_fraction:.2%} of elements outside atol={d.tolerance.atol:g} rtol={d.tolerance.rtol:g}")
+    return OutputsCheck(True, worst, "")
+
+
+@dataclass(frozen=True)
 class ProviderBench:
     """Result for one provider. `status` is "measured" or "skipped" (then `reason` says why)."""
 
@@ -77,6 +110,7 @@ class ProviderBench:
     shape_source: str | None = None
     small: "ProviderBench | None" = None  # the same comparison at the small shapes, when measured
     provider_options: dict[str, str] | None = None  # the execution provider options measured with (CUDA)
+    outputs: OutputsCheck | None = None  # the two models' outputs compared at these shapes (before the timed runs)
 
     def __bool__(self) -> bool:
         return self.status == "measured"
@@ -100,6 +134,7 @@ class ProviderBench:
             "notes": list(self.notes),
             **({"small": self.small.to_json()} if self.small is not None else {}),
             **({"provider_options": dict(self.provider_options)} if self.provider_options is not None else {}),
+            **({"outputs": self.outputs.to_json()} if self.outputs is not None else {}),
         }
 
 
@@ -303,6 +338,7 @@ def _bench_provider(
     finally:
         for probe in probes:  # interrupted while waiting: no probe outlives this run
             probe.stop()
+    outputs = _outputs_check(sessions, feeds, provider) if len(sessions) == 2 else None
     samples = time_interleaved(sessions, feeds, runs=options.runs, warmup=options.warmup, tick=tick)
     del sessions
     for _ in probes:
@@ -317,8 +353,17 @@ def _bench_provider(
     speedup, low, high, significant, verdict = judge(ratios)
     return result(
         before=timings[0], after=timings[1], speedup=speedup, speedup_low=low, speedup_high=high,
-        significant=significant, verdict=verdict, notes=tuple(notes),
+        significant=significant, verdict=verdict, notes=tuple(notes), outputs=outputs,
     )
+
+
+def _outputs_check(sessions: Sequence["onnxruntime.InferenceSession"], feeds: Mapping[str, np.ndarray], provider: str) -> OutputsCheck:
+    """One untimed run of each model on the benchmark's inputs, outputs compared."""
+    runs = []
+    for sess in sessions:
+        names = [o.name for o in sess.get_outputs()]
+        runs.append(dict(zip(names, sess.run(names, dict(feeds)))))
+    return check_outputs(runs[0], runs[1], provider)
 
 
 def _cuda_notes(memory: Sequence[dict[str, Any] | None]) -> list[str]:

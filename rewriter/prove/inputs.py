@@ -35,6 +35,11 @@ __all__ = [
     "feed_memory_limit",
     "load_npz_feeds",
     "BFLOAT16",
+    "Distribution",
+    "NORMAL",
+    "EVIDENCE_SEARCH",
+    "BOOL_VARIANTS",
+    "index_bounds",
 ]
 
 Dim = int | str | None
@@ -54,11 +59,13 @@ _INT_RANGE = (0, 8)
 @dataclass(frozen=True)
 class InputSpec:
     """One real graph input. `shape` entries: int = static, str = named dynamic, None = anonymous
-    dynamic; `shape` itself is None when the model does not declare a rank."""
+    dynamic; `shape` itself is None when the model does not declare a rank. ``bound``: for an
+    integer input used as an index (Gather and its kind), the size of the axis it indexes."""
 
     name: str
     dtype: np.dtype
     shape: tuple[Dim, ...] | None
+    bound: int | None = None
 
     @property
     def dynamic(self) -> bool:
@@ -95,14 +102,57 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     init_names = {t.name for t in model.graph.initializer}
     init_names |= {t.values.name for t in model.graph.sparse_initializer}
     specs = []
+    bounds: dict[str, int] | None = None
     for vi in model.graph.input:
         if vi.name in init_names:
             continue
         if vi.type.WhichOneof("value") != "tensor_type":
             raise InputError(f"input {vi.name!r} is not a tensor; only tensor inputs are supported")
         tt = vi.type.tensor_type
-        specs.append(InputSpec(vi.name, _np_dtype(tt.elem_type, vi.name), _dims(tt)))
+        dtype = _np_dtype(tt.elem_type, vi.name)
+        bound = None
+        if np.issubdtype(dtype, np.integer):
+            bounds = index_bounds(model) if bounds is None else bounds
+            bound = bounds.get(vi.name)
+        specs.append(InputSpec(vi.name, dtype, _dims(tt), bound))
     return specs
+
+
+# Ops that pass an index tensor on unchanged in value, and the ops that use one as an index:
+# op -> (index input, data input, default axis).
+_KEEPS_VALUES = frozenset({"Cast", "Identity", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Expand"})
+_INDEXES = {"Gather": (1, 0, 0), "GatherElements": (1, 0, 0)}
+
+
+def index_bounds(model: onnx.ModelProto) -> dict[str, int]:
+    """For integer graph inputs that index a static axis (Gather, GatherElements, through
+    value-preserving ops), the smallest such axis size: random values must stay below it."""
+    g = model.graph
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in g.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    dims: dict[str, list[int]] = {t.name: list(t.dims) for t in g.initializer}
+    for vi in [*g.input, *g.value_info, *g.output]:
+        shape = _dims(vi.type.tensor_type) if vi.type.HasField("tensor_type") else None
+        if shape is not None and all(isinstance(d, int) for d in shape):
+            dims.setdefault(vi.name, [int(d) for d in shape])  # type: ignore[arg-type]
+    found: dict[str, int] = {}
+    for vi in g.input:
+        seen, todo = {vi.name}, [vi.name]
+        while todo:
+            name = todo.pop()
+            for node in readers.get(name, []):
+                if node.op_type in _KEEPS_VALUES and node.input and node.input[0] == name and node.output[0] not in seen:
+                    seen.add(node.output[0])
+                    todo.append(node.output[0])
+                index = _INDEXES.get(node.op_type)
+                if index is not None and len(node.input) > index[0] and node.input[index[0]] == name:
+                    data = dims.get(node.input[index[1]])
+                    axis = next((a.i for a in node.attribute if a.name == "axis"), index[2])
+                    if data and -len(data) <= axis < len(data) and data[axis] > 0:
+                        found[vi.name] = min(found.get(vi.name, data[axis]), data[axis])
+    return found
 
 
 _OVERRIDE_RE = re.compile(r"^(?P<name>.+):(?P<axis>-?\d+)=(?P<values>.+)$")
@@ -243,6 +293,31 @@ def _layout(specs: Sequence[InputSpec], var_values: dict[Var, list[int]], defaul
     return layout
 
 
+@dataclass(frozen=True)
+class Distribution:
+    """How random inputs are drawn: floats from a normal (``floats`` = ("normal", mean, std)) or
+    a uniform ("uniform", low, high: half-open at ``low``, so (0, 1] never gives 0); booleans
+    "random", "true" or "false"; integers in [0, 8), below an index input's bound."""
+
+    label: str
+    floats: tuple[str, float, float] = ("normal", 0.0, 1.0)
+    bools: str = "random"
+
+
+NORMAL = Distribution("normal(0,1)")
+#: What verification tries, in order, until every output and every site's boundary has finite
+#: values: a log or sqrt front end needs positive inputs, an exp or a power small ones, a
+#: threshold (``max(x) > 100``) large ones.
+EVIDENCE_SEARCH = (
+    NORMAL,
+    Distribution("uniform(0,1]", ("uniform", 0.0, 1.0)),
+    Distribution("normal(0,0.01)", ("normal", 0.0, 0.01)),
+    Distribution("normal(0,1000)", ("normal", 0.0, 1000.0)),
+)
+#: Tried too when the model has boolean inputs (a branch taken only when a flag is set).
+BOOL_VARIANTS = (Distribution("bools all true", bools="true"), Distribution("bools all false", bools="false"))
+
+
 # Random values are drawn as 8-byte numbers (float64 normals/uniforms, int64 integers) and then
 # cast: generating one input briefly holds both arrays.
 _DRAW_ITEMSIZE = 8
@@ -335,9 +410,11 @@ def make_feeds(
     *,
     seed: int = 0,
     input_range: tuple[float, float] | None = None,
+    distribution: Distribution = NORMAL,
 ) -> dict[str, np.ndarray]:
-    """Deterministic random inputs: floats N(0, 1) (or uniform in `input_range`), integers in
-    [0, 8) (or `input_range` rounded), bools fair coin flips. Raises ``InputError`` before
+    """Deterministic random inputs: floats N(0, 1) (or as ``distribution`` says, or uniform in
+    `input_range`), integers in [0, 8) (below an index input's bound; or `input_range` rounded),
+    bools fair coin flips (or as ``distribution`` says). Raises ``InputError`` before
     allocating anything when the arrays would not fit in half the available memory."""
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
@@ -350,31 +427,39 @@ def make_feeds(
             raise InputError(f"input {spec.name!r}: negative dim in shape {list(concrete[spec.name])}")
     _check_feed_memory(specs, concrete)
     for spec in specs:
-        shape = concrete[spec.name]
-        dt = spec.dtype
-        if dt == np.bool_:
-            arr: np.ndarray = rng.integers(0, 2, size=shape).astype(np.bool_)
-        elif np.issubdtype(dt, np.integer):
-            lo, hi = _INT_RANGE
-            if input_range is not None:
-                lo, hi = int(np.ceil(input_range[0])), int(np.floor(input_range[1])) + 1
-                if hi <= lo:
-                    raise InputError(f"input range {input_range} holds no integer for input {spec.name!r}")
-            info = np.iinfo(dt)
-            lo, hi = max(lo, int(info.min)), min(hi, int(info.max) + 1)
-            arr = rng.integers(lo, hi, size=shape, dtype=np.int64).astype(dt)
-        elif np.issubdtype(dt, np.floating) or dt == BFLOAT16:
-            if input_range is None:
-                data = rng.standard_normal(size=shape)
-            else:
-                data = rng.uniform(input_range[0], input_range[1], size=shape)
-            arr = data.astype(dt)
-        else:
-            raise InputError(
-                f"cannot generate inputs of type {dt} for {spec.name!r}; pass them with --inputs data.npz"
-            )
-        feeds[spec.name] = arr
+        feeds[spec.name] = _draw(rng, spec, concrete[spec.name], input_range, distribution)
     return feeds
+
+
+def _draw(rng: np.random.Generator, spec: InputSpec, shape: tuple[int, ...], input_range: tuple[float, float] | None,
+          distribution: Distribution) -> np.ndarray:
+    """One input's random values (see :func:`make_feeds`)."""
+    dt = spec.dtype
+    if dt == np.bool_:
+        if distribution.bools == "random":
+            return rng.integers(0, 2, size=shape).astype(np.bool_)
+        return np.full(shape, distribution.bools == "true", dtype=np.bool_)
+    if np.issubdtype(dt, np.integer):
+        lo, hi = _INT_RANGE
+        if spec.bound is not None:
+            hi = max(1, min(hi, spec.bound))
+        if input_range is not None:
+            lo, hi = int(np.ceil(input_range[0])), int(np.floor(input_range[1])) + 1
+            if hi <= lo:
+                raise InputError(f"input range {input_range} holds no integer for input {spec.name!r}")
+        info = np.iinfo(dt)
+        lo, hi = max(lo, int(info.min)), min(hi, int(info.max) + 1)
+        return rng.integers(lo, hi, size=shape, dtype=np.int64).astype(dt)
+    if np.issubdtype(dt, np.floating) or dt == BFLOAT16:
+        kind, a, b = ("uniform", *input_range) if input_range is not None else distribution.floats
+        if kind == "normal":
+            data = rng.standard_normal(size=shape) * b + a
+        elif input_range is not None:
+            data = rng.uniform(a, b, size=shape)
+        else:
+            data = b - rng.uniform(0.0, b - a, size=shape)  # (a, b]: never a itself
+        return data.astype(dt)
+    raise InputError(f"cannot generate inputs of type {dt} for {spec.name!r}; pass them with --inputs data.npz")
 
 
 def load_npz_feeds(path: str | Path) -> dict[str, np.ndarray]:

@@ -6,8 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from rewriter.engine.driver import SiteKey
 from rewriter.ort import NO_CUDA_DEVICE
 from rewriter.prove.compare import OutputDiff, Tolerance, json_num as _num
+from rewriter.prove.evidence import SiteEvidence
 from rewriter.report import format_shapes
 
 __all__ = ["ProviderResult", "VerificationResult", "format_shapes"]
@@ -43,14 +45,27 @@ class ProviderResult:
 
 @dataclass(frozen=True)
 class VerificationResult:
-    """Passed iff no provider failed and at least one provider passed."""
+    """Passed iff no provider failed, at least one provider passed and every rewritten site
+    was verified at its boundary (``sites``, :mod:`rewriter.prove.evidence`). ``inputs``: the
+    input distributions run, in order (the evidence search)."""
 
     passed: bool
     providers: dict[str, ProviderResult]
     shape_search: dict[str, str] = field(default_factory=dict)  # dim -> why its values were searched for
+    sites: dict[SiteKey, SiteEvidence] = field(default_factory=dict)
+    inputs: tuple[str, ...] = ()
 
     def __bool__(self) -> bool:
         return self.passed
+
+    @property
+    def clean(self) -> bool:
+        """No provider found a difference (sites without evidence do not count here)."""
+        return all(p.status != "failed" for p in self.providers.values())
+
+    def with_status(self, status: str) -> list[SiteEvidence]:
+        """The sites of one evidence status (``failed``, ``no-evidence``, ...), in site order."""
+        return [e for e in self.sites.values() if e.status == status]
 
     @property
     def nothing_ran(self) -> str | None:
@@ -63,6 +78,13 @@ class VerificationResult:
         out: dict[str, Any] = {"passed": self.passed, "providers": {k: v.to_json() for k, v in self.providers.items()}}
         if self.shape_search:
             out["shape_search"] = dict(self.shape_search)
+        if self.inputs:
+            out["inputs"] = list(self.inputs)
+        if self.sites:
+            counts: dict[str, int] = {}
+            for e in self.sites.values():
+                counts[e.status] = counts.get(e.status, 0) + 1
+            out["sites"] = counts
         return out
 
     def render(self, console: Any, *, verbose: bool = False) -> None:

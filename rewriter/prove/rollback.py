@@ -1,8 +1,11 @@
-"""Prove a rewrite: verify it, and when it fails, find the offending sites and roll them back.
+"""Prove a rewrite: verify it, and roll back the sites that are not shown equivalent.
 
 :func:`prove` is the pipeline's prove step. It verifies the rewritten model against the
-original; when that fails it bisects over the applied sites (:func:`bisect_offenders`),
-rewrites again without the offenders, verifies that, and reports them ``rolled_back``.
+original, every site at its own boundary (:mod:`rewriter.prove.evidence`). A site that differs
+there while its inputs agree, and a site that verification could not see run (an If branch no
+input took) or never saw finite values at, are rolled back directly; a difference no single
+site shows is bisected over the applied sites (:func:`bisect_offenders`). The model is rewritten
+again without them and verified again, until it passes.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ Progress = Callable[[str], None]
 @dataclass(frozen=True)
 class Proof:
     """The prove step's result: the model that verified (offending sites left out), one record
-    per site (``applied`` or ``rolled_back``), and the final verification."""
+    per site (``applied`` or ``rolled_back``, each with its evidence), and the final
+    verification."""
 
     rewritten: Rewritten
     records: tuple[RewriteRecord, ...]
@@ -37,54 +41,93 @@ class Proof:
 
 
 def prove(
-    loaded: LoadedModel, rules: Sequence[Rule], rewritten: Rewritten, options: VerifyOptions, progress: Progress | None = None
+    loaded: LoadedModel, rules: Sequence[Rule], rewritten: Rewritten, options: VerifyOptions, progress: Progress | None = None,
+    *, skip: Sequence[SiteKey] = (),
 ) -> Proof:
-    """Verify ``rewritten`` against ``loaded``; roll back the sites that break equivalence.
+    """Verify ``rewritten`` (made without the ``skip`` sites) against ``loaded``; roll back the
+    sites not shown equivalent.
 
-    Raises InputError when no provider could run anything (bisecting would blame every site)
-    and VerificationError when no equivalent model can be produced."""
+    Raises InputError when no provider could run anything and no input gave evidence
+    (bisecting would blame every site), VerificationError when no equivalent model can be
+    produced."""
     say = progress or (lambda _msg: None)
 
-    def check(model_proto: object) -> VerificationResult:
-        return verify_models(loaded.model, model_proto, options, base_dir=loaded.base_dir, progress=say)  # type: ignore[arg-type]
+    def check(current: Rewritten) -> VerificationResult:
+        # The original hands out every value the first rewrite's sites need: one model, one session.
+        return verify_models(loaded.model, current.model, options, base_dir=loaded.base_dir, progress=say,
+                             sites=current.result.applied, original_sites=rewritten.result.applied)
 
     say("verifying")
-    result = check(rewritten.model)
-    if result.nothing_ran:
-        raise InputError(f"cannot verify: no provider could run ({result.nothing_ran}); choose others with --providers or skip with --no-verify")
-    if result.passed:
-        return Proof(rewritten, _applied(rewritten), result)
+    current, result = rewritten, check(rewritten)
+    _no_evidence_at_all(result)
+    skipped: set[SiteKey] = set(skip)
+    rolled: list[RewriteRecord] = []
+    for _ in range(len(rewritten.result.applied) + 2):
+        if result.passed or not current.result.applied:
+            break
+        direct = result.with_status("failed") + result.with_status("no-evidence")
+        if direct:
+            sites = {s.key: s for s in current.result.applied}
+            rolled += [_record(sites[e.key], "rolled_back", e.reason, e.to_json(), e.max_abs) for e in direct]
+            skipped |= {e.key for e in direct}
+        else:
+            found = _bisect(loaded, rules, current, skipped, check, result, say)
+            rolled += found
+            skipped |= {(r.rule, r.nodes[0]) for r in found}
+        current = rewrite(loaded, rules, skip=sorted(skipped))
+        if current.result.applied:
+            say("verifying without the sites rolled back")
+            result = check(current)
+    if current.result.applied and not result.passed:
+        raise VerificationError(f"no equivalent model: still failing after rolling back {len(rolled)} site(s): {_first_failure(result)}")
+    applied = tuple(_record(s, "applied", "", result.sites[s.key].to_json() if s.key in result.sites else None) for s in current.result.applied)
+    return Proof(current, applied + tuple(rolled), result)
+
+
+def _no_evidence_at_all(result: VerificationResult) -> None:
+    """Raise when nothing could be compared anywhere: no provider ran, or no input gave a
+    finite value at any output or site."""
+    if not result.nothing_ran or any(p.runs for e in result.sites.values() for p in e.providers.values()):
+        return
+    reasons = [p.reason for p in result.providers.values()]
+    if any(r.startswith("no evidence") for r in reasons):
+        why = next(r for r in reasons if r.startswith("no evidence"))
+        raise InputError(f"cannot verify: {why}; give inputs that give finite outputs with --inputs data.npz or "
+                         "--input-range LO,HI, or skip with --no-verify")
+    raise InputError(f"cannot verify: no provider could run ({result.nothing_ran}); choose others with --providers or skip with --no-verify")
+
+
+def _bisect(loaded: LoadedModel, rules: Sequence[Rule], current: Rewritten, skip: set[SiteKey],
+            check: Callable[[Rewritten], VerificationResult], result: VerificationResult, say: Progress) -> list[RewriteRecord]:
+    """The sites that fail only together (no single one differs at its boundary), by bisection."""
+    say("verification failed: bisecting over the applied rewrites")
 
     def passes_without(excluded: frozenset[SiteKey]) -> bool:
-        return bool(check(rewrite(loaded, rules, skip=sorted(excluded)).model).passed)
+        return check(rewrite(loaded, rules, skip=sorted(skip | excluded))).clean
 
-    say("verification failed: bisecting over the applied rewrites")
     try:
-        offenders = bisect_offenders([s.key for s in rewritten.result.applied], passes_without)
+        offenders = bisect_offenders([s.key for s in current.result.applied], passes_without)
     except VerificationError as exc:
         raise VerificationError(f"{exc}; first failure: {_first_failure(result)}") from exc
-    final = rewrite(loaded, rules, skip=offenders)
-    final_check = check(final.model)
-    if not final_check.passed:
-        raise VerificationError(f"no equivalent model: still failing after rolling back {len(offenders)} site(s): {_first_failure(final_check)}")
-    by_key: dict[SiteKey, AppliedSite] = {s.key: s for s in rewritten.result.applied}
-    rolled_back = tuple(
+    by_key: dict[SiteKey, AppliedSite] = {s.key: s for s in current.result.applied}
+    return [
         RewriteRecord(key[0], by_key[key].nodes if key in by_key else (key[1],), "rolled_back",
                       f"not equivalent: {_site_error(result)}", {"max_abs": _max_abs(result)})
         for key in offenders
-    )
-    return Proof(final, _applied(final) + rolled_back, final_check)
+    ]
 
 
-def _applied(rewritten: Rewritten) -> tuple[RewriteRecord, ...]:
-    return tuple(RewriteRecord(s.rule, s.nodes, "applied") for s in rewritten.result.applied)
+def _record(site: AppliedSite, status: str, reason: str, evidence: dict | None, max_abs: float | None = None) -> RewriteRecord:
+    detail = {"max_abs": max_abs} if status == "rolled_back" and max_abs is not None else None
+    return RewriteRecord(site.rule, site.nodes, status, reason, detail, evidence=evidence)
 
 
 def _first_failure(result: VerificationResult) -> str:
     for name, pr in result.providers.items():
         if pr.status == "failed":
             return f"{name}: {pr.reason or f'max abs error {pr.max_abs:.3g}'}"
-    return "unknown"
+    unseen = result.with_status("no-evidence")
+    return f"site {unseen[0].anchor!r}: {unseen[0].reason}" if unseen else "unknown"
 
 
 def _max_abs(result: VerificationResult) -> float | None:

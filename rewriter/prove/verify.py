@@ -18,12 +18,17 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from rewriter.engine.driver import AppliedSite, SiteKey
 from rewriter.errors import InputError
 from rewriter.ort import (
     ORT_ERRORS, RUN_OPTIONS, CudaOptions, ModelSource, SessionError, cuda_status, first_line, make_session, model_source, parse_providers,
 )
-from rewriter.prove.compare import OutputDiff, compare_arrays, merge, noise as measure_noise, tolerance_for
-from rewriter.prove.inputs import BFLOAT16, InputSpec, dim_plan, input_specs, load_npz_feeds, make_feeds, shape_sets
+from rewriter.prove.compare import OutputDiff, Tolerance, compare_arrays, merge, noise as measure_noise, tolerance_for
+from rewriter.prove.evidence import ProviderEvidence, SiteTally, combine
+from rewriter.prove.expose import GraphPath, Probe, Recompute, expose
+from rewriter.prove.inputs import (
+    BFLOAT16, BOOL_VARIANTS, EVIDENCE_SEARCH, Distribution, InputSpec, dim_plan, input_specs, load_npz_feeds, make_feeds, shape_sets,
+)
 from rewriter.prove.search import MAX_DIM, find_runnable
 from rewriter.prove.result import ProviderResult, VerificationResult, format_shapes
 from rewriter.prove.windows import window_check
@@ -41,7 +46,9 @@ class VerifyOptions:
     ``shape_overrides``: values per dynamic dim, ``{(input, axis): [v, ...]}``; ``atol`` /
     ``rtol`` override the per-dtype (and per-provider) tolerances for every output;
     ``cuda_tf32``: run CUDA with TF32 MatMul/Conv, as onnxruntime does by default (plain fp32
-    otherwise), and compare with the looser TF32 tolerances."""
+    otherwise), and compare with the looser TF32 tolerances. ``extra_shapes``: whole input
+    shapes run besides the others (the workload shape, when the benchmark saw the outputs
+    differ there)."""
 
     providers: tuple[str, ...] | None = None
     seed: int = 0
@@ -51,6 +58,7 @@ class VerifyOptions:
     atol: float | None = None
     rtol: float | None = None
     cuda_tf32: bool = False
+    extra_shapes: tuple[dict[str, tuple[int, ...]], ...] = ()
 
     def __post_init__(self) -> None:
         if self.providers is not None:
@@ -88,21 +96,22 @@ class VerifyOptions:
 
 @dataclass(frozen=True)
 class _Runnable:
-    """A model as verification runs it: its source, graph outputs, and the names to fetch
-    (bfloat16 outputs read through an added exact Cast to float32)."""
+    """A model as verification runs it: its source, graph outputs, the names to fetch (bfloat16
+    outputs read through an added exact Cast to float32), and the site values it hands out
+    (``probes``: value name -> the output that carries it)."""
 
     source: ModelSource
     outputs: list[str]
     fetch: list[str]
     out_dtypes: dict[str, np.dtype | None]
+    probes: dict[str, str] = field(default_factory=dict)
 
     @property
     def proto(self) -> onnx.ModelProto:
         return self.source.proto
 
 
-def _prepare(model: ModelLike, base_dir: Path | None, label: str) -> _Runnable:
-    src = model_source(model, label, base_dir)
+def _prepare(src: ModelSource, probes: Sequence[Probe] = (), recompute: Mapping[GraphPath, Recompute] | None = None) -> _Runnable:
     outputs = [o.name for o in src.proto.graph.output]
     out_dtypes: dict[str, np.dtype | None] = {}
     bf16: list[str] = []
@@ -114,11 +123,19 @@ def _prepare(model: ModelLike, base_dir: Path | None, label: str) -> _Runnable:
         else:
             out_dtypes[o.name] = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(et)) if et else None
     fetch = list(outputs)
+    proto = src.proto
+    found: dict[Probe, str] = {}
+    if probes:
+        proto, found = expose(proto, probes, recompute)
     if bf16:
         # numpy cannot receive bfloat16 from ORT; add an exact Cast to float32 output per such output.
-        src = src.with_proto(_with_float_casts(src.proto, bf16))
+        proto = _with_float_casts(proto, bf16)
         fetch = [f"{n}::as_float32" if n in bf16 else n for n in outputs]
-    return _Runnable(src, outputs, fetch, out_dtypes)
+    if proto is not src.proto:
+        src = src.with_proto(proto)
+    by_value = {probe.name: name for probe, name in found.items()}
+    fetch += [name for name in dict.fromkeys(by_value.values()) if name not in fetch]
+    return _Runnable(src, outputs, fetch, out_dtypes, by_value)
 
 
 def _with_float_casts(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
@@ -128,6 +145,21 @@ def _with_float_casts(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelPro
         copy.graph.node.append(onnx.helper.make_node("Cast", [n], [f"{n}::as_float32"], to=onnx.TensorProto.FLOAT))
         copy.graph.output.append(onnx.helper.make_tensor_value_info(f"{n}::as_float32", onnx.TensorProto.FLOAT, None))
     return copy
+
+
+def _site_probes(sites: Sequence[AppliedSite]) -> tuple[list[Probe], list[Probe], dict[GraphPath, Recompute]]:
+    """What the original and the rewritten model must hand out for ``sites``' boundaries."""
+    original: dict[Probe, None] = {}
+    rewritten: dict[Probe, None] = {}
+    recompute: dict[GraphPath, Recompute] = {}
+    for site in sites:
+        b = site.boundary
+        for v in b.values:
+            original[Probe(b.graph, v.original)] = None
+            rewritten[Probe(b.graph, v.rewritten)] = None
+        if b.recompute or b.constants:
+            recompute.setdefault(b.graph, Recompute()).add(b.recompute, b.constants)
+    return list(original), list(rewritten), recompute
 
 
 def resolve_providers(requested: Sequence[str] | None) -> list[tuple[str, bool, str]]:
@@ -146,8 +178,11 @@ def _to_ort(arr: np.ndarray) -> Any:
 
 
 def _run(sess: ort.InferenceSession, model: _Runnable, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    outs = sess.run(model.fetch, {k: _to_ort(v) for k, v in feeds.items()}, RUN_OPTIONS)
-    return dict(zip(model.outputs, outs))
+    """Graph outputs by name, and every value the model hands out by its value name."""
+    outs = dict(zip(model.fetch, sess.run(model.fetch, {k: _to_ort(v) for k, v in feeds.items()}, RUN_OPTIONS)))
+    got = {name: outs[f] for name, f in zip(model.outputs, model.fetch)}
+    got.update((value, np.asarray(outs[f])) for value, f in model.probes.items())
+    return got
 
 
 def _mismatch_reason(d: OutputDiff, ref_shape: tuple[int, ...], got_shape: tuple[int, ...], shapes: str) -> str:
@@ -226,14 +261,28 @@ def verify_models(
     *,
     base_dir: Path | None = None,
     progress: Callable[[str], None] | None = None,
+    sites: Sequence[AppliedSite] = (),
+    original_sites: Sequence[AppliedSite] = (),
 ) -> VerificationResult:
-    """Run both models on each provider with the same inputs and compare every output.
+    """Run both models on each provider with the same inputs and compare every output, and
+    every one of ``sites`` at its boundary (:mod:`rewriter.prove.evidence`).
 
-    Raises InputError for unreadable models, a different interface, bad options, or an
-    original that onnxruntime cannot load on CPU."""
-    orig = _prepare(original, base_dir, "original")
-    rew = _prepare(rewritten, base_dir, "rewritten")
-    specs = _check_interface(orig.proto, rew.proto)
+    Inputs are searched for (:data:`~rewriter.prove.inputs.EVIDENCE_SEARCH`) while an output
+    or a site has no finite values to compare. ``original_sites``: sites whose values the
+    original hands out too (the first rewrite's, when a caller verifies several rewrites of one
+    model: the original is then the same model each time, and its session is shared). Raises
+    InputError for unreadable models, a different interface, bad options, or an original that
+    onnxruntime cannot load on CPU."""
+    orig_src = model_source(original, "original", base_dir)
+    rew_src = model_source(rewritten, "rewritten", base_dir)
+    specs = _check_interface(orig_src.proto, rew_src.proto)
+    want_orig, want_rew, recompute = _site_probes(sites)
+    if original_sites:
+        want_orig = list(dict.fromkeys(_site_probes(original_sites)[0] + want_orig))
+    orig = _prepare(orig_src, want_orig)
+    rew = _prepare(rew_src, want_rew, recompute)
+    observed = {site.key: tuple(v for v in site.boundary.values if v.original in orig.probes and v.rewritten in rew.probes)
+                for site in sites}
     providers = resolve_providers(options.providers)
 
     cpu_orig = _Lazy(orig, "cpu")
@@ -245,90 +294,192 @@ def verify_models(
     def refused(shapes: Mapping[str, Sequence[int]]) -> str | None:
         return fits(shapes) if fits is not None else None
 
-    feed_sets, shape_notes = _feed_sets(specs, options, lambda feeds: _run(cpu_sess, orig, feeds), refused)
-    reference: dict[int, dict[str, np.ndarray] | str] = {}  # original on CPU, per run; str = error
-
-    def ref_outputs(i: int) -> dict[str, np.ndarray] | str:
-        if i not in reference and (why := refused({k: v.shape for k, v in feed_sets[i].items()})) is not None:
-            reference[i] = why
-        if i not in reference:
-            try:
-                reference[i] = _run(cpu_orig.get(), orig, feed_sets[i])  # type: ignore[arg-type]
-            except ORT_ERRORS as exc:
-                reference[i] = first_line(exc)
-        return reference[i]
-
-    results: dict[str, ProviderResult] = {}
+    plan = _plan_feeds(specs, options, lambda feeds: _run(cpu_sess, orig, feeds), refused)
+    runs = _Runs(plan, orig, cpu_orig, refused)
+    tallies: dict[str, _Tally] = {}
+    skipped: dict[str, ProviderResult] = {}
     for name, available, why in providers:
         if not available:
-            results[name] = ProviderResult(name, "skipped", why)
+            skipped[name] = ProviderResult(name, "skipped", why)
             continue
-        results[name] = _verify_provider(name, orig, rew, cpu_orig, feed_sets, ref_outputs, options, progress)
+        tally = _Tally(name, sites=[SiteTally(site, observed[site.key]) for site in sites])
+        problem = _open_provider(tally, orig, rew, cpu_orig, options)
+        if problem is not None:
+            skipped[name] = problem
+        else:
+            tallies[name] = tally
+    tried: list[str] = []
+    for distribution in plan.distributions:
+        tried.append(distribution.label)
+        for i in runs.add(distribution):
+            for tally in tallies.values():
+                _verify_run(tally, orig, rew, runs, i, options, progress)
+        if not any(t.wants_evidence(plan.shapes_needed) for t in tallies.values()):
+            break
+    results = {name: skipped[name] if name in skipped else tallies[name].result(orig.outputs, tried) for name, _, _ in providers}
+    unloaded = next((r.reason for r in skipped.values() if r.status == "failed"), None)
+    evidence = {
+        site.key: combine(site, observed[site.key], {n: t.site(site.key) for n, t in tallies.items() if results[n].status != "skipped"},
+                          tried, plan.shapes_needed, unloaded)
+        for site in sites
+    }
     statuses = [r.status for r in results.values()]
-    passed = "failed" not in statuses and "passed" in statuses
-    return VerificationResult(passed, results, shape_notes)
+    passed = "failed" not in statuses and "passed" in statuses and all(e.verified for e in evidence.values())
+    return VerificationResult(passed, results, plan.reasons, evidence, tuple(tried))
 
 
-def _feed_sets(
+@dataclass(frozen=True)
+class _FeedPlan:
+    """What verification runs: the user's inputs (``--inputs``), the shapes of the seeded
+    random runs (at least two runs: a static model runs twice, with other values), the input
+    distributions to try, and why any dim was searched for."""
+
+    user: list[dict[str, np.ndarray]]
+    shapes: list[dict[str, tuple[int, ...]]]
+    specs: Sequence[InputSpec]
+    options: VerifyOptions
+    distributions: tuple[Distribution, ...]
+    reasons: dict[str, str]
+
+    @property
+    def shapes_needed(self) -> int:
+        """Distinct shapes a verified site's runs must cover: 2 when there are two or more."""
+        return min(2, len({tuple(sorted(s.items())) for s in self.shapes}))
+
+    def feeds(self, distribution: Distribution) -> list[tuple[dict[str, np.ndarray], str]]:
+        """The runs for ``distribution``: (feeds, the label of the inputs)."""
+        first = distribution is self.distributions[0]
+        out = [(f, "--inputs") for f in self.user] if first else []
+        label = distribution.label if self.options.input_range is None else "uniform[{:g},{:g}]".format(*self.options.input_range)
+        for k, shapes in enumerate(self.shapes):
+            # A run repeated at the same shape (a static model) gets other values.
+            seed = self.options.seed + sum(1 for s in self.shapes[:k] if s == shapes)
+            out.append((make_feeds(self.specs, shapes, seed=seed, input_range=self.options.input_range, distribution=distribution), label))
+        return out
+
+
+def _plan_feeds(
     specs: Sequence[InputSpec], options: VerifyOptions, run_original: Callable[[dict[str, np.ndarray]], object],
     refused: Callable[[Mapping[str, Sequence[int]]], str | None],
-) -> tuple[list[dict[str, np.ndarray]], dict[str, str]]:
-    """The inputs to verify with: the user's file, or random inputs at shapes that run on the
-    original (searched for when the default shapes do not), and why any dim was changed. Shapes
-    ``refused`` names a reason for are never run (:mod:`rewriter.prove.windows`)."""
+) -> _FeedPlan:
+    """The inputs to verify with: the user's file and seeded random inputs at shapes that run
+    on the original (searched for when the default shapes do not). Shapes ``refused`` names a
+    reason for are never run (:mod:`rewriter.prove.windows`)."""
     user: list[dict[str, np.ndarray]] = []
     if options.inputs_npz is not None:
         feeds = load_npz_feeds(options.inputs_npz)
         _check_feeds(specs, feeds)
         user = [feeds]
 
-    def feeds_at(shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
-        return make_feeds(specs, shapes, seed=options.seed, input_range=options.input_range)
-
     def probe(shapes: dict[str, tuple[int, ...]]) -> str | None:
         if (why := refused(shapes)) is not None:
             return why
         try:
-            run_original(feeds_at(shapes))
+            run_original(make_feeds(specs, shapes, seed=options.seed, input_range=options.input_range))
         except _PROBE_ERRORS as exc:
             return first_line(exc)
         return None
 
     search = find_runnable(dim_plan(specs, options.shape_overrides), probe)
+    # A user's range is the only one their inputs may take; else the evidence search.
+    distributions: tuple[Distribution, ...] = EVIDENCE_SEARCH[:1] if options.input_range is not None else EVIDENCE_SEARCH
+    if options.input_range is None and any(s.dtype == np.bool_ for s in specs):
+        distributions += BOOL_VARIANTS
+    extra = [dict(s) for s in options.extra_shapes]
     if user:
         # The user's inputs, and seeded random ones beside them: inputs that are all NaN, or an
         # empty batch, agree whatever a rewrite did, so they alone would prove nothing.
-        return user + ([feeds_at(s) for s in search.runs] if search.error is None else []), search.reasons
+        runs = _two_runs(search.runs) if search.error is None else []
+        return _FeedPlan(user, runs + extra, specs, options, distributions, search.reasons)
     # Nothing ran although some dim was free to search: no shape to verify at. (When the user
     # set every dynamic dim, verification runs at their shapes and reports what the original refused.)
     if search.error is not None and any(v not in search.plan.given for v in search.plan.variables):
         raise InputError(f"no input shape up to {MAX_DIM} per dynamic dim runs on the original: {search.error}; "
                          "give shapes it accepts with --shape NAME:AXIS=V,V")
-    return [feeds_at(s) for s in search.runs], search.reasons
+    return _FeedPlan(user, _two_runs(search.runs) + extra, specs, options, distributions, search.reasons)
+
+
+def _two_runs(shapes: list[dict[str, tuple[int, ...]]]) -> list[dict[str, tuple[int, ...]]]:
+    """At least two runs: a single shape (a static model, or one shape given) runs twice."""
+    return shapes if len(shapes) != 1 else shapes * 2
+
+
+class _Runs:
+    """The feed sets run so far (every distribution's), and the original's CPU outputs on each
+    (the reference; an error line where the original refused the inputs)."""
+
+    def __init__(self, plan: _FeedPlan, orig: _Runnable, cpu_orig: "_Lazy",
+                 refused: Callable[[Mapping[str, Sequence[int]]], str | None]) -> None:
+        self.plan, self.orig, self.cpu_orig, self.refused = plan, orig, cpu_orig, refused
+        self.feeds: list[dict[str, np.ndarray]] = []
+        self.labels: list[str] = []
+        self._reference: dict[int, dict[str, np.ndarray] | str] = {}
+
+    def add(self, distribution: Distribution) -> range:
+        """Add ``distribution``'s runs; their indices."""
+        start = len(self.feeds)
+        for feeds, label in self.plan.feeds(distribution):
+            self.feeds.append(feeds)
+            self.labels.append(label)
+        return range(start, len(self.feeds))
+
+    def reference(self, i: int) -> dict[str, np.ndarray] | str:
+        if i not in self._reference and (why := self.refused({k: v.shape for k, v in self.feeds[i].items()})) is not None:
+            self._reference[i] = why
+        if i not in self._reference:
+            try:
+                self._reference[i] = _run(self.cpu_orig.get(), self.orig, self.feeds[i])  # type: ignore[arg-type]
+            except ORT_ERRORS as exc:
+                self._reference[i] = first_line(exc)
+        return self._reference[i]
 
 
 @dataclass
 class _Tally:
-    """What one provider's runs have found so far."""
+    """What one provider's runs have found so far: graph outputs and each site's boundary."""
 
     provider: str
+    sites: list[SiteTally] = field(default_factory=list)
     ran: list[dict[str, list[int]]] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     diffs: dict[str, OutputDiff] = field(default_factory=dict)
     noise_max: float | None = None
+    sessions: tuple[Any, Any] | None = None
+
+    def site(self, key: SiteKey) -> ProviderEvidence:
+        return next(t for t in self.sites if t.site.key == key).result()
+
+    def tolerance(self, options: VerifyOptions) -> Callable[[np.dtype], Tolerance]:
+        return lambda dtype: tolerance_for(dtype, options.atol, options.rtol, provider=self.provider, tf32=options.cuda_tf32)
 
     def compare(self, orig: _Runnable, ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray],
-                noise: Mapping[str, float], options: VerifyOptions, text: str) -> None:
+                noise: Mapping[str, float], options: VerifyOptions, text: str, label: str) -> None:
+        tol = self.tolerance(options)
         for out in orig.outputs:
-            dtype = orig.out_dtypes.get(out) or ref[out].dtype
-            tol = tolerance_for(dtype, options.atol, options.rtol, provider=self.provider, tf32=options.cuda_tf32)
-            d = compare_arrays(out, ref[out], got[out], tol, noise.get(out, 0.0))
+            d = compare_arrays(out, ref[out], got[out], tol(orig.out_dtypes.get(out) or ref[out].dtype), noise.get(out, 0.0))
             self.diffs[out] = merge(self.diffs.get(out), d)
             if not d.passed and not d.vacuous:  # a vacuous run is no evidence either way
                 self.failures.append(_mismatch_reason(d, ref[out].shape, got[out].shape, text))
+        run = {"shapes": self.ran[-1], "inputs": label}
+        for s in self.sites:
+            if s.observed:
+                s.compare(ref, got, tol, noise, run, text)
 
-    def result(self, output_names: Sequence[str]) -> ProviderResult:
+    def wants_evidence(self, shapes_needed: int) -> bool:
+        """Whether another input distribution could still decide something: an output with
+        no finite element so far, or a site with too few runs of evidence and no failure."""
+        if self.failures and not self.sites:
+            return False
+        if any(d.vacuous for d in self.diffs.values()):
+            return True
+        for s in self.sites:
+            if s.observed and s.failure is None and s.upstream is None and (
+                    len(s.runs) < 2 or len({repr(r["shapes"]) for r in s.runs}) < shapes_needed):
+                return True
+        return False
+
+    def result(self, output_names: Sequence[str], tried: Sequence[str]) -> ProviderResult:
         outputs = [self.diffs[n] for n in output_names if n in self.diffs]
         worst = max(outputs, key=lambda d: (d.mismatch_fraction, d.max_abs), default=None)
         metrics: dict[str, Any] = {
@@ -340,41 +491,40 @@ class _Tally:
             "outputs": outputs,
             "rejected_shapes": self.rejected,
         }
-        if self.failures:
-            more = f" (+{len(self.failures) - 1} more)" if len(self.failures) > 1 else ""
-            return ProviderResult(self.provider, "failed", self.failures[0] + more, **metrics)
+        failures = self.failures + [f"site {s.site.anchor!r} ({s.site.rule}): {s.failure or s.upstream}" for s in self.sites
+                                    if s.failure or s.upstream]
+        if failures:
+            more = f" (+{len(failures) - 1} more)" if len(failures) > 1 else ""
+            return ProviderResult(self.provider, "failed", failures[0] + more, **metrics)
         if not self.ran:
             first = self.rejected[0]["error"] if self.rejected else "no inputs"
             return ProviderResult(self.provider, "skipped", f"no input shape ran on the original: {first}", **metrics)
         if empty := [d.name for d in outputs if d.vacuous]:
-            why = (f"no evidence: output(s) {', '.join(map(repr, empty))} had no finite element to compare at any input "
-                   f"(all NaN/inf or empty; the inputs ran: {'; '.join(format_shapes(r) for r in self.ran)})")
-            return ProviderResult(self.provider, "skipped", why, **metrics)
+            shown = "; ".join(dict.fromkeys(format_shapes(r) for r in self.ran))
+            why = (f"output(s) {', '.join(map(repr, empty))} had no finite element to compare at any input "
+                   f"(all NaN/inf or empty; inputs tried: {', '.join(tried)}, at {shown})")
+            if self.sites and all(s.runs for s in self.sites):
+                return ProviderResult(self.provider, "passed", f"{why}; every site compared at its boundary", **metrics)
+            return ProviderResult(self.provider, "skipped", "no evidence: " + why, **metrics)
         return ProviderResult(self.provider, "passed", "", **metrics)
 
 
 def _device_noise(sess: ort.InferenceSession, orig: _Runnable, feeds: Mapping[str, np.ndarray],
                   ref: Mapping[str, np.ndarray]) -> dict[str, float]:
-    """How far the original on the device is from the original on CPU, per output.
+    """How far the original on the device is from the original on CPU, per output and per
+    site value.
 
     ORT's CUDA kernels (reduction order, cuDNN algorithm choice, TF32 with --cuda-tf32) differ
     from CPU on their own. The rewritten
     model on CUDA may then deviate from the original on CPU by atol + max(rtol*|ref|, 2*noise):
     twice the noise because its kernels differ from the original's CUDA kernels too."""
     base = _run(sess, orig, feeds)
-    return {n: measure_noise(ref[n], base[n]) for n in orig.outputs}
+    return {n: measure_noise(ref[n], base[n]) for n in base}
 
 
-def _verify_provider(
-    provider: str,
-    orig: _Runnable,
-    rew: _Runnable,
-    cpu_orig: _Lazy,
-    feed_sets: list[dict[str, np.ndarray]],
-    ref_outputs: Callable[[int], dict[str, np.ndarray] | str],
-    options: VerifyOptions,
-    progress: Callable[[str], None] | None,
-) -> ProviderResult:
+def _open_provider(tally: _Tally, orig: _Runnable, rew: _Runnable, cpu_orig: "_Lazy", options: VerifyOptions) -> ProviderResult | None:
+    """Open both models on the tally's provider; the provider's result when that fails."""
+    provider = tally.provider
     dev_orig = cpu_orig if provider == "cpu" else _Lazy(orig, provider, options.cuda)
     dev_rew = _Lazy(rew, provider, options.cuda)
     orig_sess, rew_sess = dev_orig.get(), dev_rew.get()
@@ -382,29 +532,39 @@ def _verify_provider(
         return ProviderResult(provider, "skipped", f"the original model does not load on {provider}: {dev_orig.error}")
     if rew_sess is None:
         return ProviderResult(provider, "failed", f"the rewritten model does not load on {provider}: {dev_rew.error}")
-    tally = _Tally(provider, noise_max=0.0 if provider != "cpu" else None)
-    for i, feeds in enumerate(feed_sets):
-        shapes = {k: [int(d) for d in v.shape] for k, v in feeds.items()}
-        text = format_shapes(shapes)
-        if progress is not None:
-            progress(f"{provider} {i + 1}/{len(feed_sets)}: {text}")
-        ref = ref_outputs(i)
-        if isinstance(ref, str):
-            tally.rejected.append({"shapes": shapes, "error": ref})
-            continue
-        noise: dict[str, float] = {}
-        if provider != "cpu":
-            try:
-                noise = _device_noise(orig_sess, orig, feeds, ref)
-            except ORT_ERRORS as exc:
-                tally.rejected.append({"shapes": shapes, "error": f"on {provider}: {first_line(exc)}"})
-                continue
-            tally.noise_max = max([tally.noise_max or 0.0, *noise.values()])
+    tally.sessions = (orig_sess, rew_sess)
+    if provider != "cpu":
+        tally.noise_max = 0.0
+    return None
+
+
+def _verify_run(tally: _Tally, orig: _Runnable, rew: _Runnable, runs: _Runs, i: int, options: VerifyOptions,
+                progress: Callable[[str], None] | None) -> None:
+    """Run feed set ``i`` on the tally's provider and compare."""
+    assert tally.sessions is not None
+    orig_sess, rew_sess = tally.sessions
+    provider, feeds = tally.provider, runs.feeds[i]
+    shapes = {k: [int(d) for d in v.shape] for k, v in feeds.items()}
+    text = format_shapes(shapes)
+    if progress is not None:
+        searched = "" if runs.labels[i] == runs.labels[0] else f" ({runs.labels[i]})"
+        progress(f"{provider} {i + 1}/{len(runs.feeds)}: {text}{searched}")
+    ref = runs.reference(i)
+    if isinstance(ref, str):
+        tally.rejected.append({"shapes": shapes, "error": ref})
+        return
+    noise: dict[str, float] = {}
+    if provider != "cpu":
         try:
-            got = _run(rew_sess, rew, feeds)
+            noise = _device_noise(orig_sess, orig, feeds, ref)
         except ORT_ERRORS as exc:
-            tally.failures.append(f"the rewritten model rejects inputs {text} that the original accepts: {first_line(exc)}")
-            continue
-        tally.ran.append(shapes)
-        tally.compare(orig, ref, got, noise, options, text)
-    return tally.result(orig.outputs)
+            tally.rejected.append({"shapes": shapes, "error": f"on {provider}: {first_line(exc)}"})
+            return
+        tally.noise_max = max([tally.noise_max or 0.0, *noise.values()])
+    try:
+        got = _run(rew_sess, rew, feeds)
+    except ORT_ERRORS as exc:
+        tally.failures.append(f"the rewritten model rejects inputs {text} that the original accepts: {first_line(exc)}")
+        return
+    tally.ran.append(shapes)
+    tally.compare(orig, ref, got, noise, options, text, runs.labels[i])
