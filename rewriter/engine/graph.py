@@ -319,6 +319,21 @@ class ModelGraph:
             break
         return const_value(t)
 
+    def overridden(self, tensor: gs.Tensor | None) -> str | None:
+        """Why ``tensor`` is a variable although it holds an initializer's value (read through
+        Identity nodes): it is a graph input a user may feed; None when it is not one."""
+        t = tensor
+        for _ in range(64):
+            if t is None:
+                return None
+            if t.name in self.overridable:
+                return f"'{t.name}' is a graph input that overrides an initializer"
+            node = producer(t)
+            if node is None or node.op != "Identity":
+                return None
+            t = node.inputs[0]
+        return None
+
     def why_not_constant(self, tensor: gs.Tensor | None) -> str:
         """A short reason why ``constant(tensor)`` is None (for near-miss reports)."""
         if tensor is None:
@@ -644,8 +659,9 @@ def typing_model(model: onnx.ModelProto) -> onnx.ModelProto:
     out, each declared as a graph input of its type and dims, so inference finds the same types
     without copying the weights through it; ``model`` itself when it has no such initializer.
     The values of initializers that are also graph inputs are left out too: a user may feed
-    others, so no shape may be inferred from them (a Reshape target fed at run time). ``model``
-    is not changed."""
+    others, so no shape may be inferred from them (a Reshape target fed at run time); nor is any
+    shape the model declares for its values trusted then (an exporter declared them for the
+    initializers' own values): inference alone shapes them. ``model`` is not changed."""
     src = model.graph
     kept: list[onnx.TensorProto] = []
     dropped: list[onnx.TensorProto] = []
@@ -667,6 +683,10 @@ def typing_model(model: onnx.ModelProto) -> onnx.ModelProto:
     g.initializer.extend(kept)
     declared = {vi.name for vi in src.input}
     g.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in dropped if t.name not in declared)
+    if any(t.name in fed for t in src.initializer):
+        for vi in [*g.output, *g.value_info]:
+            if vi.type.HasField("tensor_type"):
+                vi.type.tensor_type.ClearField("shape")
     return light
 
 

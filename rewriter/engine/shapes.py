@@ -559,11 +559,14 @@ def apply_layout_node(layout: Layout, node: gs.Node, model: ModelGraph) -> Layou
                 int(s) if d is None and isinstance(s, (int, np.integer)) and s >= 0 else d
                 for d, s in zip(target, out_shape)
             ]
-        return layout.reshape(target, bool(node.attrs.get("allowzero", 0)))
+        found = layout.reshape(target, bool(node.attrs.get("allowzero", 0)))
+        why = model.overridden(node.inputs[1]) if isinstance(found, str) and len(node.inputs) > 1 else None
+        return f"{found}: {why}" if why else found
     if op in ("Unsqueeze", "Squeeze"):
         axes = _attr_or_input(node, model, "axes", 1)
         if axes is None and (op == "Unsqueeze" or len(node.inputs) > 1):
-            return f"{op} '{node.name}' axes not constant"
+            why = model.overridden(node.inputs[1]) if len(node.inputs) > 1 else None
+            return f"{op} '{node.name}' axes not constant" + (f": {why}" if why else "")
         return layout.unsqueeze(axes) if op == "Unsqueeze" else layout.squeeze(axes)  # type: ignore[arg-type]
     if op == "Flatten":
         return layout.flatten(int(node.attrs.get("axis", 1)))
