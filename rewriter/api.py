@@ -30,7 +30,7 @@ from rewriter.engine.registry import Registry, discover
 from rewriter.engine.rewrite import Rewritten, rewrite
 from rewriter.engine.rule import Rule
 from rewriter.errors import InputError, VerificationError
-from rewriter.measure.accept import accept
+from rewriter.measure.accept import Acceptance, accept
 from rewriter.measure.bench import BenchOptions, bench_models
 from rewriter.measure.section import BenchmarkSection, BenchReport, static_section
 from rewriter.measure.serial import measuring
@@ -150,25 +150,32 @@ def _optimize(loaded: LoadedModel, opts: Options, registry: Registry | None, say
     if opts.bench is not None and any(r.status == "applied" for r in records):
         bench_options = replace(opts.bench, shapes=timing.shapes, shape_source=timing.shape_source, small_shapes=timing.small_shapes)
         with measuring(say):
-            acc = accept(loaded, chosen.rules, out_model, records, bench_options, keep_slower=opts.keep_slower, progress=say)
-        if acc.mismatch is not None and opts.verify is not None and any(r.status == "applied" for r in records):
-            # Equal at the small shapes, different where measured: prove the rewrite there too.
+            acc: Acceptance | None = accept(loaded, chosen.rules, out_model, records, bench_options, keep_slower=opts.keep_slower,
+                                            progress=say)
+        if acc is not None and acc.mismatch is not None and opts.verify is not None:
+            # Equal at the small shapes, different where measured: prove the rewrite there too, then
+            # measure what is left.
+            notes.extend(acc.notes)
             proof = _prove_where_measured(loaded, chosen.rules, rewritten, records, opts.verify, bench_options, say)
             rewritten, records = proof.rewritten, proof.records
             sections["verification"] = proof.verification
             out_model = rewritten.model
-            if any(r.status == "applied" for r in records):
+            if not any(r.status == "applied" for r in records):
+                notes.append("benchmark: every site was rolled back where measured, nothing left to measure")
+                acc = None
+            else:
                 with measuring(say):
                     acc = accept(loaded, chosen.rules, out_model, records, bench_options, keep_slower=opts.keep_slower, progress=say)
-        out_model, records = acc.model, acc.records
-        sections["benchmark"] = acc.benchmark
-        if acc.static is not None:
-            sections["static"] = acc.static
-        notes.extend(acc.notes)
-        if acc.changed and opts.verify is not None:
-            verification = _prove_accepted(loaded, out_model, acc.sites, opts.verify, say)
-            sections["verification"] = verification
-            records = _with_evidence(records, verification)
+        if acc is not None:
+            out_model, records = acc.model, acc.records
+            sections["benchmark"] = acc.benchmark
+            if acc.static is not None:
+                sections["static"] = acc.static
+            notes.extend(acc.notes)
+            if acc.changed and opts.verify is not None:
+                verification = _prove_accepted(loaded, out_model, acc.sites, opts.verify, say)
+                sections["verification"] = verification
+                records = _with_evidence(records, verification)
     elif opts.bench is not None:
         notes.append("benchmark: nothing was rewritten, nothing to measure")
     else:

@@ -39,7 +39,8 @@ Atol = Annotated[Optional[float], typer.Option("--atol", help="Absolute toleranc
 Rtol = Annotated[Optional[float], typer.Option("--rtol", help="Relative tolerance override (>= 0).", rich_help_panel=_V)]
 CudaTf32 = Annotated[bool, typer.Option("--cuda-tf32", help="Verify on CUDA with TF32 MatMul/Conv (onnxruntime's default) and its looser tolerances \\[default: plain fp32].", rich_help_panel=_V)]
 DimValues = Annotated[Optional[List[str]], typer.Option("--shape", help="Values of a dynamic dim: NAME:AXIS=V[,V...] (repeatable).", rich_help_panel=_V)]
-Inputs = Annotated[Optional[Path], typer.Option("--inputs", help="Inputs from an .npz file.", rich_help_panel=_V)]
+Inputs = Annotated[Optional[list[Path]], typer.Option(
+    "--inputs", help="Inputs from an .npz file; repeat for more input sets (a site needs two runs of evidence).", rich_help_panel=_V)]
 InputRange = Annotated[Optional[str], typer.Option("--input-range", help="Uniform random float inputs in LOW,HIGH instead of N(0,1).", rich_help_panel=_V)]
 NoVerify = Annotated[bool, typer.Option("--no-verify", help="Skip verification (the output is then NOT proven equivalent).", rich_help_panel=_V)]
 
@@ -77,14 +78,14 @@ def _input_range(text: str | None) -> tuple[float, float] | None:
 
 def verify_options(
     providers: str | None, seed: int, atol: float | None, rtol: float | None,
-    shapes: Sequence[str] | None, inputs: Path | None, input_range: str | None, cuda_tf32: bool = False,
+    shapes: Sequence[str] | None, inputs: Sequence[Path] | None, input_range: str | None, cuda_tf32: bool = False,
 ) -> VerifyOptions:
     """VerifyOptions from the verification flags (it validates the values itself)."""
     return VerifyOptions(
         providers=tuple(split_ids([providers])) if providers else None,
         seed=seed,
         input_range=_input_range(input_range),
-        inputs_npz=inputs,
+        inputs_npz=tuple(inputs) if inputs else None,
         shape_overrides=parse_shape_overrides(list(shapes or ())) or None,
         atol=atol,
         rtol=rtol,

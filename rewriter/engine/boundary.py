@@ -54,14 +54,17 @@ class BoundaryValue:
 class Boundary:
     """A site's boundary. ``graph``: where the site is, as ``(first output of the holding node,
     attribute)`` steps from the main graph down through If/Loop/Scan bodies (empty: the main
-    graph). ``recompute`` /
-    ``constants``: nodes and initializers to add to (that graph of) the rewritten model so that
-    it computes the values it no longer keeps (see the module docstring)."""
+    graph). ``recompute`` / ``constants``: nodes and initializers to add to (that graph of) the
+    rewritten model so that it computes the values it no longer keeps (see the module
+    docstring). ``within``: for a site that rewrote only nodes another site created (a cleanup
+    folding that site's new Gemm), that site: its outputs have no original counterpart, and the
+    enclosing site's boundary checks both."""
 
     graph: tuple[tuple[str, str], ...] = ()
     values: tuple[BoundaryValue, ...] = ()
     recompute: tuple[onnx.NodeProto, ...] = ()
     constants: tuple[onnx.TensorProto, ...] = ()
+    within: tuple[str, str] | None = None  # (rule, anchor) of the site whose replacement this one rewrote
 
     @property
     def outputs(self) -> tuple[BoundaryValue, ...]:
@@ -82,6 +85,7 @@ _Dropped = tuple[gs.Node, list[gs.Tensor], list[gs.Tensor]]
 class _Pending:
     graph: gs.Graph
     values: list[tuple[str, gs.Tensor, str]]  # (name in the original, tensor of the working graph, role)
+    within: int | None = None  # the index of the site whose created nodes this one rewrote
 
 
 class BoundaryTrace:
@@ -100,11 +104,14 @@ class BoundaryTrace:
         self._dead: dict[int, _Dropped] = {}  # id(tensor) -> the dropped node that computed it
         self._held: list[object] = []
         self._sites: list[_Pending] = []
+        self._creator: dict[int, int] = {}  # id(created tensor) -> index of the site that created it
+        self._fresh: list[int] = []  # ids created for the site about to be recorded
 
     def created(self, nodes: Sequence[gs.Node], constants: Sequence[gs.Tensor] = ()) -> None:
         """A replacement's new nodes and constants: their values are not the original's."""
         for t in [*(t for node in nodes for t in node.outputs), *constants]:
             self._created.add(id(t))
+            self._fresh.append(id(t))
             self._held.append(t)
 
     def origin(self, tensor: gs.Tensor) -> str | None:
@@ -119,17 +126,23 @@ class BoundaryTrace:
         """Record a site about to be spliced: ``outputs`` as (old, new, role), ``inputs`` the
         tensors it reads from outside. Returns its index for :meth:`resolve`."""
         values: list[tuple[str, gs.Tensor, str]] = []
+        within = None
         for old, new, role in outputs:
             name = self.origin(old)
             if name is not None:
                 values.append((name, new, role))
+            elif within is None:
+                within = self._creator.get(id(old))
         for t in inputs:
             name = self.origin(t)
             if name is not None:
                 values.append((name, t, "input"))
                 self._held.append(t)
-        self._sites.append(_Pending(graph, values))
-        return len(self._sites) - 1
+        index = len(self._sites)
+        self._sites.append(_Pending(graph, values, within))
+        self._creator.update((i, index) for i in self._fresh)
+        self._fresh.clear()
+        return index
 
     def replaced(self, old: gs.Tensor, new: gs.Tensor) -> None:
         """``new`` now stands where ``old`` was read (called before ``old`` is renamed). A
@@ -162,9 +175,11 @@ class BoundaryTrace:
             tensor = nxt
         return tensor
 
-    def resolve(self, main: gs.Graph, paths: dict[int, tuple[tuple[str, str], ...]]) -> list[Boundary]:
+    def resolve(self, main: gs.Graph, paths: dict[int, tuple[tuple[str, str], ...]],
+                keys: Sequence[tuple[str, str]]) -> list[Boundary]:
         """Every recorded site's boundary, by index, with the names its values have now;
-        ``paths`` maps ``id(graph)`` to the graph's path (the main graph: absent or empty)."""
+        ``paths`` maps ``id(graph)`` to the graph's path (the main graph: absent or empty);
+        ``keys``: each recorded site's (rule, anchor), by index."""
         live = _Live(main) if self._dead else None
         out = []
         for pending in self._sites:
@@ -184,7 +199,8 @@ class BoundaryTrace:
                     consts.update((c.name, c) for c in found[1])
                 seen.add((name, role))
                 values.append(BoundaryValue(name, final.name, role))
-            out.append(Boundary(paths.get(id(pending.graph), ()), tuple(values), tuple(nodes.values()), tuple(consts.values())))
+            within = keys[pending.within] if pending.within is not None and not any(v.role != "input" for v in values) else None
+            out.append(Boundary(paths.get(id(pending.graph), ()), tuple(values), tuple(nodes.values()), tuple(consts.values()), within))
         return out
 
     def _recompute(self, tensor: gs.Tensor, live: "_Live") -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]] | None:

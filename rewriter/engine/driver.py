@@ -123,7 +123,10 @@ def run_rules(
         for s in sweep.skipped:
             skipped.setdefault(s.key, s)
         if not sweep.applied:
-            boundaries = trace.resolve(model.graph, graph_paths(model.graph) if trace.nested(model.graph) else {})
+            keys = [("", "")] * len(traced)
+            for site, i in zip(applied, traced):
+                keys[i] = site.key
+            boundaries = trace.resolve(model.graph, graph_paths(model.graph) if trace.nested(model.graph) else {}, keys)
             applied = [replace(site, boundary=boundaries[i]) for site, i in zip(applied, traced)]
             return DriverResult(tuple(applied), tuple(skipped.values()), tuple(sweep.near), iteration, tuple(sweep.quiet))
         model.cleanup(trace.dropping)

@@ -236,7 +236,7 @@ class ModelGraph:
                 imported = None  # If/Loop/Scan bodies take their value infos from the whole model's inference
         if imported is None:
             if infer:
-                working = _infer_shapes(model)
+                working = _typed_model(model)
             imported = import_model(working, base_dir)
         self.provenance: dict[str, str] = {}
         self._tensor_maps: dict[int, tuple[gs.Graph, dict[str, gs.Tensor]]] = {}
@@ -688,6 +688,21 @@ def typing_model(model: onnx.ModelProto) -> onnx.ModelProto:
             if vi.type.HasField("tensor_type"):
                 vi.type.tensor_type.ClearField("shape")
     return light
+
+
+def _typed_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with the value infos (its bodies' too) that shape inference of
+    :func:`typing_model` finds: what gs imports when the fast import cannot be used."""
+    light = typing_model(model)
+    inferred = _infer_shapes(light)
+    if light is model:
+        return inferred
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for field in ("value_info", "output", "node"):  # the nodes carry their bodies' value infos
+        del getattr(out.graph, field)[:]
+        getattr(out.graph, field).extend(getattr(inferred.graph, field))
+    return out
 
 
 def typed_graph(model: onnx.ModelProto) -> onnx.GraphProto:

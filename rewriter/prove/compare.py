@@ -139,9 +139,10 @@ def _verdict(ok: bool, finite: int) -> tuple[bool, bool]:
     return ok and not vacuous, vacuous
 
 
-def compare_arrays(name: str, ref: np.ndarray, got: np.ndarray, tol: Tolerance, noise: float = 0.0) -> OutputDiff:
+def compare_arrays(name: str, ref: np.ndarray, got: np.ndarray, tol: Tolerance, noise: float | np.ndarray = 0.0) -> OutputDiff:
     """Element i passes when |got-ref| <= atol + max(rtol*|ref|, 2*noise), or both are equal
-    (same inf, both NaN). Any NaN/inf mismatch counts as an infinite error."""
+    (same inf, both NaN). Any NaN/inf mismatch counts as an infinite error. ``noise``: one
+    number for every element, or one per element (an array of ``ref``'s shape)."""
     if ref.shape != got.shape:  # a failure, whatever the values: not vacuous
         return OutputDiff(name, float("inf"), float("inf"), 1.0, float("nan"), tol, False)
     if ref.dtype.kind in "OSUV" or got.dtype.kind in "OSUV":

@@ -5,10 +5,14 @@ an If branch that no input takes never runs), so verification also compares ever
 site where it meets the rest of the model (:mod:`rewriter.engine.boundary`): the values its
 consumers read after the splice, and the values it reads. Per provider and run:
 
-- the site's outputs differ beyond tolerance while its inputs agree: the site itself is wrong
-  (``failed``; rolled back directly);
-- its outputs differ and so do its inputs: an earlier site's error reached it (``upstream``;
-  judged again once that site is rolled back);
+- the site's outputs differ beyond tolerance: the site is checked on its own, its computation
+  in each model fed the same (the original's) inputs (:mod:`rewriter.prove.local`), so neither
+  an earlier site's error nor the rounding of every rewrite before it is blamed on it; what is
+  left is the site's own (``failed``; rolled back directly), or nothing, a run of evidence. The
+  original's own sensitivity to rounding-sized input changes widens each element's tolerance
+  there (a near-cancelling sum). A site inside an If/Loop/Scan body cannot be cut out: it fails
+  when its inputs were the same bit for bit, else the run decides nothing (``upstream`` when that
+  is what a site ends with; rolled back once no site is found wrong);
 - its outputs agree with finite elements: one run of evidence. A site is ``verified`` with
   at least :data:`MIN_RUNS` such runs (at distinct shapes where the model has dynamic dims) and
   no failure, on every provider that ran;
@@ -30,7 +34,7 @@ from rewriter.engine.boundary import BoundaryValue
 from rewriter.engine.driver import AppliedSite, SiteKey
 from rewriter.prove.compare import OutputDiff, Tolerance, compare_arrays, json_num, merge
 
-__all__ = ["MIN_RUNS", "ProviderEvidence", "SiteEvidence", "SiteTally", "combine"]
+__all__ = ["MIN_RUNS", "ProviderEvidence", "SiteEvidence", "SiteTally", "combine", "enclosed"]
 
 #: Runs (input sets) with finite elements at a site's outputs that make it verified.
 MIN_RUNS = 2
@@ -73,6 +77,7 @@ class SiteEvidence:
     reason: str
     values: tuple[BoundaryValue, ...]
     providers: dict[str, ProviderEvidence] = field(default_factory=dict)
+    inside: str = ""  # for a site judged with the site whose new nodes it rewrote: which one
 
     @property
     def key(self) -> SiteKey:
@@ -89,17 +94,25 @@ class SiteEvidence:
         return max(found) if found else None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "status": self.status,
             "reason": self.reason,
             "values": [v.to_json() for v in self.values],
             "providers": {name: p.to_json() for name, p in self.providers.items()},
         }
+        if self.inside:
+            out["inside"] = self.inside
+        return out
 
 
 @dataclass
 class SiteTally:
-    """One site's comparisons on one provider, run by run."""
+    """One site's comparisons on one provider, run by run.
+
+    :meth:`compare` judges a run at the site's boundary in the two whole models. When the
+    outputs differ there while what the site reads is not bit for bit the same, the run is left
+    ``pending``: the caller checks the site on its own (:mod:`rewriter.prove.local`) and hands the
+    result to :meth:`settle`."""
 
     site: AppliedSite
     observed: tuple[BoundaryValue, ...]  # the values both models hand out
@@ -108,27 +121,51 @@ class SiteTally:
     ran: int = 0
     failure: str | None = None
     upstream: str | None = None
+    pending: tuple[dict[str, Any], str, str] | None = None  # (run, inputs text, what differed) awaiting a check on its own
 
     def compare(self, ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray], tolerance: "TolFor",
                 noise: Mapping[str, float], run: dict[str, Any], text: str) -> None:
         """One run: ``ref`` / ``got`` by original / rewritten value name."""
+        self.pending = None
         outputs = [v for v in self.observed if v.role != "input"]
         inputs = [v for v in self.observed if v.role == "input"]
         out_diffs = [self._diff(v, ref, got, tolerance, noise) for v in outputs]
-        in_diffs = [self._diff(v, ref, got, tolerance, noise) for v in inputs]
         if any(ref[v.original].size or got[v.rewritten].size for v in outputs):
             self.ran += 1
         bad = next((d for d in out_diffs if not d.passed and not d.vacuous), None)
+        if bad is None:
+            self._evidence(out_diffs, run)
+            return
+        what = _mismatch(bad, ref, got, outputs, text)
+        if not self.site.boundary.graph:
+            self.pending = (run, text, what)  # decided by the check on its own (rounding allowed for)
+        elif all(_identical(ref[v.original], got[v.rewritten]) for v in inputs):
+            self.failure = self.failure or what  # the same inputs: the difference is the site's own
+        else:
+            moved = [v.original for v in inputs if not _identical(ref[v.original], got[v.rewritten])]
+            self.upstream = self.upstream or f"{what}, but so does what it reads ({', '.join(map(repr, moved))})"
+
+    def settle(self, diffs: Sequence[OutputDiff] | None, ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray]) -> None:
+        """The pending run's check on its own: ``diffs`` compare the site's outputs computed by
+        each model's cut from the same inputs (``ref`` / ``got``: the cuts' outputs by original /
+        rewritten value name); None when no cut could be made."""
+        assert self.pending is not None
+        run, text, what = self.pending
+        self.pending = None
+        if diffs is None:
+            self.upstream = self.upstream or f"{what}, but so does what it reads, and it could not be checked on its own"
+            return
+        bad = next((d for d in diffs if not d.passed and not d.vacuous), None)
         if bad is not None:
-            moved = next((d for d in in_diffs if not d.passed and not d.vacuous), None)
-            what = _mismatch(bad, ref, got, outputs, text)
-            if moved is None:
-                self.failure = self.failure or what
-            else:
-                self.upstream = self.upstream or f"{what}, and its input {moved.name!r} differs too (max abs {moved.max_abs:.3g})"
-        for d in out_diffs:
+            outputs = [v for v in self.observed if v.role != "input"]
+            self.failure = self.failure or (_mismatch(bad, ref, got, outputs, text) + " (checked on its own, fed the original's inputs)")
+            return
+        self._evidence(diffs, {**run, "checked": "on its own"})
+
+    def _evidence(self, diffs: Sequence[OutputDiff], run: dict[str, Any]) -> None:
+        for d in diffs:
             self.diff = merge(self.diff, d)
-        if bad is None and out_diffs and sum(d.finite for d in out_diffs) > 0:
+        if diffs and sum(d.finite for d in diffs) > 0:
             self.runs.append(run)
 
     @staticmethod
@@ -143,6 +180,11 @@ class SiteTally:
             tuple(self.runs), d.max_abs if d else None, d.max_rel if d else None, d.compared if d else 0, d.finite if d else 0,
             self.ran, self.failure, self.upstream,
         )
+
+
+def _identical(a: np.ndarray, b: np.ndarray) -> bool:
+    """Bit for bit the same values (NaN where NaN)."""
+    return a.shape == b.shape and a.dtype == b.dtype and bool(np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"))
 
 
 TolFor = Any  # Callable[[np.dtype], Tolerance]
@@ -191,10 +233,33 @@ def _no_evidence(site: AppliedSite, observed: tuple[BoundaryValue, ...], per_pro
     for name, p in per_provider.items():
         if p.ran == 0:
             return (f"never ran under verification (on {name}, inputs {inputs}: inside a branch or loop no input reached); "
-                    "give inputs that reach it with --inputs")
+                    "give inputs that reach it with --inputs (one .npz per run; two runs at two shapes)")
         shapes = len({repr(r["shapes"]) for r in p.runs})
         if len(p.runs) < MIN_RUNS or shapes < shapes_needed:
             got = "no run" if not p.runs else f"only {len(p.runs)} run(s) at {shapes} shape(s)"
-            return (f"{got} gave finite values at its boundary on {name} (inputs tried: {inputs}); "
-                    "give inputs that do with --inputs data.npz or --input-range LO,HI")
+            return (f"{got} gave finite values at its boundary on {name} (inputs tried: {inputs}; needed: {MIN_RUNS} runs at "
+                    f"{shapes_needed} shape(s)); give inputs that do with --inputs (one .npz per run) or --input-range LO,HI")
     return None
+
+
+def enclosed(evidence: dict[SiteKey, SiteEvidence], sites: Sequence[AppliedSite]) -> dict[SiteKey, SiteEvidence]:
+    """``evidence`` with each site that only rewrote another site's new nodes (``boundary.within``,
+    no output of its own to compare) judged with that site, whose boundary checks both."""
+    out = dict(evidence)
+    for site in sites:
+        mine = out.get(site.key)
+        outer_key = site.boundary.within
+        if mine is None or outer_key is None or any(v.role != "input" for v in mine.values):
+            continue
+        for _ in range(len(sites)):  # up to the outermost enclosing site with values of its own
+            outer = evidence.get(outer_key)
+            parent = next((s.boundary.within for s in sites if s.key == outer_key), None)
+            if outer is None or parent is None or any(v.role != "input" for v in outer.values):
+                break
+            outer_key = parent
+        if outer is None:
+            continue
+        where = f"inside the replacement of site {outer.anchor!r} ({outer.rule}), checked at its boundary"
+        reason = "" if outer.verified else f"{where}: {outer.reason}"
+        out[site.key] = SiteEvidence(mine.rule, mine.anchor, outer.status, reason or "", (), {**outer.providers}, where)
+    return out

@@ -65,7 +65,9 @@ def prove(
     for _ in range(len(rewritten.result.applied) + 2):
         if result.passed or not current.result.applied:
             break
-        direct = result.with_status("failed") + result.with_status("no-evidence")
+        # A site that differs on its own goes first; one that could not be judged (a body's site
+        # whose inputs differed too) only once no site is found wrong.
+        direct = result.with_status("failed") + result.with_status("no-evidence") or result.with_status("upstream")
         if direct:
             sites = {s.key: s for s in current.result.applied}
             rolled += [_record(sites[e.key], "rolled_back", e.reason, e.to_json(), e.max_abs) for e in direct]

@@ -24,8 +24,9 @@ from rewriter.ort import (
     ORT_ERRORS, RUN_OPTIONS, CudaOptions, ModelSource, SessionError, cuda_status, first_line, make_session, model_source, parse_providers,
 )
 from rewriter.prove.compare import OutputDiff, Tolerance, compare_arrays, merge, noise as measure_noise, tolerance_for
-from rewriter.prove.evidence import ProviderEvidence, SiteTally, combine
+from rewriter.prove.evidence import ProviderEvidence, SiteTally, combine, enclosed
 from rewriter.prove.expose import GraphPath, Probe, Recompute, expose
+from rewriter.prove.local import cut_model
 from rewriter.prove.inputs import (
     BFLOAT16, BOOL_VARIANTS, EVIDENCE_SEARCH, Distribution, InputSpec, dim_plan, input_specs, load_npz_feeds, make_feeds, shape_sets,
 )
@@ -38,6 +39,8 @@ __all__ = ["VerifyOptions", "verify_models", "resolve_providers"]
 ModelLike = onnx.ModelProto | str | Path
 # What running the original at a candidate shape may raise: onnxruntime's refusal, or ours (too large).
 _PROBE_ERRORS: tuple[type[BaseException], ...] = (InputError, *ORT_ERRORS)
+# What opening or running a site's cut may raise (the site then stays undecided for the run).
+_CUT_ERRORS: tuple[type[BaseException], ...] = (SessionError, *ORT_ERRORS)
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,7 @@ class VerifyOptions:
     providers: tuple[str, ...] | None = None
     seed: int = 0
     input_range: tuple[float, float] | None = None
-    inputs_npz: Path | None = None
+    inputs_npz: Path | tuple[Path, ...] | None = None  # one .npz of inputs, or several (one run each)
     shape_overrides: dict[tuple[str, int], list[int]] | None = None
     atol: float | None = None
     rtol: float | None = None
@@ -74,11 +77,19 @@ class VerifyOptions:
             if not lo < hi:
                 raise InputError(f"--input-range: LOW must be below HIGH, got {lo},{hi}")
 
+    @property
+    def input_files(self) -> tuple[Path, ...]:
+        """The user's .npz input files (``inputs_npz``), each one run."""
+        if self.inputs_npz is None:
+            return ()
+        return (Path(self.inputs_npz),) if isinstance(self.inputs_npz, (str, Path)) else tuple(Path(p) for p in self.inputs_npz)
+
     def largest_shapes(self, model: onnx.ModelProto) -> dict[str, tuple[int, ...]] | None:
         """Input shapes of the largest verification run, when the user chose them
         (``inputs_npz`` / ``shape_overrides``); else None."""
-        if self.inputs_npz is not None:
-            return {k: tuple(v.shape) for k, v in load_npz_feeds(self.inputs_npz).items()}
+        if self.input_files:
+            runs = [{k: tuple(v.shape) for k, v in load_npz_feeds(f).items()} for f in self.input_files]
+            return max(runs, key=lambda run: sum(math.prod(s) for s in run.values()))
         if self.shape_overrides:
             runs = shape_sets(input_specs(model), self.shape_overrides)
             return max(runs, key=lambda run: sum(math.prod(s) for s in run.values()))
@@ -323,6 +334,7 @@ def verify_models(
                           tried, plan.shapes_needed, unloaded)
         for site in sites
     }
+    evidence = enclosed(evidence, sites)
     statuses = [r.status for r in results.values()]
     passed = "failed" not in statuses and "passed" in statuses and all(e.verified for e in evidence.values())
     return VerificationResult(passed, results, plan.reasons, evidence, tuple(tried))
@@ -366,10 +378,10 @@ def _plan_feeds(
     on the original (searched for when the default shapes do not). Shapes ``refused`` names a
     reason for are never run (:mod:`rewriter.prove.windows`)."""
     user: list[dict[str, np.ndarray]] = []
-    if options.inputs_npz is not None:
-        feeds = load_npz_feeds(options.inputs_npz)
+    for path in options.input_files:
+        feeds = load_npz_feeds(path)
         _check_feeds(specs, feeds)
-        user = [feeds]
+        user.append(feeds)
 
     def probe(shapes: dict[str, tuple[int, ...]]) -> str | None:
         if (why := refused(shapes)) is not None:
@@ -491,8 +503,7 @@ class _Tally:
             "outputs": outputs,
             "rejected_shapes": self.rejected,
         }
-        failures = self.failures + [f"site {s.site.anchor!r} ({s.site.rule}): {s.failure or s.upstream}" for s in self.sites
-                                    if s.failure or s.upstream]
+        failures = self.failures + [f"site {s.site.anchor!r} ({s.site.rule}): {s.failure}" for s in self.sites if s.failure]
         if failures:
             more = f" (+{len(failures) - 1} more)" if len(failures) > 1 else ""
             return ProviderResult(self.provider, "failed", failures[0] + more, **metrics)
@@ -568,3 +579,75 @@ def _verify_run(tally: _Tally, orig: _Runnable, rew: _Runnable, runs: _Runs, i: 
         return
     tally.ran.append(shapes)
     tally.compare(orig, ref, got, noise, options, text, runs.labels[i])
+    pending = [s for s in tally.sites if s.pending is not None]
+    if pending:
+        _check_on_their_own(tally, orig, rew, pending, ref, feeds, options)
+
+
+def _check_on_their_own(tally: _Tally, orig: _Runnable, rew: _Runnable, pending: Sequence[SiteTally],
+                        ref: Mapping[str, np.ndarray], feeds: Mapping[str, np.ndarray], options: VerifyOptions) -> None:
+    """Sites whose outputs differed while their inputs were not the same: each model's cut of
+    them, fed the original's inputs, compared (:mod:`rewriter.prove.local`)."""
+    boundaries = [(k, s.site.boundary) for k, s in enumerate(pending)]
+    cuts = [cut_model(m.proto, boundaries, side, ref) for m, side in ((orig, "original"), (rew, "rewritten"))]
+    results: list[list[dict[str, np.ndarray]] | None] = []
+    for cut, model, nudges in zip(cuts, (orig, rew), (_NUDGES, 0)):
+        if cut is None:
+            results.append(None)
+            continue
+        try:
+            sess = make_session(model.source.with_proto(cut.model), tally.provider, cuda=options.cuda)
+            inputs = {name: (ref[src] if kind == "value" else feeds[src]) for name, (kind, src) in cut.feeds.items()}
+            names = list(dict.fromkeys(cut.outputs.values()))
+            runs = [inputs] + [_nudged(inputs, seed) for seed in range(nudges)]
+            results.append([dict(zip(names, sess.run(names, {k: _to_ort(v) for k, v in r.items()}, RUN_OPTIONS))) for r in runs])
+        except _CUT_ERRORS:
+            results.append(None)
+    tol = tally.tolerance(options)
+    for k, s in enumerate(pending):
+        outputs = [v for v in s.observed if v.role != "input"]
+        keys = [((k, v.original), (k, v.rewritten)) for v in outputs]
+        if results[0] is None or results[1] is None or not all(a in cuts[0].outputs and b in cuts[1].outputs for a, b in keys):  # type: ignore[union-attr]
+            s.settle(None, {}, {})
+            continue
+        first, others = results[0][0], results[0][1:]
+        mine = {v.original: first[cuts[0].outputs[a]] for v, (a, _) in zip(outputs, keys)}  # type: ignore[union-attr]
+        theirs = {v.rewritten: results[1][0][cuts[1].outputs[b]] for v, (_, b) in zip(outputs, keys)}  # type: ignore[union-attr]
+        diffs = []
+        for v, (a, _) in zip(outputs, keys):
+            ref_value = mine[v.original]
+            noise = _sensitivity(ref_value, [o[cuts[0].outputs[a]] for o in others])  # type: ignore[union-attr]
+            diffs.append(compare_arrays(v.original, ref_value, theirs[v.rewritten], tol(ref_value.dtype), noise))
+        s.settle(diffs, mine, theirs)
+
+
+# A site checked on its own may differ from the original by rounding alone, which cancellation
+# makes large (a sum of 1e10-sized terms that comes to 2560 is exact to about 1e3 in float32):
+# the original is run again with its float inputs nudged by a few ulps, and each element may then
+# differ by twice what that moved it (the same allowance as CUDA's measured noise). A wrong weight
+# or axis moves an output by far more than rounding-sized input changes do.
+_NUDGES = 2
+_NUDGE_ULPS = 16
+
+
+def _nudged(inputs: Mapping[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, arr in inputs.items():
+        if arr.dtype.kind == "f" and arr.size:
+            step = np.finfo(arr.dtype).eps * _NUDGE_ULPS
+            arr = (arr * (1 + rng.uniform(-step, step, arr.shape))).astype(arr.dtype)
+        out[name] = arr
+    return out
+
+
+def _sensitivity(ref: np.ndarray, nudged: Sequence[np.ndarray]) -> np.ndarray | float:
+    """Per element, the most a rounding-sized change of the inputs moved ``ref`` (0 for a
+    value that is not floating point, or with nothing to compare)."""
+    if ref.dtype.kind != "f" or not nudged:
+        return 0.0
+    moved = [np.abs(n.astype(np.float64) - ref.astype(np.float64)) for n in nudged if n.shape == ref.shape]
+    if not moved:
+        return 0.0
+    found = np.max(moved, axis=0)
+    return np.where(np.isfinite(found), found, 0.0)

@@ -8,6 +8,7 @@ import pytest
 from onnx import helper
 
 from helpers import assert_equivalent, init, make_model, op_counts, rewrite, vi
+from rewriter.testing import check_rule
 
 RNG = np.random.default_rng(3)
 FLAT = "flatten-drops-unit-axes"
@@ -48,6 +49,7 @@ def test_flatten_drops_unit_axes(op, axes, x_shape, opset):
     assert op_counts(out) == {"Flatten": 1}
     concrete = [[b] + [d for d in x_shape[1:]] for b in (1, 4)]
     assert_equivalent(model, out, feeds(*map(tuple, concrete)))
+    check_rule(FLAT, model, sites=1, shapes=[{"x": tuple(c)} for c in concrete])
     _, again = rewrite(out, [FLAT])
     assert not again.applied
 
@@ -102,6 +104,7 @@ def test_transpose_folds_into_the_dense_weight(perm, x_shape, unary, dense, tran
     assert [s.rule for s in res.applied] == [rule]
     assert "Transpose" not in op_counts(out)
     assert_equivalent(model, out, feeds(*[tuple([b] + x_shape[1:]) for b in (1, 3)]))
+    assert check_rule(rule, model, sites=1).dtype == "float64"  # a permuted weight must match to float64 rounding
     _, again = rewrite(out, [rule])
     assert not again.applied
 

@@ -16,6 +16,7 @@ import onnx
 import pytest
 
 from helpers import assert_equivalent, op_counts, rewrite
+from rewriter.testing import check_rule
 from rewriter.rules.fullspan import RULES as FULLSPAN_RULES
 from rewriter.rules.method1 import RULES as METHOD1_RULES
 
@@ -58,6 +59,7 @@ def test_fires_exactly_on_method1_and_fullspan_sites(entry):
     assert op_counts(out).get("Conv", 0) == before - len(expected)
     if expected:
         assert_equivalent(model, out, _feeds(model, entry, 0))
+        check_rule(_rules(), model, sites=len(expected), shapes=entry["test_dims"])
     again, res2 = rewrite(out, _rules())
     assert not res2.applied
     assert op_counts(again) == op_counts(out)

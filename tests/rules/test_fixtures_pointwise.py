@@ -15,6 +15,7 @@ import onnx
 import pytest
 
 from helpers import assert_equivalent, op_counts, rewrite
+from rewriter.testing import check_rule
 from rewriter.engine.registry import discover
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -86,6 +87,8 @@ def test_fixture(entry, direction, registry):
         assert after.get("Transpose", 0) <= before.get("Transpose", 0)
     assert _inverse_pairs(out) == 0
     assert_equivalent(model, out, _feeds(entry))
+    if res.applied:
+        check_rule(rules, model, sites=len(res.applied), shapes=entry["test_dims"])
     again, res2 = rewrite(out, rules)
     assert not res2.applied, [a.rule for a in res2.applied]
     assert op_counts(again) == after

@@ -8,6 +8,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from helpers import assert_equivalent, init, make_model, op_counts, rewrite, vi
+from rewriter.testing import check_rule
 from rewriter.rules.fullspan import RULES, FullSpanConvFlattenToGemm, FullSpanConvToGemm
 from rewriter.rules.method1 import RULES as METHOD1_RULES
 
@@ -129,6 +130,7 @@ def test_fires_with_equal_outputs(model, rule, shapes, ops):
     assert [s.rule for s in res.applied] == [rule]
     assert op_counts(out) == ops
     assert_equivalent(m, out, feeds(shapes))
+    check_rule(rule, m, sites=1, shapes=[{"x": s} for s in shapes])
 
 
 def test_conv2d_head_after_a_trunk():

@@ -8,6 +8,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from helpers import assert_equivalent, init, make_model, op_counts, rewrite, vi
+from rewriter.testing import check_rule
 from rewriter.rules.method1 import RULES
 
 RNG = np.random.default_rng(0)
@@ -175,6 +176,8 @@ def test_fires_with_equal_outputs(model, rule, shapes):
     assert "Conv" not in counts and "Transpose" not in counts and "Squeeze" not in counts and "Unsqueeze" not in counts
     assert counts.get("Reshape", 0) == 0 and counts.get("MatMul") == 1
     assert_equivalent(m, out, feeds(shapes))
+    # The rule alone, every site compared at its boundary at these shapes and the searched ones.
+    check_rule(rule, m, sites=1, shapes=[{"x": s} for s in shapes])
 
 
 def test_two_dimensional_input_becomes_gemm():

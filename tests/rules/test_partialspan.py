@@ -16,6 +16,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from helpers import assert_equivalent, init, make_model, op_counts, rewrite, run, vi
+from rewriter.testing import check_rule
 from rewriter.engine.registry import discover
 from rewriter.rules.partialspan import RULES
 
@@ -57,6 +58,7 @@ def test_fixture_fires(entry, direction, registry):
         "Conv": 0, "Transpose": 0, "Reshape": 0, "Shape": 0}
     assert after["MatMul"] == 1
     assert_equivalent(model, out, _feeds(entry))
+    check_rule(res.applied[0].rule, model, sites=1, shapes=entry["test_dims"])
     again, res2 = rewrite(out, registry.select(direction=direction))
     assert not res2.applied
     assert op_counts(again) == after
@@ -119,6 +121,7 @@ def test_keras_transposed_chain(bias, batch):
     assert [s.rule for s in res.applied] == ["partialspan-transposed-to-matmul"]
     assert op_counts(out) == ({"MatMul": 1, "Add": 1} if bias else {"MatMul": 1})
     assert_equivalent(model, out, feeds(2) if batch == 2 else feeds(1, 3))
+    check_rule("partialspan-transposed-to-matmul", model, sites=1)
     _, res2 = rewrite(out, rules())
     assert not res2.applied
 
@@ -128,6 +131,9 @@ def test_shape_reader_that_survives_is_rebuilt_from_the_input():
     out, res = rewrite(model, rules())
     assert [s.rule for s in res.applied] == ["partialspan-transposed-to-matmul"]
     assert "Conv" not in op_counts(out)
+    # The rebuilt Shape is part of the site's boundary: compared like its output.
+    check = check_rule("partialspan-transposed-to-matmul", model, sites=1)
+    assert {v.role for e in check.verification.sites.values() for v in e.values} >= {"output", "shape"}
     for f in feeds(1, 3):
         a, b = run(model, f), run(out, f)
         assert list(b[1]) == list(a[1]) == [f["x"].shape[0], N, F, 1]

@@ -8,6 +8,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from helpers import assert_equivalent, init, make_model, op_counts, rewrite, run, vi
+from rewriter.testing import check_rule
 from rewriter.engine.registry import discover
 
 RNG = np.random.default_rng(0)
@@ -175,6 +176,7 @@ def test_torch_idiom_fires_equal_and_idempotent(bias):
     assert op_counts(out) == ({"MatMul": 1, "Add": 1} if bias else {"MatMul": 1})
     assert_equivalent(model, out, feeds((1, 4, C), (3, 9, C)))
     assert_idempotent(out, default_rules())
+    check_rule("transposed-conv1x1-to-matmul", model, sites=1, shapes=[{"x": (3, 9, C)}])
 
 
 @pytest.mark.parametrize(
@@ -192,6 +194,7 @@ def test_torch_idiom_accepts_harmless_attributes(attrs):
     out, res = rewrite(model, ["transposed-conv1x1-to-matmul"])
     assert applied(res) == ["transposed-conv1x1-to-matmul"]
     assert_equivalent(model, out, feeds((2, 5, C), (1, 3, C)))
+    check_rule("transposed-conv1x1-to-matmul", model, sites=1)
 
 
 @pytest.mark.parametrize(
@@ -256,6 +259,7 @@ def test_tf2onnx_idiom_axes_as_attribute_or_input(opset, unsq_axis):
     assert op_counts(out) == {"MatMul": 1, "Add": 1}
     assert_equivalent(model, out, feeds((1, 7, C), (3, 7, C)))
     assert_idempotent(out, default_rules())
+    check_rule("tf2onnx-conv1x1-to-matmul", model, sites=1)
 
 
 def test_tf2onnx_without_bias_add():
@@ -301,6 +305,11 @@ def test_pointnet_chain_ends_without_transposes_or_convs():
     assert applied(res).count("transposed-in-conv1x1-to-matmul") == 3
     assert_equivalent(model, out, feeds((1, 10, 3), (4, 33, 3)))
     assert_idempotent(out, default_rules())
+    # Each site at its boundary: the chain is rebuilt channels-last, so the values the original
+    # computes channels-first are recomputed from it (Transposes added for the check only).
+    check = check_rule(default_rules(), model, sites=len(res.applied))
+    moved = [e for e in check.verification.sites.values() if e.rule == "transposed-in-conv1x1-to-matmul"]
+    assert len(moved) == 3 and all({v.role for v in e.values} == {"output", "input"} for e in moved)
 
 
 def test_keras_stack_ends_without_layout_ops():
@@ -309,6 +318,7 @@ def test_keras_stack_ends_without_layout_ops():
     assert op_counts(out) == {"MatMul": 3, "Add": 3, "Relu": 2}
     assert_equivalent(model, out, feeds((1, 10, 3), (2, 17, 3)))
     assert_idempotent(out, default_rules())
+    check_rule(default_rules(), model, sites=len(res.applied))
 
 
 def _adjacent_inverse_pairs(model: onnx.ModelProto) -> int:
@@ -353,6 +363,7 @@ def test_shared_input_transpose_is_read_through():
     assert op_counts(out) == {"MatMul": 2, "Add": 2}
     assert_equivalent(model, out, feeds((1, 3, C), (2, 8, C)))
     assert_idempotent(out, default_rules())
+    check_rule("transposed-out-conv1x1-to-matmul", model, sites=2)
 
 
 # -- one-sided forms -----------------------------------------------------------------------------------
@@ -369,6 +380,7 @@ def test_input_side_fires_when_its_transpose_cancels_below():
     assert "transposed-in-conv1x1-to-matmul" in applied(res)
     assert op_counts(out) == {"MatMul": 1, "Add": 1, "Relu": 1}
     assert_equivalent(model, out, feeds((1, 3, C), (2, 8, C)))
+    check_rule(default_rules(), model, sites=len(res.applied))
     assert_idempotent(out, default_rules())
 
 
@@ -413,6 +425,7 @@ def test_tf2onnx_output_side_only():
     assert applied(res) == ["tf2onnx-out-conv1x1-to-matmul"]
     assert op_counts(out) == {"MatMul": 1, "Add": 1, "Transpose": 1}
     assert_equivalent(model, out, feeds((1, C, 3), (2, C, 8)))
+    check_rule("tf2onnx-out-conv1x1-to-matmul", model, sites=1)
 
 
 def test_unsqueezed_2d_conv_becomes_gemm():
@@ -428,6 +441,7 @@ def test_unsqueezed_2d_conv_becomes_gemm():
     assert op_counts(out) == {"Gemm": 1}
     assert_equivalent(model, out, feeds((1, C), (7, C)))
     assert_idempotent(out, default_rules())
+    check_rule("unsqueezed-conv1x1-to-matmul", model, sites=1)
 
 
 # -- native layout (opt-in) ------------------------------------------------------------------------------
@@ -445,6 +459,7 @@ def test_native_conv1x1(bias):
     assert op_counts(out) == ({"MatMul": 1, "Add": 1} if bias else {"MatMul": 1})
     assert_equivalent(model, out, feeds((1, 8, 3), (3, 8, 11)))
     assert_idempotent(out, to_matmul_rules())
+    check_rule("conv1x1-to-matmul", model, sites=1)
 
 
 @pytest.mark.parametrize("static", [False, True])
@@ -459,6 +474,7 @@ def test_native_conv2d_1x1(static):
     shapes = [(2, 8, 5, 4)] if static else [(1, 8, 5, 4), (3, 8, 2, 7)]
     assert_equivalent(model, out, feeds(*shapes))
     assert_idempotent(out, ["conv2d-1x1-to-matmul"])
+    check_rule("conv2d-1x1-to-matmul", model, sites=1, shapes=[{"x": s} for s in shapes])
 
 
 def test_grouped_conv1x1():
@@ -468,6 +484,7 @@ def test_grouped_conv1x1():
     assert op_counts(out) == {"Reshape": 2, "MatMul": 1, "Add": 1}
     assert_equivalent(model, out, feeds((1, 8, 3), (2, 8, 9)))
     assert_idempotent(out, to_matmul_rules())
+    check_rule("grouped-conv1x1-to-matmul", model, sites=1)
 
 
 def test_scaffolded_form_wins_over_native_form():
@@ -498,6 +515,7 @@ def test_conv2d_rule_at_opset_9(static):
     shapes = [(2, 8, 5, 4)] if static else [(1, 8, 5, 4), (3, 8, 2, 7)]
     assert_equivalent(model, out, feeds(*shapes))
     assert_idempotent(out, ["conv2d-1x1-to-matmul"])
+    check_rule("conv2d-1x1-to-matmul", model, sites=1, shapes=[{"x": s} for s in shapes])
 
 
 def test_rule_below_its_opset_range_is_a_near_miss():

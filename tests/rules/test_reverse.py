@@ -8,6 +8,7 @@ import pytest
 from onnx import helper
 
 from helpers import assert_equivalent, init, make_model, op_counts, rewrite, vi
+from rewriter.testing import check_rule
 from rewriter.engine.registry import discover
 
 RNG = np.random.default_rng(1)
@@ -59,6 +60,7 @@ def test_matmul_add_3d_to_conv(bias_shape):
     assert applied(res) == ["matmul-add-to-conv1x1"]
     assert op_counts(out) == {"Transpose": 2, "Conv": 1}
     assert_equivalent(model, out, feeds((1, 3, K), (4, 9, K)))
+    check_rule("matmul-add-to-conv1x1", model, sites=1, shapes=[{"x": (4, 9, K)}])
     again, res2 = rewrite(out, to_conv())
     assert not res2.applied and op_counts(again) == op_counts(out)
 
@@ -70,6 +72,7 @@ def test_matmul_add_2d_to_conv(opset):
     assert applied(res) == ["matmul-add-to-conv1x1"]
     assert op_counts(out) == {"Unsqueeze": 1, "Conv": 1, "Squeeze": 1}
     assert_equivalent(model, out, feeds((1, K), (5, K)))
+    check_rule("matmul-add-to-conv1x1", model, sites=1)
 
 
 def test_matmul_without_bias_to_conv():
@@ -78,6 +81,7 @@ def test_matmul_without_bias_to_conv():
     assert applied(res) == ["matmul-to-conv1x1"]
     assert op_counts(out) == {"Transpose": 2, "Conv": 1}
     assert_equivalent(model, out, feeds((2, 3, K), (1, 7, K)))
+    check_rule("matmul-to-conv1x1", model, sites=1)
 
 
 def test_matmul_rule_leaves_biased_site_to_the_add_form():
@@ -95,6 +99,7 @@ def test_gemm_to_conv(trans_b, alpha, beta, c_shape):
     assert applied(res) == ["gemm-to-conv1x1"]
     assert op_counts(out) == {"Unsqueeze": 1, "Conv": 1, "Squeeze": 1}
     assert_equivalent(model, out, feeds((1, K), (6, K)))
+    check_rule("gemm-to-conv1x1", model, sites=1)
     again, res2 = rewrite(out, to_conv())
     assert not res2.applied
 
