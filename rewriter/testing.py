@@ -124,8 +124,13 @@ def _misses(misses: Sequence[NearMiss]) -> str:
 
 
 def _dtype_of(model: onnx.ModelProto) -> str:
-    elems = {vi.type.tensor_type.elem_type for vi in model.graph.output if vi.type.HasField("tensor_type")}
-    return onnx.helper.tensor_dtype_to_np_dtype(elems.pop()).name if len(elems) == 1 and 0 not in elems else "mixed"
+    """The float type the model computes in: its float inputs' (else its outputs')."""
+    for values in (model.graph.input, model.graph.output):
+        elems = {vi.type.tensor_type.elem_type for vi in values if vi.type.HasField("tensor_type")}
+        floats = {e for e in elems if e and np.dtype(onnx.helper.tensor_dtype_to_np_dtype(e)).kind == "f"}
+        if len(floats) == 1:
+            return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(floats.pop())).name
+    return "mixed"
 
 
 def _has_float32(model: onnx.ModelProto) -> bool:

@@ -281,6 +281,33 @@ def test_compare_noise_widens_absolute_tolerance() -> None:
     assert compare_arrays("y", ref, got, tol, noise=1e-4).passed  # 2.9e-4 <= 1e-4 + 2 * 1e-4
 
 
+def test_the_relative_tolerance_is_per_element_not_scaled_by_the_largest_value() -> None:
+    """A small element that is off by 10x must fail even beside a large one: a tolerance scaled by
+    the output's largest value (1e-3 * 1000 = 1) would let it through."""
+    tol = Tolerance(1e-4, 1e-3)
+    ref = np.array([1000.0, 0.001, -0.5], np.float32)
+    got = np.array([1000.0, 0.01, -0.5], np.float32)
+    d = compare_arrays("y", ref, got, tol)
+    assert not d.passed and abs(d.mismatch_fraction - 1 / 3) < 1e-6
+    # Each element has its own allowance: 1000.4 is within 1e-4 + 1e-3 * 1000.
+    assert compare_arrays("y", ref, np.array([1000.4, 0.001, -0.5], np.float32), tol).passed
+
+
+def test_a_difference_in_a_later_output_fails_verification() -> None:
+    """Every graph output is compared, not only the first."""
+    def two_outputs(scale: float) -> onnx.ModelProto:
+        return _model([h.make_node("MatMul", ["x", "w"], ["y1"]), h.make_node("Mul", ["y1", "k"], ["y2"])],
+                      [h.make_tensor_value_info("x", TP.FLOAT, ["batch", 4])],
+                      [h.make_tensor_value_info("y1", TP.FLOAT, None), h.make_tensor_value_info("y2", TP.FLOAT, None)],
+                      [nh.from_array(W, "w"), nh.from_array(np.array(scale, np.float32), "k")])
+
+    result = verify_models(two_outputs(2.0), two_outputs(2.5), CPU)
+    assert not result.passed
+    cpu = result.providers["cpu"]
+    assert cpu.status == "failed" and cpu.reason.startswith("output 'y2' differs"), cpu.reason
+    assert [o.name for o in cpu.outputs if not o.passed] == ["y2"]
+
+
 def test_compare_integers_exact() -> None:
     tol = Tolerance(0.0, 0.0)
     assert compare_arrays("i", np.array([1, 2]), np.array([1, 2]), tol).passed
