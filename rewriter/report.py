@@ -207,8 +207,9 @@ class Report:
             lines.append(f"| {op} | {self.input.op_counts.get(op, 0)} | {(outp.op_counts.get(op, 0) if outp else '-')} |")
         lines += ["", "## Rewrites", ""]
         if self.rewrites:
-            lines += ["| rule | family | status | nodes | reason |", "|---|---|---|---|---|"]
-            lines += [f"| {r.rule} | {r.family or '-'} | {r.status} | {', '.join(r.nodes)} | {r.reason} |" for r in self.rewrites]
+            lines += ["| rule | family | status | nodes | evidence | reason |", "|---|---|---|---|---|---|"]
+            lines += [f"| {r.rule} | {r.family or '-'} | {r.status} | {', '.join(r.nodes)} | {_evidence_text(r.evidence).strip(' ()') or '-'} "
+                      f"| {r.reason} |" for r in self.rewrites]
         else:
             lines.append("No rewrite applied.")
         if self.near_misses:
@@ -282,7 +283,7 @@ class Report:
             detail = rules if recs[0].status == "applied" else f"{rules}: {recs[0].reason}"
             console.print("  ".join(c.ljust(w) for c, w in zip(cells, widths)) + "  " + detail, markup=False, highlight=False)
             for r in recs if sites else ():
-                console.print(f"    {r.rule}: {', '.join(r.nodes)}", markup=False, highlight=False)
+                console.print(f"    {r.rule}: {', '.join(r.nodes)}{_evidence_text(r.evidence)}", markup=False, highlight=False)
 
     def _render_near_misses(self, console: Any, *, every: bool) -> None:
         """Listed (the first few, at a glance) when nothing was rewritten or ``every``; else counted."""
@@ -308,6 +309,16 @@ RESTATED_NOTES = (
     "acceptance: no measurable change",
 )
 _NEAR_MISSES_AT_A_GLANCE = 5
+
+
+def _evidence_text(evidence: Mapping[str, Any] | None) -> str:
+    """`` (verified: cpu 2 runs, max abs 1.2e-07)``: what verification compared at a site."""
+    if not evidence:
+        return ""
+    runs = [f"{name} {len(p.get('runs', []))} run{'s' if len(p.get('runs', [])) != 1 else ''}" + (
+            f", max abs {p['max_abs']:.2g}" if p.get("max_abs") is not None else "")
+            for name, p in (evidence.get("providers") or {}).items()]
+    return f" ({evidence.get('status')}{': ' + '; '.join(runs) if runs else ''})"
 
 
 def _interesting_ops(a: dict[str, int], b: dict[str, int]) -> Iterable[str]:
