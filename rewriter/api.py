@@ -25,7 +25,7 @@ from rewriter.engine.driver import AppliedSite
 from rewriter.engine.forked import Background
 from rewriter.engine.model_io import LoadedModel, load_model
 from rewriter.engine.opset import default_opset, upgrade_opset
-from rewriter.engine.save import check_output_path, file_sha256, save_model
+from rewriter.engine.save import Transaction, check_output_path, file_sha256, save_model
 from rewriter.engine.registry import Registry, discover
 from rewriter.engine.rewrite import Rewritten, rewrite
 from rewriter.engine.rule import Rule
@@ -36,7 +36,7 @@ from rewriter.measure.section import BenchmarkSection, BenchReport, static_secti
 from rewriter.measure.serial import measuring
 from rewriter.measure.workload import choose_workload
 from rewriter.options import PROVEN, Options
-from rewriter.ort import cuda_status, shared_sessions
+from rewriter.ort import shared_sessions
 from rewriter.prove.gate import prepare_gate, start_gate
 from rewriter.prove.result import VerificationResult
 from rewriter.prove.rollback import Proof, prove
@@ -63,11 +63,13 @@ class Result:
     def modified(self) -> bool:
         return bool(self.report.applied)
 
-    def save(self, path: str | Path, *, overwrite_input: bool = False) -> Report:
+    def save(self, path: str | Path, *, overwrite_input: bool = False, transaction: Transaction | None = None) -> Report:
         """Write the model atomically (external data beside it); returns the report with ``output`` filled.
 
         A rewritten model is written only if it passes onnx.checker and loads in onnxruntime
-        (VerificationError otherwise, nothing written)."""
+        (VerificationError otherwise, nothing written). With ``transaction`` the files are only
+        staged in it: they are renamed into place when the caller commits it, together with
+        whatever else it holds (the reports), and none of them remains if it is discarded."""
         out = check_output_path(path, input_path=self.source.path, overwrite_input=overwrite_input)
         gate = None
         if self.modified:
@@ -79,13 +81,15 @@ class Result:
             # Nothing rewritten (or every site rolled back or rejected): the input's own proto, so the
             # written model is the input, byte for byte where the input's encoding allows.
             written = save_model(self.model if self.modified else self.source.model, out, source=self.source,
-                                 overwrite_input=overwrite_input, before_commit=gate.wait if gate else None)
+                                 overwrite_input=overwrite_input, before_commit=gate.wait if gate else None,
+                                 transaction=transaction)
         finally:
             if gate is not None:
                 gate.close()
         # The report's output summary already counts self.model's ops: only the file is new.
         counted = self.report.output or summarize(self.model)
-        return self.report.with_output(replace(counted, path=str(written), sha256=file_sha256(written)))
+        staged = written if transaction is None else transaction.staged(written)
+        return self.report.with_output(replace(counted, path=str(written), sha256=file_sha256(staged)))
 
 
 @dataclass(frozen=True)
@@ -228,10 +232,8 @@ def _timing(opts: Options, loaded: LoadedModel, say: Progress) -> BenchOptions:
         return replace(timing, shapes=chosen, shape_source="the verification shapes given (--shape / --inputs)")
     if opts.bench is None and not opts.tuning:
         return timing
-    provider = timing.providers[0] if timing.providers[0] == "cpu" or cuda_status().usable else "cpu"
-    say(f"choosing the workload shape on {provider}")
-    with measuring(say):
-        workload = choose_workload(loaded, provider, seed=timing.seed, threads=timing.threads, target_ms=timing.target_ms)
+    say("choosing the workload shape")
+    workload = choose_workload(loaded, seed=timing.seed, flop_budget=timing.flop_budget)
     return replace(timing, shapes=workload.shapes, shape_source=workload.source, small_shapes=workload.small)
 
 
@@ -316,7 +318,12 @@ def bench(
     static costs. (``onnx-rewrite bench``)"""
     before = load_model(model)
     after = load_model(other) if other is not None else None
-    results = bench_models(before.path or before.model, (after.path or after.model) if after else None, options or BenchOptions(),
+    options = options or BenchOptions()
+    if options.shapes is None:
+        # The workload shape of the 'before' model: what `onnx-rewrite MODEL` measures it at.
+        workload = choose_workload(before, seed=options.seed, flop_budget=options.flop_budget)
+        options = replace(options, shapes=workload.shapes, shape_source=workload.source)
+    results = bench_models(before.path or before.model, (after.path or after.model) if after else None, options,
                            base_dir=before.base_dir, progress=progress)
     first = next(iter(results.values()))
     static, note = static_section(before.model, after.model if after else None, {k: tuple(v) for k, v in first.shapes.items()})

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 __all__ = [
+    "shown_path",
     "RewriterError",
     "InputError",
     "PluginError",
     "VerificationError",
     "NonConvergenceError",
+    "NotWrittenError",
     "EXIT_OK",
     "EXIT_VERIFY",
     "EXIT_INPUT",
@@ -50,7 +54,22 @@ class VerificationError(RewriterError):
     exit_code = EXIT_VERIFY
 
 
+class NotWrittenError(RewriterError):
+    """The run's results could not all be delivered (its JSON report could not be printed), so
+    none was written (exit 1)."""
+
+    exit_code = EXIT_VERIFY
+
+
 class NonConvergenceError(RewriterError):
     """The driver hit its iteration cap; the message names the rules still firing (exit 1)."""
 
     exit_code = EXIT_VERIFY
+
+
+def shown_path(path: str | os.PathLike[str]) -> str:
+    """A path (or any name from outside) as a message shows it: in single quotes, and on one
+    line whatever it holds: a newline or another control character is escaped as Python writes
+    it (``'a\\nb.onnx'``), so an error stays the one line it must be."""
+    text = os.fspath(path)
+    return f"'{text}'" if text.isprintable() else repr(text)

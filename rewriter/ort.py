@@ -20,25 +20,30 @@ import importlib.util
 import io
 import os
 import re
+import shutil
 import sys
 import tempfile
 import threading
 import warnings
+import weakref
 from collections import OrderedDict
 from concurrent.futures import Future
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+from google.protobuf.message import EncodeError
 
 from rewriter.engine import forked
 from rewriter.engine.dim_names import name_dims
 from rewriter.engine.model_io import ensure_loadable_ir
-from rewriter.errors import InputError
+from rewriter.engine.save import with_weights_in
+from rewriter.engine.tensors import has_external_data
+from rewriter.errors import InputError, shown_path
 
 __all__ = [
     "PROVIDERS",
@@ -303,19 +308,22 @@ def cuda_status() -> CudaStatus:
 @dataclass(frozen=True)
 class ModelSource:
     """A model onnxruntime can open: a file path, or serialized bytes plus the folder of its
-    external weights. ``proto`` is the graph without external tensor data (for interfaces)."""
+    external weights. ``proto`` is the graph without external tensor data (for interfaces).
+    ``scratch``: the temporary folder of the weights of a model too large for protobuf (kept
+    while the source lives)."""
 
     label: str
     proto: onnx.ModelProto
     path: Path | None = None
     data: bytes | None = None
     external_dir: Path | None = None
+    scratch: "_Scratch | None" = field(default=None, compare=False, repr=False)
 
     def with_proto(self, proto: onnx.ModelProto) -> "ModelSource":
         """The same model changed in memory (extra outputs, say): served as bytes, its external
         weights still read from where this source's are."""
         folder = self.external_dir or (self.path.parent if self.path is not None and _uses_external(proto) else None)
-        return ModelSource(self.label, proto, None, _serialize(ensure_loadable_ir(proto), self.label), folder)
+        return _in_memory(self.label, proto, folder)
 
     def file_for_subprocess(self, folder: Path) -> Path:
         """A path another process can open: the model's own file, or the bytes written to ``folder``."""
@@ -331,11 +339,53 @@ def _uses_external(model: onnx.ModelProto) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
-def _serialize(model: onnx.ModelProto, label: str) -> bytes:
+#: An in-memory model whose serialized size reaches this goes to onnxruntime with its large
+#: weights in a temporary folder: protobuf cannot serialize 2 GB (the margin covers the rest).
+_BYTES_LIMIT = 1_500_000_000
+_WEIGHTS_FILE = "weights.data"
+
+
+class _Scratch:
+    """A temporary folder for the weights of a model too large for protobuf: removed when the
+    last source that uses it is gone, or when the process exits (normally, on Ctrl-C or SIGTERM)."""
+
+    def __init__(self, parent: Path | None) -> None:
+        # Beside the model's own external data when it has some: onnxruntime reads every
+        # external file from one folder and refuses links out of it.
+        self.folder = Path(tempfile.mkdtemp(prefix=".onnx-rewrite-weights-" if parent else "onnx-rewrite-weights-", dir=parent))
+        weakref.finalize(self, shutil.rmtree, self.folder, ignore_errors=True)
+
+
+def _serialized(model: onnx.ModelProto) -> bytes | None:
+    """``model``'s bytes, or None when they would reach :data:`_BYTES_LIMIT`."""
     try:
-        return model.SerializeToString()
-    except ValueError:
-        raise InputError(f"the {label} model is over 2 GB in memory; save it with external data and pass its path") from None
+        if model.ByteSize() < _BYTES_LIMIT:
+            return model.SerializeToString()
+    except (EncodeError, ValueError):  # over 2 GB protobuf cannot even size it
+        pass
+    return None
+
+
+def _in_memory(label: str, proto: onnx.ModelProto, folder: Path | None) -> ModelSource:
+    """A source served as bytes, its external data read from ``folder``. A model too large for
+    protobuf is served with its large inline weights moved to a temporary folder: the system's
+    temporary folder, or a hidden one inside ``folder`` when it has external data there too."""
+    served = ensure_loadable_ir(proto)
+    data = _serialized(served)
+    if data is not None:
+        return ModelSource(label, proto, None, data, folder)
+    beside = folder if has_external_data(served) else None
+    try:
+        scratch = _Scratch(beside)
+        location = f"{scratch.folder.name}/{_WEIGHTS_FILE}" if beside else _WEIGHTS_FILE
+        data = _serialized(with_weights_in(served, scratch.folder / _WEIGHTS_FILE, location))
+    except OSError as exc:
+        where = shown_path(beside or tempfile.gettempdir())
+        raise InputError(f"the {label} model is over 2 GB in memory and its weights cannot be stored in {where}: "
+                         f"{exc.strerror or exc}") from exc
+    if data is None:
+        raise InputError(f"the {label} model is over protobuf's 2 GB limit even with its large weights stored apart")
+    return ModelSource(label, proto, None, data, beside or scratch.folder, scratch)
 
 
 def model_source(model: onnx.ModelProto | str | os.PathLike[str], label: str, base_dir: Path | None = None) -> ModelSource:
@@ -346,7 +396,7 @@ def model_source(model: onnx.ModelProto | str | os.PathLike[str], label: str, ba
         folder = Path(base_dir).resolve() if base_dir is not None else None
         if _uses_external(model) and folder is None:
             raise InputError(f"the {label} model has external data; pass base_dir (the folder of its weights)")
-        return ModelSource(label, model, None, _serialize(ensure_loadable_ir(model), label), folder)
+        return _in_memory(label, model, folder)
     path = Path(model)
     if not path.is_file():
         raise InputError(f"{label} model not found: {path}")
@@ -368,12 +418,16 @@ class SessionError(InputError):
 
 
 def make_session(
-    src: ModelSource, provider: str = "cpu", *, threads: int = 2, cuda: CudaOptions = CudaOptions(), optimize: bool = True,
-    annotate: bool = False, shared: bool = False,
+    src: ModelSource, provider: str = "cpu", *, threads: int | None = 2, cuda: CudaOptions = CudaOptions(), optimize: bool = True,
+    annotate: bool = False, shared: bool = False, spinning: bool = False,
 ) -> ort.InferenceSession:
-    """The one session factory: all graph optimizations, ``threads`` intra-op threads without
-    spinning, quiet logging; on CUDA the provider options ``cuda`` (default: onnxruntime's own,
-    as a deployment runs). A CUDA session that falls back to CPU is an error, not a CPU run.
+    """The one session factory: all graph optimizations, ``threads`` intra-op threads (None:
+    onnxruntime's default, one per physical core), their spinning after a run off unless
+    ``spinning`` (onnxruntime's default is on), quiet logging; on CUDA the provider options
+    ``cuda`` (default: onnxruntime's own, as a deployment runs). A CUDA session that falls back
+    to CPU is an error, not a CPU run. Sessions that are timed take onnxruntime's defaults
+    (``threads=None, spinning=True``: what a deployment runs); the others keep two threads that
+    do not spin, so that several open at once do not take each other's cores.
 
     ``optimize=False`` (no graph optimizations) is for a session that only proves a model
     loads: graph resolution, type and shape checks and a kernel for every node still run, but
@@ -392,15 +446,15 @@ def make_session(
     the original several times). Shared sessions must not be closed or changed by callers."""
     cache = _SHARED.get()
     if not shared or cache is None:
-        named = _named_session(src, provider, threads, cuda, optimize) if annotate else None
-        return named if named is not None else _open(src, provider, threads, cuda, optimize)
-    key = _session_key(src, provider, threads, cuda, optimize)
+        named = _named_session(src, provider, threads, cuda, optimize, spinning) if annotate else None
+        return named if named is not None else _open(src, provider, threads, cuda, optimize, spinning)
+    key = _session_key(src, provider, threads, cuda, optimize, spinning)
     if annotate and key not in cache.nothing_to_name:
-        named = cache.get((*key, "named"), lambda: _named_session(src, provider, threads, cuda, optimize))
+        named = cache.get((*key, "named"), lambda: _named_session(src, provider, threads, cuda, optimize, spinning))
         if named is not None:
             return named
         cache.nothing_to_name.add(key)  # the model's own session serves both kinds
-    session = cache.get(key, lambda: _open(src, provider, threads, cuda, optimize))
+    session = cache.get(key, lambda: _open(src, provider, threads, cuda, optimize, spinning))
     assert session is not None
     return session
 
@@ -410,7 +464,8 @@ def make_session(
 _NAMED_COPY_LIMIT = 256 * 2**20
 
 
-def _named_session(src: ModelSource, provider: str, threads: int, cuda: CudaOptions, optimize: bool) -> ort.InferenceSession | None:
+def _named_session(src: ModelSource, provider: str, threads: int | None, cuda: CudaOptions, optimize: bool,
+                   spinning: bool = False) -> ort.InferenceSession | None:
     """A session of the dims-named copy; None when there is nothing to name, the model carries
     more than 256 MiB in its own file (external weights do not count) or onnxruntime refuses the
     copy (the names are a speed-up only: the model as it is decides what loads)."""
@@ -420,24 +475,28 @@ def _named_session(src: ModelSource, provider: str, threads: int, cuda: CudaOpti
     if named is None:
         return None
     try:
-        return _open(src.with_proto(named), provider, threads, cuda, optimize)
+        return _open(src.with_proto(named), provider, threads, cuda, optimize, spinning)
     except SessionError:
         return None
 
 
-def _open(src: ModelSource, provider: str, threads: int, cuda: CudaOptions, optimize: bool) -> ort.InferenceSession:
+def _open(src: ModelSource, provider: str, threads: int | None, cuda: CudaOptions, optimize: bool,
+          spinning: bool = False) -> ort.InferenceSession:
     """The one place a session is created (tests count sessions here)."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
+    if threads is not None:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
     # Failures reach the user as exceptions, one line each; onnxruntime's logger would print the
     # same text first (coloured, on fd 2).
     so.log_severity_level = 4
-    # Two sessions compared in one process each keep intra-op threads spinning after a run; on a
-    # few cores they steal from each other and skewed A/B ratios of identical models to 0.8x with
-    # a 0.3-1.7x spread. Without spinning the same check gives 1.00x (0.9-1.1).
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Sessions that are not timed do not spin: several are open at once (verification runs the
+    # original and the rewritten model in turn) and spinning threads would take each other's
+    # cores. Timed sessions spin, as onnxruntime does by default; the benchmark alternates blocks
+    # of runs with a pause so that one session's spinning never overlaps the other's runs.
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if src.external_dir is not None:
         so.add_session_config_entry(_EXTERNAL_DIR_KEY, str(src.external_dir))
     ep = PROVIDERS[provider]
@@ -492,7 +551,7 @@ def timing_call(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> 
 SessionKey = tuple
 
 
-def _session_key(src: ModelSource, provider: str, threads: int, cuda: CudaOptions, optimize: bool) -> SessionKey:
+def _session_key(src: ModelSource, provider: str, threads: int | None, cuda: CudaOptions, optimize: bool, spinning: bool = False) -> SessionKey:
     """Identifies a model's content and the session settings. A file is named by its path and
     stat (cheap; a file changed during the run is another key); bytes by their sha256."""
     if src.data is not None:
@@ -501,7 +560,7 @@ def _session_key(src: ModelSource, provider: str, threads: int, cuda: CudaOption
         assert src.path is not None
         st = src.path.stat()
         model = ("file", str(src.path), st.st_size, st.st_mtime_ns, st.st_ino)
-    return (model, provider, threads, cuda if provider == "cuda" else None, optimize)  # CUDA options mean nothing on CPU
+    return (model, provider, threads, cuda if provider == "cuda" else None, optimize, spinning)  # CUDA options mean nothing on CPU
 
 
 class SessionCache:
@@ -509,7 +568,7 @@ class SessionCache:
     recently used dropped first. Thread-safe: a second thread asking for a session being
     created waits for that one."""
 
-    def __init__(self, capacity: int = 4) -> None:
+    def __init__(self, capacity: int = 6) -> None:
         self.capacity = capacity
         self._entries: OrderedDict[SessionKey, Future[ort.InferenceSession | None]] = OrderedDict()
         self._lock = threading.Lock()
@@ -557,10 +616,11 @@ _SHARED: ContextVar[SessionCache | None] = ContextVar("shared_sessions", default
 
 
 @contextlib.contextmanager
-def shared_sessions(capacity: int = 4) -> Iterator[SessionCache]:
+def shared_sessions(capacity: int = 6) -> Iterator[SessionCache]:
     """Within the block, ``make_session(..., shared=True)`` hands out one session per model and
     settings (a block inside another uses the outer one's sessions). The sessions are dropped
-    when the block ends."""
+    when the block ends. Six are kept: the original, the rewritten model, the model without each
+    of two rule families (acceptance judges each family by its own share) and the model accepted."""
     outer = _SHARED.get()
     if outer is not None:
         yield outer

@@ -168,10 +168,12 @@ class Report:
         n = len(self.applied)
         parts = [f"{_count(n, 'site')} {'rewritten' if self.written else 'would be rewritten'}" if n
                  else "nothing rewritten" + (" (written unchanged)" if self.written else "")]
-        for status, how in (("rolled_back", "rolled back as not equivalent"), ("rejected", "rejected as slower")):
-            k = sum(r.status == status for r in self.rewrites)
-            if k:
-                parts.append(f"{k} {how}")
+        k = sum(r.status == "rolled_back" for r in self.rewrites)
+        if k:
+            parts.append(f"{k} rolled back as not equivalent")
+        k = sum(r.status == "rejected" for r in self.rewrites)
+        if k:
+            parts.append(f"{_count(k, 'site')} kept as {'it was' if k == 1 else 'they were'} (not faster)")
         if not n:
             kept = _kept_by_tuning(self._json_of("tuning"))
             if kept:
@@ -276,11 +278,15 @@ class Report:
         groups: dict[tuple[str, str], list[RewriteRecord]] = {}
         for r in sorted(self.rewrites, key=lambda r: STATUSES.index(r.status) if r.status in STATUSES else len(STATUSES)):
             groups.setdefault((r.status, r.family or r.rule), []).append(r)
-        rows = [(status.replace("_", " "), family, _count(len(recs), "site"), recs) for (status, family), recs in groups.items()]
+        rows = [(_STATUS_WORDS.get(status, status), family, _count(len(recs), "site"), recs) for (status, family), recs in groups.items()]
         widths = [max((len(row[k]) for row in rows), default=0) for k in range(3)]
         for *cells, recs in rows:
             rules = ", ".join(dict.fromkeys(r.rule for r in recs))
-            detail = rules if recs[0].status == "applied" else f"{rules}: {recs[0].reason}"
+            share = (recs[0].detail or {}).get("share")
+            if recs[0].status == "applied":
+                detail = f"{rules}: {share}" if share else rules  # the family's own measured share
+            else:
+                detail = f"{rules}: {recs[0].reason.removeprefix('kept as it was: ')}"
             console.print("  ".join(c.ljust(w) for c, w in zip(cells, widths)) + "  " + detail, markup=False, highlight=False)
             for r in recs if sites else ():
                 console.print(f"    {r.rule}: {', '.join(r.nodes)}{_evidence_text(r.evidence)}", markup=False, highlight=False)
@@ -301,6 +307,9 @@ class Report:
         if len(shown) < n:
             console.print(f"  ... {n - len(shown)} more: run with -v or --dry-run", highlight=False)
 
+
+#: How each status reads at a glance (the JSON keeps the status names).
+_STATUS_WORDS = {"applied": "applied", "rolled_back": "rolled back", "rejected": "kept as it was"}
 
 #: Notes the summary line already says (the terminal shows them only with ``verbose``; JSON and
 #: Markdown keep every note).
@@ -394,10 +403,21 @@ def _speed(r: Mapping[str, Any]) -> str:
 
 
 def _rss_change(r: Mapping[str, Any]) -> str:
-    before = (r.get("before") or {}).get("peak_rss_bytes")
-    after = (r.get("after") or {}).get("peak_rss_bytes")
+    """``, peak RSS +16% (the model's own +22%)``: the whole process's peak (interpreter and
+    onnxruntime included) and the model's own share, its peak over the process before its
+    session (weights, onnxruntime's arena, activations), both measured in a fresh process at the
+    measured shape."""
+    b, a = r.get("before") or {}, r.get("after") or {}
+    before, after = b.get("peak_rss_bytes"), a.get("peak_rss_bytes")
+    if not before or after is None:
+        return ""
     # Rounded first, so a change under half a percent reads +0%, not -0%.
-    return f", peak RSS {round((after - before) / before * 100):+d}%" if before and after is not None else ""
+    text = f", peak RSS {round((after - before) / before * 100):+d}%"
+    if b.get("baseline_rss_bytes") and a.get("baseline_rss_bytes"):
+        own_before, own_after = before - b["baseline_rss_bytes"], after - a["baseline_rss_bytes"]
+        if own_before > 0:
+            text += f" (the model's own {round((own_after - own_before) / own_before * 100):+d}%)"
+    return text
 
 
 def _benchmark_lines(benchmark: Mapping[str, Any], applied: bool) -> list[str]:
@@ -406,8 +426,9 @@ def _benchmark_lines(benchmark: Mapping[str, Any], applied: bool) -> list[str]:
     lines = []
     target = _target_bench(benchmark)
     if target is not None:
-        source = f" ({target['shape_source']})" if target.get("shape_source") else ""
-        line = f"measured on {target['provider']} at {format_shapes(target.get('shapes', {}))}{source}: {_speed(target)}{_rss_change(target)}"
+        flags = " ".join(f"--bench-shape {k}={','.join(str(d) for d in v)}" for k, v in target.get("shapes", {}).items())
+        line = (f"measured on {target['provider']} at {format_shapes(target.get('shapes', {}))} ({flags} reproduces it; "
+                f"{target.get('session') or 'onnxruntime defaults'}): {_speed(target)}{_rss_change(target)}")
         small = target.get("small")
         if small and small.get("status") == "measured":
             line += f"; at {format_shapes(small.get('shapes', {}))}: {_speed(small)}"

@@ -104,7 +104,8 @@ def test_two_models_have_the_right_structure():
     assert r.speedup > 0 and r.speedup_low <= r.speedup <= r.speedup_high
     assert r.verdict in ("faster", "slower", "no measurable change")
     assert r.shapes == {"x": [3, 16, 8]}  # the largest default shape set
-    assert (r.threads, r.opt_level) == (2, "all")
+    # Timed as deployed: onnxruntime's default session options (threads None: one per physical core).
+    assert (r.threads, r.opt_level) == (None, "all") and r.to_json()["session"] == "onnxruntime's default session options"
     assert r.before.peak_rss_bytes is None
     assert seen[-1] == (6, 6)
     _validate(BenchmarkSection(results).to_json(), "benchmarkSection")
@@ -198,11 +199,32 @@ def test_static_section_validates():
     _validate(section, "static")
 
 
-def test_sessions_do_not_spin_between_runs():
-    """A/B sessions in one process must not keep spinning threads (it skewed identical models to 0.8x)."""
+def test_timed_sessions_take_onnxruntime_defaults_and_the_others_do_not_spin():
+    """Untimed sessions (verification, several open at once) do not spin; timed ones are what a
+    deployment runs: onnxruntime's default threads and spinning."""
     g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
-    sess = make_session(ModelSource("m", model, None, model.SerializeToString()), "cpu", threads=2)
+    src = ModelSource("m", model, None, model.SerializeToString())
+    sess = make_session(src, "cpu", threads=2)
     assert sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert sess.get_session_options().intra_op_num_threads == 2
+    timed = make_session(src, "cpu", threads=None, spinning=True).get_session_options()
+    assert timed.intra_op_num_threads == 0  # onnxruntime's default
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # left at onnxruntime's default: spinning
+        timed.get_session_config_entry("session.intra_op.allow_spinning")
+
+
+def test_blocks_of_runs_keep_identical_spinning_sessions_apart():
+    """Two identical sessions that spin, timed in alternating blocks after a pause: the paired
+    ratios center on 1 (run back to back, spinning threads of one slow the other's runs)."""
+    from rewriter.measure.bench import judge, time_interleaved
+
+    before, _ = _pair()
+    src = ModelSource("m", before, None, before.SerializeToString())
+    sessions = [make_session(src, "cpu", threads=None, spinning=True) for _ in range(2)]
+    feeds = {"x": np.random.default_rng(0).standard_normal((64, 16, 8)).astype(np.float32)}
+    samples = time_interleaved(sessions, feeds, runs=10, warmup=2)
+    speedup, low, high, significant, verdict = judge([a / b for a, b in zip(*samples)])
+    assert len(samples[0]) == len(samples[1]) == 10 and speedup is not None and 0.5 < speedup < 2.0

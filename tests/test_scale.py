@@ -20,6 +20,7 @@ import rewriter
 import rewriter.engine.graph as engine_graph
 import rewriter.measure.bench as bench_module
 import rewriter.ort as ort_layer
+import rewriter.prove.rollback
 from engine_rules import DoubleReluToRelu, NoKernel
 from helpers import assert_equivalent, init, make_model, pointwise_chain, vi
 from rewriter.engine.graph import ModelGraph, _prune_and_sort
@@ -119,6 +120,8 @@ def test_bisection_verifies_many_candidates_against_one_session_of_the_original(
     result = rewriter.optimize(model, registry=reg, verify=CPU, bench=False)
     statuses = {r.rule: r.status for r in result.report.rewrites}
     assert statuses == {"test-double-relu": "applied", "test-no-kernel": "rolled_back"}
+    [broken] = [r for r in result.report.rewrites if r.rule == "test-no-kernel"]
+    assert broken.reason.startswith("rewritten site failed to run: ") and "test.nokernel" in broken.reason  # onnxruntime's words
     assert calls["verify"] >= 3  # the first check, the bisection's trials, the final check
     # MatMul keeps its names: nothing to name. One original handing out every site's values.
     assert opened.of(model, ORIGINAL) == {("cpu", "evidence"): 1}

@@ -151,16 +151,21 @@ def test_shapes_the_user_gives_that_would_crash_are_reported_not_run(tmp_path: P
     assert rejected["shapes"]["x"][2:] == [4, 4] and rejected["error"].startswith("MaxPool node 'pool' would have an empty output")
 
 
-def test_bench_at_default_shapes_that_would_crash_says_so(tmp_path: Path) -> None:
+def test_bench_at_shapes_that_would_crash_says_so_and_its_default_fits(tmp_path: Path) -> None:
+    """`bench` measures at the workload shape by default: grown from the least shapes that fit
+    (H = W = 7), never at the defaults the pool would crash on; shapes given that would crash
+    are refused with the reason."""
     src = tmp_path / "stem.onnx"
     onnx.save(stem_model(), src)
-    proc = _cli(tmp_path, "bench", src, "--runs", "2")
+    proc = _cli(tmp_path, "bench", src, "--runs", "2", "--shape", "x=3,3,4,5")
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
     (line,) = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert line.startswith("error: the default shapes (x=[3, 3, 4, 5]): MaxPool node 'pool' would have an empty output")
+    assert line.startswith("error: the shapes given (x=[3, 3, 4, 5]): MaxPool node 'pool' would have an empty output")
     assert line.endswith("give larger ones with --shape")
-    ok = _cli(tmp_path, "bench", src, "--runs", "2", "--shape", "x=1,3,16,16")
+    ok = _cli(tmp_path, "bench", src, "--runs", "2")
     assert ok.returncode == 0, ok.stderr[-2000:]
+    measured = [int(d) for d in ok.stdout.split("x=[", 1)[1].split("]", 1)[0].split(",")]
+    assert measured[0] == 8 and min(measured[2:]) >= 7
 
 
 def test_the_default_flow_measures_a_dynamic_cnn_at_shapes_that_fit(tmp_path: Path) -> None:

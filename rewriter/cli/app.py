@@ -69,12 +69,14 @@ def _root(
 
 
 def _route(argv: list[str]) -> list[str]:
-    """`onnx-rewrite model.onnx ...` means `onnx-rewrite rewrite model.onnx ...` (or a command in CLAIMS)."""
-    positional = [a for a in argv if not a.startswith("-")]
-    if not positional or any(a in ("--version", "--help", "-h") for a in argv[:1]):
+    """`onnx-rewrite model.onnx ...` means `onnx-rewrite rewrite model.onnx ...` (or a command in CLAIMS).
+
+    A command is named first or not at all: the app itself takes no option but --version and
+    --help, so a command name further on is an argument or an option's value (``-o rules``)."""
+    if not argv or argv[0] in COMMANDS or argv[0] in ("--version", "--help", "-h"):
         return argv
-    if any(a in COMMANDS for a in positional):
-        return argv
+    if all(a.startswith("-") for a in argv):
+        return argv  # options alone: the app says what is wrong with them
     return [next((name for name, claims in CLAIMS.items() if claims(argv)), "rewrite"), *argv]
 
 
@@ -105,11 +107,10 @@ def run_app(argv: Sequence[str]) -> int:
     except Exit as exc:
         return _exit(int(exc.exit_code or 0))
     except TyperException as exc:  # usage errors: unknown option, missing argument, bad value
-        show = getattr(exc, "show", None)
-        if callable(show):
-            show()
+        if not argv and callable(getattr(exc, "show", None)):  # `onnx-rewrite` alone: the help is the answer
+            exc.show()  # type: ignore[attr-defined]
         else:
-            print(f"error: {exc.format_message()}", file=sys.stderr)
+            print(f"error: {_usage_message(exc)}", file=sys.stderr)
         return EXIT_INPUT
     except Abort:
         print("error: aborted", file=sys.stderr)
@@ -126,6 +127,13 @@ def run_app(argv: Sequence[str]) -> int:
         return EXIT_INTERNAL
     # Without standalone mode typer returns the exit code it made of a Ctrl-C instead of raising.
     return _exit(code if isinstance(code, int) else 0)
+
+
+def _usage_message(exc: TyperException) -> str:
+    """A usage error in one line: click's message (with its "Possible options"), and where the help is."""
+    message = " ".join(exc.format_message().splitlines()).rstrip(".")
+    ctx = getattr(exc, "ctx", None)
+    return f"{message}; see '{ctx.command_path} --help'" if ctx is not None else message
 
 
 def _exit(code: int) -> int:

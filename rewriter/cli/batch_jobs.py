@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
-from rewriter.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_PLUGIN, EXIT_VERIFY, InputError
+from rewriter.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_PLUGIN, EXIT_VERIFY, InputError, shown_path
 
 __all__ = ["ModelJob", "Outcome", "find_models", "plan_jobs", "run_jobs", "KNOWN_EXITS"]
 
@@ -82,7 +82,7 @@ def find_models(paths: Sequence[Path]) -> list[Path]:
     seen: set[Path] = set()
     for path in paths:
         if not path.exists():
-            raise InputError(f"cannot read model '{path}': no such file or folder")
+            raise InputError(f"cannot read model {shown_path(path)}: no such file or folder")
         for model in _folder_models(path) if path.is_dir() else [path]:
             key = model.resolve()
             if key not in seen:

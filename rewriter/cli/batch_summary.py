@@ -44,6 +44,23 @@ class ReportFacts:
     speedup: float | None = None  # the first provider measured (the one acceptance used)
     provider: str | None = None
     verdict: str | None = None
+    speedup_low: float | None = None  # the paired ratios' 10th-90th percentile spread
+    speedup_high: float | None = None
+    significant: bool | None = None
+    shapes: dict[str, list[int]] | None = None  # where it was measured
+    session: str | None = None  # the timed sessions' settings
+
+    @property
+    def figure(self) -> str:
+        """``1.58× faster (1.45–1.68) at frames=[8,512,400] on cpu`` or ``no measurable change
+        (1.01×, 0.97–1.05) at ...``: the single run's wording."""
+        if self.speedup is None:
+            return "-"
+        spread = f"{self.speedup_low:.2f}–{self.speedup_high:.2f}" if self.speedup_low is not None and self.speedup_high is not None else "?"
+        head = (f"{self.speedup:.2f}× {self.verdict} ({spread})" if self.significant
+                else f"no measurable change ({self.speedup:.2f}×, {spread})")
+        at = ", ".join(f"{k}=[{','.join(str(d) for d in v)}]" for k, v in (self.shapes or {}).items())
+        return f"{head}{' at ' + at if at else ''} on {self.provider}"
 
 
 def read_report(report: Mapping[str, Any]) -> ReportFacts:
@@ -60,6 +77,11 @@ def read_report(report: Mapping[str, Any]) -> ReportFacts:
         speedup=first.get("speedup"),
         provider=first.get("provider"),
         verdict=first.get("verdict"),
+        speedup_low=first.get("speedup_low"),
+        speedup_high=first.get("speedup_high"),
+        significant=first.get("significant"),
+        shapes=first.get("shapes"),
+        session=first.get("session"),
     )
 
 
@@ -87,14 +109,11 @@ class Row:
         if f is None:
             return self.model, "-", "-", "-", self.status
         sites = str(f.applied)
-        others = [f"{n} {what}" for n, what in ((f.rolled_back, "rolled back"), (f.rejected, "rejected")) if n]
+        others = [f"{n} {what}" for n, what in ((f.rolled_back, "rolled back"), (f.rejected, "kept as it was")) if n]
         if others:
             sites += f" ({', '.join(others)})"
         verified = "-" if f.verified is None and not f.applied else {True: "yes", False: "NO", None: "not verified"}[f.verified]
-        speedup = "-"
-        if f.speedup is not None:
-            speedup = f"{f.speedup:.2f}× {f.provider}" + ("" if f.verdict in (None, "faster") else f", {f.verdict}")
-        return self.model, sites, verified, speedup, self.status
+        return self.model, sites, verified, f.figure, self.status
 
 
 def make_row(outcome: Outcome) -> Row:
@@ -140,6 +159,13 @@ def _summary_entry(row: Row) -> dict[str, Any]:
         "verified": f.verified if f else None,
         "speedup": f.speedup if f else None,
         "speedup_provider": f.provider if f else None,
+        "speedup_low": f.speedup_low if f else None,
+        "speedup_high": f.speedup_high if f else None,
+        "significant": f.significant if f else None,
+        "verdict": f.verdict if f else None,
+        "shapes": f.shapes if f else None,
+        "session": f.session if f else None,
+        "figure": f.figure if f and f.speedup is not None else None,
     }
 
 

@@ -31,7 +31,7 @@ from rewriter.cli.batch_jobs import ModelJob, Outcome, find_models, plan_jobs, r
 from rewriter.cli.batch_summary import Row, make_row, render_table, worst_exit, write_summary
 from rewriter.cli.cmd_rewrite import rewrite_cmd
 from rewriter.cli.progress import StepProgress
-from rewriter.errors import EXIT_OK, InputError
+from rewriter.errors import EXIT_OK, InputError, shown_path
 from rewriter.measure.serial import MEASURE_LOCK_ENV
 
 __all__ = ["batch_cmd", "claims", "worker_args"]
@@ -124,13 +124,13 @@ def _out_folder(out_dir: Path | None) -> Path:
     if out_dir is None:
         raise InputError("batch mode needs --out-dir DIR: each model's output, report and log are written there")
     if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"--out-dir '{out_dir}' is not a folder")
+        raise InputError(f"--out-dir {shown_path(out_dir)} is not a folder")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise InputError(f"cannot create --out-dir '{out_dir}': {exc.strerror or exc}") from None
+        raise InputError(f"cannot create --out-dir {shown_path(out_dir)}: {exc.strerror or exc}") from None
     if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise InputError(f"--out-dir '{out_dir}' is not writable")
+        raise InputError(f"--out-dir {shown_path(out_dir)} is not writable")
     return out_dir
 
 

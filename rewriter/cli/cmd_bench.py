@@ -15,7 +15,7 @@ from rewriter.cli.app import app
 from rewriter.cli.console import stderr_console, stdout_console
 from rewriter.cli.progress import StepProgress
 from rewriter.engine.save import atomic_write_text, check_output_path
-from rewriter.errors import InputError
+from rewriter.errors import InputError, shown_path
 
 
 @app.command("bench")
@@ -24,8 +24,8 @@ def bench_cmd(
     other: Optional[Path] = typer.Argument(None, help="Second model with the same inputs (the 'after' side).", show_default=False),
     runs: int = typer.Option(30, "--runs", help="Timed rounds (each runs every model once, interleaved)."),
     warmup: int = typer.Option(5, "--warmup", help="Untimed runs of each model first."),
-    threads: int = typer.Option(2, "--threads", help="onnxruntime intra-op threads."),
-    shape: Optional[List[str]] = typer.Option(None, "--shape", help="Concrete input shape NAME=D,D,... (repeatable) \\[default: the largest default verification shape]."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads \\[default: onnxruntime's, one per physical core]."),
+    shape: Optional[List[str]] = typer.Option(None, "--shape", help="Concrete input shape NAME=D,D,... (repeatable) \\[default: the workload shape of MODEL, as `onnx-rewrite MODEL` measures it]."),
     providers: Optional[str] = typer.Option(None, "--providers", help="cpu and/or cuda, comma-separated \\[default: cpu]."),
     no_memory: bool = typer.Option(False, "--no-memory", help="Skip the peak-RSS probe (a fresh interpreter per model)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the JSON result here."),
@@ -33,7 +33,7 @@ def bench_cmd(
     """Measure MODEL, or compare MODEL (before) with OTHER (after): latency, peak RSS, static costs."""
     for path in (model, other):
         if path is not None and not path.is_file():
-            raise InputError(f"cannot read model '{path}': no such file")
+            raise InputError(f"cannot read model {shown_path(path)}: no such file")
     if report is not None:
         check_output_path(report, input_path=None)
     options = p.bench_options(providers, runs, shape, warmup=warmup, threads=threads, measure_memory=not no_memory)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -9,13 +10,14 @@ from typing import Optional
 
 import typer
 
-from rewriter.api import optimize
+from rewriter.api import Result, optimize
 from rewriter.cli import params as p
 from rewriter.cli.app import app
 from rewriter.cli.console import stderr_console, stdout_console
 from rewriter.cli.progress import StepProgress
-from rewriter.engine.save import atomic_write_text, check_output_path
-from rewriter.errors import InputError
+from rewriter.engine.save import Transaction, check_output_path
+from rewriter.errors import InputError, NotWrittenError, shown_path
+from rewriter.report import Report
 
 
 def default_output(model: Path) -> Path:
@@ -31,8 +33,21 @@ def _distinct(paths: dict[str, Path | None]) -> None:
             continue
         key = path.resolve()
         if key in seen:
-            raise InputError(f"{seen[key]} and {flag} name the same file '{path}'; give each its own path")
+            raise InputError(f"{seen[key]} and {flag} name the same file {shown_path(path)}; give each its own path")
         seen[key] = flag
+
+
+def _json_text(rep: Report) -> str:
+    return json.dumps(rep.to_json(), indent=2) + "\n"
+
+
+def _print_json(rep: Report) -> None:
+    """The JSON report on stdout, flushed; a reader that went away is a NotWrittenError."""
+    try:
+        sys.stdout.write(_json_text(rep))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise NotWrittenError("nothing written: stdout was closed before the JSON report was printed (broken pipe)") from None
 
 
 @app.command("rewrite")
@@ -66,6 +81,7 @@ def rewrite_cmd(
     bench_runs: p.BenchRuns = None,
     bench_shape: p.BenchShape = None,
     bench_providers: p.BenchProviders = None,
+    bench_threads: p.BenchThreads = None,
     tune: p.Tune = False,
     cache: p.Cache = None,
     no_cache: p.NoCache = False,
@@ -75,8 +91,9 @@ def rewrite_cmd(
     if quiet and verbose:
         raise InputError("--quiet and --verbose contradict each other; give one")
     if not model.exists():
-        raise InputError(f"cannot read model '{model}': no such file")
-    out_path = None if dry_run else check_output_path(output or default_output(model), input_path=model.resolve(), overwrite_input=overwrite)
+        raise InputError(f"cannot read model {shown_path(model)}: no such file")
+    out_path = None if dry_run else check_output_path(output or default_output(model), input_path=model.resolve(), overwrite_input=overwrite,
+                                                      refuse_link=output is None)
     _distinct({"MODEL": model, "-o": out_path, "--report": report, "--report-md": report_md})
     for extra in (report, report_md):
         if extra is not None:
@@ -85,23 +102,40 @@ def rewrite_cmd(
         rules=rules, exclude=exclude, direction=direction, tune=tune, plugins=plugin, strict_plugins=strict_plugins,
         verify=None if no_verify else p.verify_options(providers, seed, atol, rtol, shape, inputs, input_range, cuda_tf32),
         no_bench=no_bench, dry_run=dry_run, keep_slower=keep_slower,
-        bench=p.bench_options(bench_providers or providers, bench_runs, bench_shape), cache=cache, no_cache=no_cache,
+        bench=p.bench_options(bench_providers or providers, bench_runs, bench_shape, threads=bench_threads), cache=cache, no_cache=no_cache,
         tune_budget=tune_budget,
         upgrade_opset=upgrade_opset,
     )
     out, err = stdout_console(), stderr_console()
-    with StepProgress(err, "rewriting") as say:
+    # This command's stdout carries its own output only: what a plugin prints goes to stderr.
+    with contextlib.redirect_stdout(sys.stderr), StepProgress(err, "rewriting") as say:
         result = optimize(model, options, progress=say)
-    rep = result.report if out_path is None else result.save(out_path, overwrite_input=overwrite)
+    rep = _write(result, out_path, overwrite=overwrite, report=report, report_md=report_md, json_out=json_out)
     if no_verify and not dry_run:
         err.print("[bold yellow]WARNING: --no-verify: the output was NOT checked against the original[/]")
-    if report is not None:
-        rep.write_json(report)
-    if report_md is not None:
-        atomic_write_text(report_md, rep.to_markdown())
     if json_out:
-        sys.stdout.write(json.dumps(rep.to_json(), indent=2) + "\n")
         return
-    if not quiet:
-        rep.render(out, verbose=verbose, list_all=dry_run)
-    out.print(rep.summary_line("dry run" if dry_run else str(output or default_output(model))), markup=False, highlight=False)
+    try:
+        if not quiet:
+            rep.render(out, verbose=verbose, list_all=dry_run)
+        out.print(rep.summary_line("dry run" if dry_run else str(output or default_output(model))), markup=False, highlight=False)
+        sys.stdout.flush()
+    except BrokenPipeError:  # the files are in place: only the display was lost
+        written = "nothing was written (dry run)" if out_path is None else f"{shown_path(out_path)} was written"
+        err.print(f"warning: stdout was closed before the summary was printed (broken pipe); {written}", markup=False, highlight=False)
+
+
+def _write(result: Result, out_path: Path | None, *, overwrite: bool, report: Path | None, report_md: Path | None,
+           json_out: bool) -> Report:
+    """Write the model (unless ``out_path`` is None: a dry run), its external data and the reports
+    as one transaction: staged, then renamed into place together; with --json only once the
+    report is printed whole. On any failure none of them is written."""
+    with Transaction() as staged:
+        rep = result.report if out_path is None else result.save(out_path, overwrite_input=overwrite, transaction=staged)
+        if report is not None:
+            staged.write_text(report, _json_text(rep))
+        if report_md is not None:
+            staged.write_text(report_md, rep.to_markdown())
+        if json_out:
+            _print_json(rep)
+    return rep

@@ -48,7 +48,8 @@ NoVerify = Annotated[bool, typer.Option("--no-verify", help="Skip verification (
 NoBench = Annotated[bool, typer.Option("--no-bench", help="Skip measuring and the acceptance check (slower rewrites are then kept).", rich_help_panel=_M)]
 KeepSlower = Annotated[bool, typer.Option("--keep-slower", help="Keep rewrites even when they measure slower (noted in the report).", rich_help_panel=_M)]
 BenchRuns = Annotated[Optional[int], typer.Option("--bench-runs", help="Timed interleaved rounds per measurement (>= 1) \\[default: 30].", rich_help_panel=_M)]
-BenchShape = Annotated[Optional[List[str]], typer.Option("--bench-shape", help="Input shape for measuring: NAME=D,D,... (repeatable) \\[default: largest verification shape].", rich_help_panel=_M)]
+BenchShape = Annotated[Optional[List[str]], typer.Option("--bench-shape", help="Input shape for measuring: NAME=D,D,... (repeatable) \\[default: the workload shape, from the model: the report prints the flags that give it again].", rich_help_panel=_M)]
+BenchThreads = Annotated[Optional[int], typer.Option("--bench-threads", help="Intra-op threads of the timed sessions \\[default: onnxruntime's, one per physical core].", rich_help_panel=_M)]
 BenchProviders = Annotated[Optional[str], typer.Option("--bench-providers", help="Providers to measure on, e.g. cpu,cuda; the first measured one decides acceptance \\[default: --providers, else cpu].", rich_help_panel=_M)]
 
 # --- tuning

@@ -142,6 +142,8 @@ def _initial_types(graph: onnx.GraphProto) -> dict[str, TypeProto]:
     types: dict[str, TypeProto] = {}
     for t in graph.initializer:
         types[t.name] = helper.make_tensor_type_proto(t.data_type, list(t.dims))
+    for s in graph.sparse_initializer:  # typed by their values' element type and the dense dims
+        types[s.values.name] = helper.make_tensor_type_proto(s.values.data_type, list(s.dims))
     for vi in (*graph.value_info, *graph.input, *graph.output):
         if vi.type.WhichOneof("value"):
             types[vi.name] = vi.type
@@ -178,9 +180,9 @@ def _infer_in_order(inferred: onnx.ModelProto) -> tuple[dict[str, TypeProto], in
     for node in graph.node:
         if node.domain not in ("", "ai.onnx") or _has_subgraph(node):
             continue
+        if any(name and name not in types for name in node.input):
+            continue  # an input of unknown type (an op ONNX does not know, say): nothing to infer from
         inputs = {name: types[name] for name in node.input if name}
-        if len(inputs) != len([n for n in node.input if n]):
-            continue  # an input of unknown type (or not yet produced): nothing to infer from
         try:
             schema = onnx.defs.get_schema(node.op_type, opsets.get("", 1), "")
             outs = onnx.shape_inference.infer_node_outputs(schema, node, inputs, opset_imports=list(inferred.opset_import),

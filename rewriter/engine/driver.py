@@ -21,7 +21,7 @@ from rewriter.errors import NonConvergenceError
 from rewriter.engine.boundary import NO_BOUNDARY, Boundary, BoundaryTrace
 from rewriter.engine.graph import ModelGraph, graph_paths, iter_graphs, producer
 from rewriter.engine.pattern import Match, MatchFn, first_input_ops, has_choices, match_at, matcher
-from rewriter.engine.rule import RewriteBuilder, Rule
+from rewriter.engine.rule import CheckResult, RewriteBuilder, Rule
 from rewriter.engine.shape_readers import reader_problem, rebuild
 
 __all__ = ["SiteKey", "AppliedSite", "NearMiss", "DriverResult", "run_rules", "opset_problem", "DEFAULT_MAX_ITERATIONS"]
@@ -285,12 +285,20 @@ def _refusal(rule: Rule, m: Match) -> tuple[str | None, bool]:
         result = rule.check(m)
     except Exception as exc:  # a broken rule (plugin or built-in) costs its own sites, not the run
         return f"rule error in check: {_one_line(exc)}", False
+    if not isinstance(result, CheckResult):  # e.g. a bare False: it says neither yes nor why not
+        return (f"rule error in check: it returned {type(result).__name__} {_short_repr(result)}, not a CheckResult "
+                "(return ok(), fail(reason) or skip(reason))"), False
     if not result:
         return result.reason, result.quiet
     reader = reader_problem(m, m.graph)
     if reader is not None:
         return reader, False
     return opset_problem(rule, m.model.opset("")), False
+
+
+def _short_repr(value: object) -> str:
+    text = repr(value).splitlines()[0] if repr(value) else ""
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _one_line(exc: BaseException) -> str:
@@ -311,7 +319,7 @@ def _apply(
     builder = RewriteBuilder(model, rule.id, m.root)
     try:
         result = rule.rewrite(builder, m)
-        new_outs = [result] if isinstance(result, gs.Tensor) else list(result)
+        new_outs = _new_outputs(result)
         old_outs = list(m.root.outputs)
         if len(new_outs) != len(old_outs):
             raise ValueError(f"rule {rule.id} replaced {len(old_outs)} outputs with {len(new_outs)}")
@@ -337,6 +345,15 @@ def _apply(
     for node in builder.nodes:
         model.provenance[node.name] = rule.id
     return tuple(n.name for n in builder.nodes), index
+
+
+def _new_outputs(result: object) -> list[gs.Tensor]:
+    """What a ``rewrite`` returned, as the list of its new outputs (a TypeError saying what it was otherwise)."""
+    if isinstance(result, gs.Tensor):
+        return [result]
+    if isinstance(result, Sequence) and not isinstance(result, str) and all(isinstance(t, gs.Tensor) for t in result):
+        return list(result)
+    raise TypeError(f"it returned {type(result).__name__} {_short_repr(result)}, not a tensor or a list of tensors")
 
 
 def _outside_inputs(m: Match, graph: gs.Graph) -> list[gs.Tensor]:
@@ -366,16 +383,19 @@ def _replace_uses(model: ModelGraph, graph: gs.Graph, old: gs.Tensor, new: gs.Te
         for i, t in enumerate(consumer.inputs):
             if t is old:
                 consumer.inputs[i] = new
-    for i, out in enumerate(graph.outputs):
-        if out is old:
-            if isinstance(new, gs.Constant) or new.inputs == [] or any(new is o for o in graph.outputs):
-                # A graph output must be a node's output with the original name: route through Identity.
-                ident = gs.Variable(old.name, dtype=old.dtype, shape=old.shape)
-                old.name = model.unique_name(old.name + "__replaced")
-                graph.nodes.append(gs.Node("Identity", model.unique_name(ident.name + "/identity"), inputs=[new], outputs=[ident]))
-                graph.outputs[i] = ident
-            else:
-                new_name = new.name
-                new.name, old.name = old.name, model.unique_name(new_name + "__replaced")
-                new.dtype, new.shape = old.dtype or new.dtype, old.shape if old.shape is not None else new.shape
-                graph.outputs[i] = new
+    slots = [i for i, out in enumerate(graph.outputs) if out is old]
+    if not slots:
+        return
+    # One value may fill several output slots (``y, y``): each slot gets the one tensor that now
+    # carries the original name.
+    if isinstance(new, gs.Constant) or new.inputs == [] or any(new is o for o in graph.outputs):
+        # A graph output must be a node's output with the original name: route through Identity.
+        kept = gs.Variable(old.name, dtype=old.dtype, shape=old.shape)
+        old.name = model.unique_name(old.name + "__replaced")
+        graph.nodes.append(gs.Node("Identity", model.unique_name(kept.name + "/identity"), inputs=[new], outputs=[kept]))
+    else:
+        kept, new_name = new, new.name
+        new.name, old.name = old.name, model.unique_name(new_name + "__replaced")
+        new.dtype, new.shape = old.dtype or new.dtype, old.shape if old.shape is not None else new.shape
+    for i in slots:
+        graph.outputs[i] = kept

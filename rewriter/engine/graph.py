@@ -20,12 +20,12 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx_graphsurgeon.ir.tensor import LazyValues
+from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from rewriter.engine.graph_export import PROVENANCE_KEY, export_graph
 from rewriter.engine.graph_import import ExternalLazyValues, NodeSource, import_model
-from rewriter.engine.tensors import node_graphs, raw_array
+from rewriter.engine.tensors import node_graphs, raw_array, sparse_array
 
 __all__ = [
     "ModelGraph",
@@ -176,6 +176,9 @@ def _constant_array(tensor: gs.Constant) -> np.ndarray:
     values = tensor._values
     if not isinstance(values, LazyValues):
         return np.asarray(values)
+    if isinstance(values, SparseValues):
+        # gs's own load reads only the typed fields (raw bytes become zeros) and densifies in float64.
+        return sparse_array(values.tensor)
     if type(values) is LazyValues:
         raw = raw_array(values.tensor)
         if raw is not None:

@@ -24,7 +24,7 @@ from rewriter.engine.collector import collector_paused
 from rewriter.engine.forked import Background
 from rewriter.engine.graph import typed_graph
 from rewriter.engine.tensors import PROTOBUF_LIMIT, SUBGRAPH_ATTRS, attr_graphs, check_tensors, names_read, stat_regular
-from rewriter.errors import InputError
+from rewriter.errors import InputError, shown_path
 
 __all__ = ["LoadedModel", "load_model", "max_supported_ir_version", "loadable_ir", "ensure_loadable_ir"]
 
@@ -198,7 +198,7 @@ def _parse(data: bytes, where: str) -> onnx.ModelProto:
 
 def _load_path(src: str | os.PathLike[str]) -> LoadedModel:
     shown = os.fspath(src)
-    where = f"cannot read model '{shown}'" if shown else "cannot read model"
+    where = f"cannot read model {shown_path(shown)}" if shown else "cannot read model"
     path = Path(shown).expanduser().absolute()
     stat_regular(path, f"{where}:", missing="file not found")
     try:

@@ -6,6 +6,10 @@ registers itself there like any plugin), then each ``--plugin`` given as a file 
 rules as a ``RULES`` list of Rule classes, or else every concrete Rule subclass defined in
 the module is taken. A source that fails to import is listed as unavailable with its
 error (fatal only when ``strict``); two rules with one id is always an error naming both.
+Each rule is validated as it loads (:func:`rule_problem`: its attributes' types and values,
+``pattern()`` built once): an invalid rule is unavailable like a source that fails to import
+(fatal when ``strict``), the source's other rules still load, and naming it in ``--rules`` is
+a plugin error that says why.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from types import ModuleType
 from typing import Callable, Iterable, Sequence
 
 from rewriter.errors import InputError, PluginError
-from rewriter.engine.rule import Rule
+from rewriter.engine.rule import Rule, rule_problem
 
 __all__ = ["ENTRY_POINT_GROUP", "RuleInfo", "Unavailable", "Registry", "discover", "DIRECTIONS"]
 
@@ -44,8 +48,11 @@ class RuleInfo:
 
 @dataclass(frozen=True)
 class Unavailable:
+    """A source that failed to load, or one rule of it (``rule``: its id) that is invalid."""
+
     source: str
     error: str
+    rule: str = ""
 
 
 @dataclass
@@ -77,6 +84,9 @@ class Registry:
         resolved above the engine: it selects from ``to-matmul`` and ``to-conv``.)
         """
         unknown = [r for r in list(rules or ()) + list(exclude) if r not in self.rules]
+        broken = [u for u in self.unavailable if u.rule and u.rule in unknown]
+        if broken:
+            raise PluginError(f"{broken[0].source}: {broken[0].error}")
         if unknown:
             raise InputError(f"unknown rule id(s): {', '.join(unknown)} (see 'onnx-rewrite rules')")
         if direction not in DIRECTIONS:
@@ -153,11 +163,12 @@ def _entry_point_sources(group: str) -> list[tuple[str, _Loader]]:
 def _plugin_source(spec: str) -> tuple[str, _Loader]:
     """(source, loader) of one ``--plugin``: a file path (``*.py``, or any existing path) or a module name."""
     path = Path(spec)
+    shown = spec if spec.isprintable() else repr(spec)  # one line, whatever the name holds
     if spec.endswith(".py") or path.exists():
         if not path.is_file():
-            raise PluginError(f"plugin file not found: {spec}")
-        return f"plugin file {spec}", functools.partial(_import_file, path)
-    return f"plugin module {spec}", functools.partial(importlib.import_module, spec)
+            raise PluginError(f"plugin file not found: {shown}")
+        return f"plugin file {shown}", functools.partial(_import_file, path)
+    return f"plugin module {shown}", functools.partial(importlib.import_module, spec)
 
 
 def _load(reg: Registry, source: str, loader: _Loader, strict: bool) -> None:
@@ -175,7 +186,21 @@ def _load(reg: Registry, source: str, loader: _Loader, strict: bool) -> None:
         reg.unavailable.append(Unavailable(source, _short(exc)))
         return
     for rule in found:
-        reg.add(rule, source)
+        _add_valid(reg, source, rule, strict)
+
+
+def _add_valid(reg: Registry, source: str, rule: object, strict: bool) -> None:
+    """Add ``rule`` when it is a valid Rule class; else list it as unavailable (a PluginError when ``strict``)."""
+    problem = rule_problem(rule) if inspect.isclass(rule) and issubclass(rule, Rule) else f"{rule!r} is not a Rule class"
+    if problem is None:
+        reg.add(rule, source)  # type: ignore[arg-type]
+        return
+    rule_id = getattr(rule, "id", "")
+    rule_id = rule_id if isinstance(rule_id, str) else ""
+    what = f"rule '{rule_id}'" if rule_id else f"rule class {getattr(rule, '__qualname__', rule)!r}"
+    if strict:
+        raise PluginError(f"{source}: {what} is invalid: {problem}")
+    reg.unavailable.append(Unavailable(source, f"{what} is invalid: {problem}", rule_id))
 
 
 def _rules_from(loaded: object) -> list[type[Rule]]:

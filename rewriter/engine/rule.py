@@ -8,9 +8,12 @@ if anything goes wrong.
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
+import sys
 from dataclasses import dataclass
-from typing import ClassVar, Mapping, Sequence, Union
+from typing import Any, Callable, ClassVar, Mapping, Sequence, Union
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -18,12 +21,17 @@ import onnx_graphsurgeon as gs
 from rewriter.engine.graph import ModelGraph
 from rewriter.engine.graph_import import new_node, new_variable
 from rewriter.engine.pattern import Match, OpPat, PatternBuilder
+from rewriter.errors import PluginError
 
-__all__ = ["Rule", "CheckResult", "ok", "fail", "skip", "RewriteBuilder", "Replacement"]
+__all__ = ["Rule", "CheckResult", "ok", "fail", "skip", "RewriteBuilder", "Replacement", "RULE_DIRECTIONS", "rule_problem",
+           "defined_in"]
 
 _ID_RE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 
 Replacement = Union[gs.Tensor, Sequence[gs.Tensor]]
+
+#: What a rule's ``direction`` may be.
+RULE_DIRECTIONS = ("to-matmul", "to-conv", "cleanup")
 
 
 @dataclass(frozen=True)
@@ -105,11 +113,13 @@ class Rule:
 
     @property
     def compiled_pattern(self) -> OpPat:
+        """``pattern()``'s op pattern, built once per instance; a ``pattern()`` that raises or
+        returns something else is the rule's fault (``PluginError`` naming the rule and its file)."""
         if self._compiled is None:
-            pat = self.pattern(PatternBuilder())
-            if not isinstance(pat, OpPat):
-                raise TypeError(f"rule {self.id}: pattern() must return an op pattern")
-            self._compiled = pat
+            try:
+                self._compiled = _build_pattern(self)
+            except _BadPattern as exc:
+                raise PluginError(f"rule '{self.id}' ({defined_in(type(self))}): {exc}") from exc.__cause__
         return self._compiled
 
     @property
@@ -127,6 +137,67 @@ class Rule:
 
     def __repr__(self) -> str:
         return f"<Rule {self.id}>"
+
+
+class _BadPattern(Exception):
+    """Why a rule's ``pattern()`` gave no op pattern."""
+
+
+def _build_pattern(rule: Rule) -> OpPat:
+    try:
+        pat = rule.pattern(PatternBuilder())
+    except Exception as exc:
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        raise _BadPattern(f"pattern() raised {type(exc).__name__}" + (f": {text}" if text else "")) from exc
+    if not isinstance(pat, OpPat):
+        raise _BadPattern(f"pattern() returned {type(pat).__name__}, not an op pattern (return p.op(...))")
+    return pat
+
+
+def defined_in(cls: type) -> str:
+    """The file that defines ``cls`` (its module's name when it has none), for messages."""
+    module = sys.modules.get(cls.__module__)
+    return str(getattr(module, "__file__", None) or cls.__module__)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
+
+
+def _is_opset_range(v: object) -> bool:
+    return (isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+            and v[0] <= v[1])
+
+
+# (attribute, test, what it must be): the contract the driver, the registry and the report rely on.
+_ATTRIBUTES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("id", lambda v: isinstance(v, str) and bool(_ID_RE.match(v)), "a kebab-case string"),
+    ("family", lambda v: isinstance(v, str), "a string"),
+    ("description", lambda v: isinstance(v, str), "a string"),
+    ("benefit", _is_number, "a finite number"),
+    ("opsets", _is_opset_range, "a (lowest, highest) pair of ints"),
+    ("default", lambda v: isinstance(v, bool), "True or False"),
+    ("direction", lambda v: v in RULE_DIRECTIONS, f"one of {', '.join(RULE_DIRECTIONS)}"),
+)
+
+
+def rule_problem(cls: type[Rule]) -> str | None:
+    """Why the rule class ``cls`` cannot run, or None: its declared attributes, its methods, and
+    its ``pattern()``, built once on a fresh instance."""
+    for name, valid, wanted in _ATTRIBUTES:
+        value = getattr(cls, name, None)
+        if not valid(value):
+            return f"{name} must be {wanted}, got {value!r}"
+    for name in ("pattern", "check", "rewrite"):
+        if not callable(getattr(cls, name, None)):
+            return f"{name} must be a method"
+    try:
+        _build_pattern(cls())
+    except _BadPattern as exc:
+        return str(exc)
+    except Exception as exc:  # its __init__
+        return f"{cls.__qualname__}() raised {type(exc).__name__}: {exc}".splitlines()[0]
+    return None
 
 
 class RewriteBuilder:

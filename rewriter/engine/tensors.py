@@ -22,10 +22,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from rewriter.errors import InputError
+from rewriter.errors import InputError, shown_path
 
 __all__ = ["PROTOBUF_LIMIT", "iter_tensors", "attr_graphs", "node_graphs", "names_read", "SUBGRAPH_ATTRS", "is_external", "has_external_data", "external_ref", "resolve_location",
-           "stat_regular", "check_tensors", "read_tensor", "raw_array"]
+           "stat_regular", "check_tensors", "read_tensor", "raw_array", "sparse_array"]
 
 
 PROTOBUF_LIMIT = 2**31 - 1  # protobuf cannot serialize a message of 2 GB or more
@@ -152,7 +152,7 @@ def external_ref(tensor: onnx.TensorProto, where: str) -> _ExternalRef:
 
 def resolve_location(location: str, base_dir: Path, tensor_name: str, where: str) -> Path:
     """The data file of `location`, refusing anything that leaves `base_dir`."""
-    what = f"{where}: external data location '{location}' of tensor '{tensor_name}'"
+    what = f"{where}: external data location {shown_path(location)} of tensor '{tensor_name}'"
     if "\x00" in location:
         raise InputError(f"{what} is invalid")
     if os.path.isabs(location) or PureWindowsPath(location).is_absolute() or PureWindowsPath(location).drive:
@@ -205,7 +205,7 @@ def stat_regular(path: Path, prefix: str, *, missing: str) -> None:
 def _data_file_size(file: Path, location: str, tensor_name: str, where: str, sizes: dict[Path, int]) -> int:
     """Size of an external data file, checking once that it exists and is readable."""
     if file not in sizes:
-        what = f"{where}: external data file '{location}' (tensor '{tensor_name}')"
+        what = f"{where}: external data file {shown_path(location)} (tensor '{tensor_name}')"
         stat_regular(file, what, missing="is missing")
         try:
             with open(file, "rb") as f:
@@ -227,7 +227,7 @@ def _check_range(tensor: onnx.TensorProto, ref: _ExternalRef, size: int, where: 
         raise InputError(f"{what} stores {ref.length} bytes externally, dims {_dims_text(tensor)} need {expected}")
     length = ref.length if ref.length is not None else expected
     if (end := ref.offset + (length or 0)) > size:
-        raise InputError(f"{what} needs bytes {ref.offset}..{end} of '{ref.location}', which has only {size} (truncated data file?)")
+        raise InputError(f"{what} needs bytes {ref.offset}..{end} of {shown_path(ref.location)}, which has only {size} (truncated data file?)")
     return length
 
 
@@ -285,7 +285,7 @@ def check_tensors(model: onnx.ModelProto, base_dir: Path | None, where: str) -> 
             continue
         ref = external_ref(tensor, where)
         if base_dir is None:
-            raise InputError(f"{where}: tensor '{tensor.name}' references external data '{ref.location}'; load it from its file")
+            raise InputError(f"{where}: tensor '{tensor.name}' references external data {shown_path(ref.location)}; load it from its file")
         file = resolve_location(ref.location, base_dir, tensor.name, where)
         size = _data_file_size(file, ref.location, tensor.name, where, sizes)
         _check_range(tensor, ref, size, where, label)
@@ -336,3 +336,24 @@ def read_tensor(tensor: onnx.TensorProto, base_dir: Path | None) -> np.ndarray:
         return numpy_helper.to_array(inline)  # unpacks sub-byte types
     arr = raw.view(helper.tensor_dtype_to_np_dtype(tensor.data_type))
     return (arr.byteswap() if sys.byteorder == "big" else arr).reshape(tuple(tensor.dims))
+
+
+def sparse_array(sparse: onnx.SparseTensorProto, base_dir: Path | None = None) -> np.ndarray:
+    """A sparse tensor's dense value, as onnxruntime computes with it: its values at their
+    indices (``[NNZ]`` linear, or ``[NNZ, rank]`` coordinates), zeros elsewhere, in the values'
+    element type. Indices that do not fit the dims are the model's fault (``InputError``)."""
+    name = sparse.values.name
+    dims = tuple(int(d) for d in sparse.dims)
+    values = read_tensor(sparse.values, base_dir).reshape(-1)
+    indices = read_tensor(sparse.indices, base_dir).astype(np.int64)
+    bounds = np.asarray(dims, dtype=np.int64)
+    coordinates = indices.ndim == 2 and indices.shape[1] == len(dims) > 1
+    if coordinates and len(indices) and ((indices < 0).any() or (indices >= bounds).any()):
+        raise InputError(f"sparse initializer '{name}': an index lies outside its dims {list(dims)}")
+    flat = np.ravel_multi_index(tuple(indices.T), dims) if coordinates and len(indices) else indices.reshape(-1)
+    size = math.prod(dims)
+    if len(flat) != len(values) or (len(flat) and (flat.min() < 0 or flat.max() >= size)):
+        raise InputError(f"sparse initializer '{name}': {len(values)} values at {len(flat)} indices do not fit dims {list(dims)}")
+    dense = np.zeros(size, dtype=values.dtype)
+    dense[flat] = values
+    return dense.reshape(dims)

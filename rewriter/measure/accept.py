@@ -1,10 +1,13 @@
-"""Accept: measure a rewrite against its original and keep only what is not slower.
+"""Accept: measure a rewrite against its original and keep only what pays, family by family.
 
-:func:`accept` benchmarks the original and the rewritten model on the target providers and
-counts their static costs. The *target* is the first provider that could be measured. When the
-rewrite is measurably slower there, twice in a row, rule families are rolled back one at a time,
-the family whose removal helps most first, until the model is no longer slower; their sites are
-reported ``rejected`` with the measured reason.
+:func:`accept` benchmarks the original and the rewritten model on the target providers (at the
+workload shape and the small one) and counts their static costs. The *target* is the first
+provider that could be measured. Each rule family is then judged by its own share: with one
+family, the whole comparison; with several, the rewritten model against the same model without
+that family. A family is kept when it is measurably faster (and not measurably slower at the
+small shape), or when it is not measurably different and leaves less peak memory or fewer
+nodes; otherwise its sites are left as they were (``rejected``: "kept as it was: 0.95× at
+x=[8,512,512], ..."). ``keep_slower`` keeps every family, saying what was measured.
 """
 
 from __future__ import annotations
@@ -21,21 +24,23 @@ from rewriter.engine.rule import Rule
 from rewriter.errors import VerificationError
 from rewriter.measure.bench import BenchOptions, ProviderBench, bench_models
 from rewriter.measure.section import BenchmarkSection, StaticSection, static_section
-from rewriter.report import RewriteRecord
+from rewriter.report import RewriteRecord, op_counts
 
-__all__ = ["Acceptance", "accept", "rule_family"]
+__all__ = ["Acceptance", "Verdict", "accept", "pays", "rule_family"]
 
 BenchFn = Callable[..., "dict[str, ProviderBench]"]
-Measure = Callable[[onnx.ModelProto, BenchOptions, str], "dict[str, ProviderBench]"]
 Progress = Callable[[str], None]
 _MAX_REBUILDS = 8
+# Peak RSS must drop by more than this share to count as less memory (the probe's own noise).
+_MEMORY_MARGIN = 0.01
 
 
 @dataclass(frozen=True)
 class Acceptance:
     """The accept step's result: the accepted model, one record per site (``rejected`` for the
-    families rolled back), the report sections, notes, and whether the model changed (then the
-    caller proves it again: ``sites`` are the accepted model's applied sites)."""
+    families left as they were; the kept ones credited with their own measured share in
+    ``detail``), the report sections, notes, and whether the model changed (then the caller
+    proves it again: ``sites`` are the accepted model's applied sites)."""
 
     model: onnx.ModelProto
     records: tuple[RewriteRecord, ...]
@@ -47,36 +52,57 @@ class Acceptance:
     mismatch: str | None = None  # the outputs differ where measured: the caller proves the rewrite there
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """Whether a family pays, and the words for it: ``share`` (``1.08× faster (1.02–1.11) at
+    x=[8,512,512]``) and, when it does not pay, why."""
+
+    keep: bool
+    share: str
+    why: str = ""
+
+
 def rule_family(rule: Rule) -> str:
     """The family of a rule (:meth:`Rule.family_name`: its declared ``family``, else its id)."""
     return rule.family_name()
 
 
-def _slower_at(r: ProviderBench | None) -> bool:
-    return r is not None and r.significant and r.verdict == "slower"
+def _shapes_text(r: ProviderBench) -> str:
+    return ", ".join(f"{k}=[{','.join(str(d) for d in v)}]" for k, v in r.shapes.items())
 
 
-def _slower(r: ProviderBench | None) -> bool:
-    """Measurably slower at the workload shape or, when measured, at the small one."""
-    return r is not None and (_slower_at(r) or _slower_at(r.small))
+def _figure(r: ProviderBench) -> str:
+    """``1.08× faster (1.02–1.11) at x=[8,512,512]`` / ``no measurable change (0.99×, 0.95–1.03) at ...``."""
+    if r.speedup is None:
+        return f"not compared at {_shapes_text(r)}"
+    spread = f"{r.speedup_low:.2f}–{r.speedup_high:.2f}"
+    head = f"{r.speedup:.2f}× {r.verdict} ({spread})" if r.significant else f"no measurable change ({r.speedup:.2f}×, {spread})"
+    return f"{head} at {_shapes_text(r)}"
 
 
-def _speedup_at(r: ProviderBench | None) -> float:
-    # None stands for "no rewrite left": the original itself, neither faster nor slower.
-    return 1.0 if r is None or r.speedup is None else r.speedup
+def _less_memory(r: ProviderBench) -> bool:
+    before = r.before.peak_rss_bytes if r.before else None
+    after = r.after.peak_rss_bytes if r.after else None
+    return bool(before and after is not None and after < before * (1 - _MEMORY_MARGIN))
 
 
-def _speedup(r: ProviderBench | None) -> float:
-    """The worse of the two sizes' speedups (a family is judged by where it hurts most)."""
-    return min(_speedup_at(r), _speedup_at(r.small)) if r is not None and r.small is not None else _speedup_at(r)
-
-
-def _reason(r: ProviderBench) -> str:
-    at = r if _slower_at(r) or r.small is None else r.small
-    b = at.before.median_ms if at.before else float("nan")
-    a = at.after.median_ms if at.after else float("nan")
-    where = "" if at is r else f" at {', '.join(f'{k}={v}' for k, v in at.shapes.items())}"
-    return f"slower{where}: {b:.3f} ms -> {a:.3f} ms ({_speedup_at(at):.2f}x)"
+def pays(r: ProviderBench, fewer_nodes: bool) -> Verdict:
+    """A family's verdict from its own share ``r`` (with ``r.small`` at the small shape):
+    kept when measurably faster and not measurably slower at the small shape; or when not
+    measurably different at either and with less peak memory or ``fewer_nodes``."""
+    share = _figure(r)
+    small = r.small if r.small is not None and r.small.status == "measured" else None
+    if small is not None and small.significant and small.verdict == "slower":
+        return Verdict(False, share, f"measurably slower at the small shape: {_figure(small)}")
+    if r.significant and r.verdict == "faster":
+        return Verdict(True, share)
+    if r.significant:
+        return Verdict(False, share, "measurably slower")
+    if _less_memory(r):
+        return Verdict(True, share + ", less peak memory")
+    if fewer_nodes:
+        return Verdict(True, share + ", fewer nodes")
+    return Verdict(False, share, "not measurably faster, and neither less peak memory nor fewer nodes")
 
 
 def _key(record: RewriteRecord) -> SiteKey:
@@ -95,26 +121,11 @@ def accept(
     progress: Progress | None = None,
     bench_fn: BenchFn = bench_models,
 ) -> Acceptance:
-    """Measure ``out_model`` against ``loaded.model``; roll back slower rule families unless
-    ``keep_slower``. ``bench_fn`` (default `bench_models`) is injectable so the policy can be
+    """Measure ``out_model`` against ``loaded.model`` and keep the families that pay (see the
+    module docstring). ``bench_fn`` (default `bench_models`) is injectable so the policy can be
     tested without timing."""
-    say = progress or (lambda _msg: None)
-
-    def measure(model: onnx.ModelProto, opts: BenchOptions, label: str) -> dict[str, ProviderBench]:
-        def tick(done: int, total: int) -> None:
-            say(f"measuring {label}: {done}/{total}")
-
-        main = bench_fn(loaded.model, model, opts, base_dir=loaded.base_dir, progress=tick)
-        if not opts.small_shapes:
-            return main
-        # What an online server runs (batch 1, a short input) may favour another form than the
-        # workload shape: a family must not be measurably slower at either.
-        small_opts = replace(opts, shapes=opts.small_shapes, small_shapes=None, measure_memory=False,
-                             shape_source="small: batch 1, a short input")
-        small = bench_fn(loaded.model, model, small_opts, base_dir=loaded.base_dir, progress=tick)
-        return {p: replace(r, small=small.get(p)) for p, r in main.items()}
-
-    first = measure(out_model, options, "original vs rewritten")
+    judge = _Judge(loaded, rules, options, bench_fn, progress or (lambda _msg: None))
+    first = judge.measure(loaded.model, out_model, options, "original vs rewritten")
     target = next((name for name, r in first.items() if r.status == "measured"), None)
     mismatch = _outputs_differ(first)
     if mismatch is not None:
@@ -122,14 +133,11 @@ def accept(
         # judged on speed: the caller proves the rewrite at this shape first.
         return Acceptance(out_model, tuple(records), BenchmarkSection(first), None,
                           (f"acceptance: the outputs differ where measured ({mismatch})",), False, (), mismatch)
-    state = _State(out_model, list(records), first, [])
     if target is None:
         why = "; ".join(f"{n}: {r.reason}" for n, r in first.items())
-        state.notes.append(f"acceptance: no provider could be measured ({why}); rewrites kept unmeasured")
-    elif _slower(first[target]):
-        state = _judge_slower(loaded, rules, state, target, options, keep_slower, measure, say)
-    elif not first[target].significant:
-        state.notes.append(f"acceptance: no measurable change on {target}; rewrites kept")
+        state = _State(out_model, list(records), first, [f"acceptance: no provider could be measured ({why}); rewrites kept unmeasured"])
+    else:
+        state = judge.families(out_model, list(records), first, target, keep_slower)
     bench = first.get(target) if target else next(iter(first.values()), None)
     shapes = {k: tuple(v) for k, v in (bench.shapes if bench else {}).items()}
     static, note = static_section(loaded.model, state.model, shapes)
@@ -157,94 +165,90 @@ class _State:
     sites: tuple[AppliedSite, ...] = ()  # the model's applied sites, once families were rolled back
 
 
-def _judge_slower(
-    loaded: LoadedModel, rules: Sequence[Rule], state: _State, target: str, options: BenchOptions,
-    keep_slower: bool, measure: Measure, say: Progress,
-) -> _State:
-    """The rewrite measured slower on ``target``: keep it (``keep_slower``), or measure again,
-    and only when that agrees roll back families until it is not slower."""
-    r = state.results[target]
-    trial_options = replace(options, providers=(target,), measure_memory=False)
-    if keep_slower:
-        state.notes.append(f"acceptance: kept although slower on {target}: {_reason(r)[len('slower: '):]} (--keep-slower)")
-        return state
-    confirm = measure(state.model, trial_options, "confirming the slowdown")[target]
-    if not _slower(confirm):
-        # A burst of outside load can tilt one measurement; rejecting needs a second one to agree.
-        state.notes.append(f"acceptance: slower on {target} at first ({_speedup(r):.2f}x) but not when measured again "
-                           f"({_speedup(confirm):.2f}x, {confirm.verdict}); rewrites kept")
-        return state
-    family_of = {rule.id: rule_family(rule) for rule in rules}
-    rolled = _roll_back_families(loaded, rules, state.records, family_of, target, confirm, trial_options, measure, say)
-    state = _State(rolled.model, rolled.records, state.results, state.notes + rolled.notes, rolled.sites)
-    if not any(rec.status == "applied" for rec in rolled.records):
-        state.notes.append("acceptance: every rewrite was rejected; the output is the original graph and "
-                           "the benchmark shows the rejected rewrite")
-        return state
-    state.results = measure(state.model, options, "original vs accepted")
-    if _slower(state.results.get(target)):
-        state.notes.append(f"acceptance: the accepted model measured slower again on {target} ({_speedup(state.results[target]):.2f}x)")
-    return state
+class _Judge:
+    """Measures pairs of models at both sizes and judges each family by its own share."""
+
+    def __init__(self, loaded: LoadedModel, rules: Sequence[Rule], options: BenchOptions, bench_fn: BenchFn, say: Progress) -> None:
+        self.loaded, self.rules, self.options, self.bench_fn, self.say = loaded, rules, options, bench_fn, say
+        self.family_of = {rule.id: rule_family(rule) for rule in rules}
+
+    def measure(self, before: onnx.ModelProto, after: onnx.ModelProto, opts: BenchOptions, label: str) -> dict[str, ProviderBench]:
+        def tick(done: int, total: int) -> None:
+            self.say(f"measuring {label}: {done}/{total}")
+
+        main = self.bench_fn(before, after, opts, base_dir=self.loaded.base_dir, progress=tick)
+        if not opts.small_shapes:
+            return main
+        # What an online server runs (batch 1, a short input) may favour another form than the
+        # workload shape: a family must not be measurably slower at either.
+        small_opts = replace(opts, shapes=opts.small_shapes, small_shapes=None, measure_memory=False,
+                             shape_source="small: batch 1, a short input")
+        small = self.bench_fn(before, after, small_opts, base_dir=self.loaded.base_dir, progress=tick)
+        return {p: replace(r, small=small.get(p)) for p, r in main.items()}
+
+    def families(self, out_model: onnx.ModelProto, records: list[RewriteRecord], first: dict[str, ProviderBench], target: str,
+                 keep_slower: bool) -> _State:
+        """Judge each applied family on ``target``; leave the ones that do not pay as they were."""
+        applied = [r for r in records if r.status == "applied"]
+        families = list(dict.fromkeys(self.family_of.get(r.rule, r.rule) for r in applied))
+        verdicts = {}
+        for fam in families:
+            if len(families) == 1:
+                verdicts[fam] = pays(first[target], _nodes(out_model) < _nodes(self.loaded.model))
+                continue
+            self.say(f"acceptance: measuring rule family '{fam}' on its own")
+            without = self._rebuild({_key(r) for r in records if r.status != "applied"}, {fam})
+            # Without it nothing is rewritten (the other families rewrite what it created): its
+            # share is the whole comparison, measured already.
+            share = first[target] if not without.result.applied else self.measure(
+                without.model, out_model, replace(self.options, providers=(target,)), f"family '{fam}'")[target]
+            verdicts[fam] = pays(share, _nodes(out_model) < _nodes(without.model))
+        notes = [f"acceptance on {target}: family '{fam}' {'kept' if v.keep else 'kept as it was'}: {v.share}"
+                 + ("" if v.keep else f" ({v.why})") for fam, v in verdicts.items()]
+        dropped = {fam for fam, v in verdicts.items() if not v.keep}
+        if keep_slower and dropped:
+            notes.append(f"acceptance: kept although not paying on {target} (--keep-slower): {', '.join(sorted(dropped))}")
+            dropped = set()
+        if not dropped:
+            return _State(out_model, [self._credit(r, verdicts, target, True) for r in records], first, notes)
+        earlier = [r for r in records if r.status != "applied"]  # rolled back by verification: stay out
+        rebuilt = self._rebuild({_key(r) for r in earlier}, dropped)
+        left = [self._credit(r, verdicts, target, False) for r in applied
+                if self.family_of.get(r.rule, r.rule) in dropped]
+        kept = [self._credit(RewriteRecord(site.rule, site.nodes, "applied"), verdicts, target, True)
+                for site in rebuilt.result.applied]
+        if not rebuilt.result.applied:
+            notes.append("acceptance: no family paid; the output is the original graph and the benchmark shows the rewrite left out")
+            return _State(rebuilt.model, kept + earlier + left, first, notes, ())
+        results = self.measure(self.loaded.model, rebuilt.model, self.options, "original vs accepted")
+        return _State(rebuilt.model, kept + earlier + left, results, notes, rebuilt.result.applied)
+
+    def _credit(self, record: RewriteRecord, verdicts: Mapping[str, Verdict], target: str, keep: bool) -> RewriteRecord:
+        """``record`` with its family's own measured share: applied (``keep``) or left as it was."""
+        if record.status != "applied":
+            return record
+        fam = self.family_of.get(record.rule, record.rule)
+        v = verdicts.get(fam)
+        if v is None:
+            return record
+        detail = {**(record.detail or {}), "provider": target, "family": fam, "share": v.share}
+        if keep:
+            return replace(record, detail=detail)
+        return replace(record, status="rejected", reason=f"kept as it was: {v.share}; {v.why}", detail=detail)
+
+    def _rebuild(self, skip: set[SiteKey], dropped: set[str]) -> Rewritten:
+        """Rewrite from the original with ``skip`` sites and no site of a ``dropped`` family.
+
+        A site created in a later sweep may get another anchor name once earlier sites are skipped,
+        so rebuild until no dropped family fires."""
+        for _ in range(_MAX_REBUILDS):
+            rebuilt = rewrite(self.loaded, self.rules, skip=sorted(skip))
+            extra = {s.key for s in rebuilt.result.applied if self.family_of.get(s.rule, "") in dropped} - skip
+            if not extra:
+                return rebuilt
+            skip |= extra
+        raise VerificationError(f"cannot roll back rule famil(ies) {', '.join(sorted(dropped))}: their rules keep firing")
 
 
-def _rebuild(
-    loaded: LoadedModel, rules: Sequence[Rule], skip: set[SiteKey], dropped: set[str], family_of: Mapping[str, str]
-) -> Rewritten:
-    """Rewrite from the original with ``skip`` sites and no site of a ``dropped`` family.
-
-    A site created in a later sweep may get another anchor name once earlier sites are skipped,
-    so rebuild until no dropped family fires."""
-    for _ in range(_MAX_REBUILDS):
-        rebuilt = rewrite(loaded, rules, skip=sorted(skip))
-        extra = {s.key for s in rebuilt.result.applied if family_of.get(s.rule, "") in dropped} - skip
-        if not extra:
-            return rebuilt
-        skip |= extra
-    raise VerificationError(f"cannot roll back rule famil(ies) {', '.join(sorted(dropped))}: their rules keep firing")
-
-
-def _roll_back_families(
-    loaded: LoadedModel,
-    rules: Sequence[Rule],
-    records: Sequence[RewriteRecord],
-    family_of: Mapping[str, str],
-    target: str,
-    slower: ProviderBench,
-    trial_options: BenchOptions,
-    measure: Measure,
-    say: Progress,
-) -> _State:
-    """Greedy: each round tries the model without each remaining family (target provider only,
-    no memory probe) and drops the family whose removal gives the best speedup; stops when the
-    model is not slower any more. The state's ``results`` are left empty for the caller."""
-    kept = [r for r in records if r.status != "applied"]  # rolled back by verification: stay out
-    base_skip = {_key(r) for r in kept}
-    current = [r for r in records if r.status == "applied"]
-    current_bench: ProviderBench | None = slower
-    remaining = list(dict.fromkeys(family_of.get(r.rule, "") for r in current))
-    dropped: set[str] = set()
-    rejected: list[RewriteRecord] = []
-    notes: list[str] = []
-    best: Rewritten | None = None
-    while remaining and current_bench is not None and _slower(current_bench):
-        trials = []
-        for fam in remaining:
-            say(f"acceptance: trying without rule family '{fam}'")
-            rebuilt = _rebuild(loaded, rules, set(base_skip), dropped | {fam}, family_of)
-            bench = measure(rebuilt.model, trial_options, f"without '{fam}'")[target] if rebuilt.result.applied else None
-            trials.append((_speedup(bench), fam, rebuilt, bench))
-        speed, fam, best, bench = max(trials, key=lambda t: t[0])
-        gone = [r for r in current if family_of.get(r.rule, "") == fam]
-        detail = {"provider": target, "family": fam, "speedup": current_bench.speedup,
-                  "speedup_low": current_bench.speedup_low, "speedup_high": current_bench.speedup_high}
-        rejected += [RewriteRecord(r.rule, r.nodes, "rejected", _reason(current_bench), detail) for r in gone]
-        notes.append(
-            f"acceptance: rolled back rule family '{fam}' ({len(gone)} site(s)) on {target}: "
-            f"{_speedup(current_bench):.2f}x with it, {speed:.2f}x without"
-        )
-        dropped.add(fam)
-        remaining.remove(fam)
-        current = [RewriteRecord(site.rule, site.nodes, "applied") for site in best.result.applied]
-        current_bench = bench
-    assert best is not None
-    return _State(best.model, current + kept + rejected, {}, notes, best.result.applied)
+def _nodes(model: onnx.ModelProto) -> int:
+    return sum(op_counts(model).values())

@@ -9,6 +9,7 @@ session existed, so the two models never share an allocator.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
@@ -29,7 +30,8 @@ if TYPE_CHECKING:
     import onnx
     import onnxruntime
 
-__all__ = ["ModelTiming", "OutputsCheck", "ProviderBench", "BenchOptions", "bench_models", "check_outputs", "judge", "time_interleaved"]
+__all__ = ["ModelTiming", "OutputsCheck", "ProviderBench", "BenchOptions", "bench_models", "check_outputs", "judge", "time_interleaved",
+           "session_settings", "PAUSE_S"]
 
 OPT_LEVEL = "all"
 
@@ -103,7 +105,7 @@ class ProviderBench:
     speedup_high: float | None
     significant: bool
     verdict: str  # "faster" | "slower" | "no measurable change" | "not compared"
-    threads: int
+    threads: int | None  # intra-op threads; None: onnxruntime's default (one per physical core)
     opt_level: str
     shapes: dict[str, list[int]]
     notes: tuple[str, ...] = ()
@@ -128,6 +130,7 @@ class ProviderBench:
             "significant": self.significant,
             "verdict": self.verdict,
             "threads": self.threads,
+            "session": session_settings(self.threads),
             "opt_level": self.opt_level,
             "shapes": {k: list(v) for k, v in self.shapes.items()},
             "shape_source": self.shape_source,
@@ -140,24 +143,37 @@ class ProviderBench:
 
 @dataclass(frozen=True)
 class BenchOptions:
-    """How to measure. `shapes` (whole shapes by input name) defaults to the largest of
-    `inputs.shape_sets`; inputs it leaves out take that default too."""
+    """How to measure. `shapes` (whole shapes by input name) defaults to the workload shape
+    (:mod:`rewriter.measure.workload`, the same for a model on every run and machine); inputs it
+    leaves out take it too. ``threads``: intra-op threads of the timed sessions, None for
+    onnxruntime's default (one per physical core); they spin as onnxruntime's do by default.
+    ``flop_budget``: the workload shape grows no further than this many FLOPs (None: the
+    default, :data:`~rewriter.measure.workload.FLOP_BUDGET`)."""
 
     providers: tuple[str, ...] = ("cpu",)
     runs: int = 30
     warmup: int = 5
-    threads: int = 2
+    threads: int | None = None
     shapes: dict[str, tuple[int, ...]] | None = None
     seed: int = 0
     measure_memory: bool = True
     shape_source: str | None = None  # how ``shapes`` were chosen, for the report
-    target_ms: float | None = None  # workload shape: the original's latency to grow to (None: per provider)
+    flop_budget: float | None = None
     small_shapes: dict[str, tuple[int, ...]] | None = None  # acceptance also measures here (batch 1, short)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "providers", parse_providers(self.providers, default=()))
-        if self.runs < 1 or self.warmup < 0 or self.threads < 1:
+        if self.runs < 1 or self.warmup < 0 or (self.threads is not None and self.threads < 1):
             raise InputError(f"need runs >= 1, warmup >= 0, threads >= 1 (got {self.runs}, {self.warmup}, {self.threads})")
+        if self.flop_budget is not None and not (math.isfinite(self.flop_budget) and self.flop_budget > 0):
+            raise InputError(f"the FLOP budget must be a positive number, got {self.flop_budget}")
+
+
+def session_settings(threads: int | None) -> str:
+    """The timed sessions' settings, in words, for the report."""
+    if threads is None:
+        return "onnxruntime's default session options"
+    return f"{threads} intra-op threads, otherwise onnxruntime's default session options"
 
 
 # --- statistics ------------------------------------------------------------------------------
@@ -235,6 +251,13 @@ def _feeds_and_shapes(
 
 # --- measurement -----------------------------------------------------------------------------
 
+#: Between one session's block of runs and the next session's: long enough for the first
+#: session's spinning intra-op threads to park (measured: 20 ms gives identical models a
+#: 0.96-1.04x paired spread with spinning on; back to back, their threads fight and each run
+#: takes twice as long).
+PAUSE_S = 0.02
+
+
 def time_interleaved(
     sessions: Sequence["onnxruntime.InferenceSession"],
     feeds: Mapping[str, np.ndarray],
@@ -243,13 +266,16 @@ def time_interleaved(
     warmup: int,
     min_sample_ms: float = 2.0,
     tick: Callable[[], None] | None = None,
+    pause_s: float = PAUSE_S,
 ) -> list[list[float]]:
     """Milliseconds per call, per session, over ``runs`` interleaved rounds (order alternating).
 
-    A model that runs in microseconds is mostly call overhead and scheduling noise per call;
-    so, like ``timeit``, each sample is the mean of ``k`` back-to-back calls, ``k`` chosen once
-    from the warm-up so that the fastest session's samples last about ``min_sample_ms``
-    (``k`` = 1 for anything slower). Used by the benchmark and by per-site tuning.
+    Each round gives each session a block: a pause (``pause_s``, so the previous session's
+    spinning threads have parked), one untimed call (its own threads awake, as in a deployment
+    that runs the model continuously), then ``k`` timed calls whose mean is the sample. ``k`` is
+    chosen once from the warm-up so that the fastest session's block lasts about
+    ``min_sample_ms`` (``k`` = 1 for anything slower): a model that runs in microseconds is mostly
+    call overhead and scheduling noise per call. Used by the benchmark and by per-site tuning.
 
     On CUDA each call runs with inputs and outputs bound on the device (``ort.timing_call``): the
     copies happen before the first warm-up call, never in a timed one, and each call waits for
@@ -268,6 +294,9 @@ def time_interleaved(
     for r in range(runs):
         for i in range(len(sessions)) if r % 2 == 0 else reversed(range(len(sessions))):
             call = calls[i]
+            if len(sessions) > 1:
+                time.sleep(pause_s)
+                call()
             t0 = time.perf_counter()
             for _ in range(k):
                 call()
@@ -287,7 +316,7 @@ def _open_and_probe(
     before any timed round, so nothing runs beside those. No probe outlives a failure here."""
     probes = [MemoryProbe(s, provider, options.threads, options.runs, feeds_manifest, tmp) for s in sources] if feeds_manifest else []
     try:
-        return [make_session(s, provider, threads=options.threads, shared=True) for s in sources], probes
+        return [make_session(s, provider, threads=options.threads, shared=True, spinning=True) for s in sources], probes
     except BaseException:
         for p in probes:
             p.stop()
@@ -343,7 +372,9 @@ def _bench_provider(
     del sessions
     for _ in probes:
         tick()
-    notes.append("intra-op thread spinning off, so the compared sessions do not steal cores from each other")
+    notes.append(f"{session_settings(options.threads)} (intra-op threads: {options.threads or 'one per physical core'}, "
+                 f"spinning on, all graph optimizations); each round gives each model a block of runs after a "
+                 f"{PAUSE_S * 1e3:.0f} ms pause and an untimed run, so one model's spinning threads never overlap the other's runs")
     if provider == "cuda":
         notes += _cuda_notes(memory)
     timings = [_timing(s, m) for s, m in zip(samples, memory)]

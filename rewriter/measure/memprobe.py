@@ -56,12 +56,12 @@ class MemoryProbe:
     process's peak is its own, so running side by side changes no figure; the timed runs start
     only once every probe has finished)."""
 
-    def __init__(self, src: ModelSource, provider: str, threads: int, runs: int, feeds_manifest: Path, tmp: Path) -> None:
+    def __init__(self, src: ModelSource, provider: str, threads: int | None, runs: int, feeds_manifest: Path, tmp: Path) -> None:
         self.label = src.label
         cmd = [
             sys.executable, "-m", "rewriter.measure.memprobe", str(src.file_for_subprocess(tmp)),
             "--feeds", str(feeds_manifest), "--provider", provider,
-            "--threads", str(threads), "--runs", str(min(runs, _MEMORY_RUNS)),
+            "--threads", str(threads or 0), "--runs", str(min(runs, _MEMORY_RUNS)),
         ]
         if src.external_dir is not None:
             cmd += ["--external-dir", str(src.external_dir)]
@@ -101,7 +101,7 @@ class MemoryProbe:
 
 
 def measure_memory(
-    src: ModelSource, provider: str, threads: int, runs: int, feeds_manifest: Path, tmp: Path
+    src: ModelSource, provider: str, threads: int | None, runs: int, feeds_manifest: Path, tmp: Path
 ) -> tuple[dict[str, Any], list[str]]:
     """Peak RSS (and CUDA device memory) of one model's session creation + runs, measured in a
     fresh interpreter so nothing else this process holds is counted. Returns (result, notes)."""
@@ -201,7 +201,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("model")
     parser.add_argument("--feeds", required=True)
     parser.add_argument("--provider", default="cpu", choices=sorted(PROVIDERS))
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: onnxruntime's default)")
     parser.add_argument("--runs", type=int, default=_MEMORY_RUNS)
     parser.add_argument("--external-dir")
     args = parser.parse_args(argv)
@@ -221,7 +221,8 @@ def main(argv: list[str]) -> int:
     used_before = device_used(nvml) if nvml is not None else None
     _reset_peak_rss()
     baseline = _max_rss_bytes()
-    session = make_session(src, args.provider, threads=args.threads)
+    # The session as the benchmark times it: onnxruntime's defaults unless threads were set.
+    session = make_session(src, args.provider, threads=args.threads or None, spinning=True)
     for _ in range(max(args.runs, 1)):
         session.run(None, feeds)
     peak = _max_rss_bytes()

@@ -112,11 +112,11 @@ def _bisect(loaded: LoadedModel, rules: Sequence[Rule], current: Rewritten, skip
     except VerificationError as exc:
         raise VerificationError(f"{exc}; first failure: {_first_failure(result)}") from exc
     by_key: dict[SiteKey, AppliedSite] = {s.key: s for s in current.result.applied}
-    return [
-        RewriteRecord(key[0], by_key[key].nodes if key in by_key else (key[1],), "rolled_back",
-                      f"not equivalent: {_site_error(result)}", {"max_abs": _max_abs(result)})
-        for key in offenders
-    ]
+    broken = next((e.reason for e in result.sites.values() if e.status == "unchecked"), None)
+    # A model that did not load or run has no difference to show: onnxruntime's own reason does.
+    reason = f"rewritten site failed to run: {broken.split(': ', 1)[-1]}" if broken else f"not equivalent: {_site_error(result)}"
+    detail = None if broken else {"max_abs": _max_abs(result)}
+    return [RewriteRecord(key[0], by_key[key].nodes if key in by_key else (key[1],), "rolled_back", reason, detail) for key in offenders]
 
 
 def _record(site: AppliedSite, status: str, reason: str, evidence: dict | None, max_abs: float | None = None) -> RewriteRecord:

@@ -328,7 +328,10 @@ def verify_models(
         if not any(t.wants_evidence(plan.shapes_needed) for t in tallies.values()):
             break
     results = {name: skipped[name] if name in skipped else tallies[name].result(orig.outputs, tried) for name, _, _ in providers}
-    unloaded = next((r.reason for r in skipped.values() if r.status == "failed"), None)
+    # The rewritten model did not load, or failed to run where the original ran: no site can be
+    # compared; bisection finds the sites that break it.
+    unloaded = next((r.reason for r in skipped.values() if r.status == "failed"), None) or next(
+        (t.crashed for t in tallies.values() if t.crashed), None)
     evidence = {
         site.key: combine(site, observed[site.key], {n: t.site(site.key) for n, t in tallies.items() if results[n].status != "skipped"},
                           tried, plan.shapes_needed, unloaded)
@@ -458,6 +461,7 @@ class _Tally:
     diffs: dict[str, OutputDiff] = field(default_factory=dict)
     noise_max: float | None = None
     sessions: tuple[Any, Any] | None = None
+    crashed: str | None = None  # the rewritten model failed to run where the original ran
 
     def site(self, key: SiteKey) -> ProviderEvidence:
         return next(t for t in self.sites if t.site.key == key).result()
@@ -576,6 +580,7 @@ def _verify_run(tally: _Tally, orig: _Runnable, rew: _Runnable, runs: _Runs, i: 
         got = _run(rew_sess, rew, feeds)
     except ORT_ERRORS as exc:
         tally.failures.append(f"the rewritten model rejects inputs {text} that the original accepts: {first_line(exc)}")
+        tally.crashed = tally.crashed or f"the rewritten model fails to run at {text}: {first_line(exc)}"
         return
     tally.ran.append(shapes)
     tally.compare(orig, ref, got, noise, options, text, runs.labels[i])

@@ -72,7 +72,7 @@ def site_signature(sub: onnx.ModelProto) -> list[Any]:
     return [inputs, nodes, [refs.get(o.name) for o in g.output], [[o.domain, o.version] for o in sub.opset_import]]
 
 
-def cache_key(sub: onnx.ModelProto, forms: Iterable[str], provider: str, threads: int) -> str:
+def cache_key(sub: onnx.ModelProto, forms: Iterable[str], provider: str, threads: int | None) -> str:
     doc = {"site": site_signature(sub), "forms": sorted(forms), "provider": provider, "threads": threads,
            "onnxruntime": onnxruntime.__version__, "onnx_rewrite": __version__}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

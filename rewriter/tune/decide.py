@@ -1,5 +1,5 @@
-"""Per-site decision: build each form of a site, time the forms, keep the incumbent unless
-another is measurably faster (see :mod:`rewriter.tune.plan` for the whole step)."""
+"""Per-site decision: build each form of a site, time the forms, keep the original unless
+another form pays (see :func:`decide`; :mod:`rewriter.tune.plan` for the whole step)."""
 
 from __future__ import annotations
 
@@ -33,12 +33,14 @@ class OrtTimer:
 
     Samples come from :func:`rewriter.bench.time_interleaved` (batched calls, as in ``timeit``)."""
 
-    def __init__(self, runs: int = 30, warmup: int = 5, threads: int = 2, min_sample_ms: float = 2.0) -> None:
+    def __init__(self, runs: int = 30, warmup: int = 5, threads: int | None = None, min_sample_ms: float = 2.0) -> None:
         self.runs, self.warmup, self.threads, self.min_sample_ms = runs, warmup, threads, min_sample_ms
 
     def __call__(self, models: Mapping[str, onnx.ModelProto], feeds: Mapping[str, np.ndarray], provider: str) -> dict[str, list[float]]:
         names = list(models)
-        sessions = [make_session(model_source(models[name], name), provider, threads=self.threads) for name in names]
+        # Timed as the benchmark times whole models: onnxruntime's default session options.
+        sessions = [make_session(model_source(models[name], f"site form {name}"), provider, threads=self.threads, spinning=True)
+                    for name in names]
         samples = time_interleaved(sessions, feeds, runs=self.runs, warmup=self.warmup, min_sample_ms=self.min_sample_ms)
         return dict(zip(names, samples))
 
@@ -76,45 +78,45 @@ def _stats(samples: Sequence[float]) -> dict[str, float]:
 
 
 def decide(
-    samples: Mapping[str, Sequence[float]], incumbent: str = ORIGINAL
+    samples: Mapping[str, Sequence[float]], nodes: Mapping[str, int] | None = None, prefer: str | None = None
 ) -> tuple[str, str, dict[str, dict[str, Any]]]:
     """(choice, reason, {form: stats}) from per-round samples of every form (``original`` among them).
 
-    ``incumbent`` is what the site gets without measuring: the fixed policy's form (the rewrite
-    that paid in every whole-model measurement so far), or ``original`` where the policy leaves
-    the site alone. Another form -- the original included -- replaces it only when
-    ``bench.judge`` finds its paired speedup over the incumbent significant; among several, the
-    largest median speedup wins. Isolated sites miss context (a transpose shared with a
-    neighbour, a chain that folds later), so noise or a small isolated gain must not undo a
-    rewrite that pays on whole models. Stats report each form's speedup over the original."""
-    incumbent = incumbent if incumbent in samples else ORIGINAL
+    The rule acceptance applies to whole families, at one site: the original stays unless a
+    form pays -- measurably faster than the original (``bench.judge``: the paired speedup's
+    spread clear of 1; among several, the largest median speedup), or not measurably different
+    and with fewer nodes (``nodes``: each form's node count; scaffolding removed). A form that
+    is as fast and no smaller does not replace the original, whatever the fixed policy would
+    write there. ``prefer`` (the fixed policy's form) only breaks exact ties. Stats report each
+    form's speedup over the original."""
     base = list(samples[ORIGINAL])
     forms: dict[str, dict[str, Any]] = {ORIGINAL: _stats(base)}
+    faster: list[tuple[float, bool, str, float, float]] = []
+    even: list[tuple[int, float, bool, str, float, float]] = []
+    best_other: tuple[float, str, float, float] | None = None
     for form, s in samples.items():
-        if form != ORIGINAL:
-            speedup, low, high, _, verdict = judge([b / a for b, a in zip(base, s) if a > 0])
-            forms[form] = {**_stats(s), "speedup": speedup, "speedup_low": low, "speedup_high": high, "verdict": verdict}
-    ref = list(samples[incumbent])
-    best: tuple[float, str, float, float] | None = None
-    runner_up: tuple[float, str, float, float] | None = None
-    for form, s in samples.items():
-        if form == incumbent:
+        if form == ORIGINAL:
             continue
-        speedup, low, high, significant, verdict = judge([r / a for r, a in zip(ref, s) if a > 0])
+        speedup, low, high, significant, verdict = judge([b / a for b, a in zip(base, s) if a > 0])
+        forms[form] = {**_stats(s), "speedup": speedup, "speedup_low": low, "speedup_high": high, "verdict": verdict}
         entry = (speedup or 0.0, form, low or 0.0, high or 0.0)
         if significant and verdict == "faster":
-            best = max(best, entry) if best else entry
-        else:
-            runner_up = max(runner_up, entry) if runner_up else entry
-    rounds = len(ref)
-    kept = "original" if incumbent == ORIGINAL else f"fixed policy's {incumbent}"
-    if best is not None:
-        sp, form, lo, hi = best
-        return form, f"{sp:.2f}x faster than {kept} ({lo:.2f}-{hi:.2f}x over {rounds} rounds)", forms
-    if runner_up is None:
-        return incumbent, "no other form could be built", forms
-    sp, form, lo, hi = runner_up
-    return incumbent, f"{kept} kept: no form measurably faster (best: {form} {sp:.2f}x, {lo:.2f}-{hi:.2f}x over {rounds} rounds)", forms
+            faster.append((entry[0], form == prefer, form, entry[2], entry[3]))
+        elif not significant and nodes is not None and nodes.get(form, 1 << 30) < nodes.get(ORIGINAL, 0):
+            even.append((nodes[form], -entry[0], form != prefer, form, entry[2], entry[3]))
+        best_other = max(best_other, entry) if best_other else entry
+    rounds = len(base)
+    if faster:
+        sp, _, form, lo, hi = max(faster)
+        return form, f"{sp:.2f}x faster than the original ({lo:.2f}-{hi:.2f}x over {rounds} rounds)", forms
+    if even:
+        n, neg, _, form, lo, hi = min(even)
+        return form, (f"not measurably different from the original ({-neg:.2f}x, {lo:.2f}-{hi:.2f}x over {rounds} rounds) "
+                      f"and {n} nodes instead of {nodes[ORIGINAL]}"), forms  # type: ignore[index]
+    if best_other is None:
+        return ORIGINAL, "no other form could be built", forms
+    sp, form, lo, hi = best_other
+    return ORIGINAL, f"original kept: no form measurably faster or smaller (best: {form} {sp:.2f}x, {lo:.2f}-{hi:.2f}x over {rounds} rounds)", forms
 
 
 def default_choice(site: Site) -> str:
@@ -134,7 +136,7 @@ class SiteContext:
     observed: Mapping[str, np.ndarray]
     cleanups: Sequence[Rule]
     provider: str
-    threads: int
+    threads: int | None
     timer: Timer
     cache: DecisionCache
     why_not: str | None = None
@@ -161,8 +163,7 @@ def decide_site(site: Site, ctx: SiteContext) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - reported in the section
         return _fallback(site, f"cannot isolate the site: {str(exc)[:200]}")
     all_forms = [ORIGINAL, *sorted(site.rules)]
-    incumbent = default_choice(site)
-    key = cache_key(sub, [*all_forms, f"incumbent:{incumbent}"], ctx.provider, ctx.threads)
+    key = cache_key(sub, [*all_forms, "rule:pays-or-original"], ctx.provider, ctx.threads)
     hit = ctx.cache.get(key, all_forms)
     if hit is not None:
         forms = {f: {k: v[k] for k in _FORM_KEYS if k in v} for f, v in hit["forms"].items()}
@@ -176,7 +177,8 @@ def decide_site(site: Site, ctx: SiteContext) -> dict[str, Any]:
             return _entry(site, ORIGINAL, f"no other form could be built ({why_dropped})")
         t0 = time.perf_counter()
         samples = ctx.timer(models, feeds, ctx.provider)
-        choice, reason, forms = decide({f: samples[f] for f in models}, incumbent)
+        nodes = {f: len(m.graph.node) for f, m in models.items()}
+        choice, reason, forms = decide({f: samples[f] for f in models}, nodes, default_choice(site))
     except Exception as exc:  # noqa: BLE001 - reported in the section
         return _fallback(site, f"timing failed: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}")
     reason += f"; {why_dropped}" if why_dropped else ""
