@@ -187,8 +187,9 @@ def run_tool(model: Path, out: Path, cache: Path, env: dict[str, str]) -> Run:
     cpu = (data.get("benchmark") or {}).get("cpu") or {}
     before, after = (cpu.get("before") or {}).get("peak_rss_bytes"), (cpu.get("after") or {}).get("peak_rss_bytes")
     tuning = data.get("tuning") or {}
+    measured_at = cpu.get("shapes") or tuning.get("shapes") or {}  # nothing rewritten: the shape tuning measured at
     return Run(
-        shapes={k: tuple(v) for k, v in (cpu.get("shapes") or {}).items()}, speedup=cpu.get("speedup"), low=cpu.get("speedup_low"),
+        shapes={k: tuple(v) for k, v in measured_at.items()}, speedup=cpu.get("speedup"), low=cpu.get("speedup_low"),
         high=cpu.get("speedup_high"), verdict=cpu.get("verdict", "-"),
         rss_change=(after - before) / before * 100 if before and after else None,
         hits=(tuning.get("cache") or {}).get("hits", 0), sites=len(tuning.get("sites") or []), summary=data["summary"], written=out,

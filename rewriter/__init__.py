@@ -7,10 +7,11 @@ from typing import TYPE_CHECKING, Any
 from rewriter.version import __version__
 
 if TYPE_CHECKING:
-    from rewriter.api import Result, bench, list_rules, optimize, verify
+    from rewriter.api import KEEP, Result, RuleInfo, RuleList, bench, list_rules, optimize, verify
     from rewriter.engine.pattern import Match, PatternBuilder
     from rewriter.engine.rule import CheckResult, RewriteBuilder, Rule, fail, ok, skip
-    from rewriter.errors import InputError, PluginError, RewriterError, VerificationError
+    from rewriter.errors import FailOnError, InputError, PluginError, RewriterError, RuleWarning, VerificationError
+    from rewriter.ir_pass import RewritePass
     from rewriter.options import MEASURED, PROVEN, BenchOptions, Options, TuneOptions, VerifyOptions
 
 __all__ = [
@@ -20,6 +21,10 @@ __all__ = [
     "bench",
     "list_rules",
     "Result",
+    "RuleList",
+    "RuleInfo",
+    "KEEP",
+    "RewritePass",
     "Options",
     "VerifyOptions",
     "BenchOptions",
@@ -38,6 +43,8 @@ __all__ = [
     "InputError",
     "PluginError",
     "VerificationError",
+    "FailOnError",
+    "RuleWarning",
 ]
 
 _LAZY = {
@@ -46,6 +53,10 @@ _LAZY = {
     "bench": "rewriter.api",
     "list_rules": "rewriter.api",
     "Result": "rewriter.api",
+    "RuleList": "rewriter.api",
+    "RuleInfo": "rewriter.api",
+    "KEEP": "rewriter.api",
+    "RewritePass": "rewriter.ir_pass",
     "Options": "rewriter.options",
     "VerifyOptions": "rewriter.options",
     "BenchOptions": "rewriter.options",
@@ -64,6 +75,8 @@ _LAZY = {
     "InputError": "rewriter.errors",
     "PluginError": "rewriter.errors",
     "VerificationError": "rewriter.errors",
+    "FailOnError": "rewriter.errors",
+    "RuleWarning": "rewriter.errors",
 }
 
 

@@ -13,10 +13,11 @@
 
 from __future__ import annotations
 
+import enum
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, List, Sequence
 
 import onnx
 
@@ -26,7 +27,7 @@ from rewriter.engine.forked import Background
 from rewriter.engine.model_io import LoadedModel, load_model
 from rewriter.engine.opset import default_opset, upgrade_opset
 from rewriter.engine.save import Transaction, check_output_path, file_sha256, save_model
-from rewriter.engine.registry import Registry, discover
+from rewriter.engine.registry import Registry, RuleInfo, Unavailable, discover
 from rewriter.engine.rewrite import Rewritten, rewrite
 from rewriter.engine.rule import Rule
 from rewriter.errors import InputError, VerificationError
@@ -42,12 +43,25 @@ from rewriter.prove.result import VerificationResult
 from rewriter.prove.rollback import Proof, prove
 from rewriter.prove.verify import VerifyOptions, verify_models
 from rewriter.report import NearMissRecord, Report, RewriteRecord, Section, summarize
-from rewriter.tune.plan import TunePlan, tune_sites
+from rewriter.tune.plan import TuneOptions, TunePlan, tune_sites
 from rewriter.tune.sites import restrict
 
-__all__ = ["optimize", "verify", "bench", "list_rules", "Result"]
+__all__ = ["optimize", "verify", "bench", "list_rules", "Result", "RuleList", "RuleInfo", "KEEP", "Keep"]
 
 Progress = Callable[[str], None]
+
+
+class Keep(enum.Enum):
+    """The default of :func:`optimize`'s keywords: the option as ``options`` has it."""
+
+    KEEP = "keep"
+
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+#: An :func:`optimize` keyword left at ``KEEP`` leaves that option as ``options`` has it.
+KEEP = Keep.KEEP
 
 
 @dataclass(frozen=True)
@@ -62,6 +76,15 @@ class Result:
     @property
     def modified(self) -> bool:
         return bool(self.report.applied)
+
+    def check(self, fail_on: str | Sequence[str]) -> "Result":
+        """A CI gate: raise :class:`rewriter.FailOnError` (``exit_code`` 4) when one of ``fail_on``
+        happened in this run (``"rolled-back,rejected"`` or a sequence of names of
+        ``rolled-back``, ``rejected``, ``not-verified``, ``unchanged``, ``near-miss``; what
+        ``--fail-on`` takes); the message names each with what happened. Returns ``self``, so
+        ``rewriter.optimize(m).check("rolled-back").save(out)`` reads in order."""
+        self.report.check(fail_on)
+        return self
 
     def save(self, path: str | Path, *, overwrite_input: bool = False, transaction: Transaction | None = None) -> Report:
         """Write the model atomically (external data beside it); returns the report with ``output`` filled.
@@ -106,23 +129,40 @@ def optimize(
     *,
     registry: Registry | None = None,
     progress: Progress | None = None,
-    **changes: Any,
+    rules: Sequence[str] | None | Keep = KEEP,
+    exclude: Sequence[str] | Keep = KEEP,
+    direction: str | None | Keep = KEEP,
+    plugins: Sequence[str] | Keep = KEEP,
+    strict_plugins: bool | Keep = KEEP,
+    verify: VerifyOptions | bool | None | Keep = KEEP,
+    bench: BenchOptions | bool | None | Keep = KEEP,
+    tune: TuneOptions | bool | None | Keep = KEEP,
+    keep_slower: bool | Keep = KEEP,
+    upgrade_opset: int | None | Keep = KEEP,
 ) -> Result:
     """Rewrite ``model`` (path, bytes, ModelProto or torch ONNXProgram), prove, measure, decide.
 
-    ``options`` (default :data:`rewriter.PROVEN`) says which steps run; keyword ``changes``
-    adjust it (``rules=[...]``, ``verify=False``, ``bench=True``, ``tune=TuneOptions(...)``;
-    see :meth:`Options.but`). Sites that break equivalence are rolled back (``rolled_back``);
-    with ``bench``, rule families that make the model measurably slower are rolled back
-    (``rejected``) unless ``keep_slower``. Raises :class:`VerificationError` only when no
-    equivalent model can be produced."""
-    opts = (options or PROVEN).but(**changes)
+    ``options`` (default :data:`rewriter.PROVEN`) says which steps run; the keywords change one
+    option each (those of :class:`Options`: ``rules=[...]``, ``verify=False``, ``bench=True``,
+    ``tune=TuneOptions(...)``; see :meth:`Options.but`), a keyword left at ``KEEP`` keeps it.
+    Sites that break equivalence are rolled back (``rolled_back``); with ``bench``, rule
+    families that make the model measurably slower are rolled back (``rejected``) unless
+    ``keep_slower``. Raises :class:`VerificationError` only when no equivalent model can be
+    produced; :meth:`Result.check` turns events of the run into an error (a CI gate)."""
+    opts = (options or PROVEN).but(**changed(rules=rules, exclude=exclude, direction=direction, plugins=plugins,
+                                             strict_plugins=strict_plugins, verify=verify, bench=bench, tune=tune,
+                                             keep_slower=keep_slower, upgrade_opset=upgrade_opset))
     say = progress or (lambda _msg: None)
     loaded = load_model(model)
     # Every step opens the original (workload, tuning, verification per provider, bisection,
     # benchmark at two sizes): each model gets one session per provider and settings.
     with shared_sessions():
         return _optimize(loaded, opts, registry, say)
+
+
+def changed(**keywords: Any) -> dict[str, Any]:
+    """The keywords not left at :data:`KEEP`."""
+    return {name: value for name, value in keywords.items() if value is not KEEP}
 
 
 def _optimize(loaded: LoadedModel, opts: Options, registry: Registry | None, say: Progress) -> Result:
@@ -190,16 +230,72 @@ def _optimize(loaded: LoadedModel, opts: Options, registry: Registry | None, say
     gate = (prepare_gate(out_model, loads=isinstance(verified, VerificationResult) and verified.passed)
             if any(r.status == "applied" for r in records) else None)
     family_of = {rule.id: rule.family_name() for rule in chosen.rules}
+    misses = [(NearMissRecord(n.rule, n.node, n.reason), n.about or n.node) for n in rewritten.result.near_misses]
+    misses += [(m, m.node) for m in _kept_by_tuning(chosen.plan, loaded.model, reg)]
     report = Report(
         tool_version=__version__,
         input=summarize(loaded.model, loaded.path, loaded.sha256),
         output=summarize(out_model),
         rewrites=tuple(replace(r, family=family_of.get(r.rule, r.rule)) for r in records),
-        near_misses=tuple(NearMissRecord(n.rule, n.node, n.reason) for n in rewritten.result.near_misses),
+        near_misses=_once_per_family(misses, reg),
         sections=_pipeline_order(sections),
-        notes=tuple(notes),
+        notes=tuple(notes + _cuda_asked(opts, sections)),
     )
     return Result(out_model, report, loaded, gate)
+
+
+def _once_per_family(misses: Sequence[tuple[NearMissRecord, str]], reg: Registry) -> tuple[NearMissRecord, ...]:
+    """Each reason once per rule family and node it is about (the node a rule's ``fail`` named,
+    else the match's anchor): the full-span rules matching one depthwise conv, anchored at the
+    Conv and at the Flatten after it, say ``not a full-span conv (kernel 31, input 512)`` once."""
+    def family(rule: str) -> str:
+        return reg.rules[rule].family if rule in reg.rules else rule
+
+    seen: dict[tuple[str, str, str], NearMissRecord] = {}
+    for m, about in misses:
+        seen.setdefault((family(m.rule), about, m.reason), m)
+    return tuple(seen.values())
+
+
+def _kept_by_tuning(plan: TunePlan | None, model: onnx.ModelProto, reg: Registry) -> list[NearMissRecord]:
+    """A near miss for each site tuning measured and kept as it was, with its figure: ``kept:
+    Conv measured faster, 0.80× as MatMul (0.75–0.86)``, under the rule of the best form."""
+    if plan is None:
+        return []
+    op_of = {n.name: n.op_type for n in model.graph.node}
+    out = []
+    for site in plan.section.to_json().get("sites", []):
+        if site.get("choice") != "original" or not site.get("nodes"):
+            continue
+        forms = {f: st for f, st in (site.get("forms") or {}).items() if f != "original" and st.get("speedup") is not None}
+        node = site["nodes"][0]
+        if not forms:
+            first = next(iter(site.get("candidates") or ["tuning"]))
+            out.append(NearMissRecord(first, node, f"kept: {site.get('reason', '')}"))
+            continue
+        form = max(forms, key=lambda f: forms[f]["speedup"])
+        st = forms[form]
+        ours = op_of.get(node, "the original")
+        theirs = "Conv" if form in reg.rules and reg.rules[form].direction == "to-conv" else "MatMul"
+        spread = f"({st['speedup_low']:.2f}–{st['speedup_high']:.2f})" if st.get("speedup_low") is not None else ""
+        if st.get("verdict") == "slower":
+            reason = f"kept: {ours} measured faster, {st['speedup']:.2f}× as {theirs} {spread}"
+        elif st.get("verdict") == "faster":  # measurably faster yet not chosen: the site's own reason says why
+            reason = f"kept: {site.get('reason', '')}"
+        else:
+            reason = f"kept: {theirs} not measurably faster than {ours}, {st['speedup']:.2f}× {spread}"
+        out.append(NearMissRecord(form, node, reason.rstrip()))
+    return out
+
+
+def _cuda_asked(opts: Options, sections: dict[str, Section]) -> list[str]:
+    """A note when CUDA was asked for (``VerifyOptions(providers=...)`` names it) and could not
+    run: at a glance the verification line leaves out a CUDA that was only tried."""
+    verification = sections.get("verification")
+    if opts.verify is None or "cuda" not in (opts.verify.providers or ()) or verification is None:
+        return []
+    cuda = verification.to_json().get("providers", {}).get("cuda") or {}
+    return [f"cuda was asked for: {cuda.get('reason')}"] if cuda.get("status") == "skipped" else []
 
 
 def _upgrade_opset(loaded: LoadedModel, opts: Options, notes: list[str]) -> LoadedModel:
@@ -337,7 +433,24 @@ def bench(
     )
 
 
-def list_rules(plugins: Sequence[str] = (), *, strict: bool = False) -> Registry:
-    """Every available rule (built-in and plugins) and the plugins that failed to load.
-    (``onnx-rewrite rules``)"""
-    return discover(plugins, strict=strict)
+class RuleList(List[RuleInfo]):
+    """What :func:`list_rules` returns: every available rule, a list of :class:`RuleInfo` (``id``,
+    ``family``, ``direction``, ``default``, ``opt_in``, ``benefit``, ``description``, ``source``;
+    ``to_json()``), plus ``unavailable`` (the plugins and rules that failed to load, and why) and
+    ``warnings`` (rules whose pattern cannot match as written)."""
+
+    def __init__(self, rules: Iterable[RuleInfo] = (), unavailable: Sequence[Unavailable] = (), warnings: Sequence[str] = ()) -> None:
+        super().__init__(rules)
+        self.unavailable: tuple[Unavailable, ...] = tuple(unavailable)
+        self.warnings: tuple[str, ...] = tuple(warnings)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rules": [r.to_json() for r in self], "unavailable": [u.to_json() for u in self.unavailable],
+                "warnings": list(self.warnings)}
+
+
+def list_rules(plugins: Sequence[str] = (), *, strict: bool = False) -> RuleList:
+    """Every available rule (built-in and plugins), in load order, and the plugins that failed to
+    load. (``onnx-rewrite rules``)"""
+    reg = discover(plugins, strict=strict)
+    return RuleList(reg.rules.values(), reg.unavailable, reg.warnings)

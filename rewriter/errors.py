@@ -12,10 +12,13 @@ __all__ = [
     "VerificationError",
     "NonConvergenceError",
     "NotWrittenError",
+    "FailOnError",
+    "RuleWarning",
     "EXIT_OK",
     "EXIT_VERIFY",
     "EXIT_INPUT",
     "EXIT_PLUGIN",
+    "EXIT_FAIL_ON",
     "EXIT_INTERNAL",
     "EXIT_INTERRUPTED",
     "EXIT_TERMINATED",
@@ -25,15 +28,19 @@ EXIT_OK = 0
 EXIT_VERIFY = 1
 EXIT_INPUT = 2
 EXIT_PLUGIN = 3
+EXIT_FAIL_ON = 4  # the run succeeded (the output is written) but an event named in --fail-on happened
 EXIT_INTERNAL = 70  # a bug
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
 EXIT_TERMINATED = 143  # SIGTERM (128 + SIGTERM)
 
 
 class RewriterError(Exception):
-    """Base class: every error onnx-rewrite raises on purpose. Message is one line."""
+    """Base class: every error onnx-rewrite raises on purpose. Message is one line.
+    ``in_report``: the JSON the command printed already says it (``--json`` then prints no
+    second, error object)."""
 
     exit_code: int = EXIT_INPUT
+    in_report: bool = False
 
 
 class InputError(RewriterError):
@@ -59,6 +66,23 @@ class NotWrittenError(RewriterError):
     none was written (exit 1)."""
 
     exit_code = EXIT_VERIFY
+
+
+class FailOnError(RewriterError):
+    """The run succeeded, but an event the caller named (``--fail-on``, ``Result.check``)
+    happened: a site rolled back, a family rejected, the output not verified, nothing
+    rewritten, a near miss (exit 4). ``events``: those that happened, in the order named."""
+
+    exit_code = EXIT_FAIL_ON
+
+    def __init__(self, message: str, events: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.events = events
+
+
+class RuleWarning(UserWarning):
+    """A rule that loads but can never match as written (a pattern op that is no ONNX operator,
+    an op given more inputs than it takes): warned at load, the rule stays available."""
 
 
 class NonConvergenceError(RewriterError):

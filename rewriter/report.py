@@ -14,6 +14,7 @@ this module needs none of the steps that made them.
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,8 +24,15 @@ import onnx
 
 from rewriter.engine.save import atomic_write_text
 from rewriter.engine.tensors import node_graphs
+from rewriter.errors import FailOnError, InputError
 
-__all__ = ["Section", "ModelSummary", "RewriteRecord", "NearMissRecord", "Report", "summarize", "op_counts", "format_shapes"]
+__all__ = ["Section", "ModelSummary", "RewriteRecord", "NearMissRecord", "Report", "summarize", "op_counts", "format_shapes",
+           "FAIL_ON_EVENTS", "parse_fail_on", "strict_json", "json_text", "bench_line"]
+
+#: The events a CI gate may refuse (``--fail-on``, ``Result.check``): a site rolled back as not
+#: equivalent, a family rejected as not faster, a rewritten output not verified at every site,
+#: nothing rewritten, a candidate not rewritten (a near miss, tuning's kept sites included).
+FAIL_ON_EVENTS = ("rolled-back", "rejected", "not-verified", "unchanged", "near-miss")
 
 
 @runtime_checkable
@@ -39,6 +47,47 @@ class Section(Protocol):
     def render(self, console: Any, *, verbose: bool = False) -> None: ...
 
 STATUSES = ("applied", "rolled_back", "rejected")
+#: How a rolled-back site's reason starts when its rewritten form did not load or run in onnxruntime.
+FAILED_TO_RUN = "rewritten site failed to run"
+
+
+def parse_fail_on(events: str | Sequence[str] | None) -> tuple[str, ...]:
+    """``"rolled-back,rejected"`` (or a sequence of names) -> the events, checked against
+    :data:`FAIL_ON_EVENTS`."""
+    names = [events] if isinstance(events, str) else list(events or ())
+    out = tuple(dict.fromkeys(e.strip() for name in names for e in name.split(",") if e.strip()))
+    unknown = [e for e in out if e not in FAIL_ON_EVENTS]
+    if unknown:
+        raise InputError(f"unknown --fail-on event(s): {', '.join(unknown)}; expected some of {', '.join(FAIL_ON_EVENTS)}")
+    return out
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` as strict JSON holds it: a float that is not finite (inf, nan) becomes null, and
+    the top-level object lists each in ``non_finite`` (``[{"path": "/verification/providers/cpu/max_abs",
+    "value": "inf"}]``, JSON Pointers) beside the reason its own section gives, so parsers that
+    refuse ``Infinity`` / ``NaN`` (JavaScript, ``json.loads(..., parse_constant=...)``) read every report."""
+    found: list[dict[str, str]] = []
+    out = _finite(value, "", found)
+    if found and isinstance(out, dict):
+        out["non_finite"] = list(out.get("non_finite") or []) + found
+    return out
+
+
+def _finite(value: Any, path: str, found: list[dict[str, str]]) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        found.append({"path": path, "value": str(value)})
+        return None
+    if isinstance(value, Mapping):
+        return {k: _finite(v, f"{path}/{str(k).replace('~', '~0').replace('/', '~1')}", found) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v, f"{path}/{i}", found) for i, v in enumerate(value)]
+    return value
+
+
+def json_text(value: Any) -> str:
+    """``value`` as strict, indented JSON text (see :func:`strict_json`), one trailing newline."""
+    return json.dumps(strict_json(value), indent=2, allow_nan=False) + "\n"
 
 
 def format_shapes(shapes: Mapping[str, Sequence[int]]) -> str:
@@ -145,10 +194,45 @@ class Report:
             out[name] = value.to_json()
         if self.notes:
             out["notes"] = list(self.notes)
-        return out
+        return strict_json(out)
 
     def write_json(self, path: str | Path) -> None:
-        atomic_write_text(Path(path), json.dumps(self.to_json(), indent=2) + "\n")
+        atomic_write_text(Path(path), json_text(self.to_json()))
+
+    # --- events a CI gate may refuse ------------------------------------------------------------
+
+    def events(self) -> dict[str, str]:
+        """The :data:`FAIL_ON_EVENTS` that happened in this run, each with what happened, e.g.
+        ``{"rolled-back": "1 site rolled back (method1-conv-to-matmul at conv: not equivalent: ...)"}``."""
+        found: dict[str, str] = {}
+        for event, status, what in (("rolled-back", "rolled_back", "rolled back"), ("rejected", "rejected", "kept as it was (not faster)")):
+            sites = [r for r in self.rewrites if r.status == status]
+            if sites:
+                first = sites[0]
+                found[event] = f"{_count(len(sites), 'site')} {what} ({first.rule} at {', '.join(first.nodes) or '-'}: {first.reason})"
+        if self.applied:
+            verification = self._json_of("verification")
+            if verification is None:
+                found["not-verified"] = f"{_count(len(self.applied), 'rewritten site')}, verification off: the output is NOT verified"
+            elif not verification.get("passed"):
+                found["not-verified"] = "verification did not pass at every rewritten site"
+        else:
+            found["unchanged"] = "nothing rewritten" + (" (written unchanged)" if self.written else "")
+        if self.near_misses:
+            miss = self.near_misses[0]
+            found["near-miss"] = (f"{_count(len(self.near_misses), 'near miss', 'near misses')} "
+                                  f"(first: {miss.rule} at {miss.node}: {miss.reason})")
+        return {e: found[e] for e in FAIL_ON_EVENTS if e in found}
+
+    def check(self, fail_on: str | Sequence[str]) -> None:
+        """Raise :class:`rewriter.FailOnError` (exit 4) when an event of ``fail_on`` (names of
+        :data:`FAIL_ON_EVENTS`, a sequence or comma-separated) happened in this run; the message
+        names each, with what happened."""
+        wanted = parse_fail_on(fail_on)
+        happened = self.events()
+        hit = tuple(e for e in wanted if e in happened)
+        if hit:
+            raise FailOnError("; ".join(f"{e}: {happened[e]}" for e in hit), hit)
 
     # --- the summary line ---------------------------------------------------------------------
 
@@ -168,9 +252,12 @@ class Report:
         n = len(self.applied)
         parts = [f"{_count(n, 'site')} {'rewritten' if self.written else 'would be rewritten'}" if n
                  else "nothing rewritten" + (" (written unchanged)" if self.written else "")]
-        k = sum(r.status == "rolled_back" for r in self.rewrites)
-        if k:
-            parts.append(f"{k} rolled back as not equivalent")
+        rolled = [r for r in self.rewrites if r.status == "rolled_back"]
+        failed = sum(r.reason.startswith(FAILED_TO_RUN) for r in rolled)
+        if len(rolled) > failed:
+            parts.append(f"{len(rolled) - failed} rolled back as not equivalent")
+        if failed:
+            parts.append(f"{failed} rolled back as failing to run in onnxruntime")
         k = sum(r.status == "rejected" for r in self.rewrites)
         if k:
             parts.append(f"{_count(k, 'site')} kept as {'it was' if k == 1 else 'they were'} (not faster)")
@@ -379,11 +466,11 @@ def _verification_lines(verification: Mapping[str, Any], _applied: bool) -> list
         lines = [line + (f"; max abs {max(worst):.3g}" if worst else "")]
     else:
         lines = ["verification: NOT equivalent"]
-    # "cuda: not used (no NVIDIA GPU/driver ...)" reads calm; other skips and failures keep their status word.
-    lines += [
-        f"  {name}: {p.get('reason')}" if p.get("reason", "").startswith("not used") else f"  {name}: {p.get('status')}: {p.get('reason') or '-'}"
-        for name, p in providers.items() if p.get("status") != "passed"
-    ]
+    # "cuda: not used (no NVIDIA GPU/driver ...)", the usual case on a machine without a GPU, is
+    # left to -v and the JSON (the run's notes say it when CUDA was asked for); other skips and
+    # failures keep their status word.
+    lines += [f"  {name}: {p.get('status')}: {p.get('reason') or '-'}" for name, p in providers.items()
+              if p.get("status") != "passed" and not (p.get("status") == "skipped" and p.get("reason", "").startswith("not used"))]
     return lines
 
 
@@ -400,6 +487,19 @@ def _speed(r: Mapping[str, Any]) -> str:
     if r.get("verdict") in ("faster", "slower"):
         return f"{r['speedup']:.2f}× {r['verdict']} ({spread})"
     return f"{r.get('verdict')} ({r['speedup']:.2f}×, {spread})"
+
+
+def bench_line(provider: str, r: Mapping[str, Any]) -> str:
+    """One provider's measurement in one line: ``cpu at x=[8,512,512]: 1.31× faster (1.20–1.44), peak
+    RSS -12%`` for two models, ``cpu at x=[8,512,512]: median 1.234 ms (p90 1.301 ms)`` for one."""
+    where = f"{provider} at {format_shapes(r.get('shapes', {}))}"
+    if r.get("status") != "measured":
+        return f"{provider}: not measured: {r.get('reason') or '-'}"
+    if r.get("after"):
+        return f"{where}: {_speed(r)}{_rss_change(r)}"
+    before = r.get("before") or {}
+    median, p90 = before.get("median_ms"), before.get("p90_ms")
+    return f"{where}: median {median:.3f} ms (p90 {p90:.3f} ms)" if median is not None and p90 is not None else f"{where}: measured"
 
 
 def _rss_change(r: Mapping[str, Any]) -> str:
@@ -426,7 +526,7 @@ def _benchmark_lines(benchmark: Mapping[str, Any], applied: bool) -> list[str]:
     lines = []
     target = _target_bench(benchmark)
     if target is not None:
-        flags = " ".join(f"--bench-shape {k}={','.join(str(d) for d in v)}" for k, v in target.get("shapes", {}).items())
+        flags = " ".join(f"--bench-shape {k}:{','.join(str(d) for d in v)}" for k, v in target.get("shapes", {}).items())
         line = (f"measured on {target['provider']} at {format_shapes(target.get('shapes', {}))} ({flags} reproduces it; "
                 f"{target.get('session') or 'onnxruntime defaults'}): {_speed(target)}{_rss_change(target)}")
         small = target.get("small")

@@ -88,6 +88,7 @@ class PartialSpanConvToMatMul(ConvSpanRule):
     id = "partialspan-conv-to-matmul"
     family = "partialspan"
     benefit = 7
+    partial = True  # its own proof (_plan_layouts below); the kernel need not span every axis
     default = False  # the bare Conv(1, L) measures faster than MatMul plus the Transpose back
 
     def plan(self, m: Match) -> "SpanPlan | CheckResult":

@@ -13,6 +13,9 @@ import time
 
 from rewriter.ruletools import Rule, skip
 
+# Plugin rules are opt-in; this one must run in every default run of the batch tests.
+JOIN_DEFAULT_POLICY = True
+
 
 class CrashOnMarkedRelu(Rule):
     """Relu named segfault_here -> the process dies of SIGSEGV; Relu named hang_here -> it hangs"""

@@ -158,10 +158,11 @@ def test_exit_code_order():
     assert worst_exit([1, 2, 0]) == 2
     assert worst_exit([2, 3, 1]) == 3
     assert worst_exit([3, 70, 2]) == 70
+    assert worst_exit([0, 4, 0]) == 4 and worst_exit([4, 1]) == 1  # a --fail-on event (the output written) is the mildest failure
 
 
 @pytest.mark.parametrize(("returncode", "expected"), [
-    (0, (0, "")), (1, (1, "")), (3, (3, "")), (70, (70, "")),
+    (0, (0, "")), (1, (1, "")), (3, (3, "")), (4, (4, "")), (70, (70, "")),
     (-11, (70, "crashed (SIGSEGV)")), (-8, (70, "crashed (SIGFPE)")), (143, (70, "crashed (exit 143)")),
 ])
 def test_how_a_worker_ended(returncode, expected):
@@ -199,9 +200,14 @@ def test_find_models(models_dir, tmp_path):
         find_models([tmp_path / "missing"])
 
 
-def test_routing_keeps_the_single_model_form():
+def test_routing_keeps_the_single_model_form(tmp_path):
     assert not claims(["m.onnx"]) and not claims(["m.onnx", "--seed", "3", "-o", "x.onnx"])
-    assert claims(["a.onnx", "b.onnx"]) and claims(["m.onnx", "--out-dir", "o"]) and claims(["m.onnx", "-j", "2"])
+    assert claims(["m.onnx", "--out-dir", "o"]) and claims(["m.onnx", "-j", "2"])
+    a, b = FIXTURES / "torch/method1_ts.onnx", FIXTURES / "torch/method2_ts.onnx"
+    assert claims([str(a), str(b)]) and claims([str(a), str(b), str(b)]) and claims([str(a), "new.onnx", "--out-dir", "o"])
+    # in.onnx out.onnx (the onnxsim / onnxslim habit): the second path, no existing model or folder, is the output.
+    assert not claims([str(a), str(tmp_path / "out.onnx")]) and not claims(["a.onnx", "b.onnx"])
+    assert claims([str(a), str(tmp_path)])  # an existing folder: a batch (which asks for --out-dir)
     assert claims([str(FIXTURES)])
     assert not claims([str(FIXTURES), "-o", "x.onnx"])  # single-model form: "is a directory"
     assert not claims(["m.onnx", "--no-such-option"])  # the single-model command reports it

@@ -159,3 +159,97 @@ def test_example_plugin_package_installs_and_runs(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[('example-double-relu', 'applied')] ['Relu']"
+
+
+# --- issue 23: plugin authors ---------------------------------------------------------------------
+
+DEFAULT_ON = PLUGIN.replace("    default = False\n", "")  # a plugin rule that does not say default = False
+
+
+def test_a_named_rule_whose_plugin_failed_to_import_reports_that_plugins_error(tmp_path, capsys):
+    from helpers import cli
+
+    f = tmp_path / "broken.py"
+    f.write_text(PLUGIN.replace("def pattern(self, p):", "def pattern(self, p)"))  # a SyntaxError
+    with pytest.raises(PluginError, match=r"unknown rule id\(s\): plugin-neg-neg, and plugin file .*broken.py failed to load: SyntaxError"):
+        discover([str(f)]).select(["plugin-neg-neg"])
+    code, _, err = cli(capsys, REPO / "tests/fixtures/torch/method1_ts.onnx", "--plugin", f, "--rules", "plugin-neg-neg", "--dry-run")
+    assert code == 3 and "SyntaxError" in err and "broken.py failed to load" in err
+    with pytest.raises(InputError, match="unknown rule id"):  # nothing failed to load: an unknown id is a usage error
+        discover().select(["plugin-neg-neg"])
+
+
+def test_plugin_rules_are_opt_in(tmp_path):
+    """A plugin rule joins no policy by itself (default, --direction, tuning): installing a plugin
+    package changes no run; --rules names it; a source with JOIN_DEFAULT_POLICY = True joins."""
+    f = tmp_path / "plugin_on.py"
+    f.write_text(DEFAULT_ON)
+    reg = discover([str(f)])
+    info = reg.rules["plugin-neg-neg"]
+    assert info.rule.default is True and info.opt_in and not info.default
+    for direction in ("default", "to-matmul"):
+        assert "plugin-neg-neg" not in {r.id for r in reg.select(direction=direction)}
+    assert [r.id for r in reg.select(["plugin-neg-neg"])] == ["plugin-neg-neg"]
+    assert all(not i.opt_in for i in reg.rules.values() if i.source == "built-in")
+    joined = tmp_path / "plugin_joined.py"
+    joined.write_text(DEFAULT_ON.replace("class NegNeg", "JOIN_DEFAULT_POLICY = True\n\nclass NegNeg"))
+    reg = discover([str(joined)])
+    assert not reg.rules["plugin-neg-neg"].opt_in and "plugin-neg-neg" in {r.id for r in reg.select()}
+
+
+def test_rules_listing_says_opt_in(tmp_path, capsys):
+    from helpers import cli
+
+    f = tmp_path / "plugin_on.py"
+    f.write_text(DEFAULT_ON)
+    code, out, err = cli(capsys, "rules", "--plugin", f)
+    assert code == 0, err
+    line = next(line for line in out.splitlines() if line.startswith("plugin-neg-neg "))
+    assert line.split()[1:4] == ["plugin-neg-neg", "to-matmul", "opt-in"]
+
+
+PATTERN_TYPO = '''
+from rewriter import Rule
+
+class MulTypo(Rule):
+    """Mull(x, c) -> x"""
+    id = "plugin-mul-typo"
+    def pattern(self, p):
+        return p.op("Mull", p.var("x"), p.const("c"))
+    def rewrite(self, b, m):
+        return m["x"]
+
+class ReluTwoInputs(Rule):
+    """Relu(x, y) -> x"""
+    id = "plugin-relu-two"
+    def pattern(self, p):
+        return p.op("Relu", p.var("x"), p.var("y"))
+    def rewrite(self, b, m):
+        return m["x"]
+'''
+
+
+def test_a_pattern_that_can_never_match_is_warned_at_load(tmp_path, capsys):
+    from helpers import cli
+
+    from rewriter.errors import RuleWarning
+
+    f = tmp_path / "typo.py"
+    f.write_text(PATTERN_TYPO)
+    with pytest.warns(RuleWarning) as caught:
+        reg = discover([str(f)])
+    texts = [str(w.message) for w in caught]
+    assert any("rule 'plugin-mul-typo': pattern op 'Mull' is no ONNX operator (did you mean 'Mul'?)" in t for t in texts), texts
+    assert any("rule 'plugin-relu-two': pattern requires 2 inputs of 'Relu'; it takes at most 1: it matches nothing" in t for t in texts), texts
+    assert set(reg.rules) >= {"plugin-mul-typo", "plugin-relu-two"} and len(reg.warnings) == 2  # they load all the same
+    code, _, err = cli(capsys, REPO / "tests/fixtures/torch/method1_ts.onnx", "--plugin", f, "--rules", "plugin-mul-typo", "--dry-run")
+    assert code == 0 and "warning: plugin file" in err and "'Mull' is no ONNX operator" in err, err
+
+
+def test_builtin_patterns_raise_no_warning():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reg = discover()
+    assert reg.warnings == []

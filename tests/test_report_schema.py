@@ -129,3 +129,41 @@ def test_invalid_reports_fail(breaks):
     bad = copy.deepcopy(_valid())
     breaks(bad)
     assert _errors(bad), "the schema accepted a broken report"
+
+
+def _refuse(name: str) -> object:
+    raise ValueError(f"not strict JSON: {name}")
+
+
+def test_non_finite_figures_are_null_and_listed(tmp_path):
+    """A figure that is not finite (a rewritten site that fails to run gives an infinite error) is
+    null in the report, listed in non_finite; strict parsers read the text."""
+    from rewriter.report import Report, json_text
+
+    class Section(dict):  # type: ignore[type-arg]
+        def to_json(self):
+            return dict(self)
+
+        def to_markdown(self):
+            return ""
+
+        def render(self, console, *, verbose=False):
+            pass
+
+    verification = {"passed": False, "providers": {"cpu": {"provider": "cpu", "status": "failed", "reason": "rewritten site failed to run: boom",
+                                                          "shapes": [], "max_abs": float("inf"), "max_rel": float("nan"), "tolerance": None,
+                                                          "noise_max_abs": None, "outputs": [], "rejected_shapes": []}}}
+    from rewriter.report import ModelSummary, NearMissRecord, RewriteRecord
+
+    summary = ModelSummary("m.onnx", "0" * 64, 1, {"Relu": 1})
+    rep = Report("0.1.0", summary, summary, (RewriteRecord("some-rule", ("n",), "rolled_back", "rewritten site failed to run: boom"),),
+                 (NearMissRecord("some-rule", "n2", "kernel is not 1"),), {"verification": Section(verification)})
+    data = rep.to_json()
+    cpu = data["verification"]["providers"]["cpu"]
+    assert cpu["max_abs"] is None and cpu["max_rel"] is None
+    assert data["non_finite"] == [{"path": "/verification/providers/cpu/max_abs", "value": "inf"},
+                                  {"path": "/verification/providers/cpu/max_rel", "value": "nan"}]
+    assert _errors(data) == []
+    parsed = json.loads(json_text(data), parse_constant=_refuse)
+    assert parsed == data
+    assert data["summary"] == "m.onnx: nothing rewritten (written unchanged), 1 rolled back as failing to run in onnxruntime, 1 near miss"

@@ -483,3 +483,18 @@ def test_tuning_budget_stops_measuring_and_says_so(tmp_path):
 def test_tune_budget_must_be_positive():
     with pytest.raises(rewriter.InputError, match="--tune-budget must be > 0"):
         TuneOptions(budget_s=0)
+
+
+def test_a_site_tuning_kept_is_a_near_miss_with_its_figure(tmp_path):
+    """Why a pointwise conv was not rewritten when tuning kept it: among the near misses, with
+    the figure measured (the stub: the MatMul form takes 1.25x the Conv's time)."""
+    result = tuned(native_model(), stub(conv_ms=1.0, other_ms=1.25), tmp_path)
+    (site,) = sites(result)
+    assert site["choice"] == ORIGINAL and not result.report.applied
+    kept = [m for m in result.report.near_misses if m.reason.startswith("kept: ")]
+    assert [(m.rule, m.node, m.reason) for m in kept] == [("conv1x1-to-matmul", "conv", "kept: Conv measured faster, 0.80× as MatMul (0.80–0.80)")]
+    assert result.report.summary_line().endswith("1 site kept as it was (measured), 1 near miss")
+    # Within noise: not measurably faster, said with its figure too.
+    result = tuned(native_model(), stub(conv_ms=1.0, other_ms=1.0), tmp_path, cache=tmp_path / "other.json")
+    kept = [m.reason for m in result.report.near_misses if m.reason.startswith("kept: ")]
+    assert kept == ["kept: MatMul not measurably faster than Conv, 1.00× (1.00–1.00)"]

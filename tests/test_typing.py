@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-TREES = ["rewriter", "rules", "tests", "benchmarks", "examples"]
+TREES = ["rewriter", "rules", "tests", "benchmarks", "examples", "build_backend"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mypy") is None, reason="mypy not installed (test extra): would type-check rewriter/ and rules/")

@@ -50,7 +50,7 @@ def test_batch_eight_then_the_other_dims_double_until_the_flop_budget():
     assert calls[0] == (8, 1, 512) and calls[-1] == (8, 256, 512)
     assert "stopped by the budget of 1e+09 FLOPs" in wl.source and wl.flops == 8 * 128 * 512 * 1000
     assert wl.small == {"x": (1, 16, 512)}
-    assert wl.flags == "--bench-shape x=8,128,512"
+    assert wl.flags == "--bench-shape x:8,128,512"
 
 
 def test_a_dim_stops_at_the_length_typical_of_its_role():

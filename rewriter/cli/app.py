@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import signal
 import sys
 import traceback
-from typing import Any, Callable, Sequence
+import warnings
+from typing import Any, Callable, Iterator, Sequence
 
 import typer
 from typer.core import TyperOption
 from typer.exceptions import Abort, Exit, TyperException
 
 from rewriter.version import __version__
-from rewriter.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, RewriterError
+from rewriter.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, RewriterError, RuleWarning
 
 def _flags_show_no_type() -> None:
     """typer >= 0.29 prints every option's type in --help, flags included (``--dry-run <bool>``),
@@ -42,6 +45,7 @@ app = typer.Typer(
     ),
     add_completion=False,
     no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
@@ -94,39 +98,74 @@ def install_signal_handlers() -> None:
 
 
 def run_app(argv: Sequence[str]) -> int:
-    """Run the CLI; return the exit code. Tracebacks only with --debug."""
+    """Run the CLI; return the exit code. Tracebacks only with --debug; with --json an error is
+    also a JSON object on stdout (``{"error": ..., "exit_code": N}``)."""
     debug = "--debug" in argv
     argv = _route([a for a in argv if a != "--debug"])
+    as_json = "--json" in argv
     try:
-        code = app(args=argv, prog_name="onnx-rewrite", standalone_mode=False)
+        with _rule_warnings_on_stderr():
+            code = app(args=argv, prog_name="onnx-rewrite", standalone_mode=False)
     except RewriterError as exc:
         if debug:
             traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _error(str(exc), exc.exit_code, as_json and not exc.in_report)
     except Exit as exc:
         return _exit(int(exc.exit_code or 0))
     except TyperException as exc:  # usage errors: unknown option, missing argument, bad value
         if not argv and callable(getattr(exc, "show", None)):  # `onnx-rewrite` alone: the help is the answer
             exc.show()  # type: ignore[attr-defined]
-        else:
-            print(f"error: {_usage_message(exc)}", file=sys.stderr)
-        return EXIT_INPUT
+            return EXIT_INPUT
+        return _error(_usage_message(exc), EXIT_INPUT, as_json)
     except Abort:
-        print("error: aborted", file=sys.stderr)
-        return EXIT_INPUT
+        return _error("aborted", EXIT_INPUT, as_json)
     except KeyboardInterrupt:
         return _exit(EXIT_INTERRUPTED)
     except Terminated:
-        print("error: terminated", file=sys.stderr)
-        return EXIT_TERMINATED
+        return _error("terminated", EXIT_TERMINATED, as_json)
     except Exception as exc:  # a bug: one line unless --debug
         if debug:
             traceback.print_exc()
         print(f"internal error: {type(exc).__name__}: {exc} (run with --debug for a traceback)", file=sys.stderr)
+        if as_json:
+            _json_error(f"internal error: {type(exc).__name__}: {exc}", EXIT_INTERNAL)
         return EXIT_INTERNAL
     # Without standalone mode typer returns the exit code it made of a Ctrl-C instead of raising.
     return _exit(code if isinstance(code, int) else 0)
+
+
+@contextlib.contextmanager
+def _rule_warnings_on_stderr() -> Iterator[None]:
+    """While the command runs, a rule's load warning (:class:`RuleWarning`) is one ``warning:``
+    line on stderr, each time it is given; any other warning shows as Python shows it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", RuleWarning)
+        shown = warnings.showwarning
+
+        def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: str | None = None) -> None:
+            if issubclass(category, RuleWarning):
+                print(f"warning: {' '.join(str(message).splitlines())}", file=sys.stderr)
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
+
+
+def _error(message: str, code: int, as_json: bool) -> int:
+    """An error's one line on stderr and, with --json, its JSON object on stdout; its exit code."""
+    print(f"error: {message}", file=sys.stderr)
+    if as_json:
+        _json_error(message, code)
+    return code
+
+
+def _json_error(message: str, code: int) -> None:
+    try:
+        sys.stdout.write(json.dumps({"error": message, "exit_code": code}) + "\n")
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError):  # its reader is gone: stderr has said it
+        pass
 
 
 def _usage_message(exc: TyperException) -> str:

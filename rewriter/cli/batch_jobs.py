@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
-from rewriter.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_PLUGIN, EXIT_VERIFY, InputError, shown_path
+from rewriter.errors import EXIT_FAIL_ON, EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_PLUGIN, EXIT_VERIFY, InputError, shown_path
 
 __all__ = ["ModelJob", "Outcome", "find_models", "plan_jobs", "run_jobs", "KNOWN_EXITS"]
 
 # Exit codes a worker ends with on purpose; anything else (a signal, 130/143 from outside) is a crash.
-KNOWN_EXITS = (EXIT_OK, EXIT_VERIFY, EXIT_INPUT, EXIT_PLUGIN, EXIT_INTERNAL)
+KNOWN_EXITS = (EXIT_OK, EXIT_FAIL_ON, EXIT_VERIFY, EXIT_INPUT, EXIT_PLUGIN, EXIT_INTERNAL)
 _OUTPUT_SUFFIX = ".rewritten.onnx"
 _STOP_GRACE_S = 10.0  # after SIGTERM a worker removes its staged files; then SIGKILL
 

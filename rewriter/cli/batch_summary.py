@@ -19,7 +19,7 @@ from rich.table import Table
 
 from rewriter.cli.batch_jobs import KNOWN_EXITS, Outcome
 from rewriter.engine.save import atomic_write_text
-from rewriter.errors import EXIT_OK
+from rewriter.errors import EXIT_FAIL_ON, EXIT_OK
 from rewriter.version import __version__
 
 __all__ = ["ReportFacts", "read_report", "Row", "make_row", "worst_exit", "render_table", "write_summary"]
@@ -28,8 +28,9 @@ COLUMNS = ("model", "sites", "verified", "speedup", "status")
 
 
 def worst_exit(codes: Sequence[int]) -> int:
-    """The batch's exit code: the worst of its models' in the order 0 < 1 < 2 < 3 < 70
-    (:data:`KNOWN_EXITS`; a crashed or timed-out worker already counts as 70)."""
+    """The batch's exit code: the worst of its models' in the order 0 < 4 < 1 < 2 < 3 < 70
+    (:data:`KNOWN_EXITS`; 4, a --fail-on event, still wrote its output; a crashed or timed-out
+    worker already counts as 70)."""
     return max(codes, key=KNOWN_EXITS.index, default=EXIT_OK)
 
 
@@ -117,9 +118,10 @@ class Row:
 
 
 def make_row(outcome: Outcome) -> Row:
-    """The row of one model: its report's facts when it ended well and wrote one."""
+    """The row of one model: its report's facts when it wrote one (it ended well, or with a
+    --fail-on event: exit 4, the output and report written)."""
     facts = None
-    if outcome.exit_code == EXIT_OK and outcome.job.report.is_file():
+    if outcome.exit_code in (EXIT_OK, EXIT_FAIL_ON) and outcome.job.report.is_file():
         try:
             facts = read_report(json.loads(outcome.job.report.read_text(encoding="utf-8")))
         except (OSError, ValueError, AttributeError):
@@ -169,13 +171,15 @@ def _summary_entry(row: Row) -> dict[str, Any]:
     }
 
 
-def write_summary(path: Path, rows: Sequence[Row], *, exit_code: int, worker_args: Sequence[str]) -> None:
+def write_summary(path: Path, rows: Sequence[Row], *, exit_code: int, worker_args: Sequence[str]) -> dict[str, Any]:
     """``OUT/summary.json``: the batch's exit code, the options passed to every worker and one
-    entry per model (input, output names, exit code, status, sites, verified, speedup)."""
+    entry per model (input, output names, exit code, status, sites, verified, speedup); returns
+    what it wrote."""
     data = {
         "tool_version": __version__,
         "exit_code": exit_code,
         "options": list(worker_args),
         "models": [_summary_entry(r) for r in rows],
     }
-    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+    return data

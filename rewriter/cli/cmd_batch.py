@@ -20,7 +20,7 @@ import sys
 import tempfile
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterable, List, Optional, TypeVar, cast, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Callable, Iterable, List, Optional, Sequence, TypeVar, cast, get_args, get_origin, get_type_hints
 
 import typer
 from rich.console import Console
@@ -33,12 +33,15 @@ from rewriter.cli.cmd_rewrite import rewrite_cmd
 from rewriter.cli.progress import StepProgress
 from rewriter.errors import EXIT_OK, InputError, shown_path
 from rewriter.measure.serial import MEASURE_LOCK_ENV
+from rewriter.report import json_text
 
 __all__ = ["batch_cmd", "claims", "worker_args"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 _OWN = ("models", "out_dir", "jobs", "timeout")
+# The batch's own output, not passed to the workers: --json prints the summary as JSON.
+_OUTPUT = ("json_out",)
 _PER_FILE = {"output": "-o/--output", "report": "--report", "report_md": "--report-md", "overwrite": "--overwrite"}
 # By name: typer carries its own copy of click, whose classes are not a public API.
 _GIVEN = ("COMMANDLINE", "ENVIRONMENT")
@@ -101,28 +104,39 @@ def _tokens(param: Any, value: Any) -> list[str]:
 
 def worker_args(ctx: typer.Context) -> list[str]:
     """The rewrite options the user gave, as command-line tokens for every worker."""
-    passed = [p for p in ctx.command.params if p.name and p.name not in _OWN and p.name not in _PER_FILE and _given(ctx, p.name)]
+    passed = [p for p in ctx.command.params
+              if p.name and p.name not in _OWN + _OUTPUT and p.name not in _PER_FILE and _given(ctx, p.name)]
     return [t for p in passed for t in _tokens(p, ctx.params[p.name or ""])]
 
 
 def claims(argv: list[str]) -> bool:
-    """Does the command-less form ``onnx-rewrite ARGS`` mean a batch? Yes when ARGS name several
-    models, give --out-dir, --jobs or --timeout, or name a folder without a single-model option
-    (``onnx-rewrite DIR -o x.onnx`` stays the single-model command and its "is a directory")."""
+    """Does the command-less form ``onnx-rewrite ARGS`` mean a batch? Yes when ARGS give --out-dir,
+    --jobs or --timeout, name several models (but ``onnx-rewrite in.onnx out.onnx``, two paths of
+    which the second is no existing model or folder, is the single-model command writing to the
+    second), or name a folder without a single-model option (``onnx-rewrite DIR -o x.onnx`` stays
+    the single-model command and its "is a directory")."""
     batch = cast(Any, typer.main.get_command(app)).commands["batch"]
     try:
         ctx = batch.make_context("batch", list(argv), resilient_parsing=True)
     except TyperException:
         return False  # not a valid batch command line: the single-model command says what is wrong
-    models = ctx.params.get("models") or ()
-    if len(models) > 1 or any(_given(ctx, n) for n in _OWN[1:]):
+    models: list[str] = [str(m) for m in ctx.params.get("models") or ()]
+    if any(_given(ctx, n) for n in _OWN[1:]):
+        return True
+    if len(models) == 2 and not Path(models[1]).exists():
+        return False
+    if len(models) > 1:
         return True
     return any(Path(m).is_dir() for m in models) and not any(_given(ctx, n) for n in _PER_FILE)
 
 
-def _out_folder(out_dir: Path | None) -> Path:
+def _out_folder(out_dir: Path | None, models: Sequence[Path]) -> Path:
     if out_dir is None:
-        raise InputError("batch mode needs --out-dir DIR: each model's output, report and log are written there")
+        hint = ""
+        if len(models) == 2:  # the onnxsim / onnxslim habit: `in.onnx out.onnx`, with out.onnx already there
+            hint = (f"; or did you mean -o {shown_path(models[1])}? (a second path is the output only when no such "
+                    "model or folder exists: name an existing one with -o)")
+        raise InputError("batch mode needs --out-dir DIR: each model's output, report and log are written there" + hint)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"--out-dir {shown_path(out_dir)} is not a folder")
     try:
@@ -167,7 +181,7 @@ class _Progress:
         self._say(f"{self._done}/{self._total} models; running {', '.join(self._running) or '-'}")
 
 
-@_takes_options_of(rewrite_cmd, skip=("model",), hidden=_PER_FILE)
+@_takes_options_of(rewrite_cmd, skip=("model", "positional_output"), hidden=_PER_FILE)
 def batch_cmd(
     ctx: typer.Context,
     models: List[Path] = typer.Argument(..., metavar="MODEL|DIR...", help="ONNX models and folders (their *.onnx files, recursively; *.rewritten.onnx and hidden folders skipped).", show_default=False),
@@ -185,7 +199,7 @@ def batch_cmd(
     found = find_models(models)
     if not found:
         raise InputError(f"no .onnx model found in {', '.join(repr(str(m)) for m in models)}")
-    out = _out_folder(out_dir)
+    out = _out_folder(out_dir, models)
     args = worker_args(ctx)
     planned = plan_jobs(found, out)
 
@@ -199,9 +213,13 @@ def batch_cmd(
                             on_start=shown.started, on_done=shown.finished)
     rows = [make_row(o) for o in outcomes]
     code = worst_exit([o.exit_code for o in outcomes])
-    write_summary(out / "summary.json", rows, exit_code=code, worker_args=args)
+    summary = write_summary(out / "summary.json", rows, exit_code=code, worker_args=args)
+    if rewrite_options.get("json_out"):
+        sys.stdout.write(json_text(summary))
+        raise typer.Exit(code)
     console = Console()
-    render_table(rows, console)
+    if not rewrite_options.get("quiet"):
+        render_table(rows, console)
     ok = sum(o.exit_code == EXIT_OK for o in outcomes)
     console.print(f"{len(rows)} model(s): {ok} ok, {len(rows) - ok} failed; exit code {code}; outputs, reports and logs in {out}",
                   markup=False, highlight=False, soft_wrap=True)
@@ -210,6 +228,7 @@ def batch_cmd(
 
 app.command("batch", help=(
     "Rewrite many models (files and folders) into --out-dir, each in its own worker process; takes every "
-    "option of the rewrite command. Exit code: the worst model's, 70 > 3 > 2 > 1 > 0 (a crashed or timed-out worker counts as 70)."
+    "option of the rewrite command (--json: the summary as JSON). Exit code: the worst model's, 70 > 3 > 2 > 1 > 4 > 0 "
+    "(a crashed or timed-out worker counts as 70)."
 ))(batch_cmd)
 CLAIMS["batch"] = claims

@@ -13,6 +13,7 @@ from rewriter.measure.bench import BenchOptions
 from rewriter.options import DIRECTIONS, MEASURED, PROVEN, Options
 from rewriter.prove.inputs import parse_shape_overrides
 from rewriter.prove.verify import VerifyOptions
+from rewriter.report import FAIL_ON_EVENTS
 from rewriter.tune.plan import DEFAULT_BUDGET_S, TuneOptions
 
 __all__ = ["split_ids", "verify_options", "bench_options", "parse_bench_shapes", "rewrite_options"]
@@ -22,7 +23,8 @@ _V, _M, _T, _R = "Verification", "Measurement", "Tuning", "Rules"
 # --- output
 Verbose = Annotated[bool, typer.Option("-v", "--verbose", help="Every detail: the tuning table, each site, the verification, benchmark and static-cost tables, every near miss and note.")]
 Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="Print only the summary line (errors still go to stderr).")]
-Json = Annotated[bool, typer.Option("--json", help="Print the JSON report on stdout and nothing else (combines with --report).")]
+Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout and nothing else (an error too: {\"error\": ..., \"exit_code\": N}).")]
+FailOn = Annotated[Optional[str], typer.Option("--fail-on", metavar="EVENTS", help=f"Exit 4 (output still written) when one of these happens, comma-separated: {', '.join(FAIL_ON_EVENTS)}.")]
 
 # --- rules and plugins
 Plugins = Annotated[Optional[List[str]], typer.Option("--plugin", help="Rule plugin: a .py file or an importable module (repeatable).", rich_help_panel=_R)]
@@ -38,7 +40,7 @@ Seed = Annotated[int, typer.Option("--seed", help="Seed of the random inputs.", 
 Atol = Annotated[Optional[float], typer.Option("--atol", help="Absolute tolerance override (>= 0).", rich_help_panel=_V)]
 Rtol = Annotated[Optional[float], typer.Option("--rtol", help="Relative tolerance override (>= 0).", rich_help_panel=_V)]
 CudaTf32 = Annotated[bool, typer.Option("--cuda-tf32", help="Verify on CUDA with TF32 MatMul/Conv (onnxruntime's default) and its looser tolerances \\[default: plain fp32].", rich_help_panel=_V)]
-DimValues = Annotated[Optional[List[str]], typer.Option("--shape", help="Values of a dynamic dim: NAME:AXIS=V[,V...] (repeatable).", rich_help_panel=_V)]
+DimValues = Annotated[Optional[List[str]], typer.Option("--shape", help="Verification shape: NAME:D,D,... (a whole shape, e.g. x:8,512,400) or NAME:AXIS=V[,V...] (the values of one dynamic dim); repeatable.", rich_help_panel=_V)]
 Inputs = Annotated[Optional[list[Path]], typer.Option(
     "--inputs", help="Inputs from an .npz file; repeat for more input sets (a site needs two runs of evidence).", rich_help_panel=_V)]
 InputRange = Annotated[Optional[str], typer.Option("--input-range", help="Uniform random float inputs in LOW,HIGH instead of N(0,1).", rich_help_panel=_V)]
@@ -48,7 +50,7 @@ NoVerify = Annotated[bool, typer.Option("--no-verify", help="Skip verification (
 NoBench = Annotated[bool, typer.Option("--no-bench", help="Skip measuring and the acceptance check (slower rewrites are then kept).", rich_help_panel=_M)]
 KeepSlower = Annotated[bool, typer.Option("--keep-slower", help="Keep rewrites even when they measure slower (noted in the report).", rich_help_panel=_M)]
 BenchRuns = Annotated[Optional[int], typer.Option("--bench-runs", help="Timed interleaved rounds per measurement (>= 1) \\[default: 30].", rich_help_panel=_M)]
-BenchShape = Annotated[Optional[List[str]], typer.Option("--bench-shape", help="Input shape for measuring: NAME=D,D,... (repeatable) \\[default: the workload shape, from the model: the report prints the flags that give it again].", rich_help_panel=_M)]
+BenchShape = Annotated[Optional[List[str]], typer.Option("--bench-shape", help="Input shape to measure at: NAME:D,D,... or NAME:DxDxD (repeatable) \\[default: the largest --shape/--inputs given, else the workload shape derived from the model; the report prints the flags that measure there again].", rich_help_panel=_M)]
 BenchThreads = Annotated[Optional[int], typer.Option("--bench-threads", help="Intra-op threads of the timed sessions \\[default: onnxruntime's, one per physical core].", rich_help_panel=_M)]
 BenchProviders = Annotated[Optional[str], typer.Option("--bench-providers", help="Providers to measure on, e.g. cpu,cuda; the first measured one decides acceptance \\[default: --providers, else cpu].", rich_help_panel=_M)]
 
@@ -95,20 +97,37 @@ def verify_options(
 
 
 def parse_bench_shapes(items: Sequence[str] | None) -> dict[str, tuple[int, ...]] | None:
-    """`NAME=D,D,...` items -> {name: shape}. The last '=' splits, so names may hold ':'."""
+    """Whole input shapes, ``NAME:D,D,...`` or ``NAME:DxDxD`` (the trtexec / Polygraphy habit;
+    the grammar of a whole shape in ``--shape``), -> {name: shape}. ``NAME=D,D,...``, the
+    earlier spelling, is still read."""
     out: dict[str, tuple[int, ...]] = {}
     for item in items or ():
-        name, sep, dims = item.strip().rpartition("=")
-        try:
-            shape = tuple(int(d) for d in dims.split(","))
-        except ValueError:
-            shape = ()
-        if not sep or not name or not shape or any(d < 1 for d in shape):
-            raise InputError(f"bad shape {item!r}: expected NAME=D,D,... with integers >= 1, e.g. x=8,2048,512")
+        name, shape = _whole_shape(item)
         if name in out:
             raise InputError(f"shape for input '{name}' given twice")
         out[name] = shape
     return out or None
+
+
+def _whole_shape(item: str) -> tuple[str, tuple[int, ...]]:
+    bad = InputError(f"bad shape {item!r}: expected NAME:D,D,... or NAME:DxDxD with integers >= 1, e.g. x:8,2048,512")
+    if "=" in item:  # NAME=D,D: the last '=' splits, so names may hold ':'
+        name, _, dims = item.strip().rpartition("=")
+        try:
+            shape = tuple(int(d) for d in dims.split(","))
+        except ValueError:
+            raise bad from None
+        if not name or not shape or any(d < 1 for d in shape):
+            raise bad
+        return name, shape
+    try:
+        axes = parse_shape_overrides([item])
+    except InputError:
+        raise bad from None
+    names = {name for name, _ in axes}
+    if len(names) != 1:
+        raise bad
+    return names.pop(), tuple(values[0] for _, values in sorted(axes.items(), key=lambda kv: kv[0][1]))
 
 
 def bench_options(providers: str | None, runs: int | None, shapes: Sequence[str] | None, **kw: object) -> BenchOptions:

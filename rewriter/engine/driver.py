@@ -52,9 +52,13 @@ class AppliedSite:
 
 @dataclass(frozen=True)
 class NearMiss:
+    """A refusal: ``rule`` at the match anchored at ``node``, and why. ``about``: the node the
+    reason is about when the rule named one (``fail(reason, m["conv"])``), else None."""
+
     rule: str
     node: str
     reason: str
+    about: str | None = None
 
 
 @dataclass(frozen=True)
@@ -83,13 +87,13 @@ class _Sweep:
     quiet: list[NearMiss] = field(default_factory=list)
     refused_at: set[tuple[str, str]] = field(default_factory=set)
 
-    def refuse(self, rule: Rule, node: gs.Node, reason: str, quiet: bool = False) -> None:
+    def refuse(self, rule: Rule, node: gs.Node, reason: str, quiet: bool = False, about: str | None = None) -> None:
         """Record why ``rule`` was not applied at ``node``, once per rule and node name in a sweep
         (nested graphs may repeat node names)."""
         if (rule.id, node.name) in self.refused_at:
             return
         self.refused_at.add((rule.id, node.name))
-        (self.quiet if quiet else self.near).append(NearMiss(rule.id, node.name, reason))
+        (self.quiet if quiet else self.near).append(NearMiss(rule.id, node.name, reason, about))
 
 
 def run_rules(
@@ -153,14 +157,14 @@ def _sweep(model: ModelGraph, by_op: dict[str, list[Rule]], skip: set[SiteKey], 
         candidates, refusals = _candidates(model, graph, by_op)
         _apply_candidates(model, graph, candidates, refusals, skip, iteration, out)
         # In the order of a graph walk (node, then rule), rewrite failures last; once per name.
-        for _, rule, node, reason, quiet in sorted(refusals, key=lambda r: r[0]):
-            out.refuse(rule, node, reason, quiet)
+        for _, rule, node, reason, quiet, about in sorted(refusals, key=lambda r: r[0]):
+            out.refuse(rule, node, reason, quiet, about)
     return out
 
 
 _Candidate = tuple[Rule, gs.Node, Match, tuple[int, int, int]]
 """(rule, anchor, its structural match, where a refusal of it sorts: (0, node order, rule rank))."""
-_Refusal = tuple[tuple[int, int, int], Rule, gs.Node, str, bool]
+_Refusal = tuple[tuple[int, int, int], Rule, gs.Node, str, bool, "str | None"]
 
 
 def _candidates(model: ModelGraph, graph: gs.Graph, by_op: dict[str, list[Rule]]) -> tuple[list[_Candidate], list[_Refusal]]:
@@ -186,7 +190,7 @@ def _candidates(model: ModelGraph, graph: gs.Graph, by_op: dict[str, list[Rule]]
             if m is None:
                 continue
             if m.soft_failures:
-                refusals.append(((0, order, rank), rule, node, m.soft_failures[0], False))
+                refusals.append(((0, order, rank), rule, node, m.soft_failures[0], False, None))
                 continue
             found.append((-rule.benefit, order, rule.id, (rule, node, m, (0, order, rank))))
     found.sort(key=lambda c: c[:3])
@@ -216,9 +220,9 @@ def _apply_candidates(
             m = fresh
         if any(id(n) in consumed for n in m.matched + m.shape_readers):
             continue
-        reason, quiet = _refusal(rule, m)
+        reason, quiet, about = _refusal(rule, m)
         if reason is not None:
-            refusals.append((where, rule, node, reason, quiet))
+            refusals.append((where, rule, node, reason, quiet, about))
             continue
         site = AppliedSite(rule.id, node.name, tuple(m.node_names), (), iteration)
         if site.key in skip:
@@ -227,7 +231,7 @@ def _apply_candidates(
         try:
             created, traced = _apply(model, graph, rule, m, touched, out.trace)
         except _RewriteFailed as exc:
-            refusals.append(((1, len(refusals), 0), rule, node, str(exc), False))
+            refusals.append(((1, len(refusals), 0), rule, node, str(exc), False, None))
             continue
         consumed.update(id(n) for n in m.matched + m.shape_readers)
         out.applied.append(AppliedSite(rule.id, node.name, site.nodes, created, iteration))
@@ -277,23 +281,24 @@ def opset_problem(rule: Rule, opset: int) -> str | None:
     return None
 
 
-def _refusal(rule: Rule, m: Match) -> tuple[str | None, bool]:
-    """(why this match must not be applied, whether that is quiet), or (None, False)."""
+def _refusal(rule: Rule, m: Match) -> tuple[str | None, bool, str | None]:
+    """(why this match must not be applied, whether that is quiet, the node it is about), or
+    (None, False, None)."""
     if m.soft_failures:
-        return m.soft_failures[0], False
+        return m.soft_failures[0], False, None
     try:
         result = rule.check(m)
     except Exception as exc:  # a broken rule (plugin or built-in) costs its own sites, not the run
-        return f"rule error in check: {_one_line(exc)}", False
+        return f"rule error in check: {_one_line(exc)}", False, None
     if not isinstance(result, CheckResult):  # e.g. a bare False: it says neither yes nor why not
         return (f"rule error in check: it returned {type(result).__name__} {_short_repr(result)}, not a CheckResult "
-                "(return ok(), fail(reason) or skip(reason))"), False
+                "(return ok(), fail(reason) or skip(reason))"), False, None
     if not result:
-        return result.reason, result.quiet
+        return result.reason, result.quiet, result.node
     reader = reader_problem(m, m.graph)
     if reader is not None:
-        return reader, False
-    return opset_problem(rule, m.model.opset("")), False
+        return reader, False, None
+    return opset_problem(rule, m.model.opset("")), False, None
 
 
 def _short_repr(value: object) -> str:

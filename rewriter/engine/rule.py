@@ -8,6 +8,8 @@ if anything goes wrong.
 
 from __future__ import annotations
 
+import difflib
+import functools
 import math
 import numbers
 import re
@@ -16,15 +18,16 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Mapping, Sequence, Union
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from rewriter.engine.graph import ModelGraph
 from rewriter.engine.graph_import import new_node, new_variable
-from rewriter.engine.pattern import Match, OpPat, PatternBuilder
+from rewriter.engine.pattern import ConstPat, MaybeOpPat, Match, OpPat, Pattern, PatternBuilder
 from rewriter.errors import PluginError
 
 __all__ = ["Rule", "CheckResult", "ok", "fail", "skip", "RewriteBuilder", "Replacement", "RULE_DIRECTIONS", "rule_problem",
-           "defined_in"]
+           "pattern_warnings", "defined_in"]
 
 _ID_RE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 
@@ -197,6 +200,47 @@ def rule_problem(cls: type[Rule]) -> str | None:
         return str(exc)
     except Exception as exc:  # its __init__
         return f"{cls.__qualname__}() raised {type(exc).__name__}: {exc}".splitlines()[0]
+    return None
+
+
+def pattern_warnings(cls: type[Rule]) -> list[str]:
+    """Why the pattern of the valid rule class ``cls`` can never match as written: an op that is
+    no ONNX operator (a typo, ``Mull``: it would match only a custom-domain node of that name),
+    or an op given fewer inputs than it needs or more required inputs than it takes. A rule
+    with such a pattern loads (a custom-domain op is legitimate) and is warned about."""
+    found: list[str] = []
+    stack: list[Pattern] = [_build_pattern(cls())]
+    while stack:
+        pat = stack.pop()
+        if isinstance(pat, OpPat):
+            stack.extend(pat.inputs)
+            n_given = len(pat.inputs)
+            n_required = sum(1 for q in pat.inputs if not (isinstance(q, ConstPat) and q.optional))
+            found += [w for op in pat.ops if (w := _op_warning(op, n_given, n_required))]
+        elif isinstance(pat, MaybeOpPat):
+            stack += [pat.inner, pat.other]
+            found += [w for w in [_op_warning(pat.op, 2, 2)] if w]
+    return list(dict.fromkeys(found))
+
+
+@functools.cache
+def _onnx_ops() -> frozenset[str]:
+    """Every operator of the ONNX default and ``ai.onnx.ml`` domains, any opset."""
+    return frozenset(s.name for s in onnx.defs.get_all_schemas_with_history() if s.domain in ("", "ai.onnx", "ai.onnx.ml"))
+
+
+def _op_warning(op: str, n_given: int, n_required: int) -> str | None:
+    if op not in _onnx_ops():
+        close = difflib.get_close_matches(op, sorted(_onnx_ops()), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"pattern op '{op}' is no ONNX operator{hint}: it matches only a node of that name in a custom domain"
+    domain = "" if onnx.defs.has(op) else "ai.onnx.ml"
+    schema = onnx.defs.get_schema(op, domain=domain)
+    lo, hi = schema.min_input, schema.max_input
+    if n_given and n_given < lo:
+        return f"pattern gives '{op}' {n_given} input{'s' if n_given != 1 else ''}; it takes at least {lo}: it matches nothing"
+    if n_required > hi:
+        return f"pattern requires {n_required} inputs of '{op}'; it takes at most {hi}: it matches nothing"
     return None
 
 

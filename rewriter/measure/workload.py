@@ -69,8 +69,8 @@ class Workload:
 
 
 def bench_shape_flags(shapes: Mapping[str, tuple[int, ...]]) -> str:
-    """``--bench-shape x=8,512,512 --bench-shape mask=8,512``."""
-    return " ".join(f"--bench-shape {name}={','.join(str(d) for d in dims)}" for name, dims in shapes.items())
+    """``--bench-shape x:8,512,512 --bench-shape mask:8,512``."""
+    return " ".join(f"--bench-shape {name}:{','.join(str(d) for d in dims)}" for name, dims in shapes.items())
 
 
 #: The other dynamic dims of the small shapes: this long, or the least that runs when more.

@@ -159,13 +159,31 @@ _OVERRIDE_RE = re.compile(r"^(?P<name>.+):(?P<axis>-?\d+)=(?P<values>.+)$")
 
 
 def parse_shape_overrides(items: Sequence[str]) -> dict[tuple[str, int], list[int]]:
-    """Parse `NAME:AXIS=V[,V...]` items (`x:0=1,4`). The name may itself contain ':'
-    (tf2onnx names inputs `x:0`); the last ':' before '=' separates the axis."""
+    """Parse ``--shape`` items: ``NAME:AXIS=V[,V...]`` (the values of one dim, ``x:0=1,4``) or a
+    whole shape ``NAME:D,D,...`` / ``NAME:DxDxD`` (``x:8,512,400``: each axis at that value;
+    several whole shapes of one input give each axis its values in turn, one run each). The
+    name may itself contain ':' (tf2onnx names inputs ``x:0``): the last ':' separates it."""
+    full_re = re.compile(r"^(?P<name>.+):(?P<dims>\d+(?:,\d+)*|\d+(?:x\d+)+)$")
     out: dict[tuple[str, int], list[int]] = {}
+    per_axis: set[tuple[str, int]] = set()
     for item in items:
         m = _OVERRIDE_RE.match(item.strip())
-        if m is None:
-            raise InputError(f"bad shape override {item!r}: expected NAME:AXIS=V[,V...], e.g. x:0=1,4")
+        whole = None if m is not None else full_re.match(item.strip())
+        if m is None and whole is None:
+            raise InputError(f"bad shape {item!r}: expected NAME:D,D,... (a whole shape, e.g. x:8,512,400) "
+                             "or NAME:AXIS=V[,V...] (the values of one dim, e.g. x:0=1,4)")
+        if whole is not None:
+            dims = [int(d) for d in re.split(r"[,x]", whole["dims"])]
+            if any(d < 1 for d in dims):
+                raise InputError(f"bad shape {item!r}: dims must be >= 1")
+            for axis, d in enumerate(dims):
+                key = (whole["name"], axis)
+                if key in per_axis:
+                    raise InputError(f"shape override for {whole['name']}:{axis} given twice")
+                values = out.setdefault(key, [])
+                values.extend([] if d in values else [d])
+            continue
+        assert m is not None
         try:
             values = [int(v) for v in m["values"].split(",")]
         except ValueError:
@@ -175,6 +193,7 @@ def parse_shape_overrides(items: Sequence[str]) -> dict[tuple[str, int], list[in
         key = (m["name"], int(m["axis"]))
         if key in out:
             raise InputError(f"shape override for {m['name']}:{m['axis']} given twice")
+        per_axis.add(key)
         out[key] = list(dict.fromkeys(values))  # drop repeats, keep order
     return out
 

@@ -193,12 +193,17 @@ class ConvSpanRule(Rule):
             return fail("weight is not a constant", conv)
         if w.dtype.name not in FLOAT_DTYPES:
             return fail(f"dtype {w.dtype.name} not supported (float32/float16/bfloat16/float64 only)", conv)
-        group = int(conv.attrs.get("group", 1))
-        if group != 1:
-            return fail(f"group={group}: grouped full-span conv not handled", conv)
         kernel = [int(k) for k in conv.attrs.get("kernel_shape", w.shape[2:])]
         if w.ndim < 3 or kernel != list(w.shape[2:]):
             return fail(f"kernel_shape {kernel} disagrees with the weight shape {list(w.shape)}", conv)
+        # Whether the kernel spans the Conv's input comes first: a depthwise k=31 conv on 512
+        # frames, or a padded k=3 conv, is simply no full-span conv, whatever else it is.
+        why = None if self.partial else _not_spanning(conv, kernel, frame_only=self.rows_from_last)
+        if why:
+            return fail(why, conv)
+        group = int(conv.attrs.get("group", 1))
+        if group != 1:
+            return fail(f"group={group}: grouped full-span conv not handled", conv)
         why = _padding_problem(conv, kernel)
         if why:
             return fail(why, conv)
@@ -366,6 +371,33 @@ def _slot(p: PatternBuilder, kind: str, inner: Pattern, name: str) -> OpPat:
     if kind == "+":
         return p.op("Add", inner, p.const(f"{name}_c"), name=name, commutative=True)
     raise ValueError(f"unknown chain slot {kind!r}")
+
+
+def _not_spanning(conv: gs.Node, kernel: list[int], *, frame_only: bool) -> str | None:
+    """Why the Conv's kernel cannot span its input, read from the Conv's own input shape: ``not a
+    full-span conv (kernel 31, input 512)``; or, for a grouped or padded Conv, a spatial size
+    that is not static (its first obstacle here, not the group or the pads). None otherwise:
+    the layout proof decides then (it names an unknown size's cause: an input that overrides
+    the Reshape target, say). ``frame_only`` (method 1) calls a dynamic last axis the frame length."""
+    shape = symbolic_shape(conv.inputs[0]) if conv.inputs else None
+    if shape is None or len(shape) != 2 + len(kernel):
+        return None
+    spatial = shape[2:]
+    if all(isinstance(d, int) for d in spatial):
+        return f"not a full-span conv (kernel {_sizes(kernel)}, input {_sizes(spatial)})" if list(spatial) != kernel else None
+    if int(conv.attrs.get("group", 1)) == 1 and _padding_problem(conv, kernel) is None:
+        return None
+    declared = conv.inputs[0].shape
+    shown = ("[" + ", ".join("?" if d is None else str(d) for d in declared) + "]" if declared is not None and len(declared) == len(shape)
+             else format_dims(shape))
+    if frame_only and not isinstance(spatial[-1], int):
+        return f"frame length not statically known (input {shown}; kernel {_sizes(kernel)})"
+    return f"spatial size not statically known (input {shown}; kernel {_sizes(kernel)})"
+
+
+def _sizes(dims: Sequence[object]) -> str:
+    """``31``, ``3x3``: a kernel or spatial size as trtexec writes shapes."""
+    return "x".join(str(d) for d in dims)
 
 
 def _not_all_ones(kernel: object) -> bool:

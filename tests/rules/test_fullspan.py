@@ -146,7 +146,7 @@ def test_conv2d_head_after_a_trunk():
     out, res = rewrite(m, rules())
     assert [s.rule for s in res.applied] == ["fullspan-conv-flatten-to-gemm"]
     assert op_counts(out) == {"Conv": 1, "Relu": 1, "Flatten": 1, "Gemm": 1}
-    assert [nm.reason for nm in res.near_misses] == ["non-zero pads [1, 1, 1, 1]"]
+    assert [nm.reason for nm in res.near_misses] == ["not a full-span conv (kernel 3x3, input 8x8)"]
     assert_equivalent(m, out, feeds([(1, 3, 8, 8), (3, 3, 8, 8)]))
 
 
@@ -161,11 +161,11 @@ def test_second_run_changes_nothing():
 @pytest.mark.parametrize(
     "model,reason",
     [
-        (lambda: torch_fullspan(kernel=(L - 2,)), "kernel [14] does not span the spatial size [16]"),
-        (lambda: torch_fullspan(kernel=(L - 4,), conv_attrs={"strides": [2]}), "does not span"),
+        (lambda: torch_fullspan(kernel=(L - 2,)), "not a full-span conv (kernel 14, input 16)"),
+        (lambda: torch_fullspan(kernel=(L - 4,), conv_attrs={"strides": [2]}), "not a full-span conv (kernel 12, input 16)"),
         (lambda: torch_fullspan(conv_attrs={"pads": [1, 1]}), "non-zero pads [1, 1]"),
         (lambda: torch_fullspan(conv_attrs={"auto_pad": "SAME_LOWER"}), "auto_pad=SAME_LOWER pads the input"),
-        (lambda: torch_fullspan(kernel=(8,), conv_attrs={"dilations": [2]}), "dilations [2] != 1"),
+        (lambda: torch_fullspan(kernel=(8,), conv_attrs={"dilations": [2]}), "not a full-span conv (kernel 8, input 16)"),  # a dilated kernel never spans
         (lambda: torch_fullspan(weight_shape=(N, C // 2, L), conv_attrs={"group": 2}), "group=2: grouped full-span conv not handled"),
         (lambda: torch_fullspan(weight_is_input=True), "'W' is a graph input that overrides an initializer"),
         (lambda: torch_fullspan(dtype=TensorProto.INT32), "dtype int32 not supported"),
@@ -243,3 +243,38 @@ def test_each_rule_describes_itself():
     for cls in RULES + METHOD1_RULES:
         assert cls.description == cls.__doc__.strip().splitlines()[0]
         assert cls.default and cls.direction == "to-matmul"
+
+
+# --- near misses name the real obstacle: a conv whose kernel is nowhere near its input -----------------
+
+def _conv_net(x_shape, w_shape, attrs, tail_flatten=True) -> onnx.ModelProto:
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv", **attrs)]
+    nodes.append(helper.make_node("Flatten", ["c"], ["y"], name="flat", axis=1) if tail_flatten else helper.make_node("Relu", ["c"], ["y"], name="relu"))
+    return make_model(nodes, [vi("x", list(x_shape))], [vi("y", None)], [init("W", w(*w_shape))])
+
+
+@pytest.mark.parametrize("model, reason", [
+    # a Conformer / QuartzNet depthwise conv: k=31 on 512 frames (group = channels)
+    (lambda: _conv_net((1, 16, 512), (16, 1, 31), {"kernel_shape": [31], "group": 16, "pads": [15, 15]}),
+     "not a full-span conv (kernel 31, input 512)"),
+    (lambda: _conv_net((1, 16, 256), (16, 1, 87), {"kernel_shape": [87], "group": 16, "pads": [43, 43]}),
+     "not a full-span conv (kernel 87, input 256)"),
+    # a MobileNet depthwise 3x3
+    (lambda: _conv_net((1, 8, 56, 56), (8, 1, 3, 3), {"kernel_shape": [3, 3], "group": 8, "pads": [1, 1, 1, 1]}),
+     "not a full-span conv (kernel 3x3, input 56x56)"),
+    # an ordinary padded k=9 conv
+    (lambda: _conv_net((1, 8, 128), (8, 8, 9), {"kernel_shape": [9], "pads": [4, 4]}), "not a full-span conv (kernel 9, input 128)"),
+    # a dynamic length: the size is the obstacle, not the group
+    (lambda: _conv_net(("B", 16, "T"), (16, 1, 33), {"kernel_shape": [33], "group": 16, "pads": [16, 16]}),
+     "spatial size not statically known (input [B, 16, T]; kernel 33)"),
+])
+def test_a_conv_that_is_no_full_span_says_so_once(model, reason):
+    """One reason per conv, the real obstacle, not "grouped full-span conv not handled" or
+    "non-zero pads": the two full-span rules matching Conv -> Flatten say it once in the report."""
+    out, res = rewrite(model(), rules())
+    assert not res.applied and {nm.reason for nm in res.near_misses} == {reason}
+    import rewriter
+
+    report = rewriter.optimize(model(), verify=False).report
+    spans = [nm for nm in report.near_misses if nm.rule.startswith("fullspan-")]
+    assert [nm.reason for nm in spans] == [reason]

@@ -199,11 +199,11 @@ def test_second_run_changes_nothing():
     "model,reason",
     [
         # kernel shorter than the frame (valid model: 3 output positions)
-        (lambda: torch_method1(kernel=L - 2, target=(-1, FR, 3 * N), x_shape=("B", FR, L)), "kernel [14] does not span the spatial size [16]"),
-        (lambda: torch_method1(kernel=L - 4, conv_attrs={"strides": [2]}, target=(-1, FR, 3 * N), x_shape=("B", FR, L)), "does not span"),
+        (lambda: torch_method1(kernel=L - 2, target=(-1, FR, 3 * N), x_shape=("B", FR, L)), "not a full-span conv (kernel 14, input 16)"),
+        (lambda: torch_method1(kernel=L - 4, conv_attrs={"strides": [2]}, target=(-1, FR, 3 * N), x_shape=("B", FR, L)), "not a full-span conv (kernel 12, input 16)"),
         (lambda: torch_method1(conv_attrs={"pads": [1, 1]}, target=(-1, FR, 3 * N), x_shape=("B", FR, L)), "non-zero pads [1, 1]"),
         (lambda: torch_method1(conv_attrs={"auto_pad": "SAME_UPPER"}), "auto_pad=SAME_UPPER pads the input"),
-        (lambda: torch_method1(kernel=8, conv_attrs={"dilations": [2]}, target=(-1, FR, 2 * N), x_shape=("B", FR, L)), "dilations [2] != 1"),
+        (lambda: torch_method1(kernel=8, conv_attrs={"dilations": [2]}, target=(-1, FR, 2 * N), x_shape=("B", FR, L)), "not a full-span conv (kernel 8, input 16)"),  # a dilated kernel never spans
         (lambda: torch_method1(inner=(-1, 2, L), weight_shape=(N, 1, L), conv_attrs={"group": 2}), "group=2"),
         (lambda: torch_method1(weight_is_input=True), "'W' is a graph input that overrides an initializer"),
         (lambda: torch_method1(dtype=TensorProto.INT32), "dtype int32 not supported"),

@@ -1,4 +1,7 @@
-"""Example rule family (a plugin): Relu(Relu(x)) -> Relu(x)."""
+"""Example rule family (a plugin): Relu(Relu(x)) -> Relu(x).
+
+A plugin's rules are opt-in: they run when --rules names them (onnx-rewrite rules lists them as
+`opt-in`). Setting ``JOIN_DEFAULT_POLICY = True`` here would make them join the default policy."""
 
 from __future__ import annotations
 
@@ -13,7 +16,6 @@ class DoubleReluToRelu(Rule):
     id = "example-double-relu"
     benefit = 5
     direction = "cleanup"
-    default = False  # plugins opt in with --rules
 
     def pattern(self, p: PatternBuilder):  # type: ignore[no-untyped-def]
         return p.op("Relu", p.op("Relu", p.var("x")))
