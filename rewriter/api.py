@@ -37,7 +37,7 @@ from rewriter.measure.section import BenchmarkSection, BenchReport, static_secti
 from rewriter.measure.serial import measuring
 from rewriter.measure.workload import choose_workload
 from rewriter.options import PROVEN, Options
-from rewriter.ort import shared_sessions
+from rewriter.ort import SessionError, make_session, model_source, shared_sessions
 from rewriter.prove.gate import prepare_gate, start_gate
 from rewriter.prove.result import VerificationResult
 from rewriter.prove.rollback import Proof, prove
@@ -72,6 +72,8 @@ class Result:
     report: Report
     source: LoadedModel
     _gate: Background[list[onnx.ModelProto] | None] | None = field(default=None, compare=False, repr=False)
+    upgraded_from: onnx.ModelProto | None = field(default=None, compare=False, repr=False)
+    """The model as it was given, when ``--upgrade-opset`` changed it (``source`` is the upgrade)."""
 
     @property
     def modified(self) -> bool:
@@ -95,11 +97,14 @@ class Result:
         whatever else it holds (the reports), and none of them remains if it is discarded."""
         out = check_output_path(path, input_path=self.source.path, overwrite_input=overwrite_input)
         gate = None
-        if self.modified:
+        if self.modified or self.upgraded_from is not None:  # written differently from the input: gated
             verified = self.report.sections.get("verification")
+            given = self.upgraded_from if self.upgraded_from is not None else self.source.model
             # The onnxruntime load runs while the file is staged; its verdict comes before the rename.
-            gate = start_gate(self.model, self.source.model, self.source.base_dir,
-                              loads=isinstance(verified, VerificationResult) and verified.passed, prepared=self._gate)
+            # Already loaded: a verified rewrite ran there; an upgrade alone was loaded when made.
+            loads = not self.modified or (isinstance(verified, VerificationResult) and verified.passed)
+            gate = start_gate(self.model if self.modified else self.source.model, given, self.source.base_dir, loads=loads,
+                              prepared=self._gate, what="rewritten" if self.modified else "upgraded")
         try:
             # Nothing rewritten (or every site rolled back or rejected): the input's own proto, so the
             # written model is the input, byte for byte where the input's encoding allows.
@@ -169,6 +174,7 @@ def _optimize(loaded: LoadedModel, opts: Options, registry: Registry | None, say
     reg = registry or discover(opts.plugins, strict=opts.strict_plugins)
     timing = _timing(opts, loaded, say)
     notes: list[str] = [f"plugin unavailable: {u.source}: {u.error}" for u in reg.unavailable]
+    given = loaded
     loaded = _upgrade_opset(loaded, opts, notes)
     sections: dict[str, Section] = {}
 
@@ -241,7 +247,7 @@ def _optimize(loaded: LoadedModel, opts: Options, registry: Registry | None, say
         sections=_pipeline_order(sections),
         notes=tuple(notes + _cuda_asked(opts, sections)),
     )
-    return Result(out_model, report, loaded, gate)
+    return Result(out_model, report, loaded, gate, upgraded_from=given.model if loaded is not given else None)
 
 
 def _once_per_family(misses: Sequence[tuple[NearMissRecord, str]], reg: Registry) -> tuple[NearMissRecord, ...]:
@@ -307,6 +313,11 @@ def _upgrade_opset(loaded: LoadedModel, opts: Options, notes: list[str]) -> Load
     if upgraded is loaded.model:
         notes.append(f"opset upgrade: the model is already at opset {before} (>= {opts.upgrade_opset})")
         return loaded
+    try:  # the question is whether it loads, not how fast: no graph optimizations
+        make_session(model_source(upgraded, "upgraded", loaded.base_dir), "cpu", optimize=False)
+    except SessionError as exc:
+        raise InputError(f"--upgrade-opset {opts.upgrade_opset}: the model upgraded from opset {before} does not load in "
+                         f"onnxruntime, nothing written: {exc.detail}") from None
     if opts.verify is None:
         notes.append(f"opset upgraded {before} -> {opts.upgrade_opset}: NOT verified (verification is off)")
     elif not verify_models(loaded.model, upgraded, opts.verify, base_dir=loaded.base_dir):

@@ -94,6 +94,11 @@ _ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _ORT_NODE = re.compile(r"^Non-zero status code returned while running (\S+) node\. Name:'([^']*)' Status Message: ")
 _ORT_SOURCE = re.compile(r"^/\S+:\d+ .*? was false\.\s*")
+# ".../model_load_utils.h:46 void onnxruntime::...::ValidateOpsetForDomain(const std::...&, int) ONNX Runtime only ..."
+# onnxruntime's paragraph on an opset newer than it supports, said in one clause.
+_ORT_OPSET = re.compile(r"ONNX Runtime only \*guarantees\* support .*?Opset (\d+) is under development.*?"
+                        r"Current official support for domain (\S+) is till opset (\d+)\.?")
+_ORT_FUNCTION = re.compile(r"^/\S+:\d+ [^(]*\((?:[^()]|\([^()]*\))*\)\s*(?:const\s*)?")
 
 
 def first_line(exc: BaseException | str, limit: int = 300) -> str:
@@ -106,6 +111,9 @@ def first_line(exc: BaseException | str, limit: int = 300) -> str:
     node = _ORT_NODE.match(line)
     if node:
         line = f"{node.group(1)} node {node.group(2)!r}: " + _ORT_SOURCE.sub("", line[node.end() :])
+    elif line.startswith("/"):  # a C++ source location and the function that raised: onnxruntime's message follows
+        line = _ORT_SOURCE.sub("", line, count=1) if _ORT_SOURCE.match(line) else _ORT_FUNCTION.sub("", line, count=1) or line
+    line = _ORT_OPSET.sub(r"opset \1 is newer than this onnxruntime supports (domain \2: up to opset \3)", line)
     if len(line) <= limit:
         return line
     cut = line[: limit - 1]

@@ -107,3 +107,73 @@ def test_cli_upgrade_opset(tmp_path, capsys):
     assert code == 0, text
     assert default_opset(onnx.load(str(out))) == 13
     assert "opset upgraded 9 -> 13" in " ".join(text.split())
+
+
+def _unloadable_upgrade(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """An upgrade whose result onnx accepts and onnxruntime cannot load (as onnx's converter
+    gives for an opset newer than onnxruntime supports): a default-domain op with no kernel."""
+    upgraded = upgrade_opset(model, opset)
+    upgraded.graph.node.append(helper.make_node("Col2Im", ["x", "shape_a", "shape_b"], ["unused"], name="no_kernel"))
+    return upgraded
+
+
+@pytest.mark.parametrize("verify", [["--no-verify"], ["--providers", "cpu"]])
+def test_an_upgrade_that_does_not_load_is_refused_and_nothing_written(tmp_path, capsys, monkeypatch, verify):
+    """A loadable input never becomes unloadable: with or without verification, an opset upgrade
+    onnxruntime cannot load says so (exit 2) and writes nothing -- also when nothing is rewritten."""
+    import rewriter.api
+
+    monkeypatch.setattr(rewriter.api, "upgrade_opset", _unloadable_upgrade)
+    src = tmp_path / "fire.onnx"
+    onnx.save(fire("H", "W"), str(src))
+    out = tmp_path / "out.onnx"
+    code = run_app([str(src), "-o", str(out), "--rules", "gemm-to-conv1x1", "--no-bench", "--upgrade-opset", "13", *verify])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2, err
+    assert "--upgrade-opset 13: the model upgraded from opset 9 does not load in onnxruntime, nothing written" in err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["fire.onnx"]
+
+
+def test_the_write_gate_checks_an_upgraded_model_with_nothing_rewritten(tmp_path):
+    """The gate runs on every model written differently from its input, an upgrade alone included."""
+    from dataclasses import replace
+
+    from rewriter.errors import VerificationError
+
+    result = rewriter.optimize(fire("H", "W"), rules=["gemm-to-conv1x1"], verify=CPU, upgrade_opset=13)
+    assert not result.modified and result.upgraded_from is not None
+    clean = onnx.ModelProto()
+    clean.CopyFrom(result.source.model)
+    for value in [*clean.graph.output, *clean.graph.value_info]:  # the helper's shapeless outputs fail the checker
+        value.type.tensor_type.shape.SetInParent()
+    assert _checker_passes(clean)
+    broken = onnx.ModelProto()
+    broken.CopyFrom(clean)
+    broken.graph.node[0].input[0] = "nowhere"  # fails onnx.checker, the input did not
+    bad = replace(result, source=replace(result.source, _model=broken), upgraded_from=clean)
+    with pytest.raises(VerificationError, match="^not written: the upgraded model fails onnx.checker"):
+        bad.save(tmp_path / "out.onnx")
+    assert not (tmp_path / "out.onnx").exists()
+    assert result.save(tmp_path / "ok.onnx").output is not None and default_opset(onnx.load(str(tmp_path / "ok.onnx"))) == 13
+
+
+def test_onnxruntime_messages_lose_their_cpp_location_and_say_the_opset_plainly():
+    from rewriter.ort import first_line
+
+    raw = ("[ONNXRuntimeError] : 1 : FAIL : /onnxruntime_src/onnxruntime/core/graph/model_load_utils.h:46 void "
+           "onnxruntime::model_load_utils::ValidateOpsetForDomain(const std::unordered_map<std::__cxx11::basic_string<char>, int>&, "
+           "const onnxruntime::logging::Logger&, bool, const std::string&, int) ONNX Runtime only *guarantees* support for models "
+           "stamped with official released onnx opset versions. Opset 28 is under development and support for this is limited. "
+           "The operator schemas and or other functionality may change before next ONNX release and in this case ONNX Runtime "
+           "will not guarantee backward compatibility. Current official support for domain ai.onnx is till opset 26.")
+    assert first_line(raw) == "opset 28 is newer than this onnxruntime supports (domain ai.onnx: up to opset 26)"
+    other = "/src/onnxruntime/core/session/inference_session.cc:123 onnxruntime::Status Load(int) Model is broken"
+    assert first_line(other) == "Model is broken"
+
+
+def _checker_passes(model: onnx.ModelProto) -> bool:
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError:
+        return False
+    return True

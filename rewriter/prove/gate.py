@@ -70,7 +70,8 @@ class PendingGate:
     :meth:`wait` raises the first failure."""
 
     def __init__(self, sources: list[ModelSource] | Callable[[], list[ModelSource]],
-                 check: Callable[[], None] | None = None) -> None:
+                 check: Callable[[], None] | None = None, what: str = "rewritten") -> None:
+        self._what = what
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._check = check  # run by wait() first, while the loads' thread waits or loads
@@ -101,7 +102,7 @@ class PendingGate:
         finally:
             self.close()
         if isinstance(self._error, SessionError):
-            raise VerificationError(f"not written: the rewritten model does not load in onnxruntime: {self._error.detail}") from self._error
+            raise VerificationError(f"not written: the {self._what} model does not load in onnxruntime: {self._error.detail}") from self._error
         if self._error is not None:
             raise self._error
 
@@ -112,7 +113,7 @@ class PendingGate:
 
 
 def start_gate(model: onnx.ModelProto, original: onnx.ModelProto, base_dir: Path | None, *, loads: bool = False,
-               prepared: Background[list[onnx.ModelProto] | None] | None = None) -> PendingGate:
+               prepared: Background[list[onnx.ModelProto] | None] | None = None, what: str = "rewritten") -> PendingGate:
     """Raise VerificationError (exit 1) when ``model`` fails onnx.checker -- unless ``original``
     fails it too: some exporters write models the checker refuses and onnxruntime runs -- and
     start loading its rewritten region (or the whole model) in onnxruntime on CPU: the graph
@@ -127,14 +128,14 @@ def start_gate(model: onnx.ModelProto, original: onnx.ModelProto, base_dir: Path
         def check() -> None:
             why = _checker_verdict(model, original)
             if why is not None:
-                raise VerificationError(f"not written: the rewritten model fails onnx.checker: {why}")
+                raise VerificationError(f"not written: the {what} model fails onnx.checker: {why}")
 
-        return PendingGate(lambda: [] if loads else _gate_sources(model, base_dir, prepared.result()), check)
-    gate = PendingGate([] if loads else _gate_sources(model, base_dir, cut_region(model)))
+        return PendingGate(lambda: [] if loads else _gate_sources(model, base_dir, prepared.result()), check, what)
+    gate = PendingGate([] if loads else _gate_sources(model, base_dir, cut_region(model)), what=what)
     try:  # the checker runs while onnxruntime loads
         why = _checker_verdict(model, original)
         if why is not None:
-            raise VerificationError(f"not written: the rewritten model fails onnx.checker: {why}")
+            raise VerificationError(f"not written: the {what} model fails onnx.checker: {why}")
     except BaseException:
         gate.close()
         raise
