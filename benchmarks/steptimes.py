@@ -54,7 +54,7 @@ STEPS = [
     ("rewriter.prove.gate", "PendingGate.wait"),
     ("rewriter.engine.save", "save_model"),
     ("rewriter.ort", "make_session"),
-    ("rewriter.engine.dim_names", "name_dims"),
+    ("rewriter.ort.dim_names", "name_dims"),
     ("rewriter.ort", "_open"),
 ]
 
@@ -128,15 +128,16 @@ def report(total: float) -> None:
 
 def main() -> int:
     install()
-    # run_app, not main: main ends the process at once (os._exit), before this report; what main
-    # sets up (frozen imports, deferred freeing, forked checks) is set up here too.
-    from rewriter.cli import run_app, setup_process
+    # run_app, not main: main ends the process at once (Executor.end_process), before this
+    # report; the executor main hands to the library is the one handed here.
+    from rewriter import Executor
+    from rewriter.cli import run_app
 
-    setup_process()
+    executor = Executor.for_one_command()
     start = time.perf_counter()
     code = 1
     try:
-        code = run_app(sys.argv[1:])
+        code = run_app(sys.argv[1:], executor=executor)
     finally:
         report(time.perf_counter() - start)
     return code

@@ -9,7 +9,7 @@ repeat opens its sessions again); the median per fixture is reported, and their 
     python benchmarks/verify_cost.py --repeat 5 --json out.json
 
 To compare two trees, run the script with each tree first on ``sys.path`` (e.g. a ``git
-worktree`` of the older commit: ``PYTHONPATH=/tmp/old python benchmarks/verify_cost.py``),
+worktree`` of the older commit: ``git worktree add ../old OLD_COMMIT; PYTHONPATH=../old python benchmarks/verify_cost.py``),
 alternating, and compare the sums: this machine's speed drifts between runs minutes apart.
 """
 

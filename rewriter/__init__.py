@@ -8,7 +8,9 @@ from rewriter.version import __version__
 
 if TYPE_CHECKING:
     from rewriter.api import KEEP, Result, RuleInfo, RuleList, bench, list_rules, optimize, verify
+    from rewriter.engine.executor import Executor
     from rewriter.engine.pattern import Match, PatternBuilder
+    from rewriter.engine.save import Transaction, atomic_write_text, check_output_path
     from rewriter.engine.rule import CheckResult, RewriteBuilder, Rule, fail, ok, skip
     from rewriter.errors import FailOnError, InputError, PluginError, RewriterError, RuleWarning, VerificationError
     from rewriter.ir_pass import RewritePass
@@ -21,6 +23,10 @@ __all__ = [
     "bench",
     "list_rules",
     "Result",
+    "Executor",
+    "Transaction",
+    "check_output_path",
+    "atomic_write_text",
     "RuleList",
     "RuleInfo",
     "KEEP",
@@ -53,6 +59,10 @@ _LAZY = {
     "bench": "rewriter.api",
     "list_rules": "rewriter.api",
     "Result": "rewriter.api",
+    "Executor": "rewriter.engine.executor",
+    "Transaction": "rewriter.engine.save",
+    "check_output_path": "rewriter.engine.save",
+    "atomic_write_text": "rewriter.engine.save",
     "RuleList": "rewriter.api",
     "RuleInfo": "rewriter.api",
     "KEEP": "rewriter.api",

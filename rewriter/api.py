@@ -23,7 +23,7 @@ import onnx
 
 from rewriter.version import __version__
 from rewriter.engine.driver import AppliedSite
-from rewriter.engine.forked import Background
+from rewriter.engine.executor import Executor
 from rewriter.engine.model_io import LoadedModel, load_model
 from rewriter.engine.opset import default_opset, upgrade_opset
 from rewriter.engine.save import Transaction, check_output_path, file_sha256, save_model
@@ -37,14 +37,14 @@ from rewriter.measure.section import BenchmarkSection, BenchReport, static_secti
 from rewriter.measure.serial import measuring
 from rewriter.measure.workload import choose_workload
 from rewriter.options import PROVEN, Options
-from rewriter.ort import SessionError, make_session, model_source, shared_sessions
-from rewriter.prove.gate import prepare_gate, start_gate
+from rewriter.ort import SessionError, make_session, max_ir_version, model_source, shared_sessions
+from rewriter.prove.gate import start_gate
 from rewriter.prove.result import VerificationResult
 from rewriter.prove.rollback import Proof, prove
 from rewriter.prove.verify import VerifyOptions, verify_models
 from rewriter.report import NearMissRecord, Report, RewriteRecord, Section, summarize
 from rewriter.tune.plan import TuneOptions, TunePlan, tune_sites
-from rewriter.tune.sites import restrict
+from rewriter.tune.sites import TunedSites
 
 __all__ = ["optimize", "verify", "bench", "list_rules", "Result", "RuleList", "RuleInfo", "KEEP", "Keep"]
 
@@ -71,7 +71,6 @@ class Result:
     model: onnx.ModelProto
     report: Report
     source: LoadedModel
-    _gate: Background[list[onnx.ModelProto] | None] | None = field(default=None, compare=False, repr=False)
     upgraded_from: onnx.ModelProto | None = field(default=None, compare=False, repr=False)
     """The model as it was given, when ``--upgrade-opset`` changed it (``source`` is the upgrade)."""
 
@@ -88,13 +87,16 @@ class Result:
         self.report.check(fail_on)
         return self
 
-    def save(self, path: str | Path, *, overwrite_input: bool = False, transaction: Transaction | None = None) -> Report:
+    def save(self, path: str | Path, *, overwrite_input: bool = False, transaction: Transaction | None = None,
+             executor: Executor | None = None) -> Report:
         """Write the model atomically (external data beside it); returns the report with ``output`` filled.
 
         A rewritten model is written only if it passes onnx.checker and loads in onnxruntime
         (VerificationError otherwise, nothing written). With ``transaction`` the files are only
         staged in it: they are renamed into place when the caller commits it, together with
-        whatever else it holds (the reports), and none of them remains if it is discarded."""
+        whatever else it holds (the reports), and none of them remains if it is discarded.
+        ``executor``: how the process is used (the gate's region cut in a child while the file is
+        written, where it allows; see :class:`rewriter.Executor`)."""
         out = check_output_path(path, input_path=self.source.path, overwrite_input=overwrite_input)
         gate = None
         if self.modified or self.upgraded_from is not None:  # written differently from the input: gated
@@ -104,13 +106,13 @@ class Result:
             # Already loaded: a verified rewrite ran there; an upgrade alone was loaded when made.
             loads = not self.modified or (isinstance(verified, VerificationResult) and verified.passed)
             gate = start_gate(self.model if self.modified else self.source.model, given, self.source.base_dir, loads=loads,
-                              prepared=self._gate, what="rewritten" if self.modified else "upgraded")
+                              what="rewritten" if self.modified else "upgraded", executor=executor)
         try:
             # Nothing rewritten (or every site rolled back or rejected): the input's own proto, so the
             # written model is the input, byte for byte where the input's encoding allows.
             written = save_model(self.model if self.modified else self.source.model, out, source=self.source,
                                  overwrite_input=overwrite_input, before_commit=gate.wait if gate else None,
-                                 transaction=transaction)
+                                 transaction=transaction, ir_ceiling=max_ir_version())
         finally:
             if gate is not None:
                 gate.close()
@@ -122,10 +124,12 @@ class Result:
 
 @dataclass(frozen=True)
 class _Selection:
-    """The rules a run uses, and the tuning plan that chose them (None for a fixed policy)."""
+    """The rules a run uses, the sites each may rewrite (None: every site), and the tuning plan
+    that chose them (None for a fixed policy)."""
 
     rules: tuple[Rule, ...]
     plan: TunePlan | None
+    only: TunedSites | None = None
 
 
 def optimize(
@@ -144,6 +148,7 @@ def optimize(
     tune: TuneOptions | bool | None | Keep = KEEP,
     keep_slower: bool | Keep = KEEP,
     upgrade_opset: int | None | Keep = KEEP,
+    executor: Executor | None = None,
 ) -> Result:
     """Rewrite ``model`` (path, bytes, ModelProto or torch ONNXProgram), prove, measure, decide.
 
@@ -153,16 +158,19 @@ def optimize(
     Sites that break equivalence are rolled back (``rolled_back``); with ``bench``, rule
     families that make the model measurably slower are rolled back (``rejected``) unless
     ``keep_slower``. Raises :class:`VerificationError` only when no equivalent model can be
-    produced; :meth:`Result.check` turns events of the run into an error (a CI gate)."""
+    produced; :meth:`Result.check` turns events of the run into an error (a CI gate).
+    ``executor`` (default ``Executor()``: the collector paused around each rewrite, nothing
+    else) decides how the process is used; the command line hands in
+    ``Executor.for_one_command()``."""
     opts = (options or PROVEN).but(**changed(rules=rules, exclude=exclude, direction=direction, plugins=plugins,
                                              strict_plugins=strict_plugins, verify=verify, bench=bench, tune=tune,
                                              keep_slower=keep_slower, upgrade_opset=upgrade_opset))
     say = progress or (lambda _msg: None)
-    loaded = load_model(model)
+    loaded = load_model(model, ir_ceiling=max_ir_version())
     # Every step opens the original (workload, tuning, verification per provider, bisection,
     # benchmark at two sizes): each model gets one session per provider and settings.
     with shared_sessions():
-        return _optimize(loaded, opts, registry, say)
+        return _optimize(loaded, opts, registry, say, executor or Executor())
 
 
 def changed(**keywords: Any) -> dict[str, Any]:
@@ -170,7 +178,7 @@ def changed(**keywords: Any) -> dict[str, Any]:
     return {name: value for name, value in keywords.items() if value is not KEEP}
 
 
-def _optimize(loaded: LoadedModel, opts: Options, registry: Registry | None, say: Progress) -> Result:
+def _optimize(loaded: LoadedModel, opts: Options, registry: Registry | None, say: Progress, executor: Executor) -> Result:
     reg = registry or discover(opts.plugins, strict=opts.strict_plugins)
     timing = _timing(opts, loaded, say)
     notes: list[str] = [f"plugin unavailable: {u.source}: {u.error}" for u in reg.unavailable]
@@ -183,11 +191,11 @@ def _optimize(loaded: LoadedModel, opts: Options, registry: Registry | None, say
         sections["tuning"] = chosen.plan.section
         notes.extend(chosen.plan.notes)
     say(f"rewriting with {len(chosen.rules)} rule(s)")
-    rewritten = rewrite(loaded, chosen.rules)
+    rewritten = rewrite(loaded, chosen.rules, only=chosen.only, executor=executor)
     records: tuple[RewriteRecord, ...] = tuple(RewriteRecord(s.rule, s.nodes, "applied") for s in rewritten.result.applied)
 
     if opts.verify is not None and rewritten.result.applied:
-        proof = prove(loaded, chosen.rules, rewritten, opts.verify, say)
+        proof = prove(loaded, chosen.rules, rewritten, opts.verify, say, only=chosen.only, executor=executor)
         rewritten, records = proof.rewritten, proof.records
         sections["verification"] = proof.verification
     elif opts.verify is not None:
@@ -201,12 +209,12 @@ def _optimize(loaded: LoadedModel, opts: Options, registry: Registry | None, say
         bench_options = replace(opts.bench, shapes=timing.shapes, shape_source=timing.shape_source, small_shapes=timing.small_shapes)
         with measuring(say):
             acc: Acceptance | None = accept(loaded, chosen.rules, out_model, records, bench_options, keep_slower=opts.keep_slower,
-                                            progress=say)
+                                            progress=say, only=chosen.only, executor=executor)
         if acc is not None and acc.mismatch is not None and opts.verify is not None:
             # Equal at the small shapes, different where measured: prove the rewrite there too, then
             # measure what is left.
             notes.extend(acc.notes)
-            proof = _prove_where_measured(loaded, chosen.rules, rewritten, records, opts.verify, bench_options, say)
+            proof = _prove_where_measured(loaded, chosen, rewritten, records, opts.verify, bench_options, say, executor)
             rewritten, records = proof.rewritten, proof.records
             sections["verification"] = proof.verification
             out_model = rewritten.model
@@ -215,7 +223,8 @@ def _optimize(loaded: LoadedModel, opts: Options, registry: Registry | None, say
                 acc = None
             else:
                 with measuring(say):
-                    acc = accept(loaded, chosen.rules, out_model, records, bench_options, keep_slower=opts.keep_slower, progress=say)
+                    acc = accept(loaded, chosen.rules, out_model, records, bench_options, keep_slower=opts.keep_slower, progress=say,
+                                 only=chosen.only, executor=executor)
         if acc is not None:
             out_model, records = acc.model, acc.records
             sections["benchmark"] = acc.benchmark
@@ -231,10 +240,6 @@ def _optimize(loaded: LoadedModel, opts: Options, registry: Registry | None, say
     else:
         notes.append("benchmark skipped: speed and memory not measured, no acceptance check")
 
-    # The write gate's checks start now, on a second core where allowed, while the report is made.
-    verified = sections.get("verification")
-    gate = (prepare_gate(out_model, loads=isinstance(verified, VerificationResult) and verified.passed)
-            if any(r.status == "applied" for r in records) else None)
     family_of = {rule.id: rule.family_name() for rule in chosen.rules}
     misses = [(NearMissRecord(n.rule, n.node, n.reason), n.about or n.node) for n in rewritten.result.near_misses]
     misses += [(m, m.node) for m in _kept_by_tuning(chosen.plan, loaded.model, reg)]
@@ -247,7 +252,7 @@ def _optimize(loaded: LoadedModel, opts: Options, registry: Registry | None, say
         sections=_pipeline_order(sections),
         notes=tuple(notes + _cuda_asked(opts, sections)),
     )
-    return Result(out_model, report, loaded, gate, upgraded_from=given.model if loaded is not given else None)
+    return Result(out_model, report, loaded, upgraded_from=given.model if loaded is not given else None)
 
 
 def _once_per_family(misses: Sequence[tuple[NearMissRecord, str]], reg: Registry) -> tuple[NearMissRecord, ...]:
@@ -324,7 +329,7 @@ def _upgrade_opset(loaded: LoadedModel, opts: Options, notes: list[str]) -> Load
         raise VerificationError(f"the opset upgrade {before} -> {opts.upgrade_opset} changed the model's outputs")
     else:
         notes.append(f"opset upgraded {before} -> {opts.upgrade_opset} (onnx version converter), verified equal to the original")
-    return replace(loaded, _model=upgraded)
+    return replace(loaded, model=upgraded)
 
 
 def _timing(opts: Options, loaded: LoadedModel, say: Progress) -> BenchOptions:
@@ -360,20 +365,20 @@ def _select(loaded: LoadedModel, reg: Registry, opts: Options, timing: BenchOpti
     # A tuned rule fires only at its sites, so the fixed policy's rules that tuning left out still
     # run, limited to no site: their refusals stay in the report (why a Conv was not rewritten).
     tuned = {r.id for r in plan.rules}
-    watch = [restrict(r, ()) for r in reg.select(opts.rules, opts.exclude, "default") if r.direction != "cleanup" and r.id not in tuned]
-    return _Selection(plan.rules + tuple(watch), plan)
+    watch = [r for r in reg.select(opts.rules, opts.exclude, "default") if r.direction != "cleanup" and r.id not in tuned]
+    return _Selection(plan.rules + tuple(watch), plan, plan.only.but_nowhere(r.id for r in watch))
 
 
-def _prove_where_measured(loaded: LoadedModel, rules: Sequence[Rule], rewritten: Rewritten, records: Sequence[RewriteRecord],
-                          options: VerifyOptions, bench: BenchOptions, say: Progress) -> Proof:
+def _prove_where_measured(loaded: LoadedModel, chosen: _Selection, rewritten: Rewritten, records: Sequence[RewriteRecord],
+                          options: VerifyOptions, bench: BenchOptions, say: Progress, executor: Executor) -> Proof:
     """The benchmark saw the outputs differ at its shapes: verify again with those shapes run
     too, so the sites that differ there are rolled back like any verification failure (the
     sites verification already rolled back stay out)."""
     say("the outputs differ where measured: verifying at the measured shapes")
     shapes = tuple(s for s in (bench.shapes, bench.small_shapes) if s)
     earlier = [r for r in records if r.status != "applied"]
-    proof = prove(loaded, rules, rewritten, replace(options, extra_shapes=tuple(dict(s) for s in shapes)), say,
-                  skip=[(r.rule, r.nodes[0] if r.nodes else "") for r in earlier])
+    proof = prove(loaded, chosen.rules, rewritten, replace(options, extra_shapes=tuple(dict(s) for s in shapes)), say,
+                  skip=[(r.rule, r.nodes[0] if r.nodes else "") for r in earlier], only=chosen.only, executor=executor)
     return replace(proof, records=proof.records + tuple(earlier))
 
 
@@ -409,7 +414,8 @@ def verify(
     """Are two models with the same interface equivalent on onnxruntime? (``onnx-rewrite verify``)
 
     Raises InputError for unreadable models or when no provider could run anything."""
-    a, b = load_model(original), load_model(candidate)  # one-line errors for bad files, before any run
+    # One-line errors for bad files, before any run.
+    a, b = load_model(original, ir_ceiling=max_ir_version()), load_model(candidate, ir_ceiling=max_ir_version())
     # Paths, so each model reads its own external data from its own folder.
     result = verify_models(a.path or a.model, b.path or b.model, options or VerifyOptions(), progress=progress)
     if result.nothing_ran:
@@ -423,8 +429,8 @@ def bench(
 ) -> BenchReport:
     """Measure ``model``, or compare it (before) with ``other`` (after): latency, peak memory,
     static costs. (``onnx-rewrite bench``)"""
-    before = load_model(model)
-    after = load_model(other) if other is not None else None
+    before = load_model(model, ir_ceiling=max_ir_version())
+    after = load_model(other, ir_ceiling=max_ir_version()) if other is not None else None
     options = options or BenchOptions()
     if options.shapes is None:
         # The workload shape of the 'before' model: what `onnx-rewrite MODEL` measures it at.

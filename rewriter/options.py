@@ -17,10 +17,13 @@ from typing import Any
 
 from rewriter.errors import InputError
 from rewriter.measure.bench import BenchOptions
+from rewriter.measure.serial import MEASURE_LOCK_ENV
+from rewriter.prove.inputs import parse_shape_overrides
 from rewriter.prove.verify import VerifyOptions
-from rewriter.tune.plan import TuneOptions
+from rewriter.tune.plan import DEFAULT_BUDGET_S, TuneOptions
 
-__all__ = ["Options", "VerifyOptions", "BenchOptions", "TuneOptions", "PROVEN", "MEASURED", "PRESETS", "DIRECTIONS"]
+__all__ = ["Options", "VerifyOptions", "BenchOptions", "TuneOptions", "PROVEN", "MEASURED", "PRESETS", "DIRECTIONS", "DEFAULT_BUDGET_S",
+           "MEASURE_LOCK_ENV", "parse_shape_overrides"]
 
 #: ``auto`` measures every site and keeps its fastest form; the others are fixed policies.
 DIRECTIONS = ("default", "to-matmul", "to-conv", "auto")

@@ -33,7 +33,7 @@ from rewriter.engine.registry import discover
 from rewriter.engine.rewrite import rewrite
 from rewriter.engine.rule import Rule
 from rewriter.engine.tensors import has_external_data
-from rewriter.ort import SessionError, make_session, model_source
+from rewriter.ort import SessionError, make_session, max_ir_version, model_source
 from rewriter.prove.result import VerificationResult
 from rewriter.prove.verify import VerifyOptions, verify_models
 
@@ -77,14 +77,14 @@ def check_rule(
     naming what failed."""
     rules = [_instance(r) for r in _listed(rule)]
     name = ", ".join(r.id for r in rules)
-    loaded = load_model(model)
+    loaded = load_model(model, ir_ceiling=max_ir_version())
     done = rewrite(loaded, rules)
     applied = done.result.applied
     if sites is None:
         assert applied, f"{name} rewrote nothing; near misses: {_misses(done.result.near_misses)}"
     else:
         assert len(applied) == sites, f"{name} rewrote {len(applied)} site(s), expected {sites}; near misses: {_misses(done.result.near_misses)}"
-    again = rewrite(load_model(done.model), rules)
+    again = rewrite(load_model(done.model, ir_ceiling=max_ir_version()), rules)
     assert not again.result.applied, f"a second run of {name} rewrote again: {[s.anchor for s in again.result.applied]}"
     original, rewritten, dtype, note = loaded.model, done.model, _dtype_of(loaded.model), ""
     if float64 and _has_float32(original) and not has_external_data(original):

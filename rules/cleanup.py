@@ -32,6 +32,7 @@ from rewriter.ruletools import (
 )
 from rewriter.ruletools.layout import (
     ELEMENTWISE_OPS,
+    Chain,
     dtype_name,
     dtype_reason,
     int_list,
@@ -113,11 +114,10 @@ class TransposeFoldElementwise(_Cleanup):
         if chain is None:
             return skip("no Transpose above it through single-consumer elementwise ops", m["outer"])
         m.claim(*chain.nodes)  # dead once the chain is rebuilt
-        return ok()
+        return ok(chain)
 
     def rewrite(self, b: RewriteBuilder, m: Match) -> gs.Tensor:
-        chain = walk_back(m["outer"].inputs[0], m, perm=None, convs=False)
-        assert chain is not None
+        chain = m.planned(Chain)
         y = rebuild(b, m, chain)
         q = int_list(m.attr("outer", "perm"))
         assert q is not None  # the pattern requires the perm

@@ -14,10 +14,12 @@ pointwise layer and a full-span head; the permutation needs X's non-batch dims t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from rewriter.ruletools import CheckResult, Match, OpPat, PatternBuilder, RewriteBuilder, Rule, fail, ok, producer, skip
+from rewriter.ruletools import WALK_LIMIT, CheckResult, Match, OpPat, PatternBuilder, RewriteBuilder, Rule, fail, ok, producer, skip
 from rewriter.ruletools.layout import UNARY_OPS, int_list, node_axes, rank_of, single_consumer
 
 __all__ = ["FlattenOfUnitAxes", "TransposeIntoGemmWeight", "TransposeIntoMatMulWeight", "RULES"]
@@ -62,6 +64,14 @@ class FlattenOfUnitAxes(_DenseLayout):
         return b.op("Flatten", [m["x"]], {"axis": 1}, dtype=out.dtype, shape=out.shape)
 
 
+@dataclass(frozen=True)
+class _Chain:
+    """What ``check`` found behind the Flatten: the Transpose, and the unary ops after it."""
+
+    transpose: gs.Node
+    ops: list[gs.Node]
+
+
 class _TransposeIntoWeight(_DenseLayout):
     """Shared: find U(Transpose(X)) behind the Flatten, permute the dense weight."""
 
@@ -78,7 +88,7 @@ class _TransposeIntoWeight(_DenseLayout):
         """(the Transpose, the unary ops after it in order), each output read once, or None."""
         ops: list[gs.Node] = []
         t: gs.Tensor = m["y"]
-        for _ in range(64):
+        for _ in range(WALK_LIMIT):
             node = producer(t)
             if node is None or single_consumer(t, m.graph) is None:
                 return None
@@ -119,11 +129,12 @@ class _TransposeIntoWeight(_DenseLayout):
         if rows != k:
             return fail(f"weight reads {rows} features, the Flatten gives {k}", dense)
         m.claim(tr, *found[1])  # rebuilt by this rewrite: no other rule may use them this sweep
-        return ok()
+        return ok(_Chain(tr, found[1]))
 
     def rewrite(self, b: RewriteBuilder, m: Match) -> gs.Tensor:
         dense: gs.Node = m["dense"]
-        tr, ops = self.chain(m)  # type: ignore[misc]
+        chain = m.planned(_Chain)
+        tr, ops = chain.transpose, chain.ops
         perm = int_list(tr.attrs.get("perm")) or []
         x: gs.Tensor = tr.inputs[0]
         dims = [int(d) for d in x.shape[1:]]

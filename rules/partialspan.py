@@ -108,7 +108,7 @@ class PartialSpanConvToMatMul(ConvSpanRule):
         n_out = int(w.shape[0])
         bias = m.value("b") if "b" in m else None
         out_shape = tuple(xs[:1]) + (n_out,) + tuple(1 if i in axes.spanned else xs[2 + i] for i in range(len(kernel)))
-        return SpanPlan(len(xs), w.reshape(n_out, -1), None if bias is None else bias.astype(w.dtype), xs[0], out_shape)
+        return SpanPlan(len(xs), w.reshape(n_out, -1), None if bias is None else bias.astype(w.dtype), xs[0], out_shape, axes)
 
     def _axes(self, m: Match, conv: gs.Node, w: np.ndarray, kernel: list[int]) -> "SpanAxes | CheckResult":
         xs = symbolic_shape(m["x"])
@@ -124,13 +124,10 @@ class PartialSpanConvToMatMul(ConvSpanRule):
         return axes
 
     def rewrite(self, b: RewriteBuilder, m: Match) -> gs.Tensor:
-        plan = self.plan(m)
-        if not isinstance(plan, SpanPlan):
-            raise ValueError(plan.reason)
+        plan = m.planned(SpanPlan)
+        axes = plan.axes
+        assert axes is not None  # _plan_layouts gives them
         conv: gs.Node = m["conv"]
-        w = np.asarray(m.value("w"))
-        axes = self._axes(m, conv, w, [int(k) for k in w.shape[2:]])
-        assert isinstance(axes, SpanAxes)
         x: gs.Tensor = m["x"]
         dt = conv.outputs[0].dtype
         n_rows = 1 + len(axes.unit)

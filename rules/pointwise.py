@@ -32,6 +32,8 @@ In native layout (opt-in: measured slower than Conv on onnxruntime CPU)::
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -121,10 +123,12 @@ class _Pointwise(Rule):
         shape = [y.shape[i] for i in T1] if y.shape is not None and len(y.shape) == 3 else None
         return b.transpose(y, T1, dtype=y.dtype, shape=shape)
 
-    def channels_last(self, b: RewriteBuilder, m: Match, y: gs.Tensor) -> gs.Tensor:
-        """(B, C, L) y as (B, L, C): its channels-last chain rebuilt, else Transpose(y)."""
-        chain = walk_back(y, m)
-        return rebuild(b, m, chain) if chain is not None else self.transposed(b, y)
+    def channels_last(self, b: RewriteBuilder, m: Match, src: "_Source") -> gs.Tensor:
+        """What ``check`` found (``src``) as (B, L, C): a channels-last tensor as it is, else its
+        channels-last chain rebuilt, else Transpose(y)."""
+        if src.channels_last:
+            return src.y
+        return rebuild(b, m, src.chain) if src.chain is not None else self.transposed(b, src.y)
 
     def find_chain(self, m: Match, y: gs.Tensor) -> Chain | None:
         """The channels-last chain ending in y; its nodes are claimed (see ``Match.claim``)."""
@@ -132,6 +136,17 @@ class _Pointwise(Rule):
         if chain is not None:
             m.claim(*chain.nodes)
         return chain
+
+
+@dataclass(frozen=True)
+class _Source:
+    """What a pointwise rule's ``check`` found for its ``rewrite`` to read: ``y``, channels-last
+    already (``channels_last``), or channels-first with the channels-last ``chain`` that ends in
+    it (None: a Transpose of ``y`` makes it channels-last)."""
+
+    y: gs.Tensor
+    chain: Chain | None = None
+    channels_last: bool = False
 
 
 def _tf_axes_check(m: Match, wanted: tuple) -> CheckResult:
@@ -214,14 +229,15 @@ class TransposedInConv1x1ToMatMul(_Pointwise):
 
     def check(self, m: Match) -> CheckResult:
         res = self.conv_check(m)
-        if res and not transpose_below(m["conv"].outputs[0], m):
+        if not res:
+            return res
+        if not transpose_below(m["conv"].outputs[0], m):
             return skip(MOVES_ONLY, m["conv"])
-        if res and self.find_chain(m, m["v"]) is None:
-            return skip(NOT_CL, m["conv"])
-        return res
+        chain = self.find_chain(m, m["v"])
+        return skip(NOT_CL, m["conv"]) if chain is None else ok(_Source(m["v"], chain))
 
     def rewrite(self, b: RewriteBuilder, m: Match) -> gs.Tensor:
-        return self.transposed(b, self.matmul(b, m, self.channels_last(b, m, m["v"])))
+        return self.transposed(b, self.matmul(b, m, self.channels_last(b, m, m.planned(_Source))))
 
 
 class Tf2onnxInConv1x1ToMatMul(_Pointwise):
@@ -243,7 +259,8 @@ class Tf2onnxInConv1x1ToMatMul(_Pointwise):
         if unit is None:
             return fail("Conv input is not (B, C, 1, L) built from a rank-3 tensor by Unsqueeze [-> Transpose]", m["conv"])
         _, kind, x = unit
-        if kind == "cf" and self.find_chain(m, x) is None:
+        chain = self.find_chain(m, x) if kind == "cf" else None
+        if kind == "cf" and chain is None:
             return skip(NOT_CL, m["conv"])
         u = producer(m["u"])
         assert u is not None  # the pattern matched an op there
@@ -251,12 +268,10 @@ class Tf2onnxInConv1x1ToMatMul(_Pointwise):
             u_in: gs.Tensor = u.inputs[0]
             feeder = producer(u_in) if kind == "cl" and single_consumer(u_in, m.graph) is u else None
             m.claim(u, *([feeder] if feeder is not None else []))
-        return ok()
+        return ok(_Source(x, chain, channels_last=kind == "cl"))
 
     def rewrite(self, b: RewriteBuilder, m: Match) -> gs.Tensor:
-        _, kind, x = tf_conv_unit(m["sq"], m.model)  # type: ignore[misc]
-        x_cl = x if kind == "cl" else self.channels_last(b, m, x)
-        return self.transposed(b, self.matmul(b, m, x_cl))
+        return self.transposed(b, self.matmul(b, m, self.channels_last(b, m, m.planned(_Source))))
 
 
 class TransposedOutConv1x1ToMatMul(_Pointwise):
@@ -271,12 +286,13 @@ class TransposedOutConv1x1ToMatMul(_Pointwise):
 
     def check(self, m: Match) -> CheckResult:
         res = self.conv_check(m)
-        if res and self.find_chain(m, m["y"]) is None:
-            return skip(MOVES_ONLY, m["conv"])
-        return res
+        if not res:
+            return res
+        chain = self.find_chain(m, m["y"])
+        return skip(MOVES_ONLY, m["conv"]) if chain is None else ok(_Source(m["y"], chain))
 
     def rewrite(self, b: RewriteBuilder, m: Match) -> gs.Tensor:
-        return self.matmul(b, m, self.channels_last(b, m, m["y"]))
+        return self.matmul(b, m, self.channels_last(b, m, m.planned(_Source)))
 
 
 class Tf2onnxOutConv1x1ToMatMul(_Pointwise):
@@ -292,12 +308,13 @@ class Tf2onnxOutConv1x1ToMatMul(_Pointwise):
 
     def check(self, m: Match) -> CheckResult:
         res = first_failure(lambda: self.conv_check(m), lambda: _tf_axes_check(m, TF_CF), lambda: self.bias_add_check(m))
-        if res:
-            self.find_chain(m, m["y"])  # claimed when present; the tf2onnx Unsqueeze/Squeeze go either way
-        return res
+        if not res:
+            return res
+        # The chain is claimed when present; the tf2onnx Unsqueeze/Squeeze go either way.
+        return ok(_Source(m["y"], self.find_chain(m, m["y"])))
 
     def rewrite(self, b: RewriteBuilder, m: Match) -> gs.Tensor:
-        return self.matmul(b, m, self.channels_last(b, m, m["y"]))
+        return self.matmul(b, m, self.channels_last(b, m, m.planned(_Source)))
 
 
 class UnsqueezedConv1x1ToMatMul(_Pointwise):

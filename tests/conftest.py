@@ -12,6 +12,21 @@ def _private_cache_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: p
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Hypothesis keeps its example database and a cache of the source's constants (written while
+    tests are collected) in ``.hypothesis/`` of the working folder, the checkout: in a temporary
+    folder of this run instead, removed at its end, so that a test run writes nothing into the
+    source tree (each run starts with an empty database, as on CI)."""
+    import shutil
+    import tempfile
+
+    from hypothesis.configuration import set_hypothesis_home_dir
+
+    home = tempfile.mkdtemp(prefix="onnx-rewrite-tests-hypothesis-")
+    config.add_cleanup(lambda: shutil.rmtree(home, ignore_errors=True))
+    set_hypothesis_home_dir(home)
+
+
 def _refuse_constant(name: str) -> object:
     raise AssertionError(f"a report holds {name}, which strict JSON parsers (JavaScript, json.loads(parse_constant=...)) refuse")
 

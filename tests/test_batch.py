@@ -27,7 +27,7 @@ from rich.console import Console
 import rewriter
 from helpers import cli, make_model, vi
 from rewriter.cli import app
-from rewriter.cli import batch_jobs
+from rewriter.cli import batch_jobs, cmd_batch
 from rewriter.cli.batch_jobs import ModelJob, Outcome, find_models, plan_jobs, run_jobs
 from rewriter.cli.batch_summary import Row, read_report, render_table, worst_exit
 from rewriter.cli.cmd_batch import _worker_env, claims, worker_args
@@ -108,10 +108,12 @@ def test_folder_of_fixtures_jobs_2(capsys, models_dir, tmp_path):
 
 
 def test_bench_on_tiny_models(capsys, tmp_path):
-    """The default flow (tuning, benchmark, acceptance) in two workers at a time, measuring in turn."""
+    """The default flow (tuning, benchmark with its memory probes, acceptance) in two workers at a
+    time, measuring in turn; two timed rounds per measurement are enough for a figure and its spread
+    (the wording is checked, never a speed)."""
     out_dir = tmp_path / "out"
     models = [FIXTURES / "torch/method1_ts.onnx", FIXTURES / "torch/method2_ts.onnx"]
-    code, out, err = cli(capsys, *models, "--out-dir", out_dir, "--jobs", "2", "--bench-runs", "5", "--tune-budget", "5")
+    code, out, err = cli(capsys, *models, "--out-dir", out_dir, "--jobs", "2", "--bench-runs", "2", "--tune-budget", "5")
     assert code == 0, out + err
     rows = table_rows(out)
     for m in models:
@@ -142,14 +144,38 @@ def test_native_crash_costs_only_that_model(capsys, tmp_path):
     assert entries[""]["exit_code"] == 70
 
 
-def test_timeout_stops_only_that_worker(capsys, tmp_path):
+def test_timeout_stops_only_that_worker(capsys, tmp_path, monkeypatch):
+    """Two real workers side by side under --timeout 15: the hung one is stopped (exit 70, "timed
+    out after 15 s"), the other one's run is left alone and kept. The batch runs on a fake clock
+    that passes the 15 s only once the good worker has ended, so a slow machine cannot time the
+    good one out and nobody waits 15 s (the real clock: test_a_real_timeout_on_the_wall_clock)."""
     hang = relu_model(tmp_path / "hang.onnx", "hang_here")
     good = FIXTURES / "torch/method2_ts.onnx"
+    run_jobs_on_the_wall_clock = cmd_batch.run_jobs
+
+    def run_jobs_on_a_fake_clock(jobs, command, **kw):
+        ended: list[Outcome] = []
+        on_done = kw["on_done"]
+        kw["on_done"] = lambda outcome: (ended.append(outcome), on_done(outcome))
+        kw["clock"] = lambda: 1000.0 if ended else 0.0
+        return run_jobs_on_the_wall_clock(jobs, command, **kw)
+
+    monkeypatch.setattr(cmd_batch, "run_jobs", run_jobs_on_a_fake_clock)
     code, out, _ = cli(capsys, hang, good, "--out-dir", tmp_path / "out", "--no-bench", "--plugin", PLUGIN, "--timeout", "15", "-j", "2")
     assert code == 70
     rows = table_rows(out)
     assert rows[str(hang)][-1] == "exit 70: timed out after 15 s"
     assert rows[str(good)][-1] == "ok"
+    assert summary(tmp_path / "out")[str(good)]["exit_code"] == 0
+
+
+def test_a_real_timeout_on_the_wall_clock(capsys, tmp_path):
+    """--timeout on the real clock: a worker that never ends is stopped after 1 s (exit 70 for it)."""
+    hang = relu_model(tmp_path / "hang.onnx", "hang_here")
+    code, out, _ = cli(capsys, hang, "--out-dir", tmp_path / "out", "--no-bench", "--plugin", PLUGIN, "--timeout", "1")
+    assert code == 70
+    assert table_rows(out)[str(hang)][-1] == "exit 70: timed out after 1 s"
+    assert not (tmp_path / "out" / "hang.rewritten.onnx").exists()
 
 
 def test_exit_code_order():

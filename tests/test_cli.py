@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -191,7 +192,8 @@ def test_output_folder_missing(capsys, model_path, tmp_path):
     assert_one_line_error(code, err, 2, "nope")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write into read-only folders; would check that an unwritable output folder is exit 2")
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write into read-only folders; would check that an unwritable output folder is exit 2 "
+                    "(for root too: test_output_folder_that_refuses_writes_even_to_root)")
 def test_output_folder_not_writable(capsys, model_path, tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir()
@@ -201,6 +203,31 @@ def test_output_folder_not_writable(capsys, model_path, tmp_path):
         assert_one_line_error(code, err, 2, "writ")
     finally:
         ro.chmod(0o700)
+
+
+def test_output_folder_that_refuses_writes_even_to_root(capsys, model_path, tmp_path, monkeypatch):
+    """The promise of the test above, checked as any user, root included (a read-only folder does
+    not stop root, a read-only mount does): the folder passes the up-front check, then creating a
+    file in it fails as a read-only file system answers (EROFS, from the operating system's open).
+    Exit 2, one line naming the output and the reason; nothing written, neither there nor the report
+    staged beside it elsewhere, no temp file left, the input untouched."""
+    ro, reports = tmp_path / "ro", tmp_path / "reports"
+    ro.mkdir()
+    reports.mkdir()
+    before = model_path.read_bytes()
+    os_open = os.open
+
+    def read_only_open(path, flags, *args, **kwargs):
+        if flags & os.O_CREAT and os.path.dirname(os.path.realpath(path)) == os.path.realpath(ro):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fsdecode(path))
+        return os_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only_open)
+    code, _, err = cli(capsys, model_path, "-o", ro / "out.onnx", "--report", reports / "r.json", "--no-bench")
+    assert_one_line_error(code, err, 2, os.strerror(errno.EROFS))
+    assert err.startswith("error: cannot write") and str(ro / "out.onnx") in err, err
+    assert list(ro.iterdir()) == [] and list(reports.iterdir()) == []
+    assert model_path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "reports", "ro"]
 
 
 def test_output_equal_to_input_is_refused(capsys, model_path):
@@ -289,14 +316,15 @@ def test_no_runnable_provider_is_a_usage_error_not_a_failed_rewrite(capsys, mode
 
 
 def test_the_command_exits_without_teardown_but_flushes_and_runs_exit_handlers():
-    """``main`` ends with ``os._exit`` (no freeing of a large model's objects one by one): what was
-    printed and not yet flushed still arrives, exit handlers run, and the exit code is kept."""
+    """``main`` ends with its one-command executor's ``end_process`` (``os._exit``: no freeing of a
+    large model's objects one by one): what was printed and not yet flushed still arrives, exit
+    handlers run, and the exit code is kept."""
     code = ("import atexit, sys; atexit.register(lambda: print('handler ran')); "
-            "from rewriter.cli import _exit_now; sys.stdout.write('partial line'); _exit_now(3)")
+            "from rewriter import Executor; sys.stdout.write('partial line'); Executor.for_one_command().end_process(3)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 3 and proc.stdout == "partial linehandler ran\n", proc
     # A thread still running gets the normal exit: it is not cut off.
-    code = ("import threading, time; from rewriter.cli import _exit_now; "
-            "threading.Thread(target=lambda: (time.sleep(0.3), print('thread done'))).start(); _exit_now(4)")
+    code = ("import threading, time; from rewriter import Executor; "
+            "threading.Thread(target=lambda: (time.sleep(0.3), print('thread done'))).start(); Executor.for_one_command().end_process(4)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 4 and proc.stdout == "thread done\n", proc

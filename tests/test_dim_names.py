@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from helpers import init, make_model, pointwise_chain, run, vi
-from rewriter.engine.dim_names import name_dims
+from rewriter.ort.dim_names import name_dims
 
 RNG = np.random.default_rng(0)
 

@@ -1,6 +1,8 @@
-"""Fault injection at the CLI: each bad input is built with the onnx API, given to
-``python -m rewriter`` in a subprocess, and must end with its exit code, one ``error: ...``
-line on stderr, no output file, no temp file left behind and the input file unchanged.
+"""Fault injection at the CLI: each bad input is built with the onnx API, given to the command
+line (``rewriter.cli.app.run_app``, in this process, with a TMPDIR of its own), and must end with
+its exit code, one ``error: ...`` line on stderr, no output file, no temp file left behind and the
+input file unchanged. What needs a process of its own runs ``python -m rewriter``: the signals,
+onnxruntime's native log lines, and one row end to end through the real entry point.
 
 Rows: 1 short inline weight (and external-data variants), 2 huge dims without data, 3 a
 cycle, 4 a newer IR version (accepted), 5 dynamo metadata kept, 6 inputs too large for
@@ -15,8 +17,10 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -25,7 +29,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from helpers import init, make_model, vi
-from rewriter.engine.model_io import max_supported_ir_version
+from rewriter.ort import max_ir_version as max_supported_ir_version
 
 ENGINE_RULES = str(Path(__file__).with_name("engine_rules.py"))
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -64,7 +68,7 @@ class Run:
         return sorted(p.name for p in self.tmpdir.iterdir() if p.name not in IMPORT_LEFTOVERS)
 
 
-def cli(tmp_path: Path, *args: object) -> Run:
+def run_process(tmp_path: Path, *args: object) -> Run:
     """``python -m rewriter ARGS`` with a fresh, empty TMPDIR of its own."""
     tmpdir = tmp_path / "tmpdir"
     tmpdir.mkdir(exist_ok=True)
@@ -73,6 +77,27 @@ def cli(tmp_path: Path, *args: object) -> Run:
         [sys.executable, "-m", "rewriter", *map(str, args)], capture_output=True, text=True, env=env, timeout=300
     )
     return Run(proc.returncode, proc.stdout, proc.stderr, tmpdir)
+
+
+@pytest.fixture
+def cli(tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Callable[..., Run]:
+    """``cli(*ARGS)``: the command line in this process, as ``run_process`` runs it in its own
+    (the same TMPDIR of its own, for this process's temp files and its children's). stdout and
+    stderr are read at the file descriptors, so that a native library's lines count too."""
+    from rewriter.cli.app import run_app
+
+    tmpdir = tmp_path / "tmpdir"
+    tmpdir.mkdir(exist_ok=True)
+    monkeypatch.setenv("TMPDIR", str(tmpdir))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmpdir))
+    monkeypatch.setenv("COLUMNS", "200")
+
+    def run(*args: object) -> Run:
+        code = run_app([str(a) for a in args])
+        captured = capfd.readouterr()
+        return Run(code, captured.out, captured.err, tmpdir)
+
+    return run
 
 
 def conv_model(w: onnx.TensorProto | None = None, *, ir_version: int | None = None, cycle: bool = False) -> onnx.ModelProto:
@@ -127,24 +152,24 @@ def rewrite_args(model_path: Path, *extra: object) -> list[object]:
 # --- row 1: a weight whose data is shorter than its dims say ----------------------------------
 
 
-def test_row1_short_inline_weight(tmp_path: Path) -> None:
+def test_row1_short_inline_weight(tmp_path: Path, cli: Callable[..., Run]) -> None:
     w = init("W", W)
     w.raw_data = w.raw_data[:768]
     path, before = save(conv_model(w), tmp_path / "m")
-    run = cli(tmp_path, *rewrite_args(path))
+    run = cli(*rewrite_args(path))
     assert_refused(run, 2, "initializer 'W' holds 768 bytes, dims [24,16,1] need 1536", path, before)
 
 
-def test_row1_short_typed_weight(tmp_path: Path) -> None:
+def test_row1_short_typed_weight(tmp_path: Path, cli: Callable[..., Run]) -> None:
     w = helper.make_tensor("W", TensorProto.FLOAT, [24, 16, 1], W.flatten().tolist())
     del w.float_data[192:]
     path, before = save(conv_model(w), tmp_path / "m")
-    run = cli(tmp_path, *rewrite_args(path))
+    run = cli(*rewrite_args(path))
     assert_refused(run, 2, "initializer 'W' holds 192 values, dims [24,16,1] need 384", path, before)
 
 
 @pytest.mark.parametrize("fault", ["length", "truncated-file"])
-def test_row1_external_weight(tmp_path: Path, fault: str) -> None:
+def test_row1_external_weight(tmp_path: Path, fault: str, cli: Callable[..., Run]) -> None:
     folder = tmp_path / "m"
     folder.mkdir()
     path = folder / "m.onnx"
@@ -160,7 +185,7 @@ def test_row1_external_weight(tmp_path: Path, fault: str) -> None:
         data.write_bytes(data.read_bytes()[:-100])
         needle = "truncated data file?"
     before, data_before = path.read_bytes(), (folder / "m.data").read_bytes()
-    run = cli(tmp_path, *rewrite_args(path))
+    run = cli(*rewrite_args(path))
     assert_refused(run, 2, needle, path, before)
     assert (folder / "m.data").read_bytes() == data_before
 
@@ -168,19 +193,19 @@ def test_row1_external_weight(tmp_path: Path, fault: str) -> None:
 # --- row 2: dims far beyond any data --------------------------------------------------------------
 
 
-def test_row2_huge_dims_without_data(tmp_path: Path) -> None:
+def test_row2_huge_dims_without_data(tmp_path: Path, cli: Callable[..., Run]) -> None:
     w = onnx.TensorProto(name="W", data_type=TensorProto.FLOAT, dims=[2**40, 16, 1])
     path, before = save(conv_model(w), tmp_path / "m")
-    run = cli(tmp_path, *rewrite_args(path))
+    run = cli(*rewrite_args(path))
     assert_refused(run, 2, "initializer 'W' holds 0 bytes, dims [1099511627776,16,1] need 70368744177664", path, before)
 
 
 # --- row 3: a cycle ---------------------------------------------------------------------------------
 
 
-def test_row3_cycle(tmp_path: Path) -> None:
+def test_row3_cycle(tmp_path: Path, cli: Callable[..., Run]) -> None:
     path, before = save(conv_model(cycle=True), tmp_path / "m")
-    run = cli(tmp_path, *rewrite_args(path))
+    run = cli(*rewrite_args(path))
     assert_refused(run, 2, "graph has a cycle through node 'relu'", path, before)
     assert run.out == ""
 
@@ -188,11 +213,11 @@ def test_row3_cycle(tmp_path: Path) -> None:
 # --- row 4: a newer IR version than onnxruntime reads ---------------------------------------------
 
 
-def test_row4_newer_ir_version_is_accepted(tmp_path: Path) -> None:
+def test_row4_newer_ir_version_is_accepted(tmp_path: Path, cli: Callable[..., Run]) -> None:
     supported = max_supported_ir_version()
     path, before = save(conv_model(ir_version=supported + 1), tmp_path / "m")
     out, report = path.parent / "out.onnx", path.parent / "out.json"
-    run = cli(tmp_path, *rewrite_args(path, "--report", report))
+    run = cli(*rewrite_args(path, "--report", report))
     assert run.code == 0, run.err
     assert not any("error" in line for line in run.err_lines), run.err
     assert path.read_bytes() == before
@@ -205,9 +230,9 @@ def test_row4_newer_ir_version_is_accepted(tmp_path: Path) -> None:
     assert run.temp_left == []
 
 
-def test_row4_verify_command_accepts_newer_ir_version(tmp_path: Path) -> None:
+def test_row4_verify_command_accepts_newer_ir_version(tmp_path: Path, cli: Callable[..., Run]) -> None:
     path, _ = save(conv_model(ir_version=max_supported_ir_version() + 1), tmp_path / "m")
-    run = cli(tmp_path, "verify", path, path, "--providers", "cpu")
+    run = cli("verify", path, path, "--providers", "cpu")
     assert run.code == 0, run.err
 
 
@@ -227,9 +252,9 @@ def _dynamo_fixture(tmp_path: Path) -> tuple[Path, bytes]:
 
 
 @pytest.mark.parametrize("direction", ["default", "to-matmul"])  # untouched / rewritten
-def test_row5_dynamo_metadata_is_kept(tmp_path: Path, direction: str) -> None:
+def test_row5_dynamo_metadata_is_kept(tmp_path: Path, direction: str, cli: Callable[..., Run]) -> None:
     path, before = _dynamo_fixture(tmp_path)
-    run = cli(tmp_path, *rewrite_args(path, "--direction", direction))
+    run = cli(*rewrite_args(path, "--direction", direction))
     assert run.code == 0, run.err
     src, out = onnx.load(path), onnx.load(path.parent / "out.onnx")
     assert _meta(out.graph.metadata_props) == _meta(src.graph.metadata_props)
@@ -245,9 +270,9 @@ def test_row5_dynamo_metadata_is_kept(tmp_path: Path, direction: str) -> None:
     assert path.read_bytes() == before
 
 
-def test_row5_nothing_rewritten_writes_the_input_unchanged(tmp_path: Path) -> None:
+def test_row5_nothing_rewritten_writes_the_input_unchanged(tmp_path: Path, cli: Callable[..., Run]) -> None:
     path, before = _dynamo_fixture(tmp_path)
-    run = cli(tmp_path, *rewrite_args(path))
+    run = cli(*rewrite_args(path))
     assert run.code == 0, run.err
     assert (path.parent / "out.onnx").read_bytes() == before
 
@@ -255,9 +280,9 @@ def test_row5_nothing_rewritten_writes_the_input_unchanged(tmp_path: Path) -> No
 # --- row 6: inputs that cannot fit in memory -----------------------------------------------------------
 
 
-def test_row6_shape_too_large_for_memory(tmp_path: Path) -> None:
+def test_row6_shape_too_large_for_memory(tmp_path: Path, cli: Callable[..., Run]) -> None:
     path, before = save(conv_model(), tmp_path / "m")
-    run = cli(tmp_path, *rewrite_args(path, "--shape", "x:1=99999999999"))
+    run = cli(*rewrite_args(path, "--shape", "x:1=99999999999"))
     assert_refused(run, 2, "input 'x' at [1,99999999999,16] would need 17.5 TiB", path, before)
     assert "half the available memory" in run.err_lines[0]
 
@@ -287,10 +312,10 @@ def _wrong_rule_case(tmp_path: Path, kind: str) -> tuple[Path, bytes, Path]:
 
 
 @pytest.mark.parametrize("kind", ["nan", "zero-batch"])
-def test_row7_wrong_rewrite_never_ships_on_vacuous_evidence(tmp_path: Path, kind: str) -> None:
+def test_row7_wrong_rewrite_never_ships_on_vacuous_evidence(tmp_path: Path, kind: str, cli: Callable[..., Run]) -> None:
     path, before, npz = _wrong_rule_case(tmp_path, kind)
     report = tmp_path / "r.json"
-    run = cli(tmp_path, *rewrite_args(path, "--plugin", ENGINE_RULES, "--rules", "test-wrong-weight", "--inputs", npz, "--report", report))
+    run = cli(*rewrite_args(path, "--plugin", ENGINE_RULES, "--rules", "test-wrong-weight", "--inputs", npz, "--report", report))
     out = path.parent / "out.onnx"
     if run.code != 0:  # refused: no evidence, nothing written
         assert run.code == 1
@@ -306,12 +331,12 @@ def test_row7_wrong_rewrite_never_ships_on_vacuous_evidence(tmp_path: Path, kind
 
 
 @pytest.mark.parametrize("kind", ["nan", "zero-batch"])
-def test_row7_vacuous_evidence_is_reported_as_such(tmp_path: Path, kind: str) -> None:
+def test_row7_vacuous_evidence_is_reported_as_such(tmp_path: Path, kind: str, cli: Callable[..., Run]) -> None:
     """Refused with a reason that names the missing evidence, or rolled back after comparing on
     other inputs; never "differs ... max abs 0" (what a vacuous comparison reads like today)."""
     path, before, npz = _wrong_rule_case(tmp_path, kind)
     report = tmp_path / "r.json"
-    run = cli(tmp_path, *rewrite_args(path, "--plugin", ENGINE_RULES, "--rules", "test-wrong-weight", "--inputs", npz, "--report", report))
+    run = cli(*rewrite_args(path, "--plugin", ENGINE_RULES, "--rules", "test-wrong-weight", "--inputs", npz, "--report", report))
     if run.code != 0:
         assert run.code == 1 and len(run.err_lines) == 1, run.err
         line = run.err_lines[0].lower()
@@ -326,41 +351,75 @@ def test_row7_vacuous_evidence_is_reported_as_such(tmp_path: Path, kind: str) ->
 
 
 def test_error_is_the_very_first_stderr_line(tmp_path: Path) -> None:
+    """Row 1 end to end through the real entry point (``python -m rewriter``, its own process and
+    exit code): the error is the very first stderr line, and the whole refusal holds there too."""
     w = init("W", W)
     w.raw_data = w.raw_data[:768]
-    path, _ = save(conv_model(w), tmp_path / "m")
-    run = cli(tmp_path, *rewrite_args(path))
+    path, before = save(conv_model(w), tmp_path / "m")
+    run = run_process(tmp_path, *rewrite_args(path))
     assert run.err.splitlines()[0].startswith("error: "), repr(run.err)
+    assert_refused(run, 2, "initializer 'W' holds 768 bytes, dims [24,16,1] need 1536", path, before)
 
 
 # --- signals: an interrupted run leaves nothing behind ------------------------------------------------------
 
-def _wait_for(predicate, timeout: float) -> bool:
+# The real entry point (rewriter.cli.main, what ``python -m rewriter`` runs), which touches a marker
+# file as the benchmark's timed rounds begin (inside the benchmark's temp folder's lifetime) and
+# then goes on measuring: a signal sent once the marker exists always lands in the timed rounds,
+# however loaded the machine is.
+MEASURING_CHILD = """\
+import os
+import sys
+from pathlib import Path
+
+from rewriter.measure import bench
+
+timed = bench.time_interleaved
+
+
+def announced(*args, **kwargs):
+    Path(os.environ["ONNX_REWRITE_TEST_MEASURING"]).touch()
+    return timed(*args, **kwargs)
+
+
+bench.time_interleaved = announced
+from rewriter.cli import main
+
+main()
+"""
+
+
+def _wait_for_marker(proc: subprocess.Popen[str], marker: Path) -> None:
+    """Until ``marker`` exists; fails if the process ends first (a guard, not a timing: 10 minutes)."""
     import time
 
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
+    deadline = time.monotonic() + 600
+    while not marker.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"ended before measuring (exit {proc.returncode}): {proc.communicate()[1]}")
+        if time.monotonic() > deadline:
+            pytest.fail("never started measuring")
+        time.sleep(0.02)
 
 
 @pytest.mark.parametrize(("sig", "code", "line"), [("SIGINT", 130, "error: interrupted"), ("SIGTERM", 143, "error: terminated")])
 def test_signal_during_the_benchmark_removes_temp_folders(tmp_path: Path, sig: str, code: int, line: str) -> None:
-    """Signalled while measuring (its temp folder exists): the exit code says which signal, the
-    one stderr line says so, no output is written and the benchmark's temp folder is gone."""
+    """Signalled while measuring (in the timed rounds, its temp folder exists): the exit code says
+    which signal, the one stderr line says so, no output is written and the benchmark's temp
+    folder is gone. The signal is sent when the process says it measures (MEASURING_CHILD), not
+    after a wait: the same point on every run."""
     import signal
 
     path, before = save(conv_model(), tmp_path / "m")
     tmpdir = tmp_path / "tmpdir"
     tmpdir.mkdir()
-    out = path.parent / "out.onnx"
-    env = {**os.environ, "TMPDIR": str(tmpdir), "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    proc = subprocess.Popen([sys.executable, "-m", "rewriter", str(path), "-o", str(out), "--providers", "cpu", "--no-cache",
+    out, marker = path.parent / "out.onnx", tmp_path / "measuring"
+    env = {**os.environ, "TMPDIR": str(tmpdir), "XDG_CACHE_HOME": str(tmp_path / "cache"), "ONNX_REWRITE_TEST_MEASURING": str(marker)}
+    proc = subprocess.Popen([sys.executable, "-c", MEASURING_CHILD, str(path), "-o", str(out), "--providers", "cpu", "--no-cache",
                              "--bench-runs", "1000000", "--direction", "default"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        assert _wait_for(lambda: any(p.name.startswith("onnx-rewrite-bench-") for p in tmpdir.iterdir()), 120), "the benchmark never started"
+        _wait_for_marker(proc, marker)
+        assert [p.name for p in tmpdir.iterdir() if p.name.startswith("onnx-rewrite-bench-")], "measuring outside the benchmark's temp folder"
         proc.send_signal(getattr(signal, sig))
         _, err = proc.communicate(timeout=120)
     finally:
@@ -374,11 +433,11 @@ def test_signal_during_the_benchmark_removes_temp_folders(tmp_path: Path, sig: s
 # --- paths and option values ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("clash", ["report-is-output", "report-md-is-input", "report-is-input"])
-def test_report_may_not_replace_the_model(tmp_path: Path, clash: str) -> None:
+def test_report_may_not_replace_the_model(tmp_path: Path, clash: str, cli: Callable[..., Run]) -> None:
     path, before = save(conv_model(), tmp_path / "m")
     out = path.parent / "out.onnx"
     extra = {"report-is-output": ["--report", out], "report-md-is-input": ["--report-md", path], "report-is-input": ["--report", path]}[clash]
-    run = cli(tmp_path, *rewrite_args(path, *extra))
+    run = cli(*rewrite_args(path, *extra))
     assert run.code == 2 and len(run.err_lines) == 1 and "name the same file" in run.err_lines[0], run.err
     assert run.err.startswith("error: ")
     assert not out.exists() and path.read_bytes() == before and run.temp_left == []
@@ -391,18 +450,18 @@ def test_report_may_not_replace_the_model(tmp_path: Path, clash: str) -> None:
     (["--input-range=-inf,inf"], "--input-range needs finite bounds"),
     (["--direction", "bad"], "expected one of default, to-matmul, to-conv, auto"),
 ])
-def test_bad_option_values_are_usage_errors(tmp_path: Path, args: list[str], says: str) -> None:
+def test_bad_option_values_are_usage_errors(tmp_path: Path, args: list[str], says: str, cli: Callable[..., Run]) -> None:
     path, before = save(conv_model(), tmp_path / "m")
-    run = cli(tmp_path, *rewrite_args(path, *args))
+    run = cli(*rewrite_args(path, *args))
     assert run.code == 2 and len(run.err_lines) == 1 and run.err.startswith("error: ") and says in run.err_lines[0], run.err
     assert not (path.parent / "out.onnx").exists() and path.read_bytes() == before
 
 
-def test_strict_plugin_error_names_the_plugin_once(tmp_path: Path) -> None:
+def test_strict_plugin_error_names_the_plugin_once(tmp_path: Path, cli: Callable[..., Run]) -> None:
     path, _ = save(conv_model(), tmp_path / "m")
     broken = tmp_path / "broken_plugin.py"
     broken.write_text("raise RuntimeError('boom')\n")
-    run = cli(tmp_path, *rewrite_args(path, "--plugin", broken, "--strict-plugins"))
+    run = cli(*rewrite_args(path, "--plugin", broken, "--strict-plugins"))
     assert run.code == 3 and len(run.err_lines) == 1, run.err
     assert run.err_lines[0] == f"error: plugin file {broken} failed to load: RuntimeError: boom"
 
@@ -411,7 +470,7 @@ def test_onnxruntime_logs_nothing_before_our_error(tmp_path: Path) -> None:
     """No CUDA here (or CUDA asked for where it cannot run): onnxruntime's provider loader would
     log its own coloured line first; ours is the only line."""
     path, before = save(conv_model(), tmp_path / "m")
-    run = cli(tmp_path, *rewrite_args(path, "--providers", "cuda"))
+    run = run_process(tmp_path, *rewrite_args(path, "--providers", "cuda"))
     if run.code == 0:
         pytest.skip("CUDA works here: would check that a run that cannot use a requested provider prints one error line")
     assert run.code == 2 and len(run.err_lines) == 1 and run.err.startswith("error: cannot verify"), run.err

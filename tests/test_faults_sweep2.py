@@ -28,7 +28,7 @@ from onnx import helper
 from helpers import cli, init, make_model, run, vi
 import rewriter
 from rewriter.engine import save as save_mod
-from rewriter.engine.dim_names import name_dims
+from rewriter.ort.dim_names import name_dims
 from rewriter.engine.registry import discover
 from rewriter.engine.rule import Rule, rule_problem
 from rewriter.engine.tensors import sparse_array

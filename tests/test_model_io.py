@@ -15,7 +15,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from rewriter.engine import model_io, save as save_io, tensors
 from rewriter.errors import InputError
-from rewriter.engine.model_io import LoadedModel, ensure_loadable_ir, load_model, max_supported_ir_version
+from rewriter.engine.model_io import LoadedModel, ensure_loadable_ir, load_model
+from rewriter.ort import max_ir_version as max_supported_ir_version
 from rewriter.engine.save import check_output_path, save_model
 from rewriter.engine.tensors import has_external_data, read_tensor
 
@@ -377,15 +378,15 @@ def test_ir_lowering(tmp_path: Path) -> None:
     supported = max_supported_ir_version()
     assert 7 <= supported <= onnx.IR_VERSION
     old = make_model(ir_version=10)
-    assert ensure_loadable_ir(old) is old
+    assert ensure_loadable_ir(old, supported) is old
     new = make_model(ir_version=onnx.IR_VERSION)
     if onnx.IR_VERSION > supported:
-        lowered = ensure_loadable_ir(new)
+        lowered = ensure_loadable_ir(new, supported)
         assert lowered is not new and lowered.ir_version == supported
         assert new.ir_version == onnx.IR_VERSION
         lowered.ir_version = new.ir_version
         assert lowered == new  # nothing else changed
-    out = save_model(new, tmp_path / "new.onnx")
+    out = save_model(new, tmp_path / "new.onnx", ir_ceiling=supported)
     assert new.ir_version == onnx.IR_VERSION  # save lowers the file, not the caller's model
     assert onnx.load(out).ir_version == min(onnx.IR_VERSION, supported)
     np.testing.assert_allclose(run(out), expected(), rtol=1e-5, atol=1e-5)
@@ -624,10 +625,11 @@ def test_newer_ir_version_is_lowered_at_load(tmp_path: Path) -> None:
     path = tmp_path / "new.onnx"
     onnx.save(model, path)
     before = path.read_bytes()
-    loaded = load_model(path)
+    assert load_model(path).model.ir_version == supported + 1, "no ceiling: the engine lowers nothing"
+    loaded = load_model(path, ir_ceiling=supported)
     assert loaded.model.ir_version == supported
     assert loaded.sha256 == hashlib.sha256(before).hexdigest()  # of the file as it is
-    from_proto = load_model(model)
+    from_proto = load_model(model, ir_ceiling=supported)
     assert from_proto.model.ir_version == supported and model.ir_version == supported + 1  # caller's proto untouched
     out = save_model(loaded.model, tmp_path / "out.onnx", source=loaded)
     assert onnx.load(out).ir_version == supported
@@ -638,7 +640,7 @@ def test_newer_ir_version_is_lowered_at_load(tmp_path: Path) -> None:
 def test_ir_version_is_kept_when_an_opset_needs_it() -> None:
     model = make_model(ir_version=max_supported_ir_version() + 1)
     model.opset_import[0].version = 10_000  # newer than any onnx release knows
-    assert ensure_loadable_ir(model) is model
+    assert ensure_loadable_ir(model, max_supported_ir_version()) is model
     assert model_io._min_ir_for_opsets(make_model()) == 8  # opset 17: onnx 1.12, IR 8
     custom = make_model()
     custom.opset_import.append(helper.make_opsetid("com.example", 99))

@@ -150,7 +150,7 @@ def test_the_write_gate_checks_an_upgraded_model_with_nothing_rewritten(tmp_path
     broken = onnx.ModelProto()
     broken.CopyFrom(clean)
     broken.graph.node[0].input[0] = "nowhere"  # fails onnx.checker, the input did not
-    bad = replace(result, source=replace(result.source, _model=broken), upgraded_from=clean)
+    bad = replace(result, source=replace(result.source, model=broken), upgraded_from=clean)
     with pytest.raises(VerificationError, match="^not written: the upgraded model fails onnx.checker"):
         bad.save(tmp_path / "out.onnx")
     assert not (tmp_path / "out.onnx").exists()

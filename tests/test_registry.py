@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -134,10 +135,14 @@ def test_selection_by_direction():
 
 
 def test_example_plugin_package_installs_and_runs(tmp_path):
-    """pip-installs examples/plugin_package into a private target and uses it through its entry point."""
+    """pip-installs examples/plugin_package into a private target and uses it through its entry point.
+    pip builds a copy of the package (setuptools writes build/ and *.egg-info/ beside the sources it
+    builds: never into the checkout)."""
+    package = tmp_path / "plugin_package"
+    shutil.copytree(REPO / "examples" / "plugin_package", package, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     target = tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target), str(REPO / "examples" / "plugin_package")],
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target), str(package)],
         check=True,
         capture_output=True,
     )

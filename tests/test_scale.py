@@ -5,7 +5,6 @@ before any timed round. (benchmarks/scale.py measures the wall times; no test he
 
 from __future__ import annotations
 
-import gc
 import random
 from collections import Counter
 from typing import Any, Callable
@@ -266,93 +265,6 @@ def test_rewriting_walks_the_whole_graph_a_fixed_number_of_times(monkeypatch, bu
         assert len(out.result.applied) == blocks, [s.rule for s in out.result.applied]
         seen.append(counts)
     assert seen[0] == seen[1] and sum(seen[0].values()) <= 16, seen
-
-
-def test_a_rewrite_leaves_no_cyclic_garbage():
-    """The working graph is freed by reference counting when the rewrite ends: left to the cyclic
-    collector, a 50,000-node graph cost two full collections (~2 s) after the run."""
-    model = load_model(pointwise_chain(40))
-    rules = discover().select()
-    gc.collect()
-    gc.disable()
-    try:
-        out = rewrite(model, rules)
-        unreachable = gc.collect()
-    finally:
-        gc.enable()
-    assert len(out.result.applied) == 40
-    assert unreachable < 50, unreachable
-
-
-def test_no_graph_object_outlives_a_rewrite(monkeypatch):
-    """The graph's nodes and tensors are freed before the collector is back on: none is left for
-    the first collection after the pause to walk (it walked all of them, 0.2 s at 50,000 nodes)."""
-    import contextlib
-
-    import rewriter.engine.rewrite as rewrite_mod
-
-    real = rewrite_mod.collector_paused
-    alive_at_resume: list[int] = []
-
-    @contextlib.contextmanager
-    def watched():
-        with real():
-            yield
-            alive_at_resume.append(sum(isinstance(o, (gs.Node, gs.Tensor)) for o in gc.get_objects()))
-
-    monkeypatch.setattr(rewrite_mod, "collector_paused", watched)
-    out = rewrite(load_model(pointwise_chain(40)), discover().select())
-    assert len(out.result.applied) == 40
-    assert alive_at_resume == [0]
-
-
-def test_a_command_that_defers_freeing_frees_each_graph_when_the_next_rewrite_starts(monkeypatch):
-    """The command line (its process ends with os._exit) defers taking a graph apart: the graph
-    stays alive, frozen out of the collector's walks, until the next rewrite starts, which frees
-    it; what is held at the end is never freed. One graph at a time."""
-    import weakref
-
-    import rewriter.engine.rewrite as rewrite_mod
-    from rewriter.engine import collector
-
-    graphs: list[weakref.ref] = []
-    real = rewrite_mod.ModelGraph
-
-    def tracked(*args, **kwargs):
-        graph = real(*args, **kwargs)
-        graphs.append(weakref.ref(graph.graph.nodes[0]))
-        return graph
-
-    monkeypatch.setattr(rewrite_mod, "ModelGraph", tracked)
-    model, rules = load_model(pointwise_chain(8)), discover().select()
-    collector.defer_freeing()
-    try:
-        rewrite(model, rules)
-        assert graphs[0]() is not None, "held after its rewrite"
-        assert not any(isinstance(o, gs.Node) for o in gc.get_objects()), "frozen: no collection walks it"
-        rewrite(model, rules)
-        assert graphs[0]() is None and graphs[1]() is not None, "the next rewrite freed the first graph"
-    finally:
-        collector.defer_freeing(False)
-        gc.unfreeze()
-    assert graphs[1]() is None, "stopping deferral frees what is held"
-    rewrite(model, rules)
-    assert graphs[2]() is None, "not deferring: freed as the rewrite ends"
-
-
-@pytest.mark.parametrize("enabled", [True, False])
-def test_the_collector_pauses_restore_its_state(enabled):
-    from rewriter.prove.region import cut_region
-
-    rewritten = rewrite(load_model(pointwise_chain(8)), discover().select()).model
-    was = gc.isenabled()
-    (gc.enable if enabled else gc.disable)()
-    try:
-        load_model(pointwise_chain(8))
-        assert cut_region(rewritten) is not None
-        assert gc.isenabled() is enabled
-    finally:
-        (gc.enable if was else gc.disable)()
 
 
 def test_a_rewritten_keras_chain_still_computes_the_same():

@@ -13,8 +13,7 @@ import pytest
 from onnx import helper
 
 import rewriter
-from helpers import init, make_model, op_counts, rewrite, vi
-from rewriter.measure.accept import rule_family
+from helpers import init, make_model, op_counts, pointwise_chain, rewrite, vi
 from rewriter.measure.bench import BenchOptions
 from rewriter.cli.app import run_app
 from rewriter.engine.graph import ModelGraph
@@ -23,7 +22,7 @@ from rewriter.options import Options
 from rewriter.tune.cache import default_cache_path
 from rewriter.tune.decide import ORIGINAL, decide
 from rewriter.tune.plan import TuneOptions
-from rewriter.tune.sites import Site, _add_layout_neighbours, restrict
+from rewriter.tune.sites import Site, _add_layout_neighbours
 from rewriter.prove.verify import VerifyOptions
 
 SCHEMA = json.loads((Path(rewriter.__file__).parent / "schemas" / "report.schema.json").read_text())
@@ -213,11 +212,28 @@ def test_a_site_that_cannot_be_timed_keeps_the_fixed_policy(tmp_path):
     assert site["choice"] == "transposed-conv1x1-to-matmul" and result.report.applied  # what the default policy does
 
 
-def test_restricted_rule_keeps_id_and_family():
-    rule = discover().select(["conv1x1-to-matmul"])[0]
-    wrapped = restrict(rule, ["conv"])
-    assert (wrapped.id, wrapped.benefit, rule_family(wrapped)) == (rule.id, rule.benefit, rule_family(rule))
-    assert type(wrapped).family == rule_family(wrapped) == "pointwise"  # declared, not the id default
+def test_tuned_sites_limit_each_named_rule_to_its_cores_and_leave_the_others_alone():
+    """Tuning limits a rule to the sites it was chosen for with the driver's ``only`` filter (no
+    rule subclass made at run time): the rule keeps its identity, fires at its cores only, fires
+    nowhere when given none (its refusals still reported), and a rule not named is not limited."""
+    from rewriter.engine.graph import ModelGraph
+    from rewriter.engine.driver import run_rules
+    from rewriter.tune.sites import TunedSites
+
+    rule = discover().select(["transposed-conv1x1-to-matmul"])[0]
+    model = pointwise_chain(3)
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
+
+    def applied(only):
+        res = run_rules(ModelGraph(model), [rule], only=only)
+        return sorted(n for s in res.applied for n in s.nodes if n in convs), res
+
+    assert applied(TunedSites({rule.id: frozenset(convs[1:2])}))[0] == convs[1:2]
+    assert applied(TunedSites({"some-other-rule": frozenset()}))[0] == convs
+    nowhere, res = applied(TunedSites({}).but_nowhere([rule.id]))
+    assert nowhere == [] and not res.near_misses and len(res.quiet) == 3
+    assert all("not a site this run rewrites" in q.reason for q in res.quiet)
+    assert type(rule) is discover().rules[rule.id].rule, "the rule itself: no subclass made at run time"
 
 
 def test_report_with_tuning_validates_and_the_schema_catches_breaks(tmp_path):

@@ -8,13 +8,14 @@ import signal
 import sys
 import traceback
 import warnings
+from contextvars import ContextVar
 from typing import Any, Callable, Iterator, Sequence
 
 import typer
 from typer.core import TyperOption
 from typer.exceptions import Abort, Exit, TyperException
 
-from rewriter.version import __version__
+from rewriter import Executor, __version__
 from rewriter.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, RewriterError, RuleWarning
 
 def _flags_show_no_type() -> None:
@@ -97,15 +98,21 @@ def install_signal_handlers() -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
 
 
-def run_app(argv: Sequence[str]) -> int:
+def run_app(argv: Sequence[str], *, executor: Executor | None = None) -> int:
     """Run the CLI; return the exit code. Tracebacks only with --debug; with --json an error is
-    also a JSON object on stdout (``{"error": ..., "exit_code": N}``)."""
+    also a JSON object on stdout (``{"error": ..., "exit_code": N}``). ``executor``: how the
+    library uses this process (:func:`rewriter.cli.main` hands in a one-command executor; default
+    ``Executor()``, as a library call from Python), handed to the commands (:func:`executor`)."""
     debug = "--debug" in argv
     argv = _route([a for a in argv if a != "--debug"])
     as_json = "--json" in argv
     try:
         with _rule_warnings_on_stderr():
-            code = app(args=argv, prog_name="onnx-rewrite", standalone_mode=False)
+            token = _EXECUTOR.set(executor or Executor())
+            try:
+                code = app(args=argv, prog_name="onnx-rewrite", standalone_mode=False)
+            finally:
+                _EXECUTOR.reset(token)
     except RewriterError as exc:
         if debug:
             traceback.print_exc()
@@ -132,6 +139,15 @@ def run_app(argv: Sequence[str]) -> int:
         return EXIT_INTERNAL
     # Without standalone mode typer returns the exit code it made of a Ctrl-C instead of raising.
     return _exit(code if isinstance(code, int) else 0)
+
+
+# The executor of the command running now (set by run_app for the duration of one command).
+_EXECUTOR: ContextVar[Executor | None] = ContextVar("onnx_rewrite_executor", default=None)
+
+
+def executor() -> Executor:
+    """The executor :func:`run_app` was given, for the command running now."""
+    return _EXECUTOR.get() or Executor()
 
 
 @contextlib.contextmanager

@@ -18,9 +18,8 @@ from rich.console import Console
 from rich.table import Table
 
 from rewriter.cli.batch_jobs import KNOWN_EXITS, Outcome
-from rewriter.engine.save import atomic_write_text
+from rewriter import __version__, atomic_write_text
 from rewriter.errors import EXIT_FAIL_ON, EXIT_OK
-from rewriter.version import __version__
 
 __all__ = ["ReportFacts", "read_report", "Row", "make_row", "worst_exit", "render_table", "write_summary"]
 

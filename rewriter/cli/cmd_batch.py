@@ -32,7 +32,7 @@ from rewriter.cli.batch_summary import Row, make_row, render_table, worst_exit, 
 from rewriter.cli.cmd_rewrite import rewrite_cmd
 from rewriter.cli.progress import StepProgress
 from rewriter.errors import EXIT_OK, InputError, shown_path
-from rewriter.measure.serial import MEASURE_LOCK_ENV
+from rewriter.options import MEASURE_LOCK_ENV
 from rewriter.report import json_text
 
 __all__ = ["batch_cmd", "claims", "worker_args"]

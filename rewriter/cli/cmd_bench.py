@@ -9,12 +9,11 @@ from typing import List, Optional
 
 import typer
 
-from rewriter.api import bench
+from rewriter import atomic_write_text, bench, check_output_path
 from rewriter.cli import params as p
 from rewriter.cli.app import app
 from rewriter.cli.console import stderr_console, stdout_console
 from rewriter.cli.progress import StepProgress
-from rewriter.engine.save import atomic_write_text, check_output_path
 from rewriter.errors import InputError, shown_path
 from rewriter.report import bench_line, json_text
 

@@ -9,12 +9,11 @@ from typing import Any, Optional
 
 import typer
 
-from rewriter.api import Result, optimize
+from rewriter import Executor, Result, Transaction, check_output_path, optimize
 from rewriter.cli import params as p
-from rewriter.cli.app import app
+from rewriter.cli.app import app, executor
 from rewriter.cli.console import stderr_console, stdout_console
 from rewriter.cli.progress import StepProgress
-from rewriter.engine.save import Transaction, check_output_path
 from rewriter.errors import FailOnError, InputError, NotWrittenError, shown_path
 from rewriter.report import Report, json_text, parse_fail_on
 
@@ -119,10 +118,12 @@ def rewrite_cmd(
     )
     out, err = stdout_console(), stderr_console()
     # This command's stdout carries its own output only: what a plugin prints goes to stderr.
-    with contextlib.redirect_stdout(sys.stderr), StepProgress(err, "rewriting") as say:
-        result = optimize(model, options, progress=say)
+    run = executor()
+    with contextlib.redirect_stdout(sys.stderr), StepProgress(err, "rewriting", executor=run) as say:
+        result = optimize(model, options, progress=say, executor=run)
     failed = _failed(result.report, events)
-    rep = _write(result, out_path, overwrite=overwrite, report=report, report_md=report_md, json_out=json_out, failed=failed)
+    rep = _write(result, out_path, overwrite=overwrite, report=report, report_md=report_md, json_out=json_out, failed=failed,
+                 executor=run)
     if no_verify and not dry_run:
         err.print("[bold yellow]WARNING: --no-verify: the output was NOT checked against the original[/]")
     if not json_out:
@@ -160,12 +161,12 @@ def _show(rep: Report, out: Any, err: Any, *, quiet: bool, verbose: bool, dry_ru
 
 
 def _write(result: Result, out_path: Path | None, *, overwrite: bool, report: Path | None, report_md: Path | None,
-           json_out: bool, failed: FailOnError | None = None) -> Report:
+           json_out: bool, failed: FailOnError | None = None, executor: Executor | None = None) -> Report:
     """Write the model (unless ``out_path`` is None: a dry run), its external data and the reports
     as one transaction: staged, then renamed into place together; with --json only once the
     report is printed whole. On any failure none of them is written."""
     with Transaction() as staged:
-        rep = result.report if out_path is None else result.save(out_path, overwrite_input=overwrite, transaction=staged)
+        rep = result.report if out_path is None else result.save(out_path, overwrite_input=overwrite, transaction=staged, executor=executor)
         if report is not None:
             staged.write_text(report, _json_text(rep, failed))
         if report_md is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from rewriter.api import RuleInfo, list_rules
+from rewriter import RuleInfo, list_rules
 from rewriter.cli import params as p
 from rewriter.cli.app import app
 from rewriter.cli.console import stdout_console

@@ -8,12 +8,11 @@ from typing import Optional
 
 import typer
 
-from rewriter.api import verify
+from rewriter import atomic_write_text, check_output_path, verify
 from rewriter.cli import params as p
 from rewriter.cli.app import app
 from rewriter.cli.console import stderr_console, stdout_console
 from rewriter.cli.progress import StepProgress
-from rewriter.engine.save import atomic_write_text, check_output_path
 from rewriter.errors import InputError, VerificationError
 from rewriter.report import json_text
 

@@ -9,12 +9,10 @@ from typing import Annotated, List, Optional, Sequence
 import typer
 
 from rewriter.errors import InputError
-from rewriter.measure.bench import BenchOptions
-from rewriter.options import DIRECTIONS, MEASURED, PROVEN, Options
-from rewriter.prove.inputs import parse_shape_overrides
-from rewriter.prove.verify import VerifyOptions
+from rewriter.options import (
+    DEFAULT_BUDGET_S, DIRECTIONS, MEASURED, PROVEN, BenchOptions, Options, TuneOptions, VerifyOptions, parse_shape_overrides,
+)
 from rewriter.report import FAIL_ON_EVENTS
-from rewriter.tune.plan import DEFAULT_BUDGET_S, TuneOptions
 
 __all__ = ["split_ids", "verify_options", "bench_options", "parse_bench_shapes", "rewrite_options"]
 

@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 
-from rewriter.engine import forked
+from rewriter import Executor
 
 __all__ = ["StepProgress"]
 
@@ -24,7 +24,7 @@ _COUNT = re.compile(r"(\d+)/(\d+)")
 class StepProgress:
     """``with StepProgress(console) as say: library_call(progress=say)``."""
 
-    def __init__(self, console: Console, first: str = "starting") -> None:
+    def __init__(self, console: Console, first: str = "starting", *, executor: Executor | None = None) -> None:
         self._progress = Progress(
             SpinnerColumn(),
             TextColumn("{task.description}"),
@@ -37,14 +37,16 @@ class StepProgress:
             disable=not console.is_terminal,
         )
         self._first = first
+        self._executor = executor
         self._task: TaskID | None = None
         self._unregister: Callable[[], None] | None = None
 
     def __enter__(self) -> Callable[[str], None]:
         self._progress.__enter__()
         self._task = self._progress.add_task(self._first, total=None)
-        # The bar's refresh thread stops while the library forks a child for its checks.
-        self._unregister = forked.pause_during_forks(self._paused)
+        # The bar's refresh thread stops while the executor forks a child (no fork beside a thread).
+        if self._executor is not None:
+            self._unregister = self._executor.pause_during_forks(self._paused)
         return self.update
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:

@@ -2,8 +2,9 @@
 
 One sweep visits every node of every (sub)graph, matches the rules anchored at its op type,
 and then checks and applies the matches highest benefit first (non-overlapping). A match is applied only when the
-pattern matched, every soft condition held and ``check`` passed; ``rewrite`` builds the
-replacement and only then does the driver touch the graph. After a sweep that changed
+pattern matched, every soft condition held, ``check`` passed and the caller's site filter
+(``only``) lets the rule rewrite that site; ``rewrite`` builds the replacement -- with what
+``check`` found, ``ok(plan)``, as ``m.plan`` -- and only then does the driver touch the graph. After a sweep that changed
 something: cleanup (dead nodes, unused constants, topological order) and fresh shape
 inference, then another sweep. A sweep that changes nothing ends the run; the near misses
 reported are those of that last sweep, so they describe the final graph. Reaching the
@@ -13,23 +14,28 @@ iteration cap is an error that names the rules still firing.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Collection, Sequence
+from typing import Callable, Collection, Sequence
 
 import onnx_graphsurgeon as gs
 
 from rewriter.errors import NonConvergenceError
 from rewriter.engine.boundary import NO_BOUNDARY, Boundary, BoundaryTrace
-from rewriter.engine.graph import ModelGraph, graph_paths, iter_graphs, producer
+from rewriter.engine.graph import WALK_LIMIT, ModelGraph, graph_paths, iter_graphs, producer
 from rewriter.engine.pattern import Match, MatchFn, first_input_ops, has_choices, match_at, matcher
 from rewriter.engine.rule import CheckResult, RewriteBuilder, Rule
 from rewriter.engine.shape_readers import reader_problem, rebuild
 
-__all__ = ["SiteKey", "AppliedSite", "NearMiss", "DriverResult", "run_rules", "opset_problem", "DEFAULT_MAX_ITERATIONS"]
+__all__ = ["SiteKey", "SiteFilter", "AppliedSite", "NearMiss", "DriverResult", "run_rules", "opset_problem", "DEFAULT_MAX_ITERATIONS"]
 
 DEFAULT_MAX_ITERATIONS = 16
 
 SiteKey = tuple[str, str]
 """(rule id, anchor node name): identifies a rewrite site across runs of the same input."""
+
+SiteFilter = Callable[[Rule, Match], bool]
+"""``only(rule, match)``: whether ``rule`` may rewrite the site it matched and checked (tuning's
+choice of sites per rule: :class:`rewriter.tune.sites.TunedSites`). A site it refuses is a quiet
+refusal: not a near miss."""
 
 
 @dataclass(frozen=True)
@@ -101,12 +107,14 @@ def run_rules(
     rules: Sequence[Rule],
     *,
     skip: Collection[SiteKey] = (),
+    only: SiteFilter | None = None,
     max_iterations: int = DEFAULT_MAX_ITERATIONS,
 ) -> DriverResult:
     """Apply ``rules`` to ``model`` in place until nothing changes.
 
     ``skip`` lists sites that must not be applied (rollback re-runs use it); a skipped site
-    is reported in ``DriverResult.skipped`` instead.
+    is reported in ``DriverResult.skipped`` instead. ``only``: the sites each rule may rewrite
+    (:data:`SiteFilter`; None: every site).
     """
     # Rules outside their opset range still match: each candidate they skip is a near miss
     # naming the opset (a user who sees "no rewrite" learns why; --upgrade-opset helps).
@@ -121,7 +129,7 @@ def run_rules(
     skip_set = set(skip)
     trace = BoundaryTrace()
     for iteration in range(1, max_iterations + 1):
-        sweep = _sweep(model, by_op, skip_set, iteration, trace)
+        sweep = _sweep(model, by_op, _Limits(skip_set, only), iteration, trace)
         applied.extend(sweep.applied)
         traced.extend(sweep.traced)
         for s in sweep.skipped:
@@ -141,7 +149,15 @@ def run_rules(
     )
 
 
-def _sweep(model: ModelGraph, by_op: dict[str, list[Rule]], skip: set[SiteKey], iteration: int, trace: BoundaryTrace) -> _Sweep:
+@dataclass(frozen=True)
+class _Limits:
+    """Where rules may not act in this run: the ``skip`` sites, and the ``only`` filter."""
+
+    skip: set[SiteKey]
+    only: SiteFilter | None
+
+
+def _sweep(model: ModelGraph, by_op: dict[str, list[Rule]], limits: _Limits, iteration: int, trace: BoundaryTrace) -> _Sweep:
     """Match every rule everywhere, then check and apply the matches by descending benefit.
 
     Benefit-first (not graph-order-first) lets a large pattern anchored downstream win over a
@@ -155,22 +171,61 @@ def _sweep(model: ModelGraph, by_op: dict[str, list[Rule]], skip: set[SiteKey], 
     out = _Sweep(trace)
     for graph in list(iter_graphs(model.graph)):
         candidates, refusals = _candidates(model, graph, by_op)
-        _apply_candidates(model, graph, candidates, refusals, skip, iteration, out)
+        _apply_candidates(model, graph, candidates, refusals, limits, iteration, out)
         # In the order of a graph walk (node, then rule), rewrite failures last; once per name.
-        for _, rule, node, reason, quiet, about in sorted(refusals, key=lambda r: r[0]):
-            out.refuse(rule, node, reason, quiet, about)
+        for r in sorted(refusals, key=lambda r: r.place):
+            out.refuse(r.rule, r.node, r.reason, r.quiet, r.about)
     return out
 
 
-_Candidate = tuple[Rule, gs.Node, Match, tuple[int, int, int]]
-"""(rule, anchor, its structural match, where a refusal of it sorts: (0, node order, rule rank))."""
-_Refusal = tuple[tuple[int, int, int], Rule, gs.Node, str, bool, "str | None"]
+@dataclass(frozen=True, order=True)
+class _Place:
+    """Where a refusal is reported among a graph's: refusals of matches in graph-walk order
+    (node, then the rule's rank among those anchored at its op), then rewrites that failed, in
+    the order they failed."""
+
+    failed_rewrite: bool
+    order: int
+    rank: int = 0
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """A rule's structural match at ``anchor``, and where a refusal of it is reported."""
+
+    rule: Rule
+    anchor: gs.Node
+    match: Match
+    place: _Place
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    """Why ``rule`` was not applied at ``node``; ``about``: the node the reason names, if any."""
+
+    place: _Place
+    rule: Rule
+    node: gs.Node
+    reason: str
+    quiet: bool = False
+    about: str | None = None
+
+
+@dataclass(frozen=True)
+class _Verdict:
+    """A checked match: why it must not be applied (None: it may), whether that is quiet, the
+    node the reason is about, and what ``check`` handed on to ``rewrite``."""
+
+    reason: str | None = None
+    quiet: bool = False
+    about: str | None = None
+    plan: object = None
 
 
 def _candidates(model: ModelGraph, graph: gs.Graph, by_op: dict[str, list[Rule]]) -> tuple[list[_Candidate], list[_Refusal]]:
     """The structural matches in ``graph`` without soft failures: highest benefit first, then graph
     order, then rule id; and the refusals of the ones with soft failures."""
-    found: list[tuple[int, int, str, _Candidate]] = []
+    found: list[tuple[float, int, str, _Candidate]] = []
     refusals: list[_Refusal] = []
     # (op, op writing its first input) -> (rank, rule, its matcher) of the rules that may match
     by_input: dict[tuple[str, str | None], list[tuple[int, Rule, MatchFn]]] = {}
@@ -189,10 +244,11 @@ def _candidates(model: ModelGraph, graph: gs.Graph, by_op: dict[str, list[Rule]]
             m = match(node, graph, model)
             if m is None:
                 continue
+            place = _Place(False, order, rank)
             if m.soft_failures:
-                refusals.append(((0, order, rank), rule, node, m.soft_failures[0], False, None))
+                refusals.append(_Refusal(place, rule, node, m.soft_failures[0]))
                 continue
-            found.append((-rule.benefit, order, rule.id, (rule, node, m, (0, order, rank))))
+            found.append((-rule.benefit, order, rule.id, _Candidate(rule, node, m, place)))
     found.sort(key=lambda c: c[:3])
     return [c[3] for c in found], refusals
 
@@ -202,15 +258,17 @@ def _apply_candidates(
     graph: gs.Graph,
     candidates: list[_Candidate],
     refusals: list[_Refusal],
-    skip: set[SiteKey],
+    limits: _Limits,
     iteration: int,
     out: _Sweep,
 ) -> None:
     """Check and apply ``candidates`` in order; none touches a node an earlier one replaced.
-    Sites in ``skip`` are recorded as skipped; refusals (checks, failed rewrites) go to ``refusals``."""
+    Sites in ``limits.skip`` are recorded as skipped; refusals (checks, the ``only`` filter,
+    failed rewrites) go to ``refusals``."""
     consumed: set[int] = set()
     touched: set[int] = set()  # ids of the tensors whose readers, writer or name a rewrite here changed
-    for rule, node, m, where in candidates:
+    for c in candidates:
+        rule, node, m = c.rule, c.anchor, c.match
         if id(node) in consumed:
             continue
         if _stale(rule, m, touched):
@@ -220,18 +278,19 @@ def _apply_candidates(
             m = fresh
         if any(id(n) in consumed for n in m.matched + m.shape_readers):
             continue
-        reason, quiet, about = _refusal(rule, m)
-        if reason is not None:
-            refusals.append((where, rule, node, reason, quiet, about))
+        verdict = _verdict(rule, m, limits.only)
+        if verdict.reason is not None:
+            refusals.append(_Refusal(c.place, rule, node, verdict.reason, verdict.quiet, verdict.about))
             continue
         site = AppliedSite(rule.id, node.name, tuple(m.node_names), (), iteration)
-        if site.key in skip:
+        if site.key in limits.skip:
             out.skipped.append(site)
             continue
+        m.plan = verdict.plan
         try:
             created, traced = _apply(model, graph, rule, m, touched, out.trace)
         except _RewriteFailed as exc:
-            refusals.append(((1, len(refusals), 0), rule, node, str(exc), False, None))
+            refusals.append(_Refusal(_Place(True, len(refusals)), rule, node, str(exc)))
             continue
         consumed.update(id(n) for n in m.matched + m.shape_readers)
         out.applied.append(AppliedSite(rule.id, node.name, site.nodes, created, iteration))
@@ -261,7 +320,7 @@ def _stale(rule: Rule, m: Match, touched: set[int]) -> bool:
         if any(id(t) in touched for t in n.outputs):
             return True
         for t in n.inputs:
-            for _ in range(64):  # as far as ModelGraph.is_constant looks
+            for _ in range(WALK_LIMIT):  # as far as ModelGraph.is_constant looks
                 if id(t) in touched:
                     return True
                 up = producer(t)
@@ -281,24 +340,26 @@ def opset_problem(rule: Rule, opset: int) -> str | None:
     return None
 
 
-def _refusal(rule: Rule, m: Match) -> tuple[str | None, bool, str | None]:
-    """(why this match must not be applied, whether that is quiet, the node it is about), or
-    (None, False, None)."""
+def _verdict(rule: Rule, m: Match, only: SiteFilter | None) -> _Verdict:
+    """Whether ``rule`` may rewrite its match ``m``: its soft conditions, ``check``, the ``only``
+    filter, the match's shape readers, the model's opset."""
     if m.soft_failures:
-        return m.soft_failures[0], False, None
+        return _Verdict(m.soft_failures[0])
     try:
         result = rule.check(m)
     except Exception as exc:  # a broken rule (plugin or built-in) costs its own sites, not the run
-        return f"rule error in check: {_one_line(exc)}", False, None
+        return _Verdict(f"rule error in check: {_one_line(exc)}")
     if not isinstance(result, CheckResult):  # e.g. a bare False: it says neither yes nor why not
-        return (f"rule error in check: it returned {type(result).__name__} {_short_repr(result)}, not a CheckResult "
-                "(return ok(), fail(reason) or skip(reason))"), False, None
+        return _Verdict(f"rule error in check: it returned {type(result).__name__} {_short_repr(result)}, not a CheckResult "
+                        "(return ok(), fail(reason) or skip(reason))")
     if not result:
-        return result.reason, result.quiet, result.node
+        return _Verdict(result.reason, result.quiet, result.node)
+    if only is not None and not only(rule, m):
+        return _Verdict(f"not a site this run rewrites with {rule.id}", quiet=True)
     reader = reader_problem(m, m.graph)
     if reader is not None:
-        return reader, False, None
-    return opset_problem(rule, m.model.opset("")), False, None
+        return _Verdict(reader)
+    return _Verdict(opset_problem(rule, m.model.opset("")), plan=result.plan)
 
 
 def _short_repr(value: object) -> str:

@@ -28,6 +28,7 @@ from rewriter.engine.graph_import import ExternalLazyValues, NodeSource, import_
 from rewriter.engine.tensors import node_graphs, raw_array, sparse_array
 
 __all__ = [
+    "WALK_LIMIT",
     "ModelGraph",
     "PROVENANCE_KEY",
     "const_value",
@@ -143,6 +144,12 @@ def static_shape(tensor: gs.Tensor | None) -> tuple[int, ...] | None:
     return None
 
 
+#: The most producers any walk up a chain of pass-through nodes takes (Identity, layout and
+#: shape-preserving ops, a rule's unary ops): a bound against pathological chains, far beyond
+#: what exporters write. Every such walk in the engine, the rule tools and the rules uses it.
+WALK_LIMIT = 64
+
+
 def const_value(tensor: gs.Tensor | None, graph_inputs: Sequence[gs.Tensor] = ()) -> np.ndarray | None:
     """The value of a constant tensor, or None when it is not a constant.
 
@@ -152,7 +159,7 @@ def const_value(tensor: gs.Tensor | None, graph_inputs: Sequence[gs.Tensor] = ()
     the graph's inputs (``ModelGraph`` does this for you through :meth:`ModelGraph.constant`).
     """
     seen = 0
-    while tensor is not None and seen < 64:
+    while tensor is not None and seen < WALK_LIMIT:
         seen += 1
         if any(tensor is inp for inp in graph_inputs):
             return None
@@ -188,7 +195,7 @@ def _constant_array(tensor: gs.Constant) -> np.ndarray:
 
 def is_constant(tensor: gs.Tensor | None, graph_inputs: Sequence[gs.Tensor] = ()) -> bool:
     """Whether ``const_value`` would find a value, without reading any weight data."""
-    for _ in range(64):
+    for _ in range(WALK_LIMIT):
         if tensor is None or any(tensor is inp for inp in graph_inputs):
             return False
         if isinstance(tensor, gs.Constant):
@@ -295,7 +302,7 @@ class ModelGraph:
 
     def _through_identity(self, tensor: gs.Tensor | None) -> gs.Tensor | None:
         t = tensor
-        for _ in range(64):
+        for _ in range(WALK_LIMIT):
             if t is None or t.name in self.overridable:
                 return None
             node = producer(t)
@@ -310,7 +317,7 @@ class ModelGraph:
         if tensor is None:
             return None
         t: gs.Tensor | None = tensor
-        for _ in range(64):
+        for _ in range(WALK_LIMIT):
             if t is None:
                 return None
             if t.name in self.overridable:
@@ -326,7 +333,7 @@ class ModelGraph:
         """Why ``tensor`` is a variable although it holds an initializer's value (read through
         Identity nodes): it is a graph input a user may feed; None when it is not one."""
         t = tensor
-        for _ in range(64):
+        for _ in range(WALK_LIMIT):
             if t is None:
                 return None
             if t.name in self.overridable:

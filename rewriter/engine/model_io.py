@@ -3,93 +3,56 @@
 - ``load_model`` takes a path, bytes, a ModelProto or a torch ONNXProgram, never reads external
   weights, validates every tensor (:mod:`rewriter.engine.tensors`) and refuses a graph with a
   cycle. Every bad input becomes one ``InputError`` line.
-- An IR version newer than the installed onnxruntime accepts is lowered in memory when the
-  opsets allow it (one rule, ``loadable_ir``, used at load and at save).
+- An IR version newer than a ceiling (the one onnxruntime accepts, which
+  :func:`rewriter.ort.max_ir_version` probes) is lowered in memory when the opsets allow it (one
+  rule, ``loadable_ir``, used at load, by the onnxruntime layer and at save).
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import onnx
 from google.protobuf.message import DecodeError, EncodeError
 from onnx import helper
 
-from rewriter.engine.collector import collector_paused
-from rewriter.engine.forked import Background
 from rewriter.engine.graph import typed_graph
 from rewriter.engine.tensors import PROTOBUF_LIMIT, SUBGRAPH_ATTRS, attr_graphs, check_tensors, names_read, stat_regular
 from rewriter.errors import InputError, shown_path
 
-__all__ = ["LoadedModel", "load_model", "max_supported_ir_version", "loadable_ir", "ensure_loadable_ir"]
+__all__ = ["LoadedModel", "load_model", "loadable_ir", "ensure_loadable_ir"]
 
-_TP = onnx.TensorProto
 
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A model as loaded, with what is needed to resolve and carry its external data.
+    """A model as loaded and checked, with what is needed to resolve and carry its external data."""
 
-    Its checks (tensor data, external references, cycles) may still be running in a forked
-    child when the command line loads it (:mod:`rewriter.engine.forked`): :attr:`model` waits
-    for them and raises their InputError; only the graph import overlaps them
-    (:attr:`unchecked_model`, then :meth:`checked` before the graph is used)."""
-
-    _model: onnx.ModelProto
+    model: onnx.ModelProto
+    """The model. External data is not loaded: external tensors keep their references."""
     path: Path | None
     """The .onnx file it came from, if any."""
     base_dir: Path | None
     """Folder external-data locations are relative to (``path.parent``); None if in memory."""
     sha256: str
     """sha256 of the .onnx file bytes, or of the serialized proto for in-memory models."""
-    # The checks and then the types, computed by a child: (what fails them or None, the types).
-    _pending: list[Background[tuple[str | None, onnx.GraphProto | None]]] = field(
-        default_factory=list, init=False, repr=False, compare=False)
-    _typed: list[onnx.GraphProto] = field(default_factory=list, init=False, repr=False, compare=False)
+    _types: list[onnx.GraphProto] = field(default_factory=list, init=False, repr=False, compare=False)
 
     @property
-    def model(self) -> onnx.ModelProto:
-        """The model, once its checks passed (InputError otherwise). External data is not loaded:
-        external tensors keep their references."""
-        self.checked()
-        return self._model
+    def has_types(self) -> bool:
+        """Whether :meth:`types` has been computed."""
+        return bool(self._types)
 
-    @property
-    def unchecked_model(self) -> onnx.ModelProto:
-        """The model while its checks may still run: only for building a graph that is not used
-        before :meth:`checked` returned."""
-        return self._model
-
-    def checked(self) -> None:
-        """Return once the model's checks passed; InputError (exit 2) when they failed."""
-        if self._pending:
-            problem, _ = self._pending[0].result()
-            if problem is not None:
-                raise InputError(problem)
-
-    def typed(self) -> onnx.GraphProto:
+    def types(self, compute: Callable[[onnx.ModelProto], onnx.GraphProto] = typed_graph) -> onnx.GraphProto:
         """The types shape inference finds for the model's tensors (:func:`typed_graph`), computed
-        once per loaded model -- by the forked child after the checks, when one runs them -- and
-        shared by every rewrite of it. InputError when the checks failed."""
-        if not self._typed:
-            self.checked()
-            typed = self._pending[0].result()[1] if self._pending else None
-            self._typed.append(typed if typed is not None else typed_graph(self._model))
-        return self._typed[0]
-
-
-def _checks_then_types(model: onnx.ModelProto, base_dir: Path | None, where: str) -> tuple[str | None, onnx.GraphProto | None]:
-    """What a forked child computes for a loaded model: its checks' verdict, then its types."""
-    try:
-        _check_model(model, base_dir, where)
-    except InputError as exc:
-        return str(exc), None
-    return None, typed_graph(model)
+        once per loaded model -- by ``compute``, the first time -- and shared by every rewrite."""
+        if not self._types:
+            self._types.append(compute(self.model))
+        return self._types[0]
 
 
 def _in_order(nodes: Sequence[onnx.NodeProto], with_subgraphs: set[int]) -> bool:
@@ -164,9 +127,8 @@ def _check_acyclic(model: onnx.ModelProto, where: str) -> None:
 
 
 def _check_model(model: onnx.ModelProto, base_dir: Path | None, where: str) -> None:
-    with collector_paused():  # lists of names, no cycles
-        check_tensors(model, base_dir, where)
-        _check_acyclic(model, where)
+    check_tensors(model, base_dir, where)
+    _check_acyclic(model, where)
 
 
 def _proto_sha256(model: onnx.ModelProto) -> str:
@@ -196,7 +158,7 @@ def _parse(data: bytes, where: str) -> onnx.ModelProto:
     return model
 
 
-def _load_path(src: str | os.PathLike[str]) -> LoadedModel:
+def _load_path(src: str | os.PathLike[str], ir_ceiling: int | None) -> LoadedModel:
     shown = os.fspath(src)
     where = f"cannot read model {shown_path(shown)}" if shown else "cannot read model"
     path = Path(shown).expanduser().absolute()
@@ -209,77 +171,49 @@ def _load_path(src: str | os.PathLike[str]) -> LoadedModel:
     if not data:
         raise InputError(f"{where}: file is empty")
     model = _parse(data, where)
-    model.ir_version = loadable_ir(model)  # our own parsed copy: lowered in place
-    loaded = LoadedModel(model, path, path.parent, hashlib.sha256(data).hexdigest())
-    # The checks and the shape inference on a second core, where allowed, while the graph is built.
-    pending = Background(_checks_then_types, model, path.parent, where)
-    if pending.forked:
-        loaded._pending.append(pending)
-    else:
-        _check_model(model, path.parent, where)
-    return loaded
+    if ir_ceiling is not None:
+        model.ir_version = loadable_ir(model, ir_ceiling)  # our own parsed copy: lowered in place
+    _check_model(model, path.parent, where)
+    return LoadedModel(model, path, path.parent, hashlib.sha256(data).hexdigest())
 
 
-def _in_memory(model: onnx.ModelProto, where: str, sha256: str | None = None) -> LoadedModel:
+def _in_memory(model: onnx.ModelProto, where: str, ir_ceiling: int | None, sha256: str | None = None) -> LoadedModel:
     if not model.HasField("graph"):
         raise InputError(f"{where}: not an ONNX model (no graph)")
     _check_model(model, None, where)
     digest = sha256 or _proto_sha256(model)
     # The caller's proto is never changed: a copy when the IR version must be lowered.
-    return LoadedModel(ensure_loadable_ir(model), None, None, digest)
+    return LoadedModel(model if ir_ceiling is None else ensure_loadable_ir(model, ir_ceiling), None, None, digest)
 
 
-def load_model(src: str | os.PathLike[str] | bytes | onnx.ModelProto | object) -> LoadedModel:
+def load_model(src: str | os.PathLike[str] | bytes | onnx.ModelProto | object, *, ir_ceiling: int | None = None) -> LoadedModel:
     """Load a model from a path, serialized bytes, a ``ModelProto``, or any object with a
     ``model_proto`` attribute (torch dynamo ``ONNXProgram``), without reading external data.
 
-    A ``ModelProto`` is used as is, not copied (unless its IR version is newer than
-    onnxruntime accepts: ``LoadedModel.model`` is then a copy with it lowered, see
-    ``ensure_loadable_ir``). Raises ``InputError`` (one line) for a missing, unreadable,
-    empty or corrupt file, tensor data that does not match its dims, any bad external data
-    reference, and a graph with a cycle.
+    A ``ModelProto`` is used as is, not copied -- unless its IR version is newer than
+    ``ir_ceiling`` (the pipeline gives :func:`rewriter.ort.max_ir_version`): ``LoadedModel.model``
+    is then a copy with it lowered (:func:`ensure_loadable_ir`). Raises ``InputError`` (one
+    line) for a missing, unreadable, empty or corrupt file, tensor data that does not match its
+    dims, any bad external data reference, and a graph with a cycle.
     """
     if isinstance(src, onnx.ModelProto):
-        return _in_memory(src, "cannot use in-memory model")
+        return _in_memory(src, "cannot use in-memory model", ir_ceiling)
     if isinstance(src, (bytes, bytearray, memoryview)):
         data = bytes(src)
         where = "cannot read model from bytes"
         if not data:
             raise InputError(f"{where}: data is empty")
-        return _in_memory(_parse(data, where), where, hashlib.sha256(data).hexdigest())
+        return _in_memory(_parse(data, where), where, ir_ceiling, hashlib.sha256(data).hexdigest())
     if isinstance(src, (str, os.PathLike)):
-        return _load_path(src)
+        return _load_path(src, ir_ceiling)
     kind = type(src).__name__
     try:
         proto = getattr(src, "model_proto", None)
     except Exception as exc:  # a third-party property: any failure is a bad input
         raise InputError(f"cannot read model from {kind}: model_proto failed ({type(exc).__name__}: {exc})") from None
     if isinstance(proto, onnx.ModelProto):
-        return _in_memory(proto, f"cannot use model from {kind}")
+        return _in_memory(proto, f"cannot use model from {kind}", ir_ceiling)
     raise InputError(f"cannot read model: unsupported source type {kind} (give a path, bytes or an onnx.ModelProto)")
-
-
-@functools.cache
-def max_supported_ir_version() -> int:
-    """Highest IR version the installed onnxruntime accepts (probed once, on CPU).
-    Without onnxruntime, the IR version the installed onnx writes."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return onnx.IR_VERSION
-    options = ort.SessionOptions()
-    options.log_severity_level = 4  # the refusals below are expected: keep them quiet
-    x = helper.make_tensor_value_info("x", _TP.FLOAT, [1])
-    y = helper.make_tensor_value_info("y", _TP.FLOAT, [1])
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
-    for ir in range(onnx.IR_VERSION, 6, -1):
-        probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=ir)
-        try:
-            ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        except Exception:  # onnxruntime raises its own exception types; any refusal means "lower"
-            continue
-        return ir
-    return onnx.IR_VERSION
 
 
 # Columns of onnx.helper.VERSION_TABLE rows (release, IR, ai.onnx, ai.onnx.ml, ai.onnx.training).
@@ -301,22 +235,21 @@ def _min_ir_for_opsets(model: onnx.ModelProto) -> int | None:
     return need
 
 
-def loadable_ir(model: onnx.ModelProto) -> int:
-    """The IR version to give onnxruntime: the model's own when it accepts it, else the
-    highest it accepts when the model's opsets exist at that IR version (a newer opset
-    cannot be described at an older IR version: the model's own version is kept then)."""
-    supported = max_supported_ir_version()
-    if model.ir_version <= supported:
+def loadable_ir(model: onnx.ModelProto, ceiling: int) -> int:
+    """The IR version to give a runtime that accepts IR versions up to ``ceiling``
+    (:func:`rewriter.ort.max_ir_version` for onnxruntime): the model's own when it is accepted,
+    else ``ceiling`` when the model's opsets exist at that IR version (a newer opset cannot be
+    described at an older IR version: the model's own version is kept then)."""
+    if model.ir_version <= ceiling:
         return model.ir_version
     need = _min_ir_for_opsets(model)
-    return supported if need is not None and need <= supported else model.ir_version
+    return ceiling if need is not None and need <= ceiling else model.ir_version
 
 
-def ensure_loadable_ir(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model itself if onnxruntime accepts its IR version (or it cannot be lowered),
-    else a copy with the IR version lowered to the highest one it accepts (nothing else
-    changes). ``load_model`` applies this; ``save_model`` writes that version too."""
-    target = loadable_ir(model)
+def ensure_loadable_ir(model: onnx.ModelProto, ceiling: int) -> onnx.ModelProto:
+    """The model itself if its IR version is at most ``ceiling`` (or it cannot be lowered), else
+    a copy with the IR version lowered to ``ceiling`` (nothing else changes)."""
+    target = loadable_ir(model, ceiling)
     if target == model.ir_version:
         return model
     lowered = onnx.ModelProto()

@@ -22,7 +22,7 @@ match when that shape is not known.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar, Union
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -42,6 +42,8 @@ __all__ = [
     "has_choices",
     "matcher",
 ]
+
+P = TypeVar("P")
 
 AttrPred = Union[Callable[[Any], bool], Any]
 
@@ -131,6 +133,8 @@ class Match:
     shape_readers: list[gs.Node] = field(default_factory=list)
     proven_shapes: dict[str, list] = field(default_factory=dict)
     _values: dict[str, np.ndarray | None] = field(default_factory=dict)
+    plan: object = None
+    """What the rule's ``check`` handed on (``ok(plan)``), set by the driver before ``rewrite``."""
 
     def __getitem__(self, name: str) -> Any:
         if name in self.nodes:
@@ -148,6 +152,13 @@ class Match:
 
     def attr(self, node_name: str, attr: str, default: Any = None) -> Any:
         return self.nodes[node_name].attrs.get(attr, default)
+
+    def planned(self, kind: type[P]) -> P:
+        """:attr:`plan` as a ``kind``: what ``check`` worked out, typed for ``rewrite``. TypeError
+        when ``check`` handed on none of that type (``ok()`` instead of ``ok(plan)``)."""
+        if not isinstance(self.plan, kind):
+            raise TypeError(f"check handed on {type(self.plan).__name__}, not {kind.__name__} (return ok(plan) from check)")
+        return self.plan
 
     @property
     def node_names(self) -> list[str]:

@@ -1,7 +1,10 @@
 """One rewrite pass over a loaded model: a fresh graph, the driver, the exported result.
 
 Every step that needs the rewritten model -- the first rewrite, bisection, acceptance's
-rebuilds -- calls :func:`rewrite`, so each rebuild starts from the untouched input proto.
+rebuilds -- calls :func:`rewrite`, so each rebuild starts from the untouched input proto. The
+:class:`~rewriter.engine.executor.Executor` it is given decides how the process is used: the
+collector paused for the pass, the model's shape inference on a second core the first time
+(while its nodes are imported), the graph freed now or when the next pass starts.
 """
 
 from __future__ import annotations
@@ -12,9 +15,9 @@ from typing import Sequence
 
 import onnx
 
-from rewriter.engine.collector import collector_paused, free_retired, retire
-from rewriter.engine.driver import DriverResult, SiteKey, run_rules
-from rewriter.engine.graph import ModelGraph, node_subgraphs
+from rewriter.engine.driver import DriverResult, SiteFilter, SiteKey, run_rules
+from rewriter.engine.executor import Executor
+from rewriter.engine.graph import ModelGraph, node_subgraphs, typed_graph
 from rewriter.engine.model_io import LoadedModel
 from rewriter.engine.rule import Rule
 
@@ -29,26 +32,31 @@ class Rewritten:
     result: DriverResult
 
 
-def rewrite(loaded: LoadedModel, rules: Sequence[Rule], *, skip: Sequence[SiteKey] = ()) -> Rewritten:
+def rewrite(loaded: LoadedModel, rules: Sequence[Rule], *, skip: Sequence[SiteKey] = (), only: SiteFilter | None = None,
+            executor: Executor | None = None) -> Rewritten:
     """Run the driver on a fresh graph of ``loaded`` (the input proto is never mutated), leaving
-    the ``skip`` sites as they are."""
-    with collector_paused():
-        free_retired()  # the graph of the previous rewrite, if the command line deferred its freeing
-        try:  # built while the model's checks may still run (LoadedModel.unchecked_model)
-            graph = ModelGraph(loaded.unchecked_model, loaded.base_dir, typed=loaded.typed)
-        except Exception:
-            loaded.checked()  # a model that fails its checks is reported as such, not by what building it ran into
-            raise
-        loaded.checked()
+    the ``skip`` sites as they are and, with ``only``, every site it does not allow its rule."""
+    run = executor or Executor()
+    with run.collector_paused():
+        run.free_retired()  # the graph of the previous rewrite, if the executor deferred its freeing
+        if loaded.has_types:
+            graph = ModelGraph(loaded.model, loaded.base_dir, typed=loaded.types)
+        else:  # the types are inferred beside the nodes' import (a second core, where the executor allows)
+            types = run.background(typed_graph, loaded.model)
+            try:
+                graph = ModelGraph(loaded.model, loaded.base_dir, typed=lambda: loaded.types(lambda _: types.result()))
+            finally:
+                if types.forked:  # no child outlives the import (a graph with subgraphs never asks); its answer is kept
+                    loaded.types(lambda _: types.result())
         members = _members(graph)  # replaced nodes leave the graph: their list is taken now
         try:
-            result = run_rules(graph, rules, skip=skip)
+            result = run_rules(graph, rules, skip=skip, only=only)
             return Rewritten(graph.export(), result)
         finally:
             # Freed before the collector is back (by reference counting, once taken apart): left
             # for it, the first collection after the pause walked all of them (0.2 s at 50,000
-            # nodes). The command line defers this to the next rewrite or to its exit.
-            retire(functools.partial(_free, graph, members))
+            # nodes). A one-command executor defers this to the next rewrite or to the process's end.
+            run.retire(functools.partial(_free, graph, members))
 
 
 def _members(model: ModelGraph) -> list[object]:

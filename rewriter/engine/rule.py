@@ -1,9 +1,10 @@
 """The Rule base class, check results, and the builder a rule's ``rewrite`` records into.
 
-A rule is ``pattern`` (structure), ``check`` (conditions, each failure with a reason) and
-``rewrite`` (builds the replacement with a :class:`RewriteBuilder`). Rules never edit the
-graph: the builder only creates new nodes; the driver splices them in, or discards them
-if anything goes wrong.
+A rule is ``pattern`` (structure), ``check`` (conditions, each failure with a reason; what it
+found may be handed on, ``ok(plan)``) and ``rewrite`` (builds the replacement with a
+:class:`RewriteBuilder`, reading the plan as ``m.planned(Kind)``). Rules never edit the graph:
+the builder only creates new nodes; the driver splices them in, or discards them if anything
+goes wrong.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import math
 import numbers
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping, Sequence, Union
 
 import numpy as np
@@ -43,12 +44,16 @@ class CheckResult:
 
     A ``quiet`` refusal means "not a candidate at all" (e.g. a 3-D MatMul for a 2-D-only rule):
     it is not reported as a near miss, so the report lists only sites a user could act on.
+    ``plan``: what a passing ``check`` found that ``rewrite`` needs (``ok(plan)``); the driver
+    hands it on as the match's :attr:`~rewriter.engine.pattern.Match.plan`, so nothing is
+    worked out twice.
     """
 
     passed: bool
     reason: str = ""
     node: str | None = None
     quiet: bool = False
+    plan: object = field(default=None, compare=False, repr=False)
 
     def __bool__(self) -> bool:
         return self.passed
@@ -57,8 +62,9 @@ class CheckResult:
 _OK = CheckResult(True)
 
 
-def ok() -> CheckResult:
-    return _OK
+def ok(plan: object = None) -> CheckResult:
+    """The rule may fire; ``plan`` (optional) is what ``rewrite`` gets as ``m.plan``."""
+    return _OK if plan is None else CheckResult(True, plan=plan)
 
 
 def fail(reason: str, node: gs.Node | str | None = None) -> CheckResult:

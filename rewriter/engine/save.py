@@ -296,7 +296,7 @@ def _inline_size(model: onnx.ModelProto) -> int:
 
 def save_model(
     model: onnx.ModelProto, out: Path, *, source: LoadedModel | None = None, overwrite_input: bool = False,
-    before_commit: Callable[[], None] | None = None, transaction: Transaction | None = None,
+    before_commit: Callable[[], None] | None = None, transaction: Transaction | None = None, ir_ceiling: int | None = None,
 ) -> Path:
     """Write `model` to `out` atomically, with its external data made available there.
 
@@ -305,7 +305,7 @@ def save_model(
       referenced data file is copied next to `out` under the same relative name.
     - New inline tensors stay inline unless the model reaches ~1.5 GB; then those over
       1 MB go to ``<out-stem>.data``, never a name the source or the output references.
-    - The IR version is lowered if onnxruntime would refuse it (in the file only).
+    - The IR version is lowered to ``ir_ceiling`` when above it and the opsets allow (in the file only).
     - Every file is written under a temp name in its folder and renamed into place once
       all are written; on failure the temp files are removed and nothing changes.
     - ``before_commit`` runs once all are written, before the renames; if it raises, the
@@ -340,7 +340,8 @@ def save_model(
                 _offload(model, fd, data_file.name, moved)
             finally:
                 os.close(fd)
-        model.ir_version = loadable_ir(model)
+        if ir_ceiling is not None:
+            model.ir_version = loadable_ir(model, ir_ceiling)
         try:
             data = model.SerializeToString()
         except (EncodeError, ValueError):

@@ -28,7 +28,7 @@ from typing import Callable, Iterator, Mapping, Sequence, Union
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from rewriter.engine.graph import ModelGraph, producer
+from rewriter.engine.graph import WALK_LIMIT, ModelGraph, producer
 
 __all__ = [
     "Dim",
@@ -61,6 +61,8 @@ _SHAPE_PRESERVING = frozenset(
 )
 
 # ONNX UINT8, INT8, UINT16, INT16, INT32, INT64, UINT32, UINT64
+# A shape vector of known length but unknown values is spelled out entry by entry up to this length.
+_LONGEST_SHAPE = 64
 _INT_TYPES = frozenset({2, 3, 4, 5, 6, 7, 12, 13})
 
 LAYOUT_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten")
@@ -137,7 +139,7 @@ def format_dims(dims: Sequence[Dim | None]) -> str:
 
 # -- shapes of tensors ------------------------------------------------------------------------
 def _canonical(tensor: gs.Tensor) -> gs.Tensor:
-    for _ in range(64):
+    for _ in range(WALK_LIMIT):
         node = producer(tensor)
         if node is None or node.op not in _SHAPE_PRESERVING or not node.inputs or node.outputs[0] is not tensor:
             return tensor
@@ -231,7 +233,7 @@ def _eval(tensor: gs.Tensor | None, model: ModelGraph, depth: int) -> _Val | Non
         if len(tensor.shape) == 0:
             return _Val((None,), True)
         n = tensor.shape[0]
-        if isinstance(n, (int, np.integer)) and 0 <= n <= 64:
+        if isinstance(n, (int, np.integer)) and 0 <= n <= _LONGEST_SHAPE:
             return _Val((None,) * int(n), False)
     return result
 

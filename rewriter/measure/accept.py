@@ -17,7 +17,8 @@ from typing import Callable, Mapping, Sequence
 
 import onnx
 
-from rewriter.engine.driver import AppliedSite, SiteKey
+from rewriter.engine.driver import AppliedSite, SiteFilter, SiteKey
+from rewriter.engine.executor import Executor
 from rewriter.engine.model_io import LoadedModel
 from rewriter.engine.rewrite import Rewritten, rewrite
 from rewriter.engine.rule import Rule
@@ -120,11 +121,13 @@ def accept(
     keep_slower: bool = False,
     progress: Progress | None = None,
     bench_fn: BenchFn = bench_models,
+    only: SiteFilter | None = None,
+    executor: Executor | None = None,
 ) -> Acceptance:
     """Measure ``out_model`` against ``loaded.model`` and keep the families that pay (see the
     module docstring). ``bench_fn`` (default `bench_models`) is injectable so the policy can be
     tested without timing."""
-    judge = _Judge(loaded, rules, options, bench_fn, progress or (lambda _msg: None))
+    judge = _Judge(loaded, rules, options, bench_fn, progress or (lambda _msg: None), only, executor)
     first = judge.measure(loaded.model, out_model, options, "original vs rewritten")
     target = next((name for name, r in first.items() if r.status == "measured"), None)
     mismatch = _outputs_differ(first)
@@ -168,8 +171,10 @@ class _State:
 class _Judge:
     """Measures pairs of models at both sizes and judges each family by its own share."""
 
-    def __init__(self, loaded: LoadedModel, rules: Sequence[Rule], options: BenchOptions, bench_fn: BenchFn, say: Progress) -> None:
+    def __init__(self, loaded: LoadedModel, rules: Sequence[Rule], options: BenchOptions, bench_fn: BenchFn, say: Progress,
+                 only: SiteFilter | None = None, executor: Executor | None = None) -> None:
         self.loaded, self.rules, self.options, self.bench_fn, self.say = loaded, rules, options, bench_fn, say
+        self.only, self.executor = only, executor
         self.family_of = {rule.id: rule_family(rule) for rule in rules}
 
     def measure(self, before: onnx.ModelProto, after: onnx.ModelProto, opts: BenchOptions, label: str) -> dict[str, ProviderBench]:
@@ -242,7 +247,7 @@ class _Judge:
         A site created in a later sweep may get another anchor name once earlier sites are skipped,
         so rebuild until no dropped family fires."""
         for _ in range(_MAX_REBUILDS):
-            rebuilt = rewrite(self.loaded, self.rules, skip=sorted(skip))
+            rebuilt = rewrite(self.loaded, self.rules, skip=sorted(skip), only=self.only, executor=self.executor)
             extra = {s.key for s in rebuilt.result.applied if self.family_of.get(s.rule, "") in dropped} - skip
             if not extra:
                 return rebuilt

@@ -21,14 +21,13 @@ import numpy as np
 
 from rewriter.errors import InputError
 from rewriter.measure.memprobe import MemoryProbe, save_feeds
-from rewriter.ort import CudaOptions, ModelSource, SessionError, cuda_status, make_session, model_source, parse_providers, timing_call
+from rewriter.ort import CudaOptions, ModelSource, Session, SessionError, cuda_status, make_session, model_source, parse_providers, timing_call
 from rewriter.prove.compare import compare_arrays, json_num, tolerance_for
 from rewriter.prove.inputs import input_specs, make_feeds, shape_sets
 from rewriter.prove.windows import window_check
 
 if TYPE_CHECKING:
     import onnx
-    import onnxruntime
 
 __all__ = ["ModelTiming", "OutputsCheck", "ProviderBench", "BenchOptions", "bench_models", "check_outputs", "judge", "time_interleaved",
            "session_settings", "PAUSE_S"]
@@ -259,7 +258,7 @@ PAUSE_S = 0.02
 
 
 def time_interleaved(
-    sessions: Sequence["onnxruntime.InferenceSession"],
+    sessions: Sequence[Session],
     feeds: Mapping[str, np.ndarray],
     *,
     runs: int,
@@ -308,7 +307,7 @@ def time_interleaved(
 
 def _open_and_probe(
     sources: Sequence[ModelSource], provider: str, options: BenchOptions, feeds_manifest: Path | None, tmp: Path
-) -> tuple[list["onnxruntime.InferenceSession"], list[MemoryProbe]]:
+) -> tuple[list[Session], list[MemoryProbe]]:
     """The models' sessions (shared with the run's other steps), and their memory probes started.
 
     The probes run in their own interpreters while this one builds its sessions (a large model's
@@ -388,7 +387,7 @@ def _bench_provider(
     )
 
 
-def _outputs_check(sessions: Sequence["onnxruntime.InferenceSession"], feeds: Mapping[str, np.ndarray], provider: str) -> OutputsCheck:
+def _outputs_check(sessions: Sequence[Session], feeds: Mapping[str, np.ndarray], provider: str) -> OutputsCheck:
     """One untimed run of each model on the benchmark's inputs, outputs compared."""
     runs = []
     for sess in sessions:

@@ -7,10 +7,10 @@ the graph (:func:`rewriter.prove.region.cut_region`); when the region cannot be 
 whole model, as before. The loads run on a thread of their own (onnxruntime releases the GIL
 while it builds a session) while the caller stages the file: :func:`start_gate` checks and
 starts them, :meth:`PendingGate.wait` gives the verdict before the file is renamed into place.
-The checks hold the GIL (the region cut and its strict shape inference, onnx.checker); where
-:mod:`rewriter.engine.forked` allows it (the command line), :func:`prepare_gate` starts the cut on
-a second core as soon as the model is final, while the caller makes its report and writes the
-file, and the checker runs when the caller waits for the verdict.
+The checks hold the GIL (the region cut and its strict shape inference, onnx.checker); where the
+caller's :class:`~rewriter.engine.executor.Executor` allows it (the command line's), the cut runs
+on a second core while the caller writes the file, and the checker runs when the caller waits
+for the verdict.
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ from typing import Callable
 
 import onnx
 
-from rewriter.engine.forked import Background
+from rewriter.engine.executor import Executor
 from rewriter.errors import VerificationError
 from rewriter.ort import ModelSource, SessionError, first_line, make_session, model_source
 from rewriter.prove.region import cut_region
 
-__all__ = ["check_writable", "start_gate", "prepare_gate", "PendingGate"]
+__all__ = ["check_writable", "start_gate", "PendingGate"]
 
 _CHECKER_LIMIT = 2**31 - 1  # onnx.checker takes an in-memory model only below protobuf's 2 GB
 
@@ -52,17 +52,6 @@ def _checker_verdict(model: onnx.ModelProto, original: onnx.ModelProto) -> str |
     models the checker refuses and onnxruntime runs); None when it passes."""
     why = _checker_error(model)
     return why if why is not None and _checker_error(original) is None else None
-
-
-def _region(model: onnx.ModelProto, loads: bool) -> list[onnx.ModelProto] | None:
-    return None if loads else cut_region(model)
-
-
-def prepare_gate(model: onnx.ModelProto, *, loads: bool = False) -> Background[list[onnx.ModelProto] | None]:
-    """The region cut :func:`start_gate` makes before loading (:func:`cut_region`), started now on
-    a second core where allowed (else made by ``start_gate`` itself). ``model`` must not change
-    afterwards."""
-    return Background(_region, model, loads)
 
 
 class PendingGate:
@@ -113,15 +102,16 @@ class PendingGate:
 
 
 def start_gate(model: onnx.ModelProto, original: onnx.ModelProto, base_dir: Path | None, *, loads: bool = False,
-               prepared: Background[list[onnx.ModelProto] | None] | None = None, what: str = "rewritten") -> PendingGate:
+               what: str = "rewritten", executor: Executor | None = None) -> PendingGate:
     """Raise VerificationError (exit 1) when ``model`` fails onnx.checker -- unless ``original``
     fails it too: some exporters write models the checker refuses and onnxruntime runs -- and
     start loading its rewritten region (or the whole model) in onnxruntime on CPU: the graph
     resolves, every node has a kernel; graph optimizations are not run. ``loads``: it already
-    ran in onnxruntime (verification); nothing is loaded. ``prepared``: :func:`prepare_gate`'s
-    cut of the same model; when a child process is making it, the checker's verdict, too, comes
-    from :meth:`PendingGate.wait`, and ``model`` must not change before it. Otherwise what is loaded
+    ran in onnxruntime (verification); nothing is loaded. ``what`` names the model in messages.
+    When ``executor`` has a child process cut the region, the checker's verdict, too, comes from
+    :meth:`PendingGate.wait`, and ``model`` must not change before it. Otherwise what is loaded
     was serialized before this returns: ``model`` may change afterwards."""
+    prepared = None if loads or executor is None else executor.background(cut_region, model)
     if prepared is not None and prepared.forked:
         # The loads' thread waits for the child's region cut, then loads; the caller writes the
         # file meanwhile, and runs the checker when it waits for the verdict.
@@ -130,7 +120,7 @@ def start_gate(model: onnx.ModelProto, original: onnx.ModelProto, base_dir: Path
             if why is not None:
                 raise VerificationError(f"not written: the {what} model fails onnx.checker: {why}")
 
-        return PendingGate(lambda: [] if loads else _gate_sources(model, base_dir, prepared.result()), check, what)
+        return PendingGate(lambda: _gate_sources(model, base_dir, prepared.result()), check, what)
     gate = PendingGate([] if loads else _gate_sources(model, base_dir, cut_region(model)), what=what)
     try:  # the checker runs while onnxruntime loads
         why = _checker_verdict(model, original)

@@ -37,7 +37,6 @@ from typing import Hashable
 
 import onnx
 
-from rewriter.engine.collector import collector_paused
 from rewriter.engine.graph import PROVENANCE_KEY, typing_model
 from rewriter.engine.tensors import SUBGRAPH_ATTRS, names_read, node_graphs
 
@@ -328,11 +327,6 @@ def cut_region(model: onnx.ModelProto) -> list[onnx.ModelProto] | None:
     """The rewritten nodes of ``model``, one of each kind, as models of their own of at most
     :data:`CHUNK_NODES` nodes each (see the module docstring), or None when the whole model must
     be opened instead. ``model`` is not changed."""
-    with collector_paused():  # lists, sets and keys of names: no cycles
-        return _cut(model)
-
-
-def _cut(model: onnx.ModelProto) -> list[onnx.ModelProto] | None:
     graph = model.graph
     if graph.sparse_initializer:
         return None

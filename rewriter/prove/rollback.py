@@ -14,7 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from rewriter.engine.driver import AppliedSite, SiteKey
+from rewriter.engine.driver import AppliedSite, SiteFilter, SiteKey
+from rewriter.engine.executor import Executor
 from rewriter.engine.model_io import LoadedModel
 from rewriter.engine.rewrite import Rewritten, rewrite
 from rewriter.engine.rule import Rule
@@ -42,7 +43,7 @@ class Proof:
 
 def prove(
     loaded: LoadedModel, rules: Sequence[Rule], rewritten: Rewritten, options: VerifyOptions, progress: Progress | None = None,
-    *, skip: Sequence[SiteKey] = (),
+    *, skip: Sequence[SiteKey] = (), only: SiteFilter | None = None, executor: Executor | None = None,
 ) -> Proof:
     """Verify ``rewritten`` (made without the ``skip`` sites) against ``loaded``; roll back the
     sites not shown equivalent.
@@ -73,10 +74,11 @@ def prove(
             rolled += [_record(sites[e.key], "rolled_back", e.reason, e.to_json(), e.max_abs) for e in direct]
             skipped |= {e.key for e in direct}
         else:
-            found = _bisect(loaded, rules, current, skipped, check, result, say)
+            found = _bisect(lambda without: rewrite(loaded, rules, skip=sorted(without), only=only, executor=executor), current, skipped, check,
+                            result, say)
             rolled += found
             skipped |= {(r.rule, r.nodes[0]) for r in found}
-        current = rewrite(loaded, rules, skip=sorted(skipped))
+        current = rewrite(loaded, rules, skip=sorted(skipped), only=only, executor=executor)
         if current.result.applied:
             say("verifying without the sites rolled back")
             result = check(current)
@@ -99,13 +101,14 @@ def _no_evidence_at_all(result: VerificationResult) -> None:
     raise InputError(f"cannot verify: no provider could run ({result.nothing_ran}); choose others with --providers or skip with --no-verify")
 
 
-def _bisect(loaded: LoadedModel, rules: Sequence[Rule], current: Rewritten, skip: set[SiteKey],
+def _bisect(rebuild: Callable[[set[SiteKey]], Rewritten], current: Rewritten, skip: set[SiteKey],
             check: Callable[[Rewritten], VerificationResult], result: VerificationResult, say: Progress) -> list[RewriteRecord]:
-    """The sites that fail only together (no single one differs at its boundary), by bisection."""
+    """The sites that fail only together (no single one differs at its boundary), by bisection;
+    ``rebuild(without)`` rewrites the model leaving the ``without`` sites as they are."""
     say("verification failed: bisecting over the applied rewrites")
 
     def passes_without(excluded: frozenset[SiteKey]) -> bool:
-        return check(rewrite(loaded, rules, skip=sorted(skip | excluded))).clean
+        return check(rebuild(skip | excluded)).clean
 
     try:
         offenders = bisect_offenders([s.key for s in current.result.applied], passes_without)

@@ -16,12 +16,12 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from rewriter.engine.driver import AppliedSite, SiteKey
 from rewriter.errors import InputError
 from rewriter.ort import (
-    ORT_ERRORS, RUN_OPTIONS, CudaOptions, ModelSource, SessionError, cuda_status, first_line, make_session, model_source, parse_providers,
+    ORT_ERRORS, RUN_OPTIONS, CudaOptions, ModelSource, Session, SessionError, cuda_status, feed_value, first_line, make_session, model_source,
+    parse_providers,
 )
 from rewriter.prove.compare import OutputDiff, Tolerance, compare_arrays, merge, noise as measure_noise, tolerance_for
 from rewriter.prove.evidence import ProviderEvidence, SiteTally, combine, enclosed
@@ -180,17 +180,9 @@ def resolve_providers(requested: Sequence[str] | None) -> list[tuple[str, bool, 
     return [(n, True, "") if n == "cpu" else (n, cuda_status().usable, cuda_status().reason) for n in names]
 
 
-def _to_ort(arr: np.ndarray) -> Any:
-    if BFLOAT16 is not None and arr.dtype == BFLOAT16:
-        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
-            np.ascontiguousarray(arr).view(np.uint16), onnx.TensorProto.BFLOAT16
-        )
-    return arr
-
-
-def _run(sess: ort.InferenceSession, model: _Runnable, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _run(sess: Session, model: _Runnable, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Graph outputs by name, and every value the model hands out by its value name."""
-    outs = dict(zip(model.fetch, sess.run(model.fetch, {k: _to_ort(v) for k, v in feeds.items()}, RUN_OPTIONS)))
+    outs = dict(zip(model.fetch, sess.run(model.fetch, {k: feed_value(v) for k, v in feeds.items()}, RUN_OPTIONS)))
     got = {name: outs[f] for name, f in zip(model.outputs, model.fetch)}
     got.update((value, np.asarray(outs[f])) for value, f in model.probes.items())
     return got
@@ -252,10 +244,10 @@ class _Lazy:
 
     def __init__(self, model: _Runnable, provider: str, cuda: CudaOptions = CudaOptions()) -> None:
         self.model, self.provider, self.cuda = model, provider, cuda
-        self._sess: ort.InferenceSession | None = None
+        self._sess: Session | None = None
         self.error: str | None = None
 
-    def get(self) -> ort.InferenceSession | None:
+    def get(self) -> Session | None:
         if self._sess is None and self.error is None:
             try:
                 # Outputs are what counts here, not speed: the dims-named copy, shared by the run's steps.
@@ -524,7 +516,7 @@ class _Tally:
         return ProviderResult(self.provider, "passed", "", **metrics)
 
 
-def _device_noise(sess: ort.InferenceSession, orig: _Runnable, feeds: Mapping[str, np.ndarray],
+def _device_noise(sess: Session, orig: _Runnable, feeds: Mapping[str, np.ndarray],
                   ref: Mapping[str, np.ndarray]) -> dict[str, float]:
     """How far the original on the device is from the original on CPU, per output and per
     site value.
@@ -605,7 +597,7 @@ def _check_on_their_own(tally: _Tally, orig: _Runnable, rew: _Runnable, pending:
             inputs = {name: (ref[src] if kind == "value" else feeds[src]) for name, (kind, src) in cut.feeds.items()}
             names = list(dict.fromkeys(cut.outputs.values()))
             runs = [inputs] + [_nudged(inputs, seed) for seed in range(nudges)]
-            results.append([dict(zip(names, sess.run(names, {k: _to_ort(v) for k, v in r.items()}, RUN_OPTIONS))) for r in runs])
+            results.append([dict(zip(names, sess.run(names, {k: feed_value(v) for k, v in r.items()}, RUN_OPTIONS))) for r in runs])
         except _CUT_ERRORS:
             results.append(None)
     tol = tally.tolerance(options)

@@ -30,7 +30,7 @@ re-exported here, so their names cannot collide with each other or with the core
 
 from __future__ import annotations
 
-from rewriter.engine.graph import ModelGraph, consumers, producer, static_shape
+from rewriter.engine.graph import WALK_LIMIT, ModelGraph, consumers, producer, static_shape
 from rewriter.engine.pattern import ConstPat, Match, MaybeOpPat, OpPat, Pattern, PatternBuilder, VarPat
 from rewriter.engine.rule import CheckResult, Replacement, RewriteBuilder, Rule, fail, ok, skip
 from rewriter.engine.shapes import (
@@ -66,6 +66,7 @@ __all__ = [
     "producer",
     "consumers",
     "static_shape",
+    "WALK_LIMIT",
     # symbolic shapes and layouts
     "Dim",
     "Layout",

@@ -371,12 +371,15 @@ def _end_perm(p: gs.Node, perm: Sequence[int] | None) -> list[int] | None:
 
 
 _Step = tuple[str, list[gs.Node], gs.Tensor, bool]
+# The rank an elementwise op is judged at when its tensor's rank is unknown: every axis a
+# broadcast may name is in range; the Transpose the walk ends at checks the real rank.
+_ANY_RANK = 64
 
 
 def _step_up(p: gs.Node, t: gs.Tensor, m: Match, perm: Sequence[int] | None, convs: bool) -> _Step | None:
     """One step of :func:`walk_back` through ``p``, the producer of ``t``: (step kind, walked nodes,
     the tensor to continue from, whether that tensor is already the channels-last source), or None."""
-    rank = len(perm) if perm is not None else (rank_of(t) or 64)  # unknown: checked at the Transpose
+    rank = len(perm) if perm is not None else (rank_of(t) or _ANY_RANK)
     if elementwise_reason(p, p.inputs[0] if p.inputs else t, rank, m.model) is None:
         return "ew", [p], p.inputs[0], False
     if not convs or list(perm or ()) != T1:

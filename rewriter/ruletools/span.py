@@ -40,13 +40,15 @@ FLOAT_DTYPES = frozenset({"float32", "float16", "bfloat16", "float64"})
 
 @dataclass(frozen=True)
 class SpanPlan:
-    """What a span rule computed: the dense weight (N, P) in X's feature order, bias, output shape."""
+    """What a span rule's ``check`` computed, handed on to its ``rewrite`` (``ok(plan)``): the dense
+    weight (N, P) in X's feature order, bias, output shape; ``axes`` for a partial span."""
 
     x_rank: int
     weight: np.ndarray
     bias: np.ndarray | None
     rows: Dim
     out_shape: tuple
+    axes: "SpanAxes | None" = None
 
 
 @dataclass(frozen=True)
@@ -183,7 +185,7 @@ class ConvSpanRule(Rule):
     # -- check -----------------------------------------------------------------------------
     def check(self, m: Match) -> CheckResult:
         plan = self.plan(m)
-        return plan if not isinstance(plan, SpanPlan) else ok()
+        return plan if not isinstance(plan, SpanPlan) else ok(plan)
 
     def plan(self, m: Match) -> "SpanPlan | CheckResult":
         """The dense form of the match, or the reason there is none (cheapest checks first)."""
@@ -339,9 +341,7 @@ class ConvSpanRule(Rule):
 
     # -- rewrite ---------------------------------------------------------------------------
     def rewrite(self, b: RewriteBuilder, m: Match) -> gs.Tensor:
-        plan = self.plan(m)
-        if not isinstance(plan, SpanPlan):
-            raise ValueError(plan.reason)
+        plan = m.planned(SpanPlan)
         x: gs.Tensor = m["x"]
         dt = x.dtype
         n_out = int(plan.weight.shape[0])

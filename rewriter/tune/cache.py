@@ -22,12 +22,12 @@ from typing import Any, Iterable
 
 import numpy as np
 import onnx
-import onnxruntime
 from onnx import numpy_helper
 
 from rewriter.version import __version__
 from rewriter.engine.filelock import exclusive_lock
 from rewriter.engine.save import atomic_write_text
+from rewriter.ort import RUNTIME_VERSION
 
 __all__ = ["CACHE_FORMAT", "DecisionCache", "cache_key", "default_cache_path", "site_signature"]
 
@@ -74,7 +74,7 @@ def site_signature(sub: onnx.ModelProto) -> list[Any]:
 
 def cache_key(sub: onnx.ModelProto, forms: Iterable[str], provider: str, threads: int | None) -> str:
     doc = {"site": site_signature(sub), "forms": sorted(forms), "provider": provider, "threads": threads,
-           "onnxruntime": onnxruntime.__version__, "onnx_rewrite": __version__}
+           "onnxruntime": RUNTIME_VERSION, "onnx_rewrite": __version__}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 

@@ -17,7 +17,7 @@ from rewriter.measure.bench import judge, time_interleaved
 from rewriter.ort import make_session, model_source
 from rewriter.tune.cache import DecisionCache, cache_key
 from rewriter.tune.section import ORIGINAL
-from rewriter.tune.sites import Site, isolate, restrict
+from rewriter.tune.sites import Site, TunedSites, isolate
 
 __all__ = ["ORIGINAL", "Timer", "OrtTimer", "SiteContext", "decide", "decide_site", "default_choice"]
 
@@ -57,7 +57,7 @@ def _form_models(
             if form == ORIGINAL:
                 run_rules(graph, cleanups)
             else:
-                res = run_rules(graph, [restrict(site.rules[form], site.rule_cores[form]), *cleanups])
+                res = run_rules(graph, [site.rules[form], *cleanups], only=TunedSites({form: frozenset(site.rule_cores[form])}))
                 if not any(s.rule == form for s in res.applied):
                     dropped[form] = "does not fire on the isolated subgraph"
                     continue

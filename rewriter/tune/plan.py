@@ -43,7 +43,7 @@ from rewriter.prove.inputs import input_specs, make_feeds, shape_sets
 from rewriter.tune.cache import DecisionCache, default_cache_path
 from rewriter.tune.decide import ORIGINAL, OrtTimer, SiteContext, Timer, decide_site
 from rewriter.tune.section import TuningSection
-from rewriter.tune.sites import Site, boundary, find_sites, observe, restrict
+from rewriter.tune.sites import Site, TunedSites, boundary, find_sites, observe
 
 __all__ = ["TuneOptions", "TunePlan", "tune_sites", "tuning_shapes"]
 
@@ -74,12 +74,14 @@ class TuneOptions:
 
 @dataclass(frozen=True)
 class TunePlan:
-    """What :func:`tune_sites` decided: the rules to run (chosen rules restricted to their sites,
-    plus the cleanups), the report's ``tuning`` section, and notes."""
+    """What :func:`tune_sites` decided: the rules to run (the chosen rules and the cleanups),
+    ``only`` -- the driver's filter limiting each chosen rule to its sites -- the report's
+    ``tuning`` section, and notes."""
 
     rules: tuple[Rule, ...]
     section: TuningSection
     notes: tuple[str, ...]
+    only: TunedSites = TunedSites({})
 
 
 def _pick_provider(providers: Sequence[str], stub: bool) -> tuple[str | None, str]:
@@ -129,7 +131,7 @@ def tune_sites(
     notes: list[str] = []
 
     say("tuning: finding sites")
-    model = ModelGraph(loaded.model, loaded.base_dir, typed=loaded.typed)
+    model = ModelGraph(loaded.model, loaded.base_dir, typed=loaded.types)
     sites, nested = find_sites(model, candidates)
     if nested:
         notes.append(f"tuning: {nested} candidate match(es) inside If/Loop/Scan bodies are not tuned and stay as they are")
@@ -156,7 +158,8 @@ def tune_sites(
         if d["choice"] != ORIGINAL:
             allowed.setdefault(d["choice"], set()).update(site.rule_cores[d["choice"]])
     by_id = {r.id: r for r in candidates}
-    rules = [restrict(by_id[rid], cores) for rid, cores in allowed.items()] + list(cleanups)
+    rules = [by_id[rid] for rid in allowed] + list(cleanups)
+    only = TunedSites({rid: frozenset(cores) for rid, cores in allowed.items()})
     section = TuningSection(
         provider=provider,
         shapes={k: list(v) for k, v in shapes.items()},
@@ -168,7 +171,7 @@ def tune_sites(
         budget_s=opts.budget_s,
         sites=decisions,
     )
-    return TunePlan(tuple(rules), section, tuple(notes))
+    return TunePlan(tuple(rules), section, tuple(notes), only)
 
 
 def _decide_all(sites: Sequence[Site], ctx: SiteContext, budget_s: float | None, notes: list[str], say: Progress) -> list[dict[str, Any]]:

@@ -6,27 +6,27 @@ ops next to it (Transpose, Reshape, Squeeze, Unsqueeze, Flatten, through single-
 ops), because a form may remove them. :func:`isolate` cuts the site out: float tensors entering it
 become graph inputs fed with values observed on the whole model, constants and computed integer
 tensors (reshape targets) become initializers, values read elsewhere become graph outputs.
-:func:`restrict` limits a rule to the cores of given sites, so one rule set rewrites exactly the
-chosen sites.
+:class:`TunedSites` is the driver's ``only`` filter that limits each rule to the cores of the
+sites it was chosen for, so one rule set rewrites exactly the chosen sites.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from rewriter.engine.graph import ModelGraph, const_value, iter_graphs, producer
-from rewriter.engine.model_io import LoadedModel, ensure_loadable_ir
+from rewriter.engine.model_io import LoadedModel
 from rewriter.engine.tensors import has_external_data
 from rewriter.engine.pattern import Match, match_at
-from rewriter.engine.rule import CheckResult, Rule, skip
-from rewriter.ort import make_session, model_source
+from rewriter.engine.rule import Rule
+from rewriter.ort import loadable, make_session, model_source
 
-__all__ = ["CORE_OPS", "Site", "find_sites", "restrict", "boundary", "observe", "isolate"]
+__all__ = ["CORE_OPS", "Site", "TunedSites", "find_sites", "boundary", "observe", "isolate"]
 
 CORE_OPS = frozenset({"Conv", "MatMul", "Gemm"})
 # A site's subgraph also takes the layout ops next to it (through elementwise ops), since a form
@@ -40,44 +40,24 @@ _ELEMENTWISE = frozenset({
 _MAX_HOPS = 16
 
 
-class _Restricted(Rule):
-    """A rule that fires only where every core node of its match is in ``cores`` (nowhere when
-    ``cores`` is empty: its refusals are still reported as near misses)."""
+@dataclass(frozen=True)
+class TunedSites:
+    """The driver's ``only`` filter for a tuned run (:data:`rewriter.engine.driver.SiteFilter`):
+    a rule named in ``cores`` rewrites only matches whose Conv/MatMul/Gemm nodes are all among its
+    cores -- none when they are empty (its refusals are still reported as near misses); a rule
+    not named (a cleanup) rewrites anywhere."""
 
-    def __init__(self, inner: Rule, cores: frozenset[str]) -> None:
-        super().__init__()
-        self.inner = inner
-        self.cores = cores
+    cores: Mapping[str, frozenset[str]]
 
-    def pattern(self, p: Any) -> Any:
-        return self.inner.pattern(p)
+    def __call__(self, rule: Rule, m: Match) -> bool:
+        allowed = self.cores.get(rule.id)
+        if allowed is None:
+            return True
+        return bool(allowed) and {n.name for n in m.matched if n.op in CORE_OPS} <= allowed
 
-    def check(self, m: Match) -> CheckResult:
-        result = self.inner.check(m)
-        if result and (not self.cores or not {n.name for n in m.matched if n.op in CORE_OPS} <= self.cores):
-            return skip("site not assigned to this rule by tuning", m.root)
-        return result
-
-    def rewrite(self, b: Any, m: Match) -> Any:
-        return self.inner.rewrite(b, m)
-
-
-_RESTRICTED_CLASSES: dict[type, type] = {}
-
-
-def restrict(rule: Rule, cores: Iterable[str]) -> Rule:
-    """``rule`` limited to matches whose Conv/MatMul/Gemm nodes are all in ``cores`` (no match
-    when ``cores`` is empty).
-
-    The wrapper class keeps the rule's id, family, benefit, opsets and direction (the
-    acceptance step groups rules into families by ``Rule.family_name``)."""
-    cls = type(rule)
-    wrapper = _RESTRICTED_CLASSES.get(cls)
-    if wrapper is None:
-        attrs = {k: getattr(cls, k) for k in ("id", "family", "description", "benefit", "opsets", "default", "direction")}
-        wrapper = type(f"Tuned{cls.__name__}", (_Restricted,), attrs)
-        _RESTRICTED_CLASSES[cls] = wrapper
-    return wrapper(rule, frozenset(cores))
+    def but_nowhere(self, rule_ids: Iterable[str]) -> "TunedSites":
+        """This filter with ``rule_ids`` allowed no site (they keep reporting their refusals)."""
+        return TunedSites({**{rid: frozenset() for rid in rule_ids}, **self.cores})
 
 
 @dataclass
@@ -305,4 +285,4 @@ def isolate(
     proto.ir_version = original.ir_version
     del proto.opset_import[:]
     proto.opset_import.extend(original.opset_import)
-    return ensure_loadable_ir(proto), feeds
+    return loadable(proto), feeds

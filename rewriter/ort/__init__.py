@@ -1,9 +1,12 @@
-"""The one onnxruntime layer: provider names, the CUDA probe, model sources, sessions, errors.
+"""The one onnxruntime layer: provider names, the CUDA probe, model sources, sessions, errors,
+the IR versions it reads; no other package imports onnxruntime (an import-linter contract).
 
 Every step that runs a model (prove, measure, tune) opens it through :func:`model_source` and
 :func:`make_session`, names providers through :data:`PROVIDERS` / :func:`parse_providers`, asks
 :func:`cuda_status` whether CUDA really works, and turns an onnxruntime exception into one
-readable line with :func:`first_line`. Nothing here knows about rewrites.
+readable line with :func:`first_line`. :func:`max_ir_version` probes the newest IR version it
+reads, :func:`loadable` lowers a model to it. Sessions that only prove outputs get the model's
+dims named (:mod:`rewriter.ort.dim_names`). Nothing here knows about rewrites.
 
 CUDA from pip alone: onnxruntime-gpu's CUDA provider library links libcublas/libcudart/... by
 name and has no RUNPATH, so CUDA libraries installed as nvidia-* wheels (``onnx-rewrite[cuda]``)
@@ -38,14 +41,17 @@ import onnx
 import onnxruntime as ort
 from google.protobuf.message import EncodeError
 
-from rewriter.engine import forked
-from rewriter.engine.dim_names import name_dims
 from rewriter.engine.model_io import ensure_loadable_ir
+from rewriter.ort.dim_names import name_dims
 from rewriter.engine.save import with_weights_in
 from rewriter.engine.tensors import has_external_data
 from rewriter.errors import InputError, shown_path
 
 __all__ = [
+    "Session",
+    "RUNTIME_VERSION",
+    "max_ir_version",
+    "loadable",
     "PROVIDERS",
     "ORT_ERRORS",
     "RUN_OPTIONS",
@@ -64,10 +70,16 @@ __all__ = [
     "classify_cuda_failure",
     "preload_cuda_libraries",
     "bound_run",
+    "feed_value",
     "timing_call",
     "first_line",
     "captured_stderr",
 ]
+
+#: An onnxruntime session, as every other package names its type.
+Session = ort.InferenceSession
+#: The installed onnxruntime's version (part of the tuning cache's key).
+RUNTIME_VERSION: str = ort.__version__
 
 #: Short provider names used on the command line, in options and in the report.
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -378,7 +390,7 @@ def _in_memory(label: str, proto: onnx.ModelProto, folder: Path | None) -> Model
     """A source served as bytes, its external data read from ``folder``. A model too large for
     protobuf is served with its large inline weights moved to a temporary folder: the system's
     temporary folder, or a hidden one inside ``folder`` when it has external data there too."""
-    served = ensure_loadable_ir(proto)
+    served = loadable(proto)
     data = _serialized(served)
     if data is not None:
         return ModelSource(label, proto, None, data, folder)
@@ -413,8 +425,33 @@ def model_source(model: onnx.ModelProto | str | os.PathLike[str], label: str, ba
     except Exception as exc:  # protobuf raises several unrelated types on a corrupt file
         raise InputError(f"cannot read the {label} model {path}: {first_line(exc)}") from exc
     source = ModelSource(label, proto, path.resolve())
-    lowered = ensure_loadable_ir(proto)
+    lowered = loadable(proto)
     return source if lowered is proto else source.with_proto(lowered)
+
+
+@functools.cache
+def max_ir_version() -> int:
+    """The highest IR version the installed onnxruntime reads (probed once, on CPU, with a
+    one-node model at each version from the newest onnx writes down)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # the refusals below are expected: keep them quiet
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
+    for ir in range(onnx.IR_VERSION, 6, -1):
+        probe = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)], ir_version=ir)
+        try:
+            ort.InferenceSession(probe.SerializeToString(), options, providers=[PROVIDERS["cpu"]])
+        except Exception:  # onnxruntime raises its own exception types; any refusal means "lower"
+            continue
+        return ir
+    return onnx.IR_VERSION
+
+
+def loadable(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` itself when onnxruntime reads its IR version (or it cannot be lowered), else a
+    copy at the newest version it reads (:func:`rewriter.engine.model_io.ensure_loadable_ir`)."""
+    return ensure_loadable_ir(model, max_ir_version())
 
 
 class SessionError(InputError):
@@ -445,7 +482,7 @@ def make_session(
     ``annotate``: for sessions whose outputs matter but whose speed and memory are not
     measured (verification, tuning's observation run, the workload search): onnxruntime gets a
     copy whose ``value_info`` names the dims it would otherwise see as unknown
-    (:func:`rewriter.engine.dim_names.name_dims`; same computation, and a session that loads
+    (:func:`rewriter.ort.dim_names.name_dims`; same computation, and a session that loads
     in seconds where the model itself can take minutes). Measured sessions never take it: the
     names change onnxruntime's memory plan.
 
@@ -513,7 +550,6 @@ def _open(src: ModelSource, provider: str, threads: int | None, cuda: CudaOption
         preload_cuda_libraries()
         providers = [(ep, cuda.provider_options()), PROVIDERS["cpu"]]
     payload = str(src.path) if src.path is not None else src.data
-    forked.forbid()  # the session's thread pools do not survive a fork: no child process from now on
     try:
         sess = ort.InferenceSession(payload, so, providers=providers)
     except ORT_ERRORS as exc:
@@ -523,6 +559,14 @@ def _open(src: ModelSource, provider: str, threads: int | None, cuda: CudaOption
         detail = f"the session fell back to {sess.get_providers()[0]}"
         raise SessionError(f"{provider} unavailable: {detail}", detail)
     return sess
+
+
+def feed_value(arr: np.ndarray) -> object:
+    """``arr`` as onnxruntime takes it as a feed: as it is, but a bfloat16 array (numpy has no
+    such type; ml_dtypes' arrives as 2-byte values) as an OrtValue of ONNX type BFLOAT16."""
+    if arr.dtype.name == "bfloat16":
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(np.ascontiguousarray(arr).view(np.uint16), onnx.TensorProto.BFLOAT16)
+    return arr
 
 
 def bound_run(
