@@ -43,8 +43,8 @@ class Mutation:
 
 MUTATIONS = [
     Mutation("rollback-broken", "the rewrite after a rollback no longer skips the offending sites",
-             "rewriter/prove/rollback.py", "current = rewrite(loaded, rules, skip=sorted(skipped))",
-             "current = rewrite(loaded, rules, skip=sorted(skip))"),
+             "rewriter/prove/rollback.py", "current = rewrite(loaded, rules, skip=sorted(skipped), only=only,",
+             "current = rewrite(loaded, rules, skip=sorted(skip), only=only,"),
     Mutation("first-output-only", "verification compares only the first graph output",
              "rewriter/prove/verify.py", "        for out in orig.outputs:\n", "        for out in orig.outputs[:1]:\n"),
     Mutation("rtol-of-the-largest", "the per-element relative tolerance is scaled by the largest reference value",

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import IO
 from pathlib import Path
 
 import numpy as np
@@ -63,30 +64,35 @@ def build(blocks: int, channels: int = 16, seed: int = 0) -> onnx.ModelProto:
 STEPTIMES = Path(__file__).with_name("steptimes.py")
 
 
+def run_measured(argv: list[str], env: dict[str, str], timeout: float, stderr: IO[str] | int = subprocess.DEVNULL) -> tuple[float, int, int]:
+    """Run ``argv`` (killed after ``timeout`` seconds): (wall seconds, peak RSS bytes of this child,
+    exit code). os.wait4 gives this child's own rusage (RUSAGE_CHILDREN is a max over all of them)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+    deadline = start + timeout
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.perf_counter() > deadline:
+            proc.kill()
+            pid, status, usage = os.wait4(proc.pid, 0)
+            break
+        time.sleep(0.02)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return time.perf_counter() - start, usage.ru_maxrss * 1024, proc.returncode
+
+
 def run_cli(args: list[str], env: dict[str, str], timeout: float, log: Path, breakdown: bool = False) -> tuple[float, int, int, str]:
     """(wall seconds, peak RSS bytes of this child, exit code, last stderr line)."""
-    start = time.perf_counter()
     entry = [str(STEPTIMES)] if breakdown else ["-m", "rewriter"]
     with open(log, "w") as err_file:
-        proc = subprocess.Popen([sys.executable, *entry, *args], stdout=subprocess.DEVNULL, stderr=err_file, env=env)
-        deadline = start + timeout
-        while True:  # os.wait4 gives this child's own rusage (RUSAGE_CHILDREN is a max over all of them)
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.perf_counter() > deadline:
-                proc.kill()
-                pid, status, usage = os.wait4(proc.pid, 0)
-                break
-            time.sleep(0.05)
-    wall = time.perf_counter() - start
-    code = os.waitstatus_to_exitcode(status)
-    proc.returncode = code
+        wall, peak, code = run_measured([sys.executable, *entry, *args], env, timeout, err_file)
     lines = log.read_text().strip().splitlines()
     if breakdown and "step times" in "\n".join(lines):
         lines = lines[: next(i for i, ln in enumerate(lines) if "step times" in ln)]
     last = (lines or [""])[-1]
-    return wall, usage.ru_maxrss * 1024, code, last
+    return wall, peak, code, last
 
 
 def _steps(log: Path) -> str:

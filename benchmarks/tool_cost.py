@@ -27,11 +27,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from scale import compile_bytecode  # noqa: E402  (the chain models are scale.py's build())
+from scale import compile_bytecode, run_measured  # noqa: E402  (the chain models are scale.py's build())
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "tests" / "fixtures" / "keras" / "method1_tf2onnx.onnx"
@@ -50,23 +49,6 @@ TOOLS = [
     ("onnxslim", [sys.executable, "-c", _ONNXSLIM, "IN", "OUT"], "onnxslim"),
     ("onnxscript optimizer", [sys.executable, "-c", _ONNXSCRIPT, "IN", "OUT"], "onnxscript"),
 ]
-
-
-def run(argv: list[str], env: dict[str, str], timeout: float) -> tuple[float, int, int]:
-    """(wall seconds, the child's own peak RSS bytes, exit code)."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = start + timeout
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.perf_counter() > deadline:
-            proc.kill()
-            pid, status, usage = os.wait4(proc.pid, 0)
-            break
-        time.sleep(0.02)
-    return time.perf_counter() - start, usage.ru_maxrss * 1024, os.waitstatus_to_exitcode(status)
 
 
 def main() -> int:
@@ -99,7 +81,7 @@ def main() -> int:
                         continue
                     out = tmp / "out.onnx"
                     cmd = [str(src) if a == "IN" else str(out) if a == "OUT" else a for a in argv]
-                    wall, peak, code = run(cmd, env, args.timeout)
+                    wall, peak, code = run_measured(cmd, env, args.timeout)
                     out.unlink(missing_ok=True)
                     if code != 0:
                         failed[label] = code

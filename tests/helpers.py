@@ -100,6 +100,35 @@ def pointwise_chain(blocks: int, channels: int = 4) -> onnx.ModelProto:
     return make_model(nodes, [vi("x", ["batch", "length", channels])], [vi(prev, ["batch", "length", channels])], inits)
 
 
+def relu_model(prefix: str = "") -> onnx.ModelProto:
+    """x[b, 4] -> MatMul -> Relu -> Relu -> y: one double-Relu site (node names start with ``prefix``)."""
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name=f"{prefix}mm"),
+             helper.make_node("Relu", ["h"], ["r"], name=f"{prefix}relu_a"),
+             helper.make_node("Relu", ["r"], ["y"], name=f"{prefix}relu_b")]
+    w = np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32)
+    return make_model(nodes, [vi("x", ["b", 4])], [vi("y", ["b", 4])], [init("w", w)])
+
+
+def dynamo_transpose_idiom() -> tuple[Any, Any, Any]:
+    """(torch's dynamo ONNXProgram, the module, its example input) of ``Conv1d(8, 6, k=1)`` between two
+    transposes on x[2, 5, 8] (the pointwise idiom): needs torch and onnxscript."""
+    import torch
+    from torch import nn
+
+    class TransposeIdiom(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pw = nn.Conv1d(8, 6, kernel_size=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.pw(x.transpose(1, 2)).transpose(1, 2)
+
+    torch.manual_seed(0)
+    module = TransposeIdiom().eval()
+    x = torch.randn(2, 5, 8)
+    return torch.onnx.export(module, (x,), dynamo=True, external_data=False, verbose=False), module, x
+
+
 def cli(capsys: Any, *args: object) -> tuple[int, str, str]:
     """Run the command line in this process: (exit code, stdout, stderr)."""
     from rewriter.cli.app import run_app

@@ -10,7 +10,6 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 import typer
@@ -18,7 +17,7 @@ from onnx import helper
 from rich.console import Console
 
 import rewriter
-from helpers import cli, init, make_model, vi
+from helpers import cli, make_model, relu_model, vi
 from rewriter.cli import app as typer_app
 from rewriter.cli.params import parse_bench_shapes
 from rewriter.errors import EXIT_FAIL_ON, FailOnError, InputError
@@ -27,15 +26,6 @@ from rewriter.prove.inputs import parse_shape_overrides
 ENGINE_RULES = str(Path(__file__).with_name("engine_rules.py"))
 README = Path(__file__).resolve().parents[1] / "README.md"
 RULE = ("--plugin", ENGINE_RULES, "--rules", "test-double-relu", "--providers", "cpu", "--no-bench")
-
-
-def relu_model() -> onnx.ModelProto:
-    """x[b, 4] -> MatMul -> Relu -> Relu -> y: one double-Relu site."""
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
-             helper.make_node("Relu", ["h"], ["r"], name="relu_a"),
-             helper.make_node("Relu", ["r"], ["y"], name="relu_b")]
-    w = np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32)
-    return make_model(nodes, [vi("x", ["b", 4])], [vi("y", ["b", 4])], [init("w", w)])
 
 
 @pytest.fixture

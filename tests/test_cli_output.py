@@ -14,22 +14,13 @@ import pytest
 from onnx import helper
 
 import rewriter
-from helpers import cli, init, make_model, vi
+from helpers import cli, init, make_model, relu_model, vi
 from rewriter.cli.console import stdout_console
 
 ENGINE_RULES = str(Path(__file__).with_name("engine_rules.py"))
 FIXTURES = Path(__file__).with_name("fixtures")
 SCHEMA = json.loads((Path(rewriter.__file__).parent / "schemas" / "report.schema.json").read_text())
 LONG = "encoder/block_0/frame_conv_with_a_rather_long_scope_name/convolution/" * 3  # > 200 characters
-
-
-def relu_model(prefix: str = "") -> onnx.ModelProto:
-    """x[b, 4] -> MatMul -> Relu -> Relu -> y: one double-Relu site."""
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name=f"{prefix}mm"),
-             helper.make_node("Relu", ["h"], ["r"], name=f"{prefix}relu_a"),
-             helper.make_node("Relu", ["r"], ["y"], name=f"{prefix}relu_b")]
-    w = np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32)
-    return make_model(nodes, [vi("x", ["b", 4])], [vi("y", ["b", 4])], [init("w", w)])
 
 
 @pytest.fixture

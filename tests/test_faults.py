@@ -389,6 +389,15 @@ main()
 """
 
 
+def _as_from_a_terminal() -> None:
+    """The child's SIGINT as a command started from a terminal has it. A test run started in the
+    background by a non-interactive shell (``cmd &``, nohup) inherits SIGINT ignored, and so would
+    the command: it keeps ignoring Ctrl-C there, as Python and every Unix program do."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _wait_for_marker(proc: subprocess.Popen[str], marker: Path) -> None:
     """Until ``marker`` exists; fails if the process ends first (a guard, not a timing: 10 minutes)."""
     import time
@@ -416,7 +425,8 @@ def test_signal_during_the_benchmark_removes_temp_folders(tmp_path: Path, sig: s
     out, marker = path.parent / "out.onnx", tmp_path / "measuring"
     env = {**os.environ, "TMPDIR": str(tmpdir), "XDG_CACHE_HOME": str(tmp_path / "cache"), "ONNX_REWRITE_TEST_MEASURING": str(marker)}
     proc = subprocess.Popen([sys.executable, "-c", MEASURING_CHILD, str(path), "-o", str(out), "--providers", "cpu", "--no-cache",
-                             "--bench-runs", "1000000", "--direction", "default"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                             "--bench-runs", "1000000", "--direction", "default"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=_as_from_a_terminal)
     try:
         _wait_for_marker(proc, marker)
         assert [p.name for p in tmpdir.iterdir() if p.name.startswith("onnx-rewrite-bench-")], "measuring outside the benchmark's temp folder"

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 
 import rewriter
-from helpers import pointwise_chain
+from helpers import dynamo_transpose_idiom, pointwise_chain
 from rewriter.prove.verify import VerifyOptions
 
 ir = pytest.importorskip("onnx_ir", reason="onnx-ir not installed (the [ir] extra, in [test]): would run rewriter.RewritePass in a PassManager")
@@ -56,21 +56,7 @@ def test_options_are_those_of_optimize():
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None or importlib.util.find_spec("onnxscript") is None,
                     reason="torch/onnxscript not installed: would run the pass on a torch dynamo export's ONNXProgram.model")
 def test_pass_on_a_torch_dynamo_export(tmp_path: Path):
-    import torch
-    from torch import nn
-
-    class TransposeIdiom(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.pw = nn.Conv1d(8, 6, kernel_size=1)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.pw(x.transpose(1, 2)).transpose(1, 2)
-
-    torch.manual_seed(0)
-    module = TransposeIdiom().eval()
-    x = torch.randn(2, 5, 8)
-    program = torch.onnx.export(module, (x,), dynamo=True, external_data=False, verbose=False)
+    program, module, x = dynamo_transpose_idiom()
     result = ir.passes.PassManager([rewriter.RewritePass()])(program.model)
     assert result.modified and "Conv" not in {n.op_type for n in program.model.graph}
     program.save(str(tmp_path / "m.onnx"))

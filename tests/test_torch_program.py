@@ -7,6 +7,8 @@ import importlib.util
 import numpy as np
 import pytest
 
+from helpers import dynamo_transpose_idiom
+
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("torch") is None or importlib.util.find_spec("onnxscript") is None,
     reason="torch/onnxscript not installed: would export a model with torch.onnx.export(dynamo=True) and rewrite the ONNXProgram in memory",
@@ -14,23 +16,9 @@ pytestmark = pytest.mark.skipif(
 
 
 def test_dynamo_onnx_program_in_memory():
-    import torch
-    from torch import nn
-
     import rewriter
 
-    class TransposeIdiom(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.pw = nn.Conv1d(8, 6, kernel_size=1)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.pw(x.transpose(1, 2)).transpose(1, 2)
-
-    torch.manual_seed(0)
-    model = TransposeIdiom().eval()
-    x = torch.randn(2, 5, 8)
-    program = torch.onnx.export(model, (x,), dynamo=True, external_data=False, verbose=False)
+    program, model, x = dynamo_transpose_idiom()
     result = rewriter.optimize(program)
     assert [r.status for r in result.report.rewrites] == ["applied"]
     assert result.report.output.op_counts.get("Conv", 0) == 0
