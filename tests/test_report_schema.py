@@ -167,3 +167,42 @@ def test_non_finite_figures_are_null_and_listed(tmp_path):
     parsed = json.loads(json_text(data), parse_constant=_refuse)
     assert parsed == data
     assert data["summary"] == "m.onnx: nothing rewritten (written unchanged), 1 rolled back as failing to run in onnxruntime, 1 near miss"
+
+
+def test_a_site_that_gives_inf_is_listed_in_non_finite_through_the_cli(tmp_path, capsys):
+    """End to end: a plugin rewrite that divides by zero (the original is finite) is rolled back;
+    the --json report is strict JSON, its infinite figures null and each listed in non_finite
+    with its JSON Pointer and value."""
+    import onnx
+    from onnx import helper
+
+    from helpers import cli, make_model, vi
+
+    plugin = tmp_path / "div_zero.py"
+    plugin.write_text(
+        "import numpy as np\n"
+        "from rewriter.ruletools import Rule\n\n\n"
+        "class ReluDivZero(Rule):\n"
+        "    id, direction, default = 'test-relu-div-zero', 'cleanup', False\n\n"
+        "    def pattern(self, p):\n"
+        "        return p.op('Relu', p.var('x'))\n\n"
+        "    def rewrite(self, b, m):\n"
+        "        x = m['x']\n"
+        "        mx = b.op('Max', [x, b.const(np.zeros((), np.float32))], dtype=x.dtype, shape=x.shape)\n"
+        "        return b.op('Div', [mx, b.const(np.zeros((), np.float32))], dtype=x.dtype, shape=x.shape)\n\n\n"
+        "RULES = [ReluDivZero]\n")
+    model = make_model([helper.make_node("Relu", ["x"], ["y"], name="relu")], [vi("x", ["b", 32])], [vi("y", ["b", 32])])
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    code, out, err = cli(capsys, path, "-o", tmp_path / "o.onnx", "--plugin", plugin, "--rules", "test-relu-div-zero", "--no-bench", "--json")
+    assert code == 0, err
+    data = json.loads(out, parse_constant=_refuse)
+    assert [r["status"] for r in data["rewrites"]] == ["rolled_back"]
+    listed = {entry["path"]: entry["value"] for entry in data["non_finite"]}
+    assert listed and set(listed.values()) <= {"inf", "-inf", "nan"}, data["non_finite"]
+    for pointer in listed:  # each path points at a null in the report
+        node: object = data
+        for key in pointer.lstrip("/").split("/"):
+            node = node[int(key)] if isinstance(node, list) else node[key]  # type: ignore[index]
+        assert node is None, pointer
+    assert _errors(data) == []

@@ -267,7 +267,11 @@ def test_compare_nan_and_inf() -> None:
     got[1] = 0.0
     d = compare_arrays("y", ref, got, tol)
     assert not d.passed and d.max_abs == float("inf") and d.mismatch_fraction == 0.25
-    assert d.to_json()["max_abs"] is None  # JSON has no infinity
+    # JSON has no infinity: the report nulls it and lists it in non_finite (rewriter.report.strict_json)
+    from rewriter.report import strict_json
+
+    strict = strict_json({"d": d.to_json()})
+    assert strict["d"]["max_abs"] is None and {"path": "/d/max_abs", "value": "inf"} in strict["non_finite"]
     got = ref.copy()
     got[2] = 1e30
     assert not compare_arrays("y", ref, got, tol).passed

@@ -93,8 +93,10 @@ def tolerance_for(
 
 
 def json_num(x: float | None) -> float | None:
-    """JSON-safe float: non-finite values become null (the reason text says what happened)."""
-    return None if x is None or not np.isfinite(x) else float(x)
+    """A figure for a report section: a Python float (None stays None). A non-finite one stays
+    as it is here: the report's :func:`rewriter.report.strict_json` makes it null and lists it in
+    the report's ``non_finite``, beside the reason text that says what happened."""
+    return None if x is None else float(x)
 
 
 @dataclass(frozen=True)
