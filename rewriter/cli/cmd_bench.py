@@ -29,7 +29,7 @@ def bench_cmd(
     providers: Optional[str] = typer.Option(None, "--providers", help="cpu and/or cuda, comma-separated \\[default: cpu]."),
     no_memory: bool = typer.Option(False, "--no-memory", help="Skip the peak-RSS probe (a fresh interpreter per model)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the JSON result here."),
-    verbose: p.Verbose = False,
+    verbose: p.VerboseTables = False,
     quiet: p.Quiet = False,
     json_out: p.Json = False,
 ) -> None:

@@ -22,7 +22,7 @@ def verify_cmd(
     original: Path = typer.Argument(..., help="Reference model.", show_default=False),
     candidate: Path = typer.Argument(..., help="Model that must match the reference.", show_default=False),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the verification result as JSON here."),
-    verbose: p.Verbose = False,
+    verbose: p.VerboseTables = False,
     quiet: p.Quiet = False,
     json_out: p.Json = False,
     providers: p.Providers = None,

@@ -20,6 +20,8 @@ _V, _M, _T, _R = "Verification", "Measurement", "Tuning", "Rules"
 
 # --- output
 Verbose = Annotated[bool, typer.Option("-v", "--verbose", help="Every detail: the tuning table, each site, the verification, benchmark and static-cost tables, every near miss and note.")]
+#: -v of `verify` and `bench`, which print their tables in full either way.
+VerboseTables = Annotated[bool, typer.Option("-v", "--verbose", help="Every detail; this command prints every table in full without it too (-q: one line).")]
 Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="Print only the summary line (errors still go to stderr).")]
 Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout and nothing else (an error too: {\"error\": ..., \"exit_code\": N}).")]
 FailOn = Annotated[Optional[str], typer.Option("--fail-on", metavar="EVENTS", help=f"Exit 4 (output still written) when one of these happens, comma-separated: {', '.join(FAIL_ON_EVENTS)}.")]

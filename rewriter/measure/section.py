@@ -140,7 +140,8 @@ def _small_note(r: Mapping[str, Any]) -> str:
 def _title(name: str, r: Mapping[str, Any]) -> str:
     shapes = ", ".join(f"{k}={v}" for k, v in r.get("shapes", {}).items())
     source = f" ({r['shape_source']})" if r.get("shape_source") else ""
-    return f"{name}: {r.get('threads')} threads, optimizations {r.get('opt_level')}, {shapes}{source}"
+    threads = "onnxruntime's default threads" if r.get("threads") is None else f"{r['threads']} threads"
+    return f"{name}: {threads}, optimizations {r.get('opt_level')}, {shapes}{source}"
 
 
 def _caption(r: Mapping[str, Any]) -> str:
