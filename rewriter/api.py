@@ -76,7 +76,18 @@ class Result:
 
     @property
     def modified(self) -> bool:
+        """Whether a rewrite was kept."""
         return bool(self.report.applied)
+
+    @property
+    def changed(self) -> bool:
+        """Whether the model written differs from the one given: rewritten, or only upgraded."""
+        return self.modified or self.upgraded_from is not None
+
+    @property
+    def written_model(self) -> onnx.ModelProto:
+        """The model :meth:`save` writes: the rewritten one, else the (possibly upgraded) source."""
+        return self.model if self.modified else self.source.model
 
     def check(self, fail_on: str | Sequence[str]) -> "Result":
         """A CI gate: raise :class:`rewriter.FailOnError` (``exit_code`` 4) when one of ``fail_on``
@@ -99,18 +110,18 @@ class Result:
         written, where it allows; see :class:`rewriter.Executor`)."""
         out = check_output_path(path, input_path=self.source.path, overwrite_input=overwrite_input)
         gate = None
-        if self.modified or self.upgraded_from is not None:  # written differently from the input: gated
+        if self.changed:  # written differently from the input: gated
             verified = self.report.sections.get("verification")
             given = self.upgraded_from if self.upgraded_from is not None else self.source.model
             # The onnxruntime load runs while the file is staged; its verdict comes before the rename.
             # Already loaded: a verified rewrite ran there; an upgrade alone was loaded when made.
             loads = not self.modified or (isinstance(verified, VerificationResult) and verified.passed)
-            gate = start_gate(self.model if self.modified else self.source.model, given, self.source.base_dir, loads=loads,
+            gate = start_gate(self.written_model, given, self.source.base_dir, loads=loads,
                               what="rewritten" if self.modified else "upgraded", executor=executor)
         try:
             # Nothing rewritten (or every site rolled back or rejected): the input's own proto, so the
             # written model is the input, byte for byte where the input's encoding allows.
-            written = save_model(self.model if self.modified else self.source.model, out, source=self.source,
+            written = save_model(self.written_model, out, source=self.source,
                                  overwrite_input=overwrite_input, before_commit=gate.wait if gate else None,
                                  transaction=transaction, ir_ceiling=max_ir_version())
         finally:

@@ -65,9 +65,9 @@ class RewritePass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         result = optimize(ir.serde.serialize_model(model), self.options)
         self.result = result
-        if not result.modified:
+        if not result.changed:
             return ir.passes.PassResult(model, modified=False)
-        rewritten = ir.serde.deserialize_model(result.model)
+        rewritten = ir.serde.deserialize_model(result.written_model)
         model.graph = rewritten.graph
         model.ir_version = rewritten.ir_version
         return ir.passes.PassResult(model, modified=True)

@@ -22,7 +22,6 @@ from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence, runtime
 
 import onnx
 
-from rewriter.engine.save import atomic_write_text
 from rewriter.engine.tensors import node_graphs
 from rewriter.errors import FailOnError, InputError
 
@@ -195,9 +194,6 @@ class Report:
         if self.notes:
             out["notes"] = list(self.notes)
         return strict_json(out)
-
-    def write_json(self, path: str | Path) -> None:
-        atomic_write_text(Path(path), json_text(self.to_json()))
 
     # --- events a CI gate may refuse ------------------------------------------------------------
 

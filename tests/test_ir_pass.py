@@ -38,6 +38,18 @@ def test_pass_rewrites_in_place_in_a_pass_manager():
     np.testing.assert_allclose(_outputs(ir.serde.serialize_model(model), x), _outputs(proto, x), atol=1e-5)
 
 
+def test_an_opset_upgrade_alone_is_a_modification():
+    """Nothing rewritten but --upgrade-opset applied: the pass hands back the upgraded model
+    (as Result.save writes it), not the model as it was."""
+    proto = pointwise_chain(1)
+    before = {o.domain: o.version for o in proto.opset_import}[""]
+    model = ir.serde.deserialize_model(proto)
+    result = rewriter.RewritePass(rules=["identity-removal"], verify=CPU, upgrade_opset=before + 1)(model)
+    assert result.modified and model.opset_imports[""] == before + 1
+    x = np.random.default_rng(0).standard_normal((2, 5, 4)).astype(np.float32)
+    np.testing.assert_allclose(_outputs(ir.serde.serialize_model(model), x), _outputs(proto, x), atol=1e-6)
+
+
 def test_nothing_to_rewrite_is_not_modified():
     proto = pointwise_chain(1)
     model = ir.serde.deserialize_model(proto)

@@ -45,13 +45,14 @@ def bench_cmd(
     options = p.bench_options(providers, runs, shape, warmup=warmup, threads=threads, measure_memory=not no_memory)
     with StepProgress(stderr_console(), "measuring") as say:
         result = bench(model, other, options, progress=lambda done, total: say(f"measuring {done}/{total}"))
-    data = json_text(result.to_json())
+    as_json = result.to_json()
+    data = json_text(as_json)
     if report is not None:
         atomic_write_text(report, data)
     if json_out:
         sys.stdout.write(data)
     elif quiet:
-        for name, r in result.to_json()["benchmark"].items():
+        for name, r in as_json["benchmark"].items():
             stdout_console().print(bench_line(name, r), markup=False, highlight=False)
     else:
         result.render(stdout_console(), verbose=True)

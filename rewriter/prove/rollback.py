@@ -22,7 +22,7 @@ from rewriter.engine.rule import Rule
 from rewriter.errors import InputError, VerificationError
 from rewriter.prove.result import VerificationResult
 from rewriter.prove.verify import VerifyOptions, verify_models
-from rewriter.report import RewriteRecord
+from rewriter.report import FAILED_TO_RUN, RewriteRecord
 
 __all__ = ["Proof", "prove", "bisect_offenders"]
 
@@ -117,7 +117,7 @@ def _bisect(rebuild: Callable[[set[SiteKey]], Rewritten], current: Rewritten, sk
     by_key: dict[SiteKey, AppliedSite] = {s.key: s for s in current.result.applied}
     broken = next((e.reason for e in result.sites.values() if e.status == "unchecked"), None)
     # A model that did not load or run has no difference to show: onnxruntime's own reason does.
-    reason = f"rewritten site failed to run: {broken.split(': ', 1)[-1]}" if broken else f"not equivalent: {_site_error(result)}"
+    reason = f"{FAILED_TO_RUN}: {broken.split(': ', 1)[-1]}" if broken else f"not equivalent: {_site_error(result)}"
     detail = None if broken else {"max_abs": _max_abs(result)}
     return [RewriteRecord(key[0], by_key[key].nodes if key in by_key else (key[1],), "rolled_back", reason, detail) for key in offenders]
 
