@@ -525,3 +525,18 @@ def test_conv_front_end_is_verified_at_the_least_length_that_runs() -> None:
     (dim,) = result.shape_search
     assert dim == "samples (x:1)" and result.shape_search[dim].startswith("minimum that runs: 400 (the default shapes failed: ")
     assert "node 'conv0'" in result.shape_search[dim]  # the Conv that refused the defaults
+
+
+def test_a_rounding_sized_nudge_stays_far_below_the_tolerance_in_every_float_dtype() -> None:
+    """The inputs nudged to measure a site's rounding sensitivity move each value by a few ulps of
+    its own dtype, never by a share of the value that a wrong site could hide in: below a tenth
+    of that dtype's relative tolerance (float16: one ulp, 0.1 %, against rtol 1e-2)."""
+    from rewriter.prove.compare import tolerance_for
+    from rewriter.prove.verify import _nudge_step, _nudged
+
+    for dtype in (np.float16, np.float32, np.float64):
+        step = _nudge_step(np.dtype(dtype))
+        assert step <= 0.1 * tolerance_for(np.dtype(dtype)).rtol, dtype
+        x = np.linspace(1, 2, 1000).astype(dtype)
+        moved = np.abs(_nudged({"x": x}, 0)["x"].astype(np.float64) / x.astype(np.float64) - 1)
+        assert moved.max() <= 2 * step, dtype

@@ -623,8 +623,16 @@ def _check_on_their_own(tally: _Tally, orig: _Runnable, rew: _Runnable, pending:
 # the original is run again with its float inputs nudged by a few ulps, and each element may then
 # differ by twice what that moved it (the same allowance as CUDA's measured noise). A wrong weight
 # or axis moves an output by far more than rounding-sized input changes do.
+# Half-precision inputs are nudged by one ulp only: 16 of their ulps are 1.6 % of the value, an
+# allowance that would let a site wrong by a few percent through.
 _NUDGES = 2
 _NUDGE_ULPS = 16
+
+
+def _nudge_step(dtype: np.dtype) -> float:
+    """The relative size of a rounding-sized nudge of a value of ``dtype``."""
+    info = np.finfo(dtype)
+    return float(info.eps) * (_NUDGE_ULPS if info.bits >= 32 else 1)
 
 
 def _nudged(inputs: Mapping[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
@@ -632,7 +640,7 @@ def _nudged(inputs: Mapping[str, np.ndarray], seed: int) -> dict[str, np.ndarray
     out = {}
     for name, arr in inputs.items():
         if arr.dtype.kind == "f" and arr.size:
-            step = np.finfo(arr.dtype).eps * _NUDGE_ULPS
+            step = _nudge_step(arr.dtype)
             arr = (arr * (1 + rng.uniform(-step, step, arr.shape))).astype(arr.dtype)
         out[name] = arr
     return out
