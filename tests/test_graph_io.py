@@ -311,7 +311,9 @@ def mutations() -> dict[str, Callable[[ModelGraph], None]]:
         "tensor-renamed": lambda g: setattr(node(g, "clip").outputs[0], "name", "clipped2"),
         "input-rewired": lambda g: node(g, "add").inputs.__setitem__(1, node(g, "clip").inputs[0]),
         "initializer-renamed": lambda g: setattr(node(g, "clip").inputs[2], "name", "maxv2"),
-        "initializer-values": lambda g: setattr(node(g, "clip").inputs[2], "values", np.array(5.0, np.float32)),
+        # (an initializer no input overrides: 'maxv', also a graph input, is a variable in the working graph)
+        "initializer-values": lambda g: setattr(next(t for t in g.graph.outputs if t.name == "seq_out_const"), "values",
+                                                np.zeros(4, np.float32)),
         "constant-value": lambda g: setattr(node(g, "k").attrs["value"], "values", np.zeros(4, np.float32)),
         "node-removed": lambda g: (g.graph.nodes.remove(node(g, "seq")), g.cleanup()),
         "node-added": new_node,

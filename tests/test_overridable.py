@@ -168,3 +168,35 @@ def test_each_overridable_constant_is_read_as_a_variable(family: str, fixture: o
 
 # Families whose fixtures above keep a site with some constant overridable, fed other values.
 _FED = {"pointwise", "cleanup", "fullspan"}
+
+
+# --- the shape of an overridable initializer is the declared input's, not the stored value's ---------
+
+
+def _fed_shape_model(kind: str) -> tuple[onnx.ModelProto, str, np.ndarray]:
+    """(model, rule id, a value of another shape for 'w'): 'w' is an initializer whose stored value
+    has a static shape, declared as a graph input of dynamic shape, read by the rule's site."""
+    if kind == "shape":  # Shape(w): static-shape-to-constant would fold it to the stored [3]
+        nodes = [helper.make_node("Shape", ["w"], ["y"], name="shape")]
+        inits = [init("w", np.arange(3, dtype=np.float32))]
+        return make_model(nodes, [vi("w", ["n"])], [vi("y", [1], onnx.TensorProto.INT64)], inits), "static-shape-to-constant", \
+            np.ones(5, np.float32)
+    # Reshape(Reshape(w, [2,6]), [0,-1]): reshape-pair-fold would trust the stored [2,6] for dim 0
+    nodes = [helper.make_node("Reshape", ["w", "s1"], ["r"], name="inner"), helper.make_node("Reshape", ["r", "s2"], ["y"], name="outer")]
+    inits = [init("w", np.ones((2, 6), np.float32)), init("s1", np.array([2, 6], np.int64)), init("s2", np.array([0, -1], np.int64))]
+    return make_model(nodes, [vi("w", ["a", "b"])], [vi("y", ["c", "d"])], inits), "reshape-pair-fold", np.ones((4, 3), np.float32)
+
+
+@pytest.mark.parametrize("kind", ["shape", "reshape-pair"])
+def test_a_rule_reads_the_declared_shape_of_an_overridable_initializer(kind: str) -> None:
+    """A rule that reads the shape of an initializer a user may feed sees the declared (dynamic)
+    shape: the site is left alone, and the written model equals the original when 'w' is fed a
+    value of another shape."""
+    model, rule, other = _fed_shape_model(kind)
+    out, result = rewrite(model, [rule])
+    assert not result.applied, [s.rule for s in result.applied]
+    assert [i.name for i in out.graph.input] == ["w"] and "w" in {t.name for t in out.graph.initializer}
+    for m in (model, out):
+        onnx.checker.check_model(m)
+    runs = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"w": other})[0] for m in (model, out)]
+    np.testing.assert_array_equal(runs[0], runs[1])

@@ -268,6 +268,34 @@ class ModelGraph:
             if imported.has_unnamed:
                 self._name_unnamed()
         self._record_values(originals)
+        self._declare_overridable()
+
+    def _declare_overridable(self) -> None:
+        """An initializer that is also a graph input is, in the working graph, the input it is
+        declared as: a variable of the declared type and shape (possibly dynamic), not a constant
+        of the stored value's shape, so that no rule reads a shape or value a user may feed
+        differently. Export writes the initializer back (:meth:`_restore_inputs`)."""
+        if not self.overridable:
+            return
+        tensors = tensor_dict(self.graph)
+        for name in self._input_order:
+            tensor = tensors.get(name)
+            if name not in self.overridable or not isinstance(tensor, gs.Constant):
+                continue
+            declared = self._input_protos[name].type.tensor_type
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(declared.elem_type) if declared.elem_type else tensor.dtype
+            shape = ([d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in declared.shape.dim]
+                     if declared.HasField("shape") else None)
+            variable = gs.Variable(name, dtype=dtype, shape=shape)
+            for node in list(tensor.outputs):
+                for j, t in enumerate(node.inputs):
+                    if t is tensor:
+                        node.inputs[j] = variable
+            self.graph.outputs = [variable if t is tensor else t for t in self.graph.outputs]
+            self.graph.inputs = [variable if t is tensor else t for t in self.graph.inputs]
+            if variable not in self.graph.inputs:
+                self.graph.inputs.append(variable)
+        self._tensor_maps.clear()
 
     def _record_values(self, originals: list[onnx.GraphProto]) -> None:
         """What gs forgets about the original's inputs, initializers and value infos (one walk)."""
