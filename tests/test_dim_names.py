@@ -114,3 +114,22 @@ def test_a_model_inference_cannot_handle_is_left_alone():
     node = helper.make_node("Relu", ["x"], ["y"])
     broken = make_model([node], [vi("x", ["n"], TensorProto.FLOAT)], [vi("y", ["n"], TensorProto.INT64)])
     assert name_dims(broken) is None
+
+
+def test_no_dim_comes_from_an_initializer_a_user_may_feed():
+    """A Reshape whose target is an initializer that is also a graph input: the target a user
+    feeds decides the shape, so the copy names no dim of the result from the stored [3, 4]."""
+    from onnx import numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W"], ["c"]), helper.make_node("Add", ["c", "x"], ["y1"]),
+         helper.make_node("Reshape", ["z", "s"], ["r"]), helper.make_node("Relu", ["r"], ["y2"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, "L"]), helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n"]),
+         helper.make_tensor_value_info("s", TensorProto.INT64, [2])],
+        [helper.make_tensor_value_info("y1", TensorProto.FLOAT, None), helper.make_tensor_value_info("y2", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.array([3, 4], np.int64), "s"), numpy_helper.from_array(np.ones((4, 4, 1), np.float32), "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    named = name_dims(model)
+    assert named is not None  # the Conv's length is named
+    shapes = {vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim] for vi in named.graph.value_info}
+    assert shapes.get("r") in (None, [None, None]), shapes

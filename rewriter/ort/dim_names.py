@@ -27,6 +27,8 @@ from typing import Mapping, Sequence
 import onnx
 from onnx import AttributeProto, TypeProto, helper
 
+from rewriter.engine.graph import typing_model
+
 __all__ = ["name_dims"]
 
 _WINDOW_OPS = frozenset({"Conv", "MaxPool", "AveragePool", "LpPool"})
@@ -159,7 +161,8 @@ def name_dims(model: onnx.ModelProto) -> onnx.ModelProto | None:
     unknown but that provably equal a named or static dim (module docstring); None when there is
     none (or inference fails), so the model itself is the one to use."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+        # typing_model: no shape from the value of an initializer a user may feed (nor weights copied through)
+        inferred = onnx.shape_inference.infer_shapes(typing_model(model), check_type=False, strict_mode=False, data_prop=True)
     except Exception:  # inference is an optimization here: a model it cannot handle stays as it is
         return None
     token = _input_names.set(frozenset(d.dim_param for vi in model.graph.input for d in _dims(vi.type) or () if d.dim_param))
