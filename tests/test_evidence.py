@@ -102,6 +102,22 @@ def test_a_discretising_head_cannot_hide_a_wrong_site(capsys: pytest.CaptureFixt
     np.testing.assert_array_equal(run(onnx.load(tmp_path / "o.onnx"), {"x": x})[0], run(model, {"x": x})[0])
 
 
+def test_a_site_that_cannot_be_cut_out_is_left_undecided_not_a_crash(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the check on its own cannot cut a site out (a boundary value the probes did not hand
+    out is a KeyError), that site is not verified and is rolled back; the run goes on (exit 0)."""
+    from rewriter.prove import verify as verify_module
+
+    def no_cut(*args: object, **kwargs: object) -> None:
+        raise KeyError("not handed out")
+
+    monkeypatch.setattr(verify_module, "cut_model", no_cut)
+    code, out, err = rewrite_cli(capsys, tmp_path, argmax_head(), "--plugin", EVIDENCE_RULES, "--rules", "test-off-by-two-percent")
+    assert code == 0, err
+    [site] = report_of(tmp_path)["rewrites"]
+    assert site["status"] == "rolled_back" and site["evidence"]["status"] != "verified", site
+
+
 def test_the_right_rewrite_under_the_same_head_is_verified_at_its_site(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     code, out, err = rewrite_cli(capsys, tmp_path, argmax_head(), "--rules", "transposed-conv1x1-to-matmul")
     assert code == 0, err

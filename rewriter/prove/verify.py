@@ -40,7 +40,9 @@ ModelLike = onnx.ModelProto | str | Path
 # What running the original at a candidate shape may raise: onnxruntime's refusal, or ours (too large).
 _PROBE_ERRORS: tuple[type[BaseException], ...] = (InputError, *ORT_ERRORS)
 # What opening or running a site's cut may raise (the site then stays undecided for the run).
-_CUT_ERRORS: tuple[type[BaseException], ...] = (SessionError, *ORT_ERRORS)
+# A cut that cannot be made or run leaves its sites undecided ("could not be checked on its own"),
+# never the whole verification: a boundary value the probes did not hand out is a KeyError.
+_CUT_ERRORS: tuple[type[BaseException], ...] = (SessionError, KeyError, *ORT_ERRORS)
 
 
 @dataclass(frozen=True)
@@ -581,12 +583,19 @@ def _verify_run(tally: _Tally, orig: _Runnable, rew: _Runnable, runs: _Runs, i: 
         _check_on_their_own(tally, orig, rew, pending, ref, feeds, options)
 
 
+def _cut(proto: onnx.ModelProto, boundaries: Sequence[tuple[int, Any]], side: str, ref: Mapping[str, np.ndarray]) -> Any:
+    try:
+        return cut_model(proto, boundaries, side, ref)
+    except _CUT_ERRORS:
+        return None
+
+
 def _check_on_their_own(tally: _Tally, orig: _Runnable, rew: _Runnable, pending: Sequence[SiteTally],
                         ref: Mapping[str, np.ndarray], feeds: Mapping[str, np.ndarray], options: VerifyOptions) -> None:
     """Sites whose outputs differed while their inputs were not the same: each model's cut of
     them, fed the original's inputs, compared (:mod:`rewriter.prove.local`)."""
     boundaries = [(k, s.site.boundary) for k, s in enumerate(pending)]
-    cuts = [cut_model(m.proto, boundaries, side, ref) for m, side in ((orig, "original"), (rew, "rewritten"))]
+    cuts = [_cut(m.proto, boundaries, side, ref) for m, side in ((orig, "original"), (rew, "rewritten"))]
     results: list[list[dict[str, np.ndarray]] | None] = []
     for cut, model, nudges in zip(cuts, (orig, rew), (_NUDGES, 0)):
         if cut is None:
