@@ -376,15 +376,9 @@ class ModelGraph:
         """A short reason why ``constant(tensor)`` is None (for near-miss reports)."""
         if tensor is None:
             return "missing"
-        t = tensor
-        while True:
-            if t.name in self.overridable:
-                return f"'{tensor.name}' is a graph input that overrides an initializer"
-            node = producer(t)
-            if node is not None and node.op == "Identity":
-                t = node.inputs[0]
-                continue
-            break
+        if self.overridden(tensor) is not None:
+            return f"'{tensor.name}' is a graph input that overrides an initializer"
+        t = self._through_identity(tensor) or tensor
         if any(t is inp for inp in self.graph.inputs):
             return f"'{tensor.name}' is a graph input"
         node = producer(t)

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from rewriter.engine.graph import ModelGraph, producer
+from rewriter.engine.graph import WALK_LIMIT, ModelGraph, producer
 from rewriter.engine.pattern import Match, match_at
 from rewriter.engine.rule import CheckResult, RewriteBuilder, Rule, ok
 
@@ -302,7 +302,7 @@ def _pointwise_ok(conv: gs.Node, rank: int, model: ModelGraph) -> bool:
 def transpose_below(t: gs.Tensor, m: Match) -> bool:
     """Whether a Transpose(0,2,1) reads ``t`` through single-consumer elementwise ops and pointwise
     convs: a Transpose put on ``t`` then meets it and both go away (the chain rules carry it down)."""
-    for _ in range(256):
+    for _ in range(WALK_LIMIT):
         node = single_consumer(t, m.graph)
         if node is None:
             return False
@@ -340,7 +340,7 @@ def walk_back(t: gs.Tensor, m: Match, *, perm: Sequence[int] | None = T1, convs:
     is (0,2,1), pointwise convs) to a Transpose with ``perm`` (any perm when None)."""
     steps: list[tuple[str, gs.Node]] = []
     nodes: list[gs.Node] = []
-    for _ in range(256):
+    for _ in range(WALK_LIMIT):
         p = producer(t)
         if p is None:
             return None
