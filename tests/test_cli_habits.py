@@ -69,7 +69,8 @@ def test_whole_shapes_read_as_trtexec_and_polygraphy_write_them():
             parse_bench_shapes([bad])
     # --shape: a whole shape is each axis at that value; a dim's values keep NAME:AXIS=V,V.
     assert parse_shape_overrides(["x:8,512,400"]) == {("x", 0): [8], ("x", 1): [512], ("x", 2): [400]}
-    assert parse_shape_overrides(["x:1x16", "x:4x16"]) == {("x", 0): [1, 4], ("x", 1): [16]}
+    # (each whole shape is one run: its value is kept on every axis, repeats included)
+    assert parse_shape_overrides(["x:1x16", "x:4x16"]) == {("x", 0): [1, 4], ("x", 1): [16, 16]}
     assert parse_shape_overrides(["x:0=1,4"]) == {("x", 0): [1, 4]}
     with pytest.raises(InputError, match="given twice"):
         parse_shape_overrides(["x:0=1,4", "x:2,16"])

@@ -235,3 +235,16 @@ def test_available_memory_sources(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(inputs, "_cgroup_available", lambda: None)
     monkeypatch.setattr(inputs.os, "sysconf", {"SC_AVPHYS_PAGES": 10, "SC_PAGE_SIZE": 4096}.__getitem__)
     assert inputs._available_memory() == 40960
+
+
+def test_whole_shapes_are_run_each_as_given():
+    """Several whole shapes of one input: one run each, as given, even where an axis repeats a
+    value (x:8,512 x:1,512 x:1,16 is three runs, (1, 512) among them); a static dim may be
+    given its own value in each."""
+    from rewriter.prove.inputs import InputSpec, parse_shape_overrides, shape_sets
+
+    spec = InputSpec("x", np.dtype(np.float32), ("b", "l"))
+    runs = shape_sets([spec], parse_shape_overrides(["x:8,512", "x:1,512", "x:1,16"]))
+    assert runs == [{"x": (8, 512)}, {"x": (1, 512)}, {"x": (1, 16)}]
+    static = InputSpec("x", np.dtype(np.float32), ("b", 16))
+    assert shape_sets([static], parse_shape_overrides(["x:8,16", "x:1x16"])) == [{"x": (8, 16)}, {"x": (1, 16)}]

@@ -180,8 +180,7 @@ def parse_shape_overrides(items: Sequence[str]) -> dict[tuple[str, int], list[in
                 key = (whole["name"], axis)
                 if key in per_axis:
                     raise InputError(f"shape override for {whole['name']}:{axis} given twice")
-                values = out.setdefault(key, [])
-                values.extend([] if d in values else [d])
+                out.setdefault(key, []).append(d)  # repeats kept: the k-th whole shape is run k on every axis
             continue
         assert m is not None
         try:
@@ -282,7 +281,7 @@ def _override_target(by_name: Mapping[str, InputSpec], name: str, axis: int, val
     axis %= rank
     dim = spec.shape[axis]
     if isinstance(dim, int):
-        if list(values) != [dim]:
+        if set(values) != {dim}:
             raise InputError(f"shape override {name}:{axis}: that dim is static ({dim})")
         return None
     return dim if isinstance(dim, str) else (name, axis)
